@@ -1,0 +1,1 @@
+"""Command-line entry points (export, fill-mask). Training entry points live in train.py / finetune.py."""

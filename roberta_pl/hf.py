@@ -1,0 +1,220 @@
+"""HuggingFace interop: our masked-LM model <-> a ``transformers`` RoBERTa directory.
+
+Our parameter names mirror HF's ``RobertaForMaskedLM``, so conversion is the table below plus two facts:
+the decoder is tied to the word embeddings (HF stores it once), and our embedding table may be padded to a
+multiple of 64 rows (those rows are dropped on save and re-added on load).
+
+No ``transformers`` import here: ``config.json`` is written by hand so exporting works on a cluster that has
+only the training dependencies. ``transformers.AutoModelForMaskedLM.from_pretrained(path)`` loads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from roberta_pl.model import RobertaConfig, RobertaForMaskedLM
+
+# HF key -> our key. "{}" is the layer index. Identity by design; the table is the contract that
+# every key is accounted for (strict count check in ``convert_hf_state_dict``).
+_EMBEDDING_KEYS = {
+    "roberta.embeddings.word_embeddings.weight": "roberta.embeddings.word_embeddings.weight",
+    "roberta.embeddings.position_embeddings.weight": "roberta.embeddings.position_embeddings.weight",
+    "roberta.embeddings.token_type_embeddings.weight": "roberta.embeddings.token_type_embeddings.weight",
+    "roberta.embeddings.LayerNorm.weight": "roberta.embeddings.LayerNorm.weight",
+    "roberta.embeddings.LayerNorm.bias": "roberta.embeddings.LayerNorm.bias",
+}
+_LAYER_KEYS = {
+    f"roberta.encoder.layer.{{}}.{name}.{p}": f"roberta.encoder.layer.{{}}.{name}.{p}"
+    for name in (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "attention.output.LayerNorm",
+        "intermediate.dense",
+        "output.dense",
+        "output.LayerNorm",
+    )
+    for p in ("weight", "bias")
+}
+_HEAD_KEYS = {
+    "lm_head.dense.weight": "lm_head.dense.weight",
+    "lm_head.dense.bias": "lm_head.dense.bias",
+    "lm_head.layer_norm.weight": "lm_head.layer_norm.weight",
+    "lm_head.layer_norm.bias": "lm_head.layer_norm.bias",
+    "lm_head.bias": "lm_head.bias",
+}
+# Present in some HF checkpoints but carrying nothing we need: tied copies, buffers, the NSP-era pooler.
+_IGNORED_HF_KEYS = re.compile(
+    r"^(lm_head\.decoder\.(weight|bias)|roberta\.embeddings\.position_ids|roberta\.pooler\..*)$"
+)
+_VOCAB_SIZED = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias")
+
+
+def _key_table(num_layers: int) -> dict[str, str]:
+    table = dict(_EMBEDDING_KEYS)
+    for i in range(num_layers):
+        table.update({hf.format(i): ours.format(i) for hf, ours in _LAYER_KEYS.items()})
+    table.update(_HEAD_KEYS)
+    return table
+
+
+def config_to_hf(config: RobertaConfig) -> dict:
+    """Our config as a ``transformers`` RobertaConfig dict (what goes in ``config.json``)."""
+    return {
+        "architectures": ["RobertaForMaskedLM"],
+        "model_type": "roberta",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": config.dropout,
+        "attention_probs_dropout_prob": config.attention_dropout,
+        "max_position_embeddings": config.max_positions,
+        "type_vocab_size": 1,
+        "initializer_range": config.initializer_range,
+        "layer_norm_eps": config.layer_norm_eps,
+        "pad_token_id": config.pad_token_id,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def config_from_hf(hf: dict) -> RobertaConfig:
+    """Read a ``transformers`` RoBERTa ``config.json`` dict; refuses what our model cannot represent."""
+    if hf.get("model_type", "roberta") not in ("roberta", "xlm-roberta"):
+        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; expected 'roberta'")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"config.json has hidden_act={hf['hidden_act']!r}; only 'gelu' is supported")
+    if hf.get("type_vocab_size", 1) != 1:
+        raise ValueError(f"config.json has type_vocab_size={hf['type_vocab_size']}; RoBERTa uses 1")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError("config.json: only absolute position embeddings are supported")
+    pad = hf.get("pad_token_id", 1)
+    return RobertaConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_seq_len=hf["max_position_embeddings"] - pad - 1,
+        dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+        initializer_range=hf.get("initializer_range", 0.02),
+        pad_token_id=pad,
+        bos_token_id=hf.get("bos_token_id", 0),
+        eos_token_id=hf.get("eos_token_id", 2),
+    )
+
+
+def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], config: RobertaConfig) -> dict[str, torch.Tensor]:
+    """Map an HF RoBERTa masked-LM state dict onto our names, padding vocab-sized tensors if configured.
+
+    Raises:
+        KeyError: naming the missing or unexpected keys, so a wrong architecture never loads silently.
+    """
+    table = _key_table(config.num_layers)
+    unexpected = sorted(k for k in hf_state if k not in table and not _IGNORED_HF_KEYS.match(k))
+    missing = sorted(k for k in table if k not in hf_state)
+    if missing or unexpected:
+        raise KeyError(f"HF state dict does not match a {config.num_layers}-layer RoBERTa MLM: "
+                       f"missing={missing[:5]}{'...' if len(missing) > 5 else ''} "
+                       f"unexpected={unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    ours = {table[k]: v for k, v in hf_state.items() if k in table}
+    extra = config.padded_vocab_size - config.vocab_size
+    if extra:
+        for k in _VOCAB_SIZED:
+            pad = torch.zeros((extra, *ours[k].shape[1:]), dtype=ours[k].dtype)
+            ours[k] = torch.cat([ours[k], pad])
+    return ours
+
+
+def to_hf_state_dict(model: RobertaForMaskedLM) -> dict[str, torch.Tensor]:
+    """Our model's weights under HF names, vocab padding dropped, tied decoder stored once."""
+    inverse = {ours: hf for hf, ours in _key_table(model.config.num_layers).items()}
+    state = model.state_dict()
+    out = {}
+    for ours, hf in inverse.items():
+        t = state[ours].detach()
+        if ours in _VOCAB_SIZED:
+            t = t[: model.config.vocab_size]
+        out[hf] = t.to("cpu", copy=True).contiguous()
+    assert len(out) == len(inverse), "every mapped key must be written exactly once"
+    return out
+
+
+def save_hf(model: RobertaForMaskedLM, path: str | Path, tokenizer=None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (and the tokenizer files, if given) to ``path``.
+
+    Args:
+        model: our masked-LM model.
+        path: output directory (created).
+        tokenizer: a tokenizer directory (its files are copied) or an object with ``save_pretrained(path)``.
+    Returns:
+        The output directory.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # Write to temporary names and rename, so an interrupted export never leaves a loadable half.
+    tmp_weights, tmp_config = path / "model.safetensors.tmp", path / "config.json.tmp"
+    save_file(to_hf_state_dict(model), str(tmp_weights), metadata={"format": "pt"})
+    tmp_config.write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    tmp_weights.replace(path / "model.safetensors")
+    tmp_config.replace(path / "config.json")
+    if tokenizer is not None:
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(path)
+        else:
+            src = Path(getattr(tokenizer, "path", tokenizer))
+            if not src.is_dir():
+                raise FileNotFoundError(f"tokenizer directory not found: {src}")
+            for f in src.iterdir():
+                if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+                    shutil.copy2(f, path / f.name)
+    return path
+
+
+def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from ``model.safetensors`` or, failing that, ``pytorch_model.bin`` (loaded weights-only)."""
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").exists():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def load_hf(path: str | Path, **config_overrides) -> RobertaForMaskedLM:
+    """Build our masked-LM model from a HuggingFace RoBERTa directory.
+
+    Args:
+        path: a directory with ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``).
+        config_overrides: fields of :class:`RobertaConfig` to change (e.g. ``pad_vocab_multiple=64``, dropout).
+    Returns:
+        A :class:`RobertaForMaskedLM` in eval mode.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: not a HuggingFace model directory")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    if config_overrides:
+        config = RobertaConfig(**{**config.to_dict(), **config_overrides})
+    model = RobertaForMaskedLM(config)
+    state = convert_hf_state_dict(load_hf_state_dict(path), config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # The tied decoder weight is the only key our own state dict holds that the table does not.
+    assert unexpected == [] and missing == ["lm_head.decoder.weight"], (missing, unexpected)
+    return model.eval()
