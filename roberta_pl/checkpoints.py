@@ -1,0 +1,53 @@
+"""Load our masked-LM model from any of the places a trained model lives.
+
+- a HuggingFace directory (``config.json`` + ``model.safetensors``), e.g. what ``roberta-pl-export`` writes;
+- a Lightning ``.ckpt`` file written by ``roberta-pl-train``;
+- a DeepSpeed ZeRO checkpoint directory, consolidated to fp32 first.
+
+Lightning checkpoints are read with ``torch.load(weights_only=True)``: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from roberta_pl.hf import load_hf
+from roberta_pl.model import RobertaConfig, RobertaForMaskedLM
+
+
+def _read_lightning_checkpoint(path: Path) -> dict:
+    if path.is_dir():  # DeepSpeed: shards of parameters and optimizer state per rank
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "consolidated.ckpt"
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
+            return torch.load(out, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_pretrained(path: str | Path) -> tuple[RobertaForMaskedLM, Path | None]:
+    """Our model (eval mode) and its tokenizer directory (None if unknown).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file is neither a HF directory nor a roberta-pl checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
+    if path.is_dir() and (path / "config.json").exists():
+        return load_hf(path), path
+    ckpt = _read_lightning_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "model" not in hparams or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: not a roberta-pl pretraining checkpoint (no model hyper-parameters)")
+    model = RobertaForMaskedLM(RobertaConfig(**hparams["model"]))
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state, strict=True)
+    tokenizer = hparams.get("tokenizer")
+    return model.eval(), Path(tokenizer) if tokenizer else None

@@ -1,0 +1,136 @@
+"""Typed schemas for the Hydra config tree in ``conf/``.
+
+Each group's YAML merges into one of these dataclasses, so a misspelt key or a wrong type fails when the
+config is composed, before any work starts. Defaults here are the CPU-friendly ones; the YAML files say
+where each paper value comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ModelConf:
+    name: str = "tiny"
+    vocab_size: Optional[int] = None  # None: take the tokenizer's vocabulary size
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_seq_len: int = 128
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    pad_vocab_multiple: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the encoder
+
+
+@dataclass
+class BatchConf:
+    global_batch_size: int = 32  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 16  # sequences per forward pass per rank
+    seq_len: int = 128
+    # Optional warm-up of the batch size: [[until_step, global_batch_size], ...]; after the last entry
+    # global_batch_size applies.
+    ramp: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class OptimConf:
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    decay: str = "linear"  # linear | polynomial | cosine | constant
+    power: float = 1.0
+    end_lr_ratio: float = 0.0
+
+
+@dataclass
+class DataConf:
+    train_shards: Optional[str] = None  # None: the embedded default corpus, built and cached
+    valid_shards: Optional[str] = None
+    tokenizer: Optional[str] = None  # tokenizer dir; required with train_shards
+    cache_dir: str = "${oc.env:ROBERTA_PL_CACHE,${oc.env:HOME}/.cache/roberta-pl}"
+    default_vocab_size: int = 8192  # tokenizer size when the default corpus is built
+    packing: str = "full_sentences"  # full_sentences | doc
+    mask_prob: float = 0.15
+    random_prob: float = 0.1
+    keep_prob: float = 0.1
+    whole_word: bool = False
+    span: bool = False
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    on_error: str = "raise"  # raise | skip
+
+
+@dataclass
+class DeepSpeedConf:
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+
+
+@dataclass
+class TrainerConf:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | deepspeed
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    max_steps: int = 1000  # optimizer steps; also the length of the LR schedule
+    val_every_n_steps: int = 200
+    limit_val_batches: int = 20
+    log_every_n_steps: int = 10
+    gradient_clip_val: float = 0.0
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    deepspeed: DeepSpeedConf = field(default_factory=DeepSpeedConf)
+
+
+@dataclass
+class LoggerConf:
+    kind: str = "csv"  # wandb | csv | tensorboard | none
+    project: str = "roberta-pl"
+    entity: Optional[str] = None
+    mode: str = "offline"  # W&B: offline unless asked for online
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConf:
+    every_n_steps: int = 500
+    keep: int = 3  # step checkpoints kept besides last
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConf = field(default_factory=ModelConf)
+    batch: BatchConf = field(default_factory=BatchConf)
+    optim: OptimConf = field(default_factory=OptimConf)
+    data: DataConf = field(default_factory=DataConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    run_name: str = "default"
+    run_dir: str = "runs/${run_name}"  # stable, so requeues and resume=auto find their checkpoints
+    resume: str = "auto"  # auto | never | path to a checkpoint
+    seed: int = 1234
+    export_hf: bool = True  # write <run_dir>/hf at the end
+    fill_mask: list[str] = field(default_factory=list)  # prompts printed with the model's top-k at the end
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (``conf/pretrain.yaml`` names ``pretrain_schema`` first)."""
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)

@@ -1,0 +1,144 @@
+"""Optimizer parameter groups, learning-rate schedules and the batch plan.
+
+One source of truth per number: the user sets the *global* batch (sequences per optimizer step); the
+micro-batch, world size and accumulation are derived here and checked loudly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class BatchPlanError(ValueError):
+    """A global batch that cannot be split evenly over micro-batches and ranks."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch is produced.
+
+    ``global_batch_size = micro_batch_size * accumulation * world_size`` exactly.
+    """
+
+    global_batch_size: int
+    micro_batch_size: int
+    world_size: int
+    accumulation: int
+    seq_len: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+def plan_batch(global_batch_size: int, micro_batch_size: int, world_size: int, seq_len: int) -> BatchPlan:
+    """Derive gradient accumulation from the global batch.
+
+    Example: RoBERTa-base's 8192 sequences on 8 nodes x 8 GPUs with micro-batch 32:
+    8192 / (32 * 64) = 4 accumulation steps, 8192 * 512 = 4.19M tokens per step.
+
+    Raises:
+        BatchPlanError: when the global batch is not a multiple of micro-batch x world size.
+    """
+    for name, v in (("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size),
+                    ("world_size", world_size), ("seq_len", seq_len)):
+        if v < 1:
+            raise BatchPlanError(f"batch.{name}={v} must be >= 1")
+    per_pass = micro_batch_size * world_size
+    if global_batch_size % per_pass:
+        raise BatchPlanError(
+            f"batch.global_batch_size={global_batch_size} is not divisible by micro_batch_size={micro_batch_size} "
+            f"x world_size={world_size} = {per_pass}; choose a global batch that is a multiple of {per_pass}"
+        )
+    return BatchPlan(global_batch_size, micro_batch_size, world_size, global_batch_size // per_pass, seq_len)
+
+
+@dataclass(frozen=True)
+class RampPhase:
+    """``global_batch_size`` applies from optimizer step ``start_step`` on."""
+
+    start_step: int
+    global_batch_size: int
+
+
+def plan_ramp(
+    ramp: Sequence[tuple[int, int]], final: BatchPlan
+) -> list[tuple[int, int, int]]:
+    """Validate a batch-size ramp and turn it into accumulation switches.
+
+    Args:
+        ramp: ``(until_step, global_batch_size)`` pairs in increasing step order; after the last one the
+            plan's ``final.global_batch_size`` applies (GPT-3-style warm-up of the batch size).
+        final: the plan for the full global batch.
+    Returns:
+        ``(start_step, start_micro_batch, accumulation)`` per phase, the first starting at 0. ``start_micro_batch``
+        counts micro-batches per rank, which is what the trainer's accumulation counter sees.
+    Raises:
+        BatchPlanError: on a non-increasing ramp or a batch size that does not split evenly.
+    """
+    phases: list[tuple[int, int, int]] = []
+    step = micro = 0
+    prev_until = 0
+    for until, size in [*ramp, (None, final.global_batch_size)]:
+        plan = plan_batch(size, final.micro_batch_size, final.world_size, final.seq_len)
+        if until is not None and until <= prev_until:
+            raise BatchPlanError(f"batch.ramp steps must increase; got {until} after {prev_until}")
+        phases.append((step, micro, plan.accumulation))
+        if until is not None:
+            micro += (until - step) * plan.accumulation
+            step = prev_until = until
+    return phases
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices and embeddings; no decay on biases and LayerNorm (BERT/RoBERTa practice)."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:  # tied weights appear twice
+                continue
+            seen.add(id(p))
+            (no_decay if name == "bias" or isinstance(module, nn.LayerNorm) or p.ndim < 2 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, decay: str = "linear",
+              power: float = 1.0, end_ratio: float = 0.0) -> float:
+    """Multiplier of the peak LR at ``step``: linear warm-up, then linear or polynomial decay to ``end_ratio``.
+
+    RoBERTa (fairseq ``polynomial_decay`` with power 1) warms up linearly for ``warmup_steps`` then decays
+    linearly to 0 at ``total_steps``.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if decay == "linear":
+        remaining = 1.0 - progress
+    elif decay == "polynomial":
+        remaining = (1.0 - progress) ** power
+    elif decay == "cosine":
+        remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"optim.decay={decay!r}; choose linear, polynomial, cosine or constant")
+    return end_ratio + (1.0 - end_ratio) * remaining
+
+
+def build_adamw(model: nn.Module, lr: float, betas: Sequence[float], eps: float, weight_decay: float,
+                fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; the fused CUDA kernel whenever all parameters are on CUDA."""
+    groups = param_groups(model, weight_decay)
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)

@@ -1,0 +1,115 @@
+"""The masked-LM LightningModule: encoder + sparse MLM head, loss, metrics and the optimizer.
+
+Everything about precision, devices and parallelism is the Trainer's business (Lightning/DeepSpeed flags);
+this module only says what one step computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from roberta_pl.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
+from roberta_pl.optim import build_adamw, lr_lambda
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, step, rank): dropout after a resume matches."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class MaskedLMModule(pl.LightningModule):
+    """RoBERTa masked-LM pretraining.
+
+    Args:
+        model: fields of :class:`~roberta_pl.model.RobertaConfig` (``vocab_size`` resolved).
+        optim: ``lr, betas, eps, weight_decay, warmup_steps, decay, power, end_lr_ratio``.
+        max_steps: optimizer steps, the length of the LR schedule.
+        seq_len, micro_batch_size, mask_prob: used for the FLOPs-per-batch figure behind MFU.
+        seed: base of the per-step dropout seed.
+        compile: ``torch.compile`` the encoder.
+        tokenizer: the tokenizer directory, recorded so export and fill-mask find it from the checkpoint.
+    """
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], max_steps: int, seq_len: int,
+                 micro_batch_size: int, mask_prob: float = 0.15, seed: int = 0, compile: bool = False,
+                 tokenizer: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = RobertaConfig(**model)
+        self.model = RobertaForMaskedLM(self.config)
+        if compile:
+            self.model.roberta.compile()  # in place: parameter names (and so checkpoints/exports) unchanged
+        # Read by Lightning's ThroughputMonitor for MFU; the head runs on mask_prob of the tokens.
+        self.flops_per_batch = mlm_flops_per_token(self.config, seq_len, mask_prob) * seq_len * micro_batch_size
+
+    # -- steps --------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout is a function of (seed, micro-batch index, rank), not of RNG history, so a resumed run
+        # draws the same masks as the uninterrupted one. `ready` already counts the current batch.
+        micro_step = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
+        torch.manual_seed(step_seed(self.hparams.seed, micro_step, self.global_rank))
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Packed blocks have no padding: dropping the all-ones mask lets SDPA use the flash kernel. The
+        # check runs on the host copy, before the transfer, so it costs no device sync.
+        mask = batch.get("attention_mask")
+        if mask is not None and bool(mask.all()):
+            batch = {**batch, "attention_mask": None}
+        return batch
+
+    def _shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["labels"]
+        out = self.model(batch["input_ids"], batch.get("attention_mask"), labels)
+        with torch.no_grad():
+            targets = labels[labels.ne(IGNORE_INDEX)]
+            accuracy = (out.logits.argmax(-1) == targets).float().mean()
+        return out.loss, accuracy
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, accuracy = self._shared_step(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", accuracy)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, accuracy = self._shared_step(batch)
+        n = int(batch["labels"].ne(IGNORE_INDEX).sum())
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        self.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True, batch_size=n)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/perplexity", torch.exp(loss.float().clamp(max=30.0)), sync_dist=False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer._logger_connector.should_update_logs and outputs is not None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.log("train/perplexity", torch.exp(loss.detach().float().clamp(max=30.0)))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Pre-clipping global grad norm, only on logging steps (DeepSpeed shards grads and reports its own).
+        if not self.trainer._logger_connector.should_update_logs or self._uses_deepspeed():
+            return
+        norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(2))
+
+    def _uses_deepspeed(self) -> bool:
+        return type(self.trainer.strategy).__name__ == "DeepSpeedStrategy"
+
+    # -- optimizer ----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        optimizer = build_adamw(self.model, o["lr"], o["betas"], o["eps"], o["weight_decay"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_lambda(step, warmup_steps=o["warmup_steps"], total_steps=self.hparams.max_steps,
+                                   decay=o["decay"], power=o.get("power", 1.0), end_ratio=o.get("end_lr_ratio", 0.0)),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,66 @@
+"""What pretraining needs from data_pipelines: a tokenizer, shard specs and the DataModule.
+
+With no shards configured, the embedded default corpus (docstrings of the installed Python packages) is
+turned into a tokenizer and shards once, under ``data.cache_dir``, and reused by every later run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from data_pipelines.tokenizer import SpmTokenizer, load_tokenizer
+from roberta_pl.factory import file_lock
+from roberta_pl.optim import BatchPlan
+
+DEFAULT_DATASET_VERSION = 1  # bump when the default corpus, tokenizer or shard settings change
+
+
+@dataclass
+class PretrainData:
+    tokenizer: SpmTokenizer
+    train_shards: str
+    valid_shards: str | None
+
+
+def _default_dataset(cache_dir: Path, vocab_size: int) -> PretrainData:
+    from data_pipelines.shards import load_manifest, write_shards
+    from data_pipelines.tokenizer import META_FILE, train_tokenizer
+
+    root = cache_dir / f"default-dataset-v{DEFAULT_DATASET_VERSION}-vocab{vocab_size}"
+    with file_lock(root / ".lock"):  # concurrent ranks or jobs: one builds, the others wait and reuse
+        tok_dir, shard_dir = root / "tokenizer", root / "shards"
+        if not (tok_dir / META_FILE).exists():
+            print(f"Training a {vocab_size}-token SentencePiece tokenizer on the default corpus -> {tok_dir}")
+            train_tokenizer("@default", tok_dir, vocab_size=vocab_size, input_sentence_size=300_000)
+        if not (shard_dir / "manifest.json").exists():
+            print(f"Writing default-corpus shards -> {shard_dir}")
+            write_shards("@default", tok_dir, shard_dir, docs_per_shard=2000, valid_fraction=0.02)
+        manifest = load_manifest(shard_dir / "manifest.json")
+    splits = manifest["splits"]
+    valid = str(shard_dir / splits["valid"]["pattern"]) if splits.get("valid", {}).get("num_shards") else None
+    return PretrainData(load_tokenizer(tok_dir), str(shard_dir / splits["train"]["pattern"]), valid)
+
+
+def prepare_data(cfg: DictConfig) -> PretrainData:
+    """The tokenizer and shard specs of ``cfg.data``, building the default dataset when none is given."""
+    d = cfg.data
+    if d.train_shards is None:
+        return _default_dataset(Path(d.cache_dir).expanduser(), d.default_vocab_size)
+    return PretrainData(load_tokenizer(d.tokenizer), str(d.train_shards), str(d.valid_shards) if d.valid_shards else None)
+
+
+def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
+    """The streaming MLM DataModule for this config and batch plan."""
+    from data_pipelines.datamodule import MLMDataModule
+
+    d = cfg.data
+    return MLMDataModule(
+        train_shards=data.train_shards, valid_shards=data.valid_shards, tokenizer_dir=str(data.tokenizer.path),
+        seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size, mask_prob=d.mask_prob,
+        random_prob=d.random_prob, keep_prob=d.keep_prob, whole_word=d.whole_word, span=d.span,
+        packing=d.packing, seed=cfg.seed, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+        on_error=d.on_error,
+    )
