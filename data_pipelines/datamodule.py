@@ -1,0 +1,263 @@
+"""``MLMDataModule``: masked MLM batches for Lightning, with equal batches per rank and exact resume.
+
+Usage::
+
+    dm = MLMDataModule(train_shards="data/shards", tokenizer_dir="data/tokenizer",
+                       seq_len=512, micro_batch_size=16, num_workers=4)
+    trainer.fit(module, datamodule=dm)
+
+Batches are ``{"input_ids", "attention_mask", "labels"}`` LongTensors ``[B, T]`` (see
+:mod:`data_pipelines.stream`).
+
+Resume. The whole data position is one number: ``consumed``, the micro-batches this rank has
+trained on since the start of training. ``state_dict()`` saves it and Lightning stores it in the
+checkpoint; ``load_state_dict()`` restores it, and the next train loader iteration starts at
+epoch ``consumed // len(loader)``, batch ``consumed % len(loader)`` — the same token blocks and
+the same masks (masks are seeded by (seed, step=global micro-batch index, rank)).
+
+Counting is automatic inside a Lightning ``fit``: the train loader records each batch it hands
+out, and this DataModule's ``on_before_batch_transfer`` hook — which Lightning calls for the batch
+about to be trained on, after its one-batch prefetch — advances ``consumed`` when that batch is
+really used. Outside Lightning (a plain loop), every batch taken from the iterator counts.
+A training module that consumes batches some other way can call :meth:`MLMDataModule.set_consumed`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from data_pipelines.errors import DataError, OnError, check_on_error
+from data_pipelines.masking import Masker, MaskingConfig
+from data_pipelines.packing import PackMode
+from data_pipelines.stream import TRAIN_STREAM, VALID_STREAM, MaskedBatchStream, StreamConfig, resolve_shards
+from data_pipelines.tokenizer import load_tokenizer
+
+log = logging.getLogger("data_pipelines")
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader that starts each pass where the DataModule says and reports what it yields."""
+
+    def __init__(self, datamodule: "MLMDataModule", dataset: MaskedBatchStream, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._datamodule = datamodule
+
+    def __iter__(self) -> Iterator[dict]:
+        dm = self._datamodule
+        per_epoch = len(self.dataset)
+        epoch, start = divmod(dm.consumed, per_epoch)
+        self.dataset.set_position(epoch, start)
+        dm._handed_out.clear()
+        index = dm.consumed
+        for batch in super().__iter__():
+            dm._handed_out.append((id(batch), index))
+            if not dm._lightning_counts:
+                dm.consumed = index + 1  # plain loop: taking a batch is using it
+            index += 1
+            yield batch
+
+
+class MLMDataModule(L.LightningDataModule):
+    """Streams masked-LM batches from WebDataset shards.
+
+    Args:
+        train_shards: shard directory, ``manifest.json``, brace pattern, ``pipe:`` URL or a list.
+        tokenizer_dir: directory written by ``roberta-pl-data tokenizer``.
+        seq_len: tokens per sequence, including ``<s>`` and ``</s>``.
+        micro_batch_size: sequences per batch on each rank.
+        valid_shards: like ``train_shards``, for validation (``None``: no validation loader).
+            A directory means its manifest's ``valid`` split.
+        manifest: manifest giving counts/hash for shards passed as patterns or ``pipe:`` URLs.
+        mask_prob: fraction of tokens to predict.
+        random_prob: fraction of predicted tokens replaced by a random token.
+        keep_prob: fraction of predicted tokens left unchanged.
+        whole_word: mask whole words (SentencePiece "▁" word starts).
+        span: SpanBERT span masking (geometric lengths of whole words).
+        span_p: geometric parameter of span lengths.
+        max_span: longest span, in words.
+        pack_mode: ``"full"`` (FULL-SENTENCES, crosses documents, no padding) or ``"doc"``.
+        seed: seed of shard assignment, order, shuffle and masks.
+        num_workers: DataLoader workers per rank (0 reads in the main process).
+        shuffle_window: blocks shuffled together in the train stream.
+        batches_per_epoch: train batches per rank per epoch; ``None`` (default) derives the
+            exact equal count from the manifest.
+        on_error: ``"raise"`` or ``"skip"`` (counted warning) for bad shards.
+        rank: data-parallel rank when no Trainer is attached.
+        world_size: data-parallel size when no Trainer is attached.
+        pin_memory: pin batches for faster host-to-GPU copies.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | os.PathLike | Sequence[str],
+        tokenizer_dir: str | os.PathLike,
+        seq_len: int = 512,
+        micro_batch_size: int = 16,
+        *,
+        valid_shards: str | os.PathLike | Sequence[str] | None = None,
+        manifest: str | os.PathLike | None = None,
+        mask_prob: float = 0.15,
+        random_prob: float = 0.1,
+        keep_prob: float = 0.1,
+        whole_word: bool = False,
+        span: bool = False,
+        span_p: float = 0.2,
+        max_span: int = 10,
+        pack_mode: PackMode = "full",
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle_window: int = 1024,
+        batches_per_epoch: int | None = None,
+        on_error: OnError = "raise",
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        check_on_error(on_error)
+        if pack_mode not in ("full", "doc"):
+            raise DataError(f"pack_mode must be 'full' or 'doc', got {pack_mode!r}")
+        if seq_len < 3 or micro_batch_size < 1 or num_workers < 0:
+            raise DataError(f"need seq_len >= 3, micro_batch_size >= 1, num_workers >= 0; got {seq_len}, {micro_batch_size}, {num_workers}")
+        self.train_shards = train_shards
+        self.valid_shards = valid_shards
+        self.manifest = manifest
+        self.tokenizer_dir = tokenizer_dir
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.masking = MaskingConfig(mask_prob, random_prob, keep_prob, whole_word, span, span_p, max_span)
+        self.pack_mode = pack_mode
+        self.seed = seed
+        self.num_workers = num_workers
+        self.shuffle_window = shuffle_window
+        self.batches_per_epoch = batches_per_epoch
+        self.on_error = on_error
+        self._rank, self._world_size = rank, world_size
+        self.pin_memory = pin_memory
+        self.consumed = 0  # micro-batches trained on by this rank since the start of training
+        self._handed_out: collections.deque = collections.deque()
+        self._train: MaskedBatchStream | None = None
+        self._valid: MaskedBatchStream | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        """Data-parallel rank: the Trainer's when attached, else the constructor's."""
+        return self.trainer.global_rank if self.trainer is not None else self._rank
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel size: the Trainer's when attached, else the constructor's."""
+        return self.trainer.world_size if self.trainer is not None else self._world_size
+
+    @property
+    def _lightning_counts(self) -> bool:
+        # Inside fit, Lightning prefetches one batch; count at transfer time instead of at yield.
+        return self.trainer is not None and bool(getattr(self.trainer, "training", False))
+
+    def _stream(self, spec: Any, split: str, mask_stream: int, shuffle: bool) -> MaskedBatchStream:
+        tok = load_tokenizer(self.tokenizer_dir)
+        shards = resolve_shards(spec, split=split, manifest=self.manifest)
+        if shards.tokenizer_hash is not None and shards.tokenizer_hash != tok.hash:
+            raise DataError(
+                f"{spec}: shards were written with tokenizer {shards.tokenizer_hash}, but {self.tokenizer_dir} is {tok.hash}"
+            )
+        masker = Masker(
+            tok.vocab_size, tok.special_ids, tok.mask_id, self.masking,
+            word_start=tok.word_start_table() if (self.masking.whole_word or self.masking.span) else None,
+        )
+        config = StreamConfig(
+            shards=shards, seq_len=self.seq_len, batch_size=self.micro_batch_size, mode=self.pack_mode,
+            seed=self.seed, rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
+            shuffle_window=self.shuffle_window if shuffle else 1, shuffle_shards=shuffle,
+            batches_per_epoch=self.batches_per_epoch if mask_stream == TRAIN_STREAM else None,
+            mask_stream=mask_stream, expected_hash=tok.hash, vocab_size=tok.vocab_size,
+            bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, on_error=self.on_error,
+        )
+        return MaskedBatchStream(config, masker)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve shards, check the tokenizer hash and plan equal epochs (rank/world from the Trainer)."""
+        if self._train is None:
+            self._train = self._stream(self.train_shards, "train", TRAIN_STREAM, shuffle=True)
+        if self.valid_shards is not None and self._valid is None:
+            self._valid = self._stream(self.valid_shards, "valid", VALID_STREAM, shuffle=False)
+
+    def _loader_kwargs(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": False,  # each pass re-forks so workers see the new epoch/cursor
+            "prefetch_factor": 4 if self.num_workers else None,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        """The train loader; each pass resumes from :attr:`consumed`."""
+        self.setup("fit")
+        return _TrainLoader(self, self._train, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation loader: same batches and masks every time."""
+        self.setup("validate")
+        if self._valid is None:
+            return []
+        return DataLoader(self._valid, batch_size=None, **self._loader_kwargs())
+
+    # -- resume --------------------------------------------------------------------------------
+
+    @property
+    def batches_per_epoch_per_rank(self) -> int:
+        """Train batches per epoch on each rank (equal on all ranks)."""
+        self.setup("fit")
+        return len(self._train)
+
+    def set_consumed(self, micro_batches: int) -> None:
+        """Declare how many micro-batches this rank has trained on since the start of training.
+
+        Args:
+            micro_batches: the count; the next train loader pass starts right after it.
+        """
+        if micro_batches < 0:
+            raise ValueError(f"micro_batches must be >= 0, got {micro_batches}")
+        self.consumed = int(micro_batches)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning hook, called for the batch about to be trained on: count it as consumed."""
+        handed = self._handed_out
+        ids = [entry[0] for entry in handed]
+        if id(batch) in ids:
+            # Entries before it were handed out but never trained on (e.g. an epoch cut short).
+            for _ in range(ids.index(id(batch)) + 1):
+                _, index = handed.popleft()
+            self.consumed = index + 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning saves in the checkpoint: the consumed count and the settings it assumes."""
+        return {
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "micro_batch_size": self.micro_batch_size,
+            "num_workers": self.num_workers,
+            "world_size": self.world_size,
+            "pack_mode": self.pack_mode,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the data position; warn when settings changed so the resume is not exact."""
+        changed = [
+            k for k in ("seed", "seq_len", "micro_batch_size", "num_workers", "world_size", "pack_mode")
+            if k in state_dict and state_dict[k] != getattr(self, k)
+        ]
+        if changed:
+            log.warning("data settings changed since the checkpoint (%s): resume continues, but not with the same batches", ", ".join(changed))
+        self.consumed = int(state_dict["consumed"])

@@ -1,0 +1,440 @@
+"""Stream shards → documents → packed blocks → masked batches, split over ranks and workers.
+
+Who reads what. Readers are the ``world_size × num_workers`` DataLoader workers of all ranks;
+reader ``rank * num_workers + worker`` owns a fixed subset of shards, chosen once per ``seed``
+by a balanced greedy partition on token counts (so every reader holds about the same number of
+tokens). Each epoch, a reader visits its shards in an order drawn from (seed, epoch, reader),
+packs its documents into blocks, shuffles blocks in windows of ``shuffle_window`` with an RNG
+drawn from (seed, epoch, reader, window), batches them and masks each batch with a generator
+seeded from (seed, step, rank).
+
+Equal batches everywhere. From the manifest's counts each reader's block count is known exactly
+(``full`` packing) or bounded below (``doc``); every reader yields exactly
+``batches_per_worker`` — the minimum over all readers of all ranks — so every rank runs the same
+number of steps and DDP never waits on a rank that ran dry. If a reader runs short anyway (a
+shard skipped as corrupt with ``on_error="skip"``), it starts its shard list over rather than
+stop early, and logs it.
+
+Exact resume. Batch ``g`` of an epoch is produced by the reader with role ``g % num_workers`` (the
+DataLoader round-robins over workers). To restart at batch ``k``, worker ``w`` takes role
+``(w + k) % num_workers`` and skips the blocks its role already produced: with counts, ``full``
+mode seeks by token arithmetic to the right shard and only reads that one shard's documents up
+to the cursor (O(one shard)); ``doc`` mode, or shards without counts, replay the reader's blocks
+without masking them (O(blocks skipped)).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import tariterators
+
+from data_pipelines.errors import DataError, OnError, SkipReport
+from data_pipelines.masking import Masker, mask_generator
+from data_pipelines.packing import PackMode, block_count_lower_bound, pack
+from data_pipelines.shards import HEADER_KEY, MANIFEST, ext_dtype, load_manifest
+
+log = logging.getLogger("data_pipelines")
+
+TRAIN_STREAM, VALID_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: where it is, and its counts when a manifest gave them."""
+
+    url: str
+    num_docs: int | None = None
+    num_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one split, with the tokenizer hash their manifest records (if any)."""
+
+    shards: tuple[ShardInfo, ...]
+    tokenizer_hash: str | None = None
+
+    @property
+    def has_counts(self) -> bool:
+        """Whether every shard has doc and token counts (needed for exact epoch planning)."""
+        return all(s.num_docs is not None and s.num_tokens is not None for s in self.shards)
+
+
+def resolve_shards(spec: str | os.PathLike | Sequence[str], split: str = "train", manifest: str | os.PathLike | None = None) -> ShardSet:
+    """Turn a shard spec into a :class:`ShardSet`.
+
+    Args:
+        spec: a shard directory or ``manifest.json`` (its ``split`` shards are used); a brace
+            pattern like ``/data/train-{000000..000099}.tar``; a ``pipe:`` command such as
+            ``"pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -"``; or a list of these.
+        split: which split of a manifest to use.
+        manifest: a manifest to take counts and the tokenizer hash from, for shards given as
+            patterns or ``pipe:`` URLs (matched by file name).
+
+    Returns:
+        The resolved shards in spec order.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not specs:
+        raise DataError("empty shard spec")
+    infos: list[ShardInfo] = []
+    tokenizer_hash = None
+    for item in specs:
+        text = os.fspath(item)
+        path = Path(text)
+        if not text.startswith("pipe:") and (path.is_dir() or path.name == MANIFEST):
+            found = load_manifest(path)
+            if split not in found["splits"]:
+                raise DataError(f"{path}: manifest has no {split!r} split (has {sorted(found['splits'])})")
+            root = Path(found["root"])
+            tokenizer_hash = found["tokenizer_hash"]
+            infos.extend(ShardInfo(str(root / s["name"]), s["num_docs"], s["num_tokens"]) for s in found["splits"][split]["shards"])
+            continue
+        for url in braceexpand.braceexpand(text):
+            infos.append(ShardInfo(url))
+    if manifest is not None:
+        found = load_manifest(manifest)
+        tokenizer_hash = found["tokenizer_hash"]
+        counts = {s["name"]: s for sp in found["splits"].values() for s in sp["shards"]}
+        infos = [
+            ShardInfo(i.url, counts[n]["num_docs"], counts[n]["num_tokens"]) if (n := _basename(i.url)) in counts else i
+            for i in infos
+        ]
+    return ShardSet(tuple(infos), tokenizer_hash)
+
+
+def _basename(url: str) -> str:
+    # For "pipe:cmd ... s3://b/train-000001.tar -" take the last token that looks like a tar.
+    tars = re.findall(r"[^\s/]+\.tar\b", url)
+    return tars[-1] if tars else os.path.basename(url)
+
+
+def partition_shards(shards: Sequence[ShardInfo], num_readers: int, seed: int) -> list[list[int]]:
+    """Assign each shard to one reader, balancing token counts (greedy, largest first).
+
+    Args:
+        shards: the shards; without counts every shard weighs the same.
+        num_readers: ``world_size × num_workers``.
+        seed: breaks ties between equal shards, so the assignment is a function of the seed.
+
+    Returns:
+        ``num_readers`` lists of shard indices; together they hold every shard exactly once.
+    """
+    if len(shards) < num_readers:
+        raise DataError(
+            f"{len(shards)} shards cannot feed {num_readers} readers (world_size × num_workers); "
+            "write more shards (smaller --docs-per-shard) or use fewer DataLoader workers"
+        )
+    rng = np.random.default_rng([seed, 0x5A4D])
+    tiebreak = rng.permutation(len(shards))
+    weight = [(s.num_tokens or 0) + (s.num_docs or 0) if s.num_tokens is not None else 1 for s in shards]
+    order = sorted(range(len(shards)), key=lambda i: (-weight[i], tiebreak[i]))
+    loads = [0] * num_readers
+    owned: list[list[int]] = [[] for _ in range(num_readers)]
+    for i in order:
+        # Fewest shards first, then lightest: every reader gets a shard before any gets two.
+        reader = min(range(num_readers), key=lambda r: (len(owned[r]) if len(owned[r]) == 0 else 1, loads[r], r))
+        owned[reader].append(i)
+        loads[reader] += weight[i]
+    return [sorted(o) for o in owned]
+
+
+def epoch_order(owned: Sequence[int], seed: int, epoch: int, reader: int, cycle: int = 0) -> list[int]:
+    """The order in which a reader visits its shards in an epoch: a function of its arguments."""
+    rng = np.random.default_rng([seed, epoch, reader, cycle, 0x0D])
+    return [owned[i] for i in rng.permutation(len(owned))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one shard
+# ---------------------------------------------------------------------------------------------
+
+
+def iter_shard(
+    url: str, *, expected_hash: str | None, vocab_size: int | None, on_error: OnError, report: SkipReport
+) -> Iterator[np.ndarray]:
+    """Yield the token arrays of one shard, checking its header, ids and completeness.
+
+    Args:
+        url: local path or ``pipe:`` command.
+        expected_hash: the tokenizer hash the shard must carry (``None``: don't check).
+        vocab_size: ids must be below this (``None``: don't check).
+        on_error: ``"raise"`` a :class:`DataError` naming the shard, or ``"skip"`` the rest of
+            the shard with a counted warning.
+        report: where skips are counted.
+
+    Returns:
+        An iterator of 1-D integer arrays, one per document.
+    """
+    header = None
+    seen = 0
+    try:
+        for sample in tariterators.tarfile_samples([{"url": url}]):
+            if header is None:
+                if sample["__key__"] != HEADER_KEY or "json" not in sample:
+                    raise DataError(f"{url}: not a roberta-pl shard (no {HEADER_KEY}.json header first)")
+                header = json.loads(sample["json"])
+                if expected_hash is not None and header.get("tokenizer_hash") != expected_hash:
+                    raise DataError(
+                        f"{url}: written with tokenizer {header.get('tokenizer_hash')}, but the tokenizer/manifest is "
+                        f"{expected_hash}; rewrite the shards with this tokenizer"
+                    )
+                ext = header["dtype"]
+                dtype = ext_dtype(ext)
+                continue
+            data = sample.get(ext)
+            if data is None or len(data) % dtype.itemsize or not data:
+                raise DataError(f"{url}: sample {sample['__key__']} has no valid {ext} token array")
+            ids = np.frombuffer(data, dtype=dtype)
+            if vocab_size is not None and dtype.kind == "i" and (ids.min() < 0 or ids.max() >= vocab_size):
+                raise DataError(f"{url}: sample {sample['__key__']} has ids outside [0, {vocab_size})")
+            if vocab_size is not None and dtype.kind == "u" and ids.max() >= vocab_size:
+                raise DataError(f"{url}: sample {sample['__key__']} has ids outside [0, {vocab_size})")
+            seen += 1
+            yield ids
+        if header is None:
+            raise DataError(f"{url}: empty or unreadable shard")
+        if seen != header["num_docs"]:
+            raise DataError(f"{url}: truncated shard ({seen} of {header['num_docs']} documents)")
+    except DataError as exc:
+        if on_error == "raise":
+            raise
+        report.handle("skip", "bad_shard", url, str(exc).split(": ", 1)[-1])
+    except Exception as exc:  # tarfile/gzip/OS errors from a truncated or corrupt tar, a failed pipe
+        message = f"{url}: corrupt or unreadable shard ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        if on_error == "raise":
+            raise DataError(message) from None
+        report.handle("skip", "bad_shard", url, message.split(": ", 1)[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamConfig:
+    """Everything a reader needs; picklable so DataLoader workers get a copy.
+
+    Attributes:
+        shards: the split's shards.
+        seq_len: block length (incl. ``<s>``/``</s>``).
+        batch_size: blocks per batch (the micro-batch).
+        mode: ``"full"`` (FULL-SENTENCES) or ``"doc"``.
+        seed: the run's seed.
+        rank: this process's data-parallel rank.
+        world_size: number of data-parallel ranks.
+        num_workers: DataLoader workers per rank (0 = read in the main process).
+        shuffle_window: blocks shuffled together (0 or 1: no shuffle).
+        shuffle_shards: visit shards in a per-epoch order (False: manifest order).
+        batches_per_epoch: per rank; ``None`` derives it from the manifest counts.
+        mask_stream: ``TRAIN_STREAM`` (masks vary with the step) or ``VALID_STREAM`` (fixed).
+        expected_hash: tokenizer hash shards must carry.
+        vocab_size: ids must be below it.
+        bos_id, eos_id, pad_id: special ids used for framing and padding.
+        on_error: ``"raise"`` or ``"skip"`` for bad shards.
+    """
+
+    shards: ShardSet
+    seq_len: int
+    batch_size: int
+    mode: PackMode = "full"
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    shuffle_window: int = 1024
+    shuffle_shards: bool = True
+    batches_per_epoch: int | None = None
+    mask_stream: int = TRAIN_STREAM
+    expected_hash: str | None = None
+    vocab_size: int | None = None
+    bos_id: int = 0
+    eos_id: int = 2
+    pad_id: int = 1
+    on_error: OnError = "raise"
+
+    @property
+    def readers_per_rank(self) -> int:
+        """Workers per rank, counting the main process as one reader when ``num_workers == 0``."""
+        return max(1, self.num_workers)
+
+
+class MaskedBatchStream(IterableDataset):
+    """An ``IterableDataset`` of masked MLM batches for one rank (use with ``batch_size=None``).
+
+    Each item is ``{"input_ids", "attention_mask", "labels"}``, LongTensors ``[B, T]``.
+
+    Args:
+        config: the :class:`StreamConfig`.
+        masker: the :class:`~data_pipelines.masking.Masker` to apply.
+    """
+
+    def __init__(self, config: StreamConfig, masker: Masker) -> None:
+        super().__init__()
+        self.config = config
+        self.masker = masker
+        readers = config.world_size * config.readers_per_rank
+        self.partition = partition_shards(config.shards.shards, readers, config.seed)
+        self.batches_per_worker = self._plan()
+        self.epoch = 0
+        self.start_batch = 0  # batches of this epoch already consumed (resume)
+        self.report = SkipReport()
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def _plan(self) -> int:
+        cfg = self.config
+        workers = cfg.readers_per_rank
+        if cfg.batches_per_epoch is not None:
+            if cfg.batches_per_epoch < workers or cfg.batches_per_epoch % workers:
+                raise DataError(f"batches_per_epoch={cfg.batches_per_epoch} must be a positive multiple of num_workers={workers}")
+            return cfg.batches_per_epoch // workers
+        if not cfg.shards.has_counts:
+            raise DataError("shards without a manifest have no counts: pass the manifest, or set batches_per_epoch")
+        blocks = []
+        for owned in self.partition:
+            docs = sum(cfg.shards.shards[i].num_docs for i in owned)
+            tokens = sum(cfg.shards.shards[i].num_tokens for i in owned)
+            if cfg.mode == "full":
+                blocks.append(block_count_lower_bound(docs, tokens, cfg.seq_len, "full"))
+            else:
+                blocks.append(sum(block_count_lower_bound(cfg.shards.shards[i].num_docs, cfg.shards.shards[i].num_tokens, cfg.seq_len, "doc") for i in owned))
+        per_worker = min(blocks) // cfg.batch_size
+        if per_worker == 0:
+            raise DataError(
+                f"too little data: the smallest of {len(blocks)} readers gets {min(blocks)} blocks of {cfg.seq_len} tokens, "
+                f"less than one batch of {cfg.batch_size}; use more data, a smaller batch/seq_len or fewer workers"
+            )
+        dropped = sum(blocks) - per_worker * cfg.batch_size * len(blocks)
+        if dropped:
+            log.info("equal batches per reader: %d blocks of %d left unused this epoch", dropped, sum(blocks))
+        return per_worker
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank)."""
+        return self.batches_per_worker * self.config.readers_per_rank
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        """Set the epoch and the number of its batches already consumed before iterating.
+
+        Args:
+            epoch: epoch number (changes shard order, shuffle and — via the step — masks).
+            start_batch: batches of this epoch to skip (exact resume).
+        """
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} outside [0, {len(self)}]")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _docs(self, reader: int, cycle: int, skip_tokens: int = 0) -> Iterator[np.ndarray]:
+        """Documents of a reader for one pass, starting ``skip_tokens`` into its packed stream."""
+        cfg = self.config
+        owned = self.partition[reader]
+        order = epoch_order(owned, cfg.seed, self.epoch, reader, cycle) if cfg.shuffle_shards else list(owned)
+        for i in order:
+            shard = cfg.shards.shards[i]
+            if skip_tokens and shard.num_tokens is not None:
+                size = shard.num_tokens + shard.num_docs  # a separator follows every document
+                if skip_tokens >= size:
+                    skip_tokens -= size
+                    continue  # seek past the whole shard without opening it
+            for ids in iter_shard(shard.url, expected_hash=cfg.expected_hash, vocab_size=cfg.vocab_size,
+                                  on_error=cfg.on_error, report=self.report):
+                if skip_tokens:
+                    if skip_tokens > len(ids):
+                        skip_tokens -= len(ids) + 1
+                        continue
+                    # The cursor is inside this document (or on its separator): resume from there.
+                    ids, skip_tokens = ids[skip_tokens:], 0
+                    if len(ids) == 0:
+                        # Only the separator is left; an empty doc packs to exactly that separator.
+                        yield ids
+                        continue
+                yield ids
+
+    def _raw_blocks(self, reader: int, skip_blocks: int) -> Iterator[np.ndarray]:
+        """Unshuffled blocks of a reader from block ``skip_blocks`` on, cycling if data runs short."""
+        cfg = self.config
+        seekable = cfg.mode == "full" and cfg.shards.has_counts
+        skip_tokens = skip_blocks * (cfg.seq_len - 2) if seekable else 0
+        replay = 0 if seekable else skip_blocks
+        cycle = 0
+        while True:
+            produced = 0
+            blocks = pack(self._docs(reader, cycle, skip_tokens), cfg.seq_len, cfg.mode,
+                          bos=cfg.bos_id, eos=cfg.eos_id, pad=cfg.pad_id)
+            for block in blocks:
+                produced += 1
+                if replay:
+                    replay -= 1
+                    continue
+                yield block
+            if produced == 0 and cycle > 0:
+                raise DataError(f"reader {reader} has no readable data in shards {[cfg.shards.shards[i].url for i in self.partition[reader]]}")
+            cycle += 1
+            skip_tokens = 0
+            log.warning("reader %d ran out of data in epoch %d; starting its shards over (cycle %d)", reader, self.epoch, cycle)
+
+    def _blocks(self, reader: int, skip_blocks: int, total_blocks: int) -> Iterator[np.ndarray]:
+        """Blocks ``skip_blocks`` to ``total_blocks`` of a reader's epoch, shuffled in windows."""
+        cfg = self.config
+        window = max(1, cfg.shuffle_window)
+        first_window = skip_blocks // window
+        # Stop the raw stream at the epoch's quota, so the last window never reads past it.
+        raw = itertools.islice(self._raw_blocks(reader, first_window * window), total_blocks - first_window * window)
+        skip_in_window = skip_blocks - first_window * window
+        index = first_window
+        while True:
+            chunk = [block for _, block in zip(range(window), raw)]
+            if not chunk:
+                return
+            if window > 1:
+                rng = np.random.default_rng([cfg.seed, self.epoch, reader, index, 0x5B])
+                chunk = [chunk[i] for i in rng.permutation(len(chunk))]
+            yield from chunk[skip_in_window:]
+            skip_in_window = 0
+            index += 1
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        cfg = self.config
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != cfg.readers_per_rank:
+            raise DataError(f"the DataLoader has {workers} workers but the stream was planned for {cfg.readers_per_rank}")
+        if info is not None:
+            torch.set_num_threads(1)  # one core per worker; masking is vectorised, not threaded
+        start = self.start_batch
+        role = (worker + start) % workers  # see the module docstring: batch g comes from role g % W
+        done = max(0, -(-(start - role) // workers))  # batches of this role before `start`
+        reader = cfg.rank * workers + role
+        blocks = self._blocks(reader, done * cfg.batch_size, self.batches_per_worker * cfg.batch_size)
+        steps_per_epoch = len(self)
+        for local in range(done, self.batches_per_worker):
+            rows = [next(blocks) for _ in range(cfg.batch_size)]
+            batch_index = local * workers + role  # index of this batch within the epoch
+            input_ids = torch.from_numpy(np.stack(rows).astype(np.int64))
+            if cfg.mask_stream == TRAIN_STREAM:
+                step = self.epoch * steps_per_epoch + batch_index  # global micro-batch index
+            else:
+                step = batch_index  # validation masks never change
+            generator = mask_generator(cfg.seed, step, cfg.rank, cfg.mask_stream)
+            masked, labels = self.masker(input_ids, generator)
+            yield {
+                "input_ids": masked,
+                "attention_mask": (input_ids != cfg.pad_id).long(),
+                "labels": labels,
+            }

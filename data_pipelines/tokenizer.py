@@ -1,0 +1,342 @@
+"""Train and load the SentencePiece BPE tokenizer, with fairseq/RoBERTa special ids.
+
+Ids 0..4 are ``<s> <pad> </s> <unk> <mask>`` exactly as in fairseq/RoBERTa, so a converted
+HuggingFace checkpoint and our own code agree without remapping. ``<mask>`` is a SentencePiece
+*user-defined* symbol, so a literal "<mask>" in text encodes to the single id 4 (what fill-mask
+needs).
+
+Normalisation is the identity (no NFKC, no whitespace collapsing): the text you give is the text
+you get back from ``decode``, and the HuggingFace ``tokenizer.json`` written next to the model
+reproduces the ids exactly without needing SentencePiece's compiled normaliser. Characters not in
+the vocabulary fall back to byte pieces ``<0xNN>``, so nothing is ever ``<unk>``.
+
+Output directory layout (what :func:`load_tokenizer` reads)::
+
+    spm.model               the SentencePiece model
+    tokenizer_meta.json     vocab size, special ids, content hash, training settings
+    tokenizer.json          HuggingFace fast-tokenizer file (written without transformers)
+    tokenizer_config.json   so AutoTokenizer adds <s> … </s> and knows <mask>
+    special_tokens_map.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from data_pipelines.corpus import iter_documents
+from data_pipelines.errors import DataError, OnError, SkipReport
+
+log = logging.getLogger("data_pipelines")
+
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+BOS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = range(5)
+MODEL_FILE = "spm.model"
+META_FILE = "tokenizer_meta.json"
+WORD_START = "\u2581"  # SentencePiece's "▁": the piece begins a new whitespace-separated word
+
+
+def _sentences(docs: Iterator[str], max_chars: int) -> Iterator[str]:
+    """SentencePiece learns from lines; documents are split into their lines, long ones clipped."""
+    for doc in docs:
+        for line in doc.split("\n"):
+            line = line.strip()
+            if line:
+                yield line[:max_chars]
+
+
+def train_tokenizer(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 32000,
+    *,
+    input_sentence_size: int = 2_000_000,
+    text_field: str = "text",
+    on_error: OnError = "raise",
+    seed: int = 0,
+    character_coverage: float = 0.9999,
+    max_sentence_chars: int = 4192,
+    num_threads: int | None = None,
+    model_max_length: int = 512,
+) -> "SpmTokenizer":
+    """Train a SentencePiece BPE tokenizer with byte fallback and RoBERTa special ids.
+
+    Memory and time are bounded on any corpus size: SentencePiece keeps a uniform reservoir sample
+    of ``input_sentence_size`` lines (``shuffle_input_sentence``), so a 10 GB corpus costs one
+    streaming read plus training on the sample.
+
+    Args:
+        inputs: files, directories, globs or ``"@default"`` (see :mod:`data_pipelines.corpus`).
+        out_dir: directory to write the model, metadata and HuggingFace files into.
+        vocab_size: total vocabulary including the 5 specials and 256 byte pieces.
+        input_sentence_size: at most this many lines are sampled for training.
+        text_field: JSON key holding the text in ``.jsonl`` inputs.
+        on_error: ``"raise"`` or ``"skip"`` for bad input (see :func:`iter_documents`).
+        seed: seed of SentencePiece's sampling, for reproducible tokenizers.
+        character_coverage: fraction of characters kept as pieces; the rest use byte fallback.
+        max_sentence_chars: lines are clipped to this many characters for training.
+        num_threads: SentencePiece trainer threads (default: all cores).
+        model_max_length: recorded in ``tokenizer_config.json`` for HuggingFace users.
+
+    Returns:
+        The trained tokenizer, loaded from ``out_dir``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = SkipReport()
+    docs = iter_documents(inputs, text_field=text_field, on_error=on_error, report=report)
+    sentences = _sentences(docs, max_sentence_chars)
+    # Fail early with our own message instead of SentencePiece's when the corpus is empty.
+    first = next(sentences, None)
+    if first is None:
+        raise DataError(f"no text found in {inputs!r}; nothing to train a tokenizer on")
+
+    def all_sentences() -> Iterator[str]:
+        yield first
+        yield from sentences
+
+    spm.set_random_generator_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "spm")
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=all_sentences(),
+                model_prefix=prefix,
+                model_type="bpe",
+                vocab_size=vocab_size,
+                byte_fallback=True,
+                character_coverage=character_coverage,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                max_sentence_length=max_sentence_chars * 4,  # bytes, and we clipped to chars
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                bos_id=BOS_ID,
+                pad_id=PAD_ID,
+                eos_id=EOS_ID,
+                unk_id=UNK_ID,
+                bos_piece="<s>",
+                pad_piece="<pad>",
+                eos_piece="</s>",
+                unk_piece="<unk>",
+                user_defined_symbols=["<mask>"],
+                hard_vocab_limit=False,  # a small corpus yields a smaller vocab instead of failing
+                num_threads=num_threads or os.cpu_count() or 1,
+                minloglevel=2,
+            )
+        except RuntimeError as exc:
+            raise DataError(f"SentencePiece training failed: {exc}".splitlines()[0]) from None
+        model_bytes = Path(prefix + ".model").read_bytes()
+    (out / MODEL_FILE).write_bytes(model_bytes)
+    tok = SpmTokenizer(out)
+    if tok.mask_id != MASK_ID or tok.sp.piece_to_id("<mask>") != MASK_ID:
+        raise AssertionError("SentencePiece did not place <mask> at id 4")
+    meta = {
+        "vocab_size": tok.vocab_size,
+        "hash": tok.hash,
+        "special_ids": dict(zip(SPECIAL_TOKENS, range(5))),
+        "model_type": "bpe",
+        "byte_fallback": True,
+        "normalization": "identity",
+        "requested_vocab_size": vocab_size,
+        "input_sentence_size": input_sentence_size,
+        "seed": seed,
+        "skipped_inputs": report.to_dict(),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_hf_files(tok, out, model_max_length=model_max_length)
+    log.info("trained tokenizer %s: vocab %d, hash %s", out, tok.vocab_size, tok.hash)
+    return tok
+
+
+@dataclass
+class SpmTokenizer:
+    """A loaded tokenizer directory: SentencePiece model plus the RoBERTa special ids.
+
+    Attributes:
+        path: the tokenizer directory.
+        sp: the underlying ``SentencePieceProcessor``.
+        hash: first 16 hex digits of the SHA-256 of ``spm.model``; shards carry it.
+    """
+
+    path: Path
+    bos_id: int = BOS_ID
+    pad_id: int = PAD_ID
+    eos_id: int = EOS_ID
+    unk_id: int = UNK_ID
+    mask_id: int = MASK_ID
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        model = self.path / MODEL_FILE
+        if not model.is_file():
+            raise DataError(f"{self.path}: not a tokenizer directory (no {MODEL_FILE}); run `roberta-pl-data tokenizer`")
+        data = model.read_bytes()
+        self.hash = hashlib.sha256(data).hexdigest()[:16]
+        self.sp = spm.SentencePieceProcessor(model_proto=data)
+        ids = [self.sp.piece_to_id(p) for p in SPECIAL_TOKENS]
+        if ids != list(range(5)):
+            raise DataError(f"{model}: special ids are {ids}, expected <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, specials and byte pieces included."""
+        return self.sp.get_piece_size()
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids never masked or drawn as random replacements."""
+        return (self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without ``<s>``/``</s>``."""
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts (SentencePiece runs them in native threads)."""
+        return self.sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; control tokens (``<s>``, ``</s>``, ``<pad>``) decode to nothing."""
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The piece string of one id, e.g. ``"▁the"``."""
+        return self.sp.id_to_piece(int(token_id))
+
+    def piece_to_id(self, piece: str) -> int:
+        """The id of one piece (``unk_id`` when absent)."""
+        return self.sp.piece_to_id(piece)
+
+    def word_start_table(self) -> np.ndarray:
+        """Boolean array over the vocabulary: True where a piece starts a word.
+
+        Word starts are pieces beginning with "▁" plus every special and ``<mask>``; byte pieces
+        and other pieces continue the previous word. Whole-word masking looks ids up here.
+        """
+        table = np.zeros(self.vocab_size, dtype=bool)
+        for i in range(self.vocab_size):
+            table[i] = self.sp.id_to_piece(i).startswith(WORD_START)
+        table[list(self.special_ids)] = True
+        return table
+
+
+def load_tokenizer(path: str | os.PathLike) -> SpmTokenizer:
+    """Load a tokenizer directory written by :func:`train_tokenizer`.
+
+    Args:
+        path: the directory (containing ``spm.model``).
+
+    Returns:
+        An :class:`SpmTokenizer`.
+    """
+    return SpmTokenizer(Path(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# HuggingFace files, written by hand so transformers/tokenizers stay dev-only dependencies.
+# ---------------------------------------------------------------------------------------------
+
+
+def _bpe_merges(tok: SpmTokenizer) -> list[list[str]]:
+    """Recover BPE merges from a SentencePiece BPE vocabulary.
+
+    SentencePiece BPE applies the merge whose *result* has the best score (lowest id) first, so a
+    merge ``(a, b)`` ranks by the id of ``a+b``; ties between splits of the same piece rank by the
+    ids of the parts, as in transformers' ``SentencePieceExtractor``.
+    """
+    vocab = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
+    control = set(SPECIAL_TOKENS)
+    merges = []
+    for piece, pid in vocab.items():
+        if piece in control or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab and left not in control and right not in control:
+                merges.append((pid, vocab[left], vocab[right], left, right))
+    merges.sort()
+    return [[left, right] for _, _, _, left, right in merges]
+
+
+def write_hf_files(tok: SpmTokenizer, out_dir: str | os.PathLike, model_max_length: int = 512) -> None:
+    """Write ``tokenizer.json`` and configs so ``AutoTokenizer.from_pretrained(out_dir)`` matches.
+
+    The fast tokenizer mirrors the SentencePiece model: Metaspace pre-tokenisation ("▁" for
+    spaces, one prepended at the start, no splitting), the same BPE vocabulary and merges with
+    byte fallback, and a RoBERTa post-processor adding ``<s> … </s>`` (pairs:
+    ``<s> A </s></s> B </s>``).
+
+    Args:
+        tok: the loaded tokenizer.
+        out_dir: directory to write into.
+        model_max_length: longest sequence HuggingFace should accept.
+    """
+    out = Path(out_dir)
+    vocab = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
+    added = [
+        {"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i, piece in enumerate(SPECIAL_TOKENS)
+    ]
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": WORD_START, "prepend_scheme": "first", "split": False},
+        "post_processor": {
+            "type": "RobertaProcessing",
+            "sep": ["</s>", EOS_ID],
+            "cls": ["<s>", BOS_ID],
+            "trim_offsets": False,
+            "add_prefix_space": False,
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": WORD_START}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": _bpe_merges(tok),
+        },
+    }
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    specials = {
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
+        "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>",
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "add_prefix_space": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+        **specials,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
