@@ -1,0 +1,295 @@
+"""Drive the real single-node Slurm cluster of `launch/slurm/local_cluster.sh` from pytest.
+
+Any test module can reuse the cluster by importing the fixture and the helpers::
+
+    from slurm_helpers import slurm_cluster  # noqa: F401  (pytest finds the fixture by name)
+
+    @pytest.mark.slow
+    def test_something(slurm_cluster, tmp_path):
+        job = slurm_cluster.submit(script, "--ntasks=2", cwd=tmp_path)
+        info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=60)
+
+Each module that uses the fixture gets its own cluster (own state dir under pytest's tmp dir, own
+free ports), started once for the module and stopped at its teardown. Starting takes about a second
+once the packages are installed, and separate clusters cannot trip over each other when two pytest
+sessions run on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO_ROOT / "launch" / "slurm" / "local_cluster.sh"
+
+# Job states after which a job will not run again by itself.
+FINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+)
+
+T = TypeVar("T")
+
+
+class SlurmTimeout(AssertionError):
+    """A job or the cluster did not reach the awaited state in time (message carries the evidence)."""
+
+
+def free_port() -> int:
+    """Return a TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.25) -> T:
+    """Poll `predicate` until it returns something truthy, and return that.
+
+    Args:
+        predicate: called repeatedly; its first truthy result is returned.
+        timeout: seconds before giving up.
+        what: describes the awaited condition for the error message.
+        interval: seconds between polls.
+
+    Raises:
+        SlurmTimeout: when `timeout` passes first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise SlurmTimeout(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def parse_scontrol_record(line: str) -> dict[str, str]:
+    """Parse one `scontrol show ... -o` line (`Key=Value Key=Value ...`) into a dict.
+
+    Values may themselves contain spaces (e.g. a Command with arguments); a token without `=` is
+    glued onto the previous value.
+    """
+    record: dict[str, str] = {}
+    last = None
+    for token in line.strip().split(" "):
+        key, sep, value = token.partition("=")
+        if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9_:/]*", key):
+            record[key] = value
+            last = key
+        elif last is not None:
+            record[last] += " " + token
+    return record
+
+
+def read_env_file(path: str | os.PathLike) -> dict[str, str]:
+    """Read an environment dump written inside a job, by `env -0 > FILE` (preferred) or `env > FILE`.
+
+    Returns:
+        The variables as a dict. With plain `env`, multi-line values are cut at their first line.
+    """
+    data = Path(path).read_bytes().decode()
+    entries = data.split("\0") if "\0" in data else data.splitlines()
+    env = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if sep and key:
+            env[key] = value
+    return env
+
+
+def write_job_script(path: str | os.PathLike, body: str) -> Path:
+    """Write an executable bash batch script (`#!/bin/bash` + `set -euo pipefail` + body)."""
+    path = Path(path)
+    path.write_text("#!/bin/bash\nset -euo pipefail\n" + body.lstrip("\n"))
+    path.chmod(0o755)
+    return path
+
+
+@dataclass
+class SlurmCluster:
+    """Handle on a running local cluster: where its state lives and how to talk to it.
+
+    Attributes:
+        state_dir: the cluster's state dir (config, logs, spool).
+        env: environment for clients and jobs; `SLURM_CONF` points at this cluster's config, and
+            sbatch copies it into every job so `srun` inside a job finds the same cluster.
+    """
+
+    state_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def conf(self) -> Path:
+        return self.state_dir / "slurm.conf"
+
+    # -- running commands -------------------------------------------------------------------------
+
+    def run(self, *args: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        """Run a Slurm client command (or the cluster script) against this cluster; return its result."""
+        proc = subprocess.run(
+            list(args), env=kw.pop("env", self.env), capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, timeout=timeout, **kw,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"`{shlex.join(args)}` exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+                f"\n{self.logs_tail()}"
+            )
+        return proc
+
+    def script(self, command: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run `local_cluster.sh COMMAND` for this cluster's state dir and ports."""
+        return self.run("bash", str(CLUSTER_SCRIPT), command, check=check, timeout=timeout)
+
+    def stop(self) -> None:
+        self.script("stop", check=False, timeout=120)
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def submit(
+        self, script: str | os.PathLike, *sbatch_args: str, script_args: Iterable[str] = (),
+        cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+    ) -> str:
+        """`sbatch --parsable [sbatch_args] SCRIPT [script_args]`; return the job id.
+
+        Args:
+            script: the batch script.
+            sbatch_args: options for sbatch (`--ntasks=2`, `--output=...`); they override the
+                script's `#SBATCH` lines.
+            script_args: arguments passed to the script itself (`$@` inside it).
+            cwd: submit directory (the job's working directory and default output location).
+            env: extra variables for the job on top of `self.env` (sbatch exports the submit env).
+        """
+        job_env = {**self.env, **(env or {})}
+        out = self.run("sbatch", "--parsable", *sbatch_args, str(script), *script_args, cwd=cwd, env=job_env)
+        return out.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job -o JOB` as a dict (e.g. `JobState`, `Restarts`, `ExitCode`, `StdOut`).
+
+        Finished jobs stay visible for MinJobAge (600 s on the local cluster).
+        """
+        out = self.run("scontrol", "show", "job", "-o", job_id)
+        return parse_scontrol_record(out.stdout.splitlines()[0])
+
+    def state(self, job_id: str) -> str:
+        """The job's state word, e.g. `PENDING`, `RUNNING`, `COMPLETED` (flags such as `+` removed)."""
+        return self.job(job_id)["JobState"].rstrip("+")
+
+    def wait_for_state(
+        self, job_id: str, states: str | Iterable[str], timeout: float = 60, fail_on_final: bool = True,
+    ) -> dict[str, str]:
+        """Wait until the job is in one of `states`; return its `scontrol show job` record.
+
+        Args:
+            states: one state or several (`"RUNNING"`, `{"COMPLETED", "FAILED"}`).
+            timeout: seconds.
+            fail_on_final: fail at once when the job reaches a final state that is not awaited
+                (e.g. FAILED while waiting for COMPLETED) instead of waiting out the timeout.
+
+        Raises:
+            SlurmTimeout: with the job record, the head of its stdout and the daemon logs.
+        """
+        wanted = {states} if isinstance(states, str) else set(states)
+        seen: dict[str, str] = {}
+
+        def reached():
+            nonlocal seen
+            seen = self.job(job_id)
+            state = seen["JobState"].rstrip("+")
+            if state in wanted:
+                return seen
+            if fail_on_final and state in FINAL_STATES:
+                raise SlurmTimeout(f"job {job_id} ended {state}, expected {sorted(wanted)}\n{self.describe(job_id, seen)}")
+            return None
+
+        try:
+            return wait_until(reached, timeout, f"job {job_id} to reach {sorted(wanted)}")
+        except SlurmTimeout as err:
+            if "ended" in str(err):
+                raise
+            raise SlurmTimeout(f"{err}\n{self.describe(job_id, seen)}") from None
+
+    def requeue(self, job_id: str) -> None:
+        """`scontrol requeue JOB`: kill the running job and queue it again with the same id.
+
+        It restarts after the config's cred_expire (10 s on the local cluster) with
+        `SLURM_RESTART_COUNT` incremented.
+        """
+        self.run("scontrol", "requeue", job_id)
+
+    def cancel(self, job_id: str) -> None:
+        self.run("scancel", job_id, check=False)
+
+    def describe(self, job_id: str, record: dict[str, str] | None = None) -> str:
+        """Everything useful for a failure message about a job: record, output head, daemon logs."""
+        record = record or {}
+        lines = [f"job {job_id}: " + " ".join(f"{k}={record.get(k)}" for k in
+                 ("JobState", "Reason", "ExitCode", "Restarts", "BatchHost", "StdOut"))]
+        stdout = record.get("StdOut")
+        if stdout and Path(stdout).is_file():
+            lines.append(f"----- {stdout} (last 40 lines) -----")
+            lines += Path(stdout).read_text(errors="replace").splitlines()[-40:]
+        lines.append(self.logs_tail())
+        return "\n".join(lines)
+
+    # -- cluster ----------------------------------------------------------------------------------
+
+    def node_state(self) -> str:
+        return self.run("sinfo", "-h", "-o", "%T").stdout.strip()
+
+    def logs_tail(self, lines: int = 25) -> str:
+        """The last lines of the slurmctld, slurmd and munged logs."""
+        parts = []
+        for log in sorted((self.state_dir / "log").glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"----- {log} (last {lines} lines) -----\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+
+def start_cluster(state_dir: str | os.PathLike, ctld_port: int | None = None, slurmd_port: int | None = None,
+                  timeout: float = 600) -> SlurmCluster:
+    """Start (installing Slurm with apt if missing) a local cluster whose state lives in `state_dir`.
+
+    Args:
+        state_dir: created if needed; `ROBERTA_PL_SLURM_DIR` for the script.
+        ctld_port, slurmd_port: TCP ports; free ones are picked when None.
+        timeout: seconds for the whole start, apt install included.
+
+    Returns:
+        A handle whose `env` points clients at the cluster.
+    """
+    state_dir = Path(state_dir)
+    env = {
+        **os.environ,
+        "ROBERTA_PL_SLURM_DIR": str(state_dir),
+        "ROBERTA_PL_SLURMCTLD_PORT": str(ctld_port or free_port()),
+        "ROBERTA_PL_SLURMD_PORT": str(slurmd_port or free_port()),
+        "SLURM_CONF": str(state_dir / "slurm.conf"),
+    }
+    # Variables from an enclosing Slurm job would leak into sbatch/srun and confuse them.
+    for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
+        del env[key]
+    cluster = SlurmCluster(state_dir=state_dir, env=env)
+    cluster.script("start", timeout=timeout)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory) -> SlurmCluster:
+    """A running local Slurm cluster for the module; stopped (jobs cancelled) at teardown."""
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
