@@ -112,7 +112,7 @@ def _write_shard(path: str, split: str, first_index: int, docs: list[str], token
     partial = path + PARTIAL_SUFFIX
     with open(partial, "wb") as fh:
         # mtime fixed so the same input gives byte-identical shards.
-        with wds.TarWriter(fh, encoder=False, mtime=0.0) as writer:
+        with wds.TarWriter(fh, encoder=False, mtime=0) as writer:
             writer.write({"__key__": HEADER_KEY, "json": json.dumps(header).encode()})
             for i, arr in enumerate(arrays):
                 writer.write({"__key__": f"{first_index + i:010d}", ext: arr.tobytes()})

@@ -38,12 +38,13 @@ import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset import tariterators
+from webdataset.gopen import gopen
 
 from data_pipelines.errors import DataError, OnError, SkipReport
 from data_pipelines.masking import Masker, mask_generator
 from data_pipelines.packing import PackMode, block_count_lower_bound, pack
 from data_pipelines.shards import HEADER_KEY, MANIFEST, ext_dtype, load_manifest
+from data_pipelines.tarstream import iter_tar_members
 
 log = logging.getLogger("data_pipelines")
 
@@ -162,6 +163,12 @@ def epoch_order(owned: Sequence[int], seed: int, epoch: int, reader: int, cycle:
 # ---------------------------------------------------------------------------------------------
 
 
+def _open_shard(url: str):
+    if url.startswith("pipe:") or "://" in url:
+        return gopen(url, "rb")  # webdataset's opener: pipe: commands, http(s), etc.
+    return open(url, "rb", buffering=1 << 20)
+
+
 def iter_shard(
     url: str, *, expected_hash: str | None, vocab_size: int | None, on_error: OnError, report: SkipReport
 ) -> Iterator[np.ndarray]:
@@ -181,29 +188,28 @@ def iter_shard(
     header = None
     seen = 0
     try:
-        for sample in tariterators.tarfile_samples([{"url": url}]):
-            if header is None:
-                if sample["__key__"] != HEADER_KEY or "json" not in sample:
-                    raise DataError(f"{url}: not a roberta-pl shard (no {HEADER_KEY}.json header first)")
-                header = json.loads(sample["json"])
-                if expected_hash is not None and header.get("tokenizer_hash") != expected_hash:
-                    raise DataError(
-                        f"{url}: written with tokenizer {header.get('tokenizer_hash')}, but the tokenizer/manifest is "
-                        f"{expected_hash}; rewrite the shards with this tokenizer"
-                    )
-                ext = header["dtype"]
-                dtype = ext_dtype(ext)
-                continue
-            data = sample.get(ext)
-            if data is None or len(data) % dtype.itemsize or not data:
-                raise DataError(f"{url}: sample {sample['__key__']} has no valid {ext} token array")
-            ids = np.frombuffer(data, dtype=dtype)
-            if vocab_size is not None and dtype.kind == "i" and (ids.min() < 0 or ids.max() >= vocab_size):
-                raise DataError(f"{url}: sample {sample['__key__']} has ids outside [0, {vocab_size})")
-            if vocab_size is not None and dtype.kind == "u" and ids.max() >= vocab_size:
-                raise DataError(f"{url}: sample {sample['__key__']} has ids outside [0, {vocab_size})")
-            seen += 1
-            yield ids
+        with _open_shard(url) as stream:
+            for name, data in iter_tar_members(stream):
+                key, _, ext = name.rpartition("/")[2].partition(".")
+                if header is None:
+                    if key != HEADER_KEY or ext != "json":
+                        raise DataError(f"{url}: not a roberta-pl shard (no {HEADER_KEY}.json header first)")
+                    header = json.loads(data)
+                    if expected_hash is not None and header.get("tokenizer_hash") != expected_hash:
+                        raise DataError(
+                            f"{url}: written with tokenizer {header.get('tokenizer_hash')}, but the tokenizer/manifest is "
+                            f"{expected_hash}; rewrite the shards with this tokenizer"
+                        )
+                    want = header["dtype"]
+                    dtype = ext_dtype(want)
+                    continue
+                if ext != want or not data or len(data) % dtype.itemsize:
+                    raise DataError(f"{url}: sample {key} has no valid {want} token array")
+                ids = np.frombuffer(data, dtype=dtype)
+                if vocab_size is not None and (int(ids.max()) >= vocab_size or (dtype.kind == "i" and int(ids.min()) < 0)):
+                    raise DataError(f"{url}: sample {key} has ids outside [0, {vocab_size})")
+                seen += 1
+                yield ids
         if header is None:
             raise DataError(f"{url}: empty or unreadable shard")
         if seen != header["num_docs"]:

@@ -1,0 +1,183 @@
+"""``roberta-pl-data``: train a tokenizer, write shards, inspect shards.
+
+Examples::
+
+    roberta-pl-data tokenizer --out data/tokenizer --vocab-size 32000 corpus/*.jsonl.gz
+    roberta-pl-data shards --tokenizer data/tokenizer --out data/shards --valid-fraction 0.01 corpus/
+    roberta-pl-data inspect data/shards
+
+With no inputs, ``tokenizer`` and ``shards`` use the embedded default corpus (docstrings of the
+installed Python packages, built once into ``$ROBERTA_PL_CACHE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines.corpus import DEFAULT_CORPUS, SUFFIXES
+from data_pipelines.errors import DataError
+
+log = logging.getLogger("data_pipelines")
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", help=f"files, directories or globs of {', '.join(SUFFIXES)} (default: the embedded corpus, {DEFAULT_CORPUS})")
+    p.add_argument("--text-field", default="text", help="JSON key holding the text in .jsonl inputs")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="stop at the first bad input, or skip it with a counted warning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed so tests and docs can render ``--help``)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="roberta-pl-data", description="Prepare data for roberta-pl: tokenizer, shards, inspection.", formatter_class=fmt)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,shards,inspect}")
+
+    p = sub.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer with RoBERTa special ids", formatter_class=fmt,
+                       description="Train a SentencePiece BPE tokenizer (byte fallback, <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4) and write HuggingFace files next to it.")
+    _add_input_args(p)
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size including specials and 256 byte pieces")
+    p.add_argument("--input-sentence-size", type=int, default=2_000_000, help="lines sampled for training (bounds memory and time)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--model-max-length", type=int, default=512, help="model_max_length written for HuggingFace")
+
+    p = sub.add_parser("shards", help="tokenize a corpus into WebDataset tar shards with a manifest", formatter_class=fmt,
+                       description="Tokenize in parallel and write train/valid WebDataset shards (one document per sample) and manifest.json. Rerun to resume.")
+    _add_input_args(p)
+    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--docs-per-shard", type=int, default=10_000, help="documents per shard")
+    p.add_argument("--valid-fraction", type=float, default=0.0, help="fraction of documents for the valid split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores; 0 = in process)")
+
+    p = sub.add_parser("inspect", help="print counts, a length histogram and a decoded sample of shards", formatter_class=fmt,
+                       description="Summarise a shard directory: counts per split, a document-length histogram and decoded samples.")
+    p.add_argument("shards", type=Path, help="shard directory (with manifest.json)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the one recorded in the manifest)")
+    p.add_argument("--split", default="train", help="split to sample from")
+    p.add_argument("--samples", type=int, default=2, help="documents to decode and print")
+    p.add_argument("--max-shards", type=int, default=8, help="shards to read for the histogram")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    return args.inputs or [DEFAULT_CORPUS]
+
+
+def _histogram(lengths: np.ndarray, bins: int = 10) -> list[tuple[int, int, int]]:
+    edges = np.unique(np.geomspace(1, max(2, int(lengths.max()) + 1), bins + 1).astype(int))
+    counts, _ = np.histogram(lengths, bins=edges)
+    return [(int(lo), int(hi), int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+
+
+def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samples: int, max_shards: int) -> dict:
+    """Summarise a shard directory.
+
+    Args:
+        shard_dir: directory with ``manifest.json``.
+        tokenizer_dir: tokenizer to decode with (default: the manifest's).
+        split: split to read documents from.
+        samples: documents to decode.
+        max_shards: shards read for the length histogram.
+
+    Returns:
+        ``{"splits": counts per split, "skipped", "histogram": [(lo, hi, count)], "samples": [text]}``.
+    """
+    from data_pipelines.shards import load_manifest
+    from data_pipelines.stream import iter_shard
+    from data_pipelines.errors import SkipReport
+    from data_pipelines.tokenizer import load_tokenizer
+
+    manifest = load_manifest(shard_dir)
+    tok = load_tokenizer(tokenizer_dir or manifest["tokenizer_dir"])
+    if split not in manifest["splits"]:
+        raise DataError(f"{shard_dir}: no {split!r} split (has {sorted(manifest['splits'])})")
+    lengths, decoded = [], []
+    for shard in manifest["splits"][split]["shards"][:max_shards]:
+        for ids in iter_shard(str(Path(manifest["root"]) / shard["name"]), expected_hash=tok.hash, vocab_size=tok.vocab_size,
+                              on_error="raise", report=SkipReport()):
+            lengths.append(len(ids))
+            if len(decoded) < samples:
+                decoded.append(tok.decode(ids.tolist()))
+    lengths_arr = np.asarray(lengths)
+    return {
+        "tokenizer_hash": manifest["tokenizer_hash"],
+        "splits": {s: {k: v[k] for k in ("num_shards", "num_docs", "num_tokens")} for s, v in manifest["splits"].items()},
+        "skipped": manifest["skipped"],
+        "lengths": {"docs_read": len(lengths), "mean": float(lengths_arr.mean()), "median": float(np.median(lengths_arr)), "max": int(lengths_arr.max())},
+        "histogram": _histogram(lengths_arr),
+        "samples": decoded,
+    }
+
+
+def _print_inspection(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"shards (tokenizer {summary['tokenizer_hash']})")
+    for col in ("split", "shards", "docs", "tokens"):
+        table.add_column(col, justify="right")
+    for split, c in summary["splits"].items():
+        table.add_row(split, f"{c['num_shards']:,}", f"{c['num_docs']:,}", f"{c['num_tokens']:,}")
+    console.print(table)
+    if summary["skipped"]["total"]:
+        console.print(f"[yellow]skipped inputs: {summary['skipped']['counts']}[/yellow]")
+    lengths = summary["lengths"]
+    console.print(f"document length over {lengths['docs_read']:,} docs: mean {lengths['mean']:.1f}, median {lengths['median']:.0f}, max {lengths['max']:,}")
+    peak = max(c for _, _, c in summary["histogram"]) or 1
+    for lo, hi, count in summary["histogram"]:
+        console.print(f"  {lo:>7}–{hi - 1:<7} {count:>8,} {'█' * round(40 * count / peak)}")
+    for i, text in enumerate(summary["samples"]):
+        console.rule(f"sample {i}")
+        console.print(text[:1000], markup=False, highlight=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``roberta-pl-data``; returns the exit code (2 for user errors)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "tokenizer":
+            from data_pipelines.tokenizer import train_tokenizer
+
+            tok = train_tokenizer(_inputs(args), args.out, args.vocab_size, input_sentence_size=args.input_sentence_size,
+                                  text_field=args.text_field, on_error=args.on_error, seed=args.seed, model_max_length=args.model_max_length)
+            print(f"tokenizer written to {args.out} (vocab {tok.vocab_size}, hash {tok.hash})")
+        elif args.command == "shards":
+            from data_pipelines.shards import write_shards
+
+            manifest = write_shards(_inputs(args), args.tokenizer, args.out, docs_per_shard=args.docs_per_shard,
+                                    valid_fraction=args.valid_fraction, seed=args.seed, text_field=args.text_field,
+                                    on_error=args.on_error, num_workers=args.workers, progress=not args.quiet)
+            for split, info in manifest["splits"].items():
+                print(f"{split}: {info['num_shards']} shards, {info['num_docs']:,} docs, {info['num_tokens']:,} tokens → {args.out}/{info['pattern']}")
+            if manifest["skipped"]["total"]:
+                print(f"skipped {manifest['skipped']['total']} bad inputs: {manifest['skipped']['counts']} (see manifest.json)")
+        else:
+            summary = inspect_shards(args.shards, args.tokenizer, args.split, args.samples, args.max_shards)
+            if args.json:
+                print(json.dumps(summary, indent=2))
+            else:
+                _print_inspection(summary)
+    except DataError as exc:
+        print(f"roberta-pl-data {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"roberta-pl-data {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
