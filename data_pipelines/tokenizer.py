@@ -22,10 +22,10 @@ Output directory layout (what :func:`load_tokenizer` reads)::
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,38 +105,39 @@ def train_tokenizer(
         yield from sentences
 
     spm.set_random_generator_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = os.path.join(tmp, "spm")
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=all_sentences(),
-                model_prefix=prefix,
-                model_type="bpe",
-                vocab_size=vocab_size,
-                byte_fallback=True,
-                character_coverage=character_coverage,
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=True,
-                max_sentence_length=max_sentence_chars * 4,  # bytes, and we clipped to chars
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                split_digits=True,
-                bos_id=BOS_ID,
-                pad_id=PAD_ID,
-                eos_id=EOS_ID,
-                unk_id=UNK_ID,
-                bos_piece="<s>",
-                pad_piece="<pad>",
-                eos_piece="</s>",
-                unk_piece="<unk>",
-                user_defined_symbols=["<mask>"],
-                hard_vocab_limit=False,  # a small corpus yields a smaller vocab instead of failing
-                num_threads=num_threads or os.cpu_count() or 1,
-                minloglevel=2,
-            )
-        except RuntimeError as exc:
-            raise DataError(f"SentencePiece training failed: {exc}".splitlines()[0]) from None
-        model_bytes = Path(prefix + ".model").read_bytes()
+    # Written to memory, not a temp dir: the model proto records model_prefix, and a random temp
+    # path would make every training run hash differently.
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=all_sentences(),
+            model_writer=buffer,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=max_sentence_chars * 4,  # bytes, and we clipped to chars
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            bos_id=BOS_ID,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            bos_piece="<s>",
+            pad_piece="<pad>",
+            eos_piece="</s>",
+            unk_piece="<unk>",
+            user_defined_symbols=["<mask>"],
+            hard_vocab_limit=False,  # a small corpus yields a smaller vocab instead of failing
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise DataError(f"SentencePiece training failed: {exc}".splitlines()[0]) from None
+    model_bytes = buffer.getvalue()
     (out / MODEL_FILE).write_bytes(model_bytes)
     tok = SpmTokenizer(out)
     if tok.mask_id != MASK_ID or tok.sp.piece_to_id("<mask>") != MASK_ID:
@@ -166,7 +167,8 @@ class SpmTokenizer:
     Attributes:
         path: the tokenizer directory.
         sp: the underlying ``SentencePieceProcessor``.
-        hash: first 16 hex digits of the SHA-256 of ``spm.model``; shards carry it.
+        hash: 16 hex digits of a SHA-256 over the pieces, scores and piece types — the content
+            that decides the ids; shards carry it.
     """
 
     path: Path
@@ -182,11 +184,21 @@ class SpmTokenizer:
         if not model.is_file():
             raise DataError(f"{self.path}: not a tokenizer directory (no {MODEL_FILE}); run `roberta-pl-data tokenizer`")
         data = model.read_bytes()
-        self.hash = hashlib.sha256(data).hexdigest()[:16]
         self.sp = spm.SentencePieceProcessor(model_proto=data)
+        self.hash = self._content_hash()
         ids = [self.sp.piece_to_id(p) for p in SPECIAL_TOKENS]
         if ids != list(range(5)):
             raise DataError(f"{model}: special ids are {ids}, expected <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4")
+
+    def _content_hash(self) -> str:
+        # Hash what decides the ids (pieces, scores, piece types), not the file bytes: the proto
+        # also records trainer settings such as the thread count, which differ between machines.
+        sp = self.sp
+        h = hashlib.sha256(b"spm-bpe-identity-v1\n")
+        for i in range(sp.get_piece_size()):
+            kind = "c" if sp.is_control(i) else "u" if sp.is_unknown(i) else "b" if sp.is_byte(i) else "n"
+            h.update(f"{sp.id_to_piece(i)}\t{sp.get_score(i)!r}\t{kind}\n".encode())
+        return h.hexdigest()[:16]
 
     @property
     def vocab_size(self) -> int:

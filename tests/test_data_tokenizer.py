@@ -1,0 +1,78 @@
+"""SentencePiece tokenizer: RoBERTa special ids, <mask> as one id, byte fallback, HF parity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_fixtures import corpus_docs, corpus_file, tok, tokenizer_dir  # noqa: F401
+from data_pipelines.errors import DataError
+from data_pipelines.tokenizer import META_FILE, load_tokenizer, train_tokenizer
+
+
+def test_special_ids_are_fairseq_roberta(tok):
+    assert [tok.id_to_piece(i) for i in range(5)] == ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.unk_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    assert tok.vocab_size == 800
+
+
+def test_literal_mask_is_one_id(tok):
+    ids = tok.encode("The capital of France is <mask>.")
+    assert ids.count(tok.mask_id) == 1
+    assert tok.decode(ids) == "The capital of France is <mask>."
+
+
+def test_byte_fallback_round_trips_any_text(tok):
+    text = "naïve café — 日本語 🙂 tabs\tand\nnewlines"
+    ids = tok.encode(text)
+    assert tok.unk_id not in ids
+    assert tok.decode(ids) == text
+
+
+def test_metadata_and_hash(tok, tokenizer_dir):
+    meta = json.loads((tokenizer_dir / META_FILE).read_text())
+    assert meta["hash"] == tok.hash and len(tok.hash) == 16
+    assert meta["special_ids"] == {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
+    assert meta["vocab_size"] == tok.vocab_size
+    assert load_tokenizer(tokenizer_dir).hash == tok.hash
+
+
+def test_training_is_deterministic_and_sampled(tmp_path, corpus_file, tok):
+    # A tiny sentence budget still trains (bounded memory on a large corpus) and the same
+    # settings give the same model, hence the same hash that tags shards.
+    a = train_tokenizer(corpus_file, tmp_path / "a", vocab_size=400, input_sentence_size=2000, seed=1)
+    b = train_tokenizer(corpus_file, tmp_path / "b", vocab_size=400, input_sentence_size=2000, seed=1)
+    assert a.hash == b.hash
+    assert a.hash != tok.hash
+    assert a.vocab_size == 400
+
+
+def test_hf_autotokenizer_parity_on_real_text(tok, tokenizer_dir, corpus_docs):
+    transformers = pytest.importorskip("transformers")  # dev dependency; installed in CI
+    hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert (hf.bos_token_id, hf.pad_token_id, hf.eos_token_id, hf.unk_token_id, hf.mask_token_id) == (0, 1, 2, 3, 4)
+    # SentencePiece treats a literal "<s>" in text as characters while HF (like RobertaTokenizer)
+    # treats it as the special token; documented in docs/data.md and left out here.
+    literal = ("<s>", "</s>", "<pad>", "<unk>")
+    texts = [d for d in corpus_docs if not any(s in d for s in literal)]
+    texts += ["Paris is the <mask> of France.", "naïve café — 日本語 🙂", "two  spaces and\ttabs"]
+    assert len(texts) > 1000
+    mismatches = [t for t in texts if hf(t)["input_ids"] != [0] + tok.encode(t) + [2]]
+    assert not mismatches, f"{len(mismatches)} texts differ, e.g. {mismatches[0][:80]!r}"
+    pair = hf("first", "second")["input_ids"]
+    assert pair == [0] + tok.encode("first") + [2, 2] + tok.encode("second") + [2]
+    text = "Paris is the capital of France; naïve café."
+    assert hf.decode(hf(text)["input_ids"], skip_special_tokens=True) == text == tok.decode(tok.encode(text))
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="empty.txt"):
+        train_tokenizer(empty, tmp_path / "tok", vocab_size=300)
+
+
+def test_not_a_tokenizer_dir(tmp_path):
+    with pytest.raises(DataError, match="not a tokenizer directory"):
+        load_tokenizer(tmp_path)
