@@ -31,6 +31,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO_ROOT / "launch" / "slurm" / "local_cluster.sh"
+TEMPLATE_1NODE = REPO_ROOT / "launch" / "slurm" / "train_1node.sbatch"
+TEMPLATE_MULTINODE = REPO_ROOT / "launch" / "slurm" / "train_multinode.sbatch"
+SUBMIT_SCRIPT = REPO_ROOT / "launch" / "slurm" / "submit.sh"
+# sbatch flags that turn the GPU templates into a 2-rank CPU (gloo) job on the local cluster.
+CPU_SBATCH_ARGS = ("--gres=none", "--ntasks-per-node=2")
 
 # Job states after which a job will not run again by itself.
 FINAL_STATES = frozenset(

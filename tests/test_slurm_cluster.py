@@ -7,12 +7,18 @@ through Slurm tests stand on, so a broken cluster shows up here first, with the 
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import subprocess
 
 import pytest
 from slurm_helpers import (  # noqa: F401  (slurm_cluster is a fixture, found by name)
     CLUSTER_SCRIPT,
+    CPU_SBATCH_ARGS,
+    SUBMIT_SCRIPT,
+    TEMPLATE_1NODE,
+    TEMPLATE_MULTINODE,
     SlurmTimeout,
     read_env_file,
     slurm_cluster,
@@ -102,3 +108,102 @@ def test_a_failing_job_is_reported_failed(slurm_cluster, tmp_path):
     job = slurm_cluster.submit(script, "--output=job.out", cwd=tmp_path)
     with pytest.raises(AssertionError, match="ended FAILED"):
         slurm_cluster.wait_for_state(job, "COMPLETED", timeout=60)
+
+
+# --- the sbatch templates, with a stand-in for roberta-pl-train ------------------------------------
+# The stub records, per rank and per restart, the overrides and environment the template gave it, then
+# acts like Lightning under Slurm: on the first run it waits for the template's SIGUSR1 (sent 90 s before
+# the time limit) and rank 0 requeues the job; on the requeued run it "finishes". What is tested is the
+# template and the cluster (flags, topology, stable run dir, signal, requeue, appended log), not training.
+STUB_TRAINER = r"""#!/bin/bash
+set -euo pipefail
+run_dir=
+for arg in "$@"; do [[ $arg == run_dir=* ]] && run_dir=${arg#run_dir=}; done
+restart=${SLURM_RESTART_COUNT:-0}
+tag="rank$SLURM_PROCID.restart$restart"
+mkdir -p "$run_dir"
+printf '%s\n' "$@" > "$run_dir/args.$tag"
+env -0 > "$run_dir/env.$tag"
+[[ ${STUB_EXIT:-} ]] && exit "$STUB_EXIT"
+if [[ $restart == 0 ]]; then
+    trap 'echo "$(date +%s)" > "$run_dir/usr1.rank$SLURM_PROCID"
+          [[ $SLURM_PROCID == 0 ]] && scontrol requeue "$SLURM_JOB_ID"
+          exit 0' USR1
+    sleep 600 & wait
+fi
+"""
+
+
+@pytest.fixture
+def stub_trainer_env(tmp_path):
+    """PATH with a stub `roberta-pl-train` first; the template's srun finds it on every rank."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_job_script(bin_dir / "roberta-pl-train", "").write_text(STUB_TRAINER)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def read_args(run_dir, rank, restart):
+    return (run_dir / f"args.rank{rank}.restart{restart}").read_text().splitlines()
+
+
+def test_template_cpu_job_requeues_on_sigusr1_and_resumes_in_the_same_run_dir(
+        slurm_cluster, tmp_path, stub_trainer_env):
+    # --time=2 with the template's --signal=SIGUSR1@90: the signal comes ~30 s after the start.
+    job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--time=2", "--job-name=stubrun",
+                               script_args=["trainer.max_steps=7"], cwd=tmp_path, env=stub_trainer_env)
+    try:
+        info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=100)
+    finally:
+        slurm_cluster.cancel(job)
+    run_dir = tmp_path / "runs" / "stubrun"
+    assert info["Restarts"] == "1", slurm_cluster.describe(job, info)
+    # Slurm's SIGUSR1 reached the tasks (not only the batch shell), as Lightning needs.
+    assert (run_dir / "usr1.rank0").exists() and (run_dir / "usr1.rank1").exists()
+    for restart in (0, 1):
+        for rank in (0, 1):
+            args = read_args(run_dir, rank, restart)
+            for expected in ("trainer=ddp", "trainer.num_nodes=1", "trainer.devices=2",
+                             "trainer.accelerator=cpu", f"run_dir={run_dir}", "resume=auto",
+                             "logger=wandb", "logger.mode=offline", "run_name=stubrun"):
+                assert expected in args, (restart, rank, args)
+            assert args[-1] == "trainer.max_steps=7"  # user overrides come last, so they win
+            env = read_env_file(run_dir / f"env.rank{rank}.restart{restart}")
+            assert env["SLURM_PROCID"] == str(rank)
+            assert env["WANDB_MODE"] == "offline"
+    # One log for both runs: --open-mode=append and a job id that survives the requeue.
+    log = (tmp_path / f"stubrun-{job}.out").read_text()
+    assert f"job {job} restart 0:" in log and f"job {job} restart 1:" in log, log
+
+
+def test_multinode_template_derives_topology_from_the_allocation(slurm_cluster, tmp_path, stub_trainer_env):
+    # Only one node here: --nodes=1 overrides the template's default of 2; the script logic is the same.
+    env = {**stub_trainer_env, "STUB_EXIT": "0", "EXPERIMENT": "quickstart", "RUN_DIR": str(tmp_path / "fixed")}
+    job = slurm_cluster.submit(TEMPLATE_MULTINODE, *CPU_SBATCH_ARGS, "--nodes=1", cwd=tmp_path, env=env)
+    info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=60)
+    assert info["NumTasks"] == "2"
+    args = read_args(tmp_path / "fixed", 0, 0)
+    assert "experiment=quickstart" in args and "trainer.num_nodes=1" in args and "trainer.devices=2" in args
+
+
+def test_template_refuses_tasks_that_do_not_match_gpus(slurm_cluster, tmp_path, stub_trainer_env):
+    env = {**stub_trainer_env, "STUB_EXIT": "0", "GPUS_PER_NODE": "4"}
+    job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--job-name=mismatch", cwd=tmp_path, env=env)
+    info = slurm_cluster.wait_for_state(job, "FAILED", timeout=60)
+    assert info["ExitCode"] == "2:0"
+    assert "one task per GPU" in (tmp_path / f"mismatch-{job}.out").read_text()
+    assert not (tmp_path / "runs" / "mismatch").exists()  # refused before srun
+
+
+def test_submit_script_sizes_the_job_from_env_vars(slurm_cluster, tmp_path, stub_trainer_env):
+    dry = slurm_cluster.run("bash", str(SUBMIT_SCRIPT), "experiment=roberta_base",
+                            env={**slurm_cluster.env, "DRY_RUN": "1", "NODES": "4", "GPUS_PER_NODE": "8"})
+    assert "--nodes=4 --ntasks-per-node=8 --gres=gpu:8" in dry.stderr
+    assert dry.stderr.rstrip().endswith("train_multinode.sbatch experiment=roberta_base")
+    # For real, on the local cluster: GPUS_PER_NODE=0 gives a 2-rank CPU job with the 1-node template.
+    env = {**slurm_cluster.env, **stub_trainer_env, "STUB_EXIT": "0", "GPUS_PER_NODE": "0", "JOB_NAME": "viasubmit"}
+    out = slurm_cluster.run("bash", str(SUBMIT_SCRIPT), "trainer.max_steps=3", env=env, cwd=tmp_path)
+    job = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
+    slurm_cluster.wait_for_state(job, "COMPLETED", timeout=60)
+    args = read_args(tmp_path / "runs" / "viasubmit", 1, 0)
+    assert "trainer.accelerator=cpu" in args and args[-1] == "trainer.max_steps=3"
