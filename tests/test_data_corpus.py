@@ -1,0 +1,128 @@
+"""Corpus readers: formats, document boundaries, every bad input, and the embedded default corpus."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+
+import pytest
+
+from data_pipelines.corpus import build_default_corpus, default_corpus, iter_documents
+from data_pipelines.errors import DataError, SkipReport
+
+
+def _docs(*args, **kw):
+    return list(iter_documents(*args, **kw))
+
+
+def test_text_documents_are_separated_by_blank_lines(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("first line\nsame doc\n\n\n  \nsecond doc\n\nthird\n")
+    assert _docs(f) == ["first line\nsame doc", "second doc", "third"]
+
+
+def test_all_formats_dirs_and_globs(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("alpha\n\nbeta\n")
+    with gzip.open(tmp_path / "d" / "sub" / "b.txt.gz", "wt") as fh:
+        fh.write("gamma\n")
+    (tmp_path / "d" / "c.jsonl").write_text(json.dumps({"body": "delta"}) + "\n\n" + json.dumps({"body": "eps"}) + "\n")
+    with gzip.open(tmp_path / "d" / "sub" / "e.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"body": "zeta", "other": 1}) + "\n")
+    (tmp_path / "d" / "ignored.csv").write_text("not,read\n")
+    # A directory is searched recursively, in sorted path order.
+    assert _docs(tmp_path / "d", text_field="body") == ["alpha", "beta", "delta", "eps", "gamma", "zeta"]
+    assert _docs(str(tmp_path / "d" / "**" / "*.gz"), text_field="body") == ["gamma", "zeta"]
+    # Explicit files keep the order given and are not duplicated.
+    assert _docs([tmp_path / "d" / "c.jsonl", tmp_path / "d" / "a.txt", tmp_path / "d" / "a.txt"], text_field="body") == [
+        "delta", "eps", "alpha", "beta"]
+
+
+def _bad(tmp_path, name: str, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+BAD_INPUTS = {
+    # name: (file name, content, reason in the skip report, what the error names)
+    "invalid_utf8": ("u.txt", b"good doc\n\nbad \xff\xfe here\nsame bad doc\n\nlast doc\n", "invalid_utf8", "u.txt:3"),
+    "bad_json": ("j.jsonl", b'{"text": "good doc"}\n{"text": broken\n{"text": "last doc"}\n', "bad_json", "j.jsonl:2"),
+    "empty_document": ("e.jsonl", b'{"text": "good doc"}\n{"text": "   "}\n{"text": "last doc"}\n', "empty_document", "e.jsonl:2"),
+    "missing_field": ("m.jsonl", b'{"text": "good doc"}\n{"title": "x"}\n{"text": "last doc"}\n', "missing_text_field", "m.jsonl:2"),
+    "enormous_line": ("l.txt", b"good doc\n\n" + b"x" * 5000 + b"\n\nlast doc\n", "line_too_long", "l.txt:3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_naming_file_and_line(tmp_path, case):
+    name, content, _, where = BAD_INPUTS[case]
+    path = _bad(tmp_path, name, content)
+    with pytest.raises(DataError) as err:
+        _docs(path, max_line_bytes=1000)
+    assert where in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_skip_is_counted_and_logged(tmp_path, case, caplog):
+    name, content, reason, where = BAD_INPUTS[case]
+    path = _bad(tmp_path, name, content)
+    report = SkipReport()
+    with caplog.at_level(logging.WARNING, logger="data_pipelines"):
+        docs = _docs(path, on_error="skip", report=report, max_line_bytes=1000)
+    assert docs == ["good doc", "last doc"]  # only the bad document is gone, and it is counted
+    assert report.counts == {reason: 1}
+    assert where in report.to_dict()["examples"][reason][0]
+    assert any(reason in r.getMessage() for r in caplog.records)
+
+
+def test_missing_file_and_empty_glob(tmp_path):
+    with pytest.raises(DataError, match="nope.txt: missing file"):
+        _docs(tmp_path / "nope.txt")
+    with pytest.raises(DataError, match="matches no supported file"):
+        _docs(str(tmp_path / "*.jsonl"))
+    report = SkipReport()
+    (tmp_path / "ok.txt").write_text("fine\n")
+    assert _docs([tmp_path / "nope.txt", tmp_path / "ok.txt"], on_error="skip", report=report) == ["fine"]
+    assert report.counts == {"missing_file": 1}
+
+
+def test_truncated_gzip_is_reported(tmp_path):
+    data = gzip.compress(b"one\n\ntwo\n" * 2000)
+    path = _bad(tmp_path, "t.txt.gz", data[: len(data) // 2])
+    with pytest.raises(DataError, match="t.txt.gz: unreadable file"):
+        _docs(path)
+    report = SkipReport()
+    docs = _docs(path, on_error="skip", report=report)
+    assert report.counts["unreadable_file"] == 1 and len(docs) < 4000
+
+
+def test_empty_file_is_reported(tmp_path):
+    path = _bad(tmp_path, "empty.txt", b"\n \n")
+    with pytest.raises(DataError, match="empty.txt: empty file"):
+        _docs(path)
+
+
+def test_unsupported_suffix_is_an_error(tmp_path):
+    path = _bad(tmp_path, "data.csv", b"a,b\n")
+    with pytest.raises(DataError, match="unsupported input type"):
+        _docs(path)
+
+
+def test_default_corpus_is_real_english_cached_and_deterministic(tmp_path, monkeypatch):
+    a = build_default_corpus(tmp_path / "a.txt", target_bytes=100_000)
+    b = build_default_corpus(tmp_path / "b.txt", target_bytes=100_000)
+    assert a.read_bytes() == b.read_bytes()
+    docs = _docs(a)
+    assert len(docs) > 100 and sum(map(len, docs)) >= 100_000
+    words = " ".join(docs).lower().split()
+    assert words.count("the") > 0.02 * len(words)  # English prose, not code
+    assert not any(line.lstrip().startswith(">>>") for d in docs for line in d.splitlines())
+    # default_corpus() builds into $ROBERTA_PL_CACHE once, then reuses the file.
+    monkeypatch.setenv("ROBERTA_PL_CACHE", str(tmp_path / "cache"))
+    path = default_corpus(target_bytes=100_000)
+    assert path.parent == tmp_path / "cache" and path.exists()
+    stamp = path.stat().st_mtime_ns
+    assert default_corpus(target_bytes=100_000) == path and path.stat().st_mtime_ns == stamp
+    assert path.read_bytes() == a.read_bytes()
