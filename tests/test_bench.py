@@ -1,0 +1,43 @@
+"""The training-throughput bench runs end to end on CPU and writes a complete, sane JSON (no timing asserts)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cpu_tiny_bench_writes_complete_json(tmp_path):
+    cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--case", "cpu-tiny",
+           "--steps", "2", "--warmup", "1", "--rounds", "2", "--micro-batch", "4", "--out-dir", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "x HF" in res.stdout  # the table was printed
+
+    record = json.loads((tmp_path / "train_throughput_cpu-tiny.json").read_text())
+    assert record["case"] == "cpu-tiny" and record["device"]["type"] == "cpu"
+    assert record["versions"]["torch"] and record["versions"]["transformers"]
+    s = record["settings"]
+    assert (s["preset"], s["seq_len"], s["micro_batch"], s["precision"]) == ("tiny", 128, 4, "fp32")
+    assert record["config"]["hidden_size"] == 128 and record["config"]["vocab_size"] == 8192
+    # The two models started from the same weights: their eval losses on the same batch agree.
+    p = record["parity"]
+    assert p["abs_diff"] <= p["tolerance"] and abs(p["ours_loss"] - math.log(8192)) < 1.0
+
+    assert set(record["results"]) == {"hf", "ours"} and record["hf"] == "hf"
+    for name, r in record["results"].items():
+        assert r["timed_steps"] == 2, name
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"]), name
+        assert r["tokens_per_s_rounds"] and all(t > 0 for t in r["tokens_per_s_rounds"]), name
+        assert r["peak_memory_bytes"] > 0, name  # the process grew by at least the weights
+        assert math.isfinite(r["final_loss"]) and 0 < r["final_loss"] < 20, name
+        assert r["mfu"] is None  # no peak FLOP/s known on CPU unless --peak-tflops is given
+    assert record["results"]["hf"]["speedup_vs_hf"] == 1.0
+    # Both count the same unique parameters (the tied decoder once); tiny's vocab needs no padding.
+    assert record["results"]["ours"]["parameters"] == record["results"]["hf"]["parameters"]
+    assert (tmp_path / "train_throughput.png").stat().st_size > 0
