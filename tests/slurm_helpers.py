@@ -275,11 +275,14 @@ def start_cluster(state_dir: str | os.PathLike, ctld_port: int | None = None, sl
         A handle whose `env` points clients at the cluster.
     """
     state_dir = Path(state_dir)
+    ctld_port = ctld_port or free_port()
+    while not slurmd_port or slurmd_port == ctld_port:
+        slurmd_port = free_port()
     env = {
         **os.environ,
         "ROBERTA_PL_SLURM_DIR": str(state_dir),
-        "ROBERTA_PL_SLURMCTLD_PORT": str(ctld_port or free_port()),
-        "ROBERTA_PL_SLURMD_PORT": str(slurmd_port or free_port()),
+        "ROBERTA_PL_SLURMCTLD_PORT": str(ctld_port),
+        "ROBERTA_PL_SLURMD_PORT": str(slurmd_port),
         "SLURM_CONF": str(state_dir / "slurm.conf"),
     }
     # Variables from an enclosing Slurm job would leak into sbatch/srun and confuse them.
