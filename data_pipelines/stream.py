@@ -346,8 +346,18 @@ class MaskedBatchStream(IterableDataset):
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _docs(self, reader: int, cycle: int, skip_tokens: int = 0) -> Iterator[np.ndarray]:
-        """Documents of a reader for one pass, starting ``skip_tokens`` into its packed stream."""
+    def reader_documents(self, reader: int, cycle: int = 0, skip_tokens: int = 0) -> Iterator[np.ndarray]:
+        """Documents of one reader for one pass over its shards, in this epoch's order.
+
+        Args:
+            reader: global reader index, ``rank * workers + worker``.
+            cycle: pass number within the epoch (> 0 only when data ran short).
+            skip_tokens: start this many tokens into the reader's packed stream (documents plus
+                one separator each); whole shards are skipped using the manifest counts.
+
+        Returns:
+            An iterator of token arrays (the first one possibly a suffix of a document).
+        """
         cfg = self.config
         owned = self.partition[reader]
         order = epoch_order(owned, cfg.seed, self.epoch, reader, cycle) if cfg.shuffle_shards else list(owned)
@@ -381,7 +391,7 @@ class MaskedBatchStream(IterableDataset):
         cycle = 0
         while True:
             produced = 0
-            blocks = pack(self._docs(reader, cycle, skip_tokens), cfg.seq_len, cfg.mode,
+            blocks = pack(self.reader_documents(reader, cycle, skip_tokens), cfg.seq_len, cfg.mode,
                           bos=cfg.bos_id, eos=cfg.eos_id, pad=cfg.pad_id)
             for block in blocks:
                 produced += 1

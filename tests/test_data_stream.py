@@ -1,0 +1,181 @@
+"""Streaming: shard specs, node/worker splitting, equal batches, seeking, bad shards mid-stream."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data_fixtures import corpus_docs, corpus_file, one_thread, shard_dir, tok, tokenizer_dir  # noqa: F401
+from data_pipelines.errors import DataError, SkipReport
+from data_pipelines.masking import IGNORE_INDEX, Masker
+from data_pipelines.stream import (
+    MaskedBatchStream,
+    ShardInfo,
+    ShardSet,
+    StreamConfig,
+    epoch_order,
+    iter_shard,
+    partition_shards,
+    resolve_shards,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _stream(tok, shards: ShardSet, **kw) -> MaskedBatchStream:
+    cfg = dict(seq_len=64, batch_size=4, expected_hash=tok.hash, vocab_size=tok.vocab_size)
+    cfg.update(kw)
+    return MaskedBatchStream(StreamConfig(shards=shards, **cfg), Masker(tok.vocab_size, tok.special_ids, tok.mask_id))
+
+
+def _original(batch: dict) -> torch.Tensor:
+    """Undo the masking: labels hold the original id wherever the input was changed."""
+    return torch.where(batch["labels"] != IGNORE_INDEX, batch["labels"], batch["input_ids"])
+
+
+def test_resolve_directory_pattern_and_pipe(shard_dir, tok):
+    from_dir = resolve_shards(shard_dir)
+    n = len(from_dir.shards)
+    assert n >= 8 and from_dir.has_counts and from_dir.tokenizer_hash == tok.hash
+    pattern = resolve_shards(str(shard_dir / f"train-{{000000..{n - 1:06d}}}.tar"), manifest=shard_dir)
+    assert [s.url for s in pattern.shards] == [s.url for s in from_dir.shards]
+    assert pattern.shards == from_dir.shards  # counts found by file name
+    piped = resolve_shards(f"pipe:cat {shard_dir}/train-{{000000..000001}}.tar", manifest=shard_dir / "manifest.json")
+    assert piped.has_counts
+    docs = list(iter_shard(piped.shards[1].url, expected_hash=tok.hash, vocab_size=tok.vocab_size, on_error="raise", report=SkipReport()))
+    direct = list(iter_shard(from_dir.shards[1].url, expected_hash=tok.hash, vocab_size=tok.vocab_size, on_error="raise", report=SkipReport()))
+    assert len(docs) == len(direct) > 0 and all(np.array_equal(a, b) for a, b in zip(docs, direct))
+    assert len(resolve_shards(shard_dir, split="valid").shards) >= 1
+    with pytest.raises(DataError, match="no 'test' split"):
+        resolve_shards(shard_dir, split="test")
+
+
+def test_partition_is_exact_balanced_and_seeded():
+    shards = [ShardInfo(f"s{i}", 10, t) for i, t in enumerate([900, 100, 500, 500, 300, 700, 200, 800, 400, 600])]
+    parts = partition_shards(shards, 4, seed=0)
+    assert sorted(i for p in parts for i in p) == list(range(10))
+    loads = [sum(shards[i].num_tokens + 10 for i in p) for p in parts]
+    assert max(loads) - min(loads) <= 400
+    assert partition_shards(shards, 4, seed=0) == parts
+    with pytest.raises(DataError, match="3 shards cannot feed 4 readers"):
+        partition_shards(shards[:3], 4, seed=0)
+
+
+def test_shard_order_is_a_function_of_seed_and_epoch():
+    owned = list(range(20))
+    assert epoch_order(owned, 1, 0, 3) == epoch_order(owned, 1, 0, 3)
+    assert epoch_order(owned, 1, 0, 3) != epoch_order(owned, 1, 1, 3)
+    assert epoch_order(owned, 1, 0, 3) != epoch_order(owned, 2, 0, 3)
+    assert sorted(epoch_order(owned, 1, 5, 3)) == owned
+
+
+def test_every_document_once_across_ranks_and_workers(shard_dir, tok, corpus_docs):
+    shards = resolve_shards(shard_dir)
+    world, workers = 2, 3
+    seen = []
+    for rank in range(world):
+        stream = _stream(tok, shards, rank=rank, world_size=world, num_workers=workers)
+        stream.set_position(epoch=4)
+        for worker in range(workers):
+            seen.extend(tuple(d.tolist()) for d in stream.reader_documents(rank * workers + worker))
+    train = resolve_shards(shard_dir)
+    expected = Counter()
+    for s in train.shards:
+        expected.update(tuple(d.tolist()) for d in iter_shard(s.url, expected_hash=None, vocab_size=None, on_error="raise", report=SkipReport()))
+    assert Counter(seen) == expected
+    assert sum(expected.values()) == sum(s.num_docs for s in train.shards)
+
+
+def test_ranks_get_equal_batches_and_blocks_follow_the_reader_streams(shard_dir, tok):
+    shards = resolve_shards(shard_dir)
+    world, workers, seq_len = 3, 2, 32
+    counts = []
+    for rank in range(world):
+        stream = _stream(tok, shards, rank=rank, world_size=world, num_workers=workers, seq_len=seq_len, shuffle_window=1)
+        batches = list(DataLoader(stream, batch_size=None, num_workers=workers))
+        counts.append(len(batches))
+        assert len(batches) == len(stream)
+        for role in range(workers):
+            # Batch g came from reader rank*W + g % W: its blocks are that reader's packed stream.
+            blocks = torch.cat([_original(b) for b in batches[role::workers]])
+            assert (blocks[:, 0] == tok.bos_id).all() and (blocks[:, -1] == tok.eos_id).all()
+            docs = list(stream.reader_documents(rank * workers + role))
+            expected = np.concatenate([np.append(d, tok.eos_id) for d in docs])
+            body = blocks[:, 1:-1].reshape(-1).numpy()
+            np.testing.assert_array_equal(body, expected[: len(body)])
+    assert len(set(counts)) == 1 and counts[0] > 0
+    # The equal count is the smallest reader's, so little is left unused.
+    total_blocks = (sum(s.num_tokens + s.num_docs for s in shards.shards)) // (seq_len - 2)
+    assert counts[0] * world * 4 > 0.8 * total_blocks
+
+
+def test_seeking_by_counts_matches_replaying(shard_dir, tok):
+    shards = resolve_shards(shard_dir)
+    no_counts = ShardSet(tuple(ShardInfo(s.url) for s in shards.shards), shards.tokenizer_hash)
+    seq_len = 7
+    body = seq_len - 2
+    seek = _stream(tok, shards, seq_len=seq_len, num_workers=2, shuffle_window=1)
+    replay = _stream(tok, no_counts, seq_len=seq_len, num_workers=2, shuffle_window=1, batches_per_epoch=2)
+    replay.partition = seek.partition  # same reader → shards assignment for the comparison
+    for epoch in (0, 3):
+        seek.set_position(epoch)
+        replay.set_position(epoch)
+        docs = list(seek.reader_documents(1))
+        stream = np.concatenate([np.append(d, tok.eos_id) for d in docs])
+        full = list(itertools.islice(seek._raw_blocks(1, 0), len(stream) // body))
+        # The tricky cursors: on a separator, right after one (a document start), and the first
+        # block of each shard (whole shards skipped by counts).
+        on_sep = [m for m in range(1, len(full)) if stream[m * body] == tok.eos_id][:6]
+        after_sep = [m for m in range(1, len(full)) if stream[m * body - 1] == tok.eos_id][:6]
+        order = epoch_order(seek.partition[1], seek.config.seed, epoch, 1)
+        edges = np.cumsum([shards.shards[i].num_tokens + shards.shards[i].num_docs for i in order])[:-1]
+        shard_starts = [int(e) // body + 1 for e in edges]
+        assert on_sep and after_sep and shard_starts
+        for skip in [0, 1, 2, len(full) - 1] + on_sep + after_sep + shard_starts:
+            got = next(seek._raw_blocks(1, skip))
+            np.testing.assert_array_equal(got, full[skip], err_msg=f"skip={skip}")
+            np.testing.assert_array_equal(next(replay._raw_blocks(1, skip)), got, err_msg=f"skip={skip}")
+
+
+def test_shuffle_window_permutes_within_windows(shard_dir, tok):
+    shards = resolve_shards(shard_dir)
+    plain = _stream(tok, shards, shuffle_window=1)
+    shuffled = _stream(tok, shards, shuffle_window=16)
+    total = plain.batches_per_worker * 4
+    a = [tuple(b) for b in plain._blocks(0, 0, total)]
+    b = [tuple(x) for x in shuffled._blocks(0, 0, total)]
+    assert a != b and len(a) == len(b)
+    for start in range(0, total - total % 16, 16):
+        assert sorted(a[start : start + 16]) == sorted(b[start : start + 16])
+    # Resuming in the middle of a window gives the same tail.
+    assert [tuple(x) for x in shuffled._blocks(0, 37, total)] == b[37:]
+
+
+def test_too_little_data_is_a_clear_error(shard_dir, tok):
+    shards = resolve_shards(shard_dir)
+    with pytest.raises(DataError, match="cannot feed"):
+        _stream(tok, shards, world_size=len(shards.shards), num_workers=2)
+    with pytest.raises(DataError, match="too little data"):
+        _stream(tok, shards, seq_len=512, batch_size=10_000)
+
+
+def test_corrupt_shard_mid_stream_is_skipped_and_counted_but_batches_stay_equal(shard_dir, tok, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_dir, copy)
+    victim = sorted(copy.glob("train-*.tar"))[3]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])
+    shards = resolve_shards(copy)
+    strict = _stream(tok, shards)
+    with pytest.raises(DataError, match=victim.name):
+        list(strict)
+    lenient = _stream(tok, shards, on_error="skip")
+    batches = list(lenient)
+    assert len(batches) == len(lenient)  # the reader refilled from its other shards
+    assert lenient.report.counts == {"bad_shard": 1}
