@@ -57,7 +57,8 @@ class LossCurve(pl.Callback):
     """Records train/val loss and accuracy at logging steps and draws ``loss_curve.png`` at the end.
 
     Its history is part of the checkpoint (``state_dict``), so a resumed run continues the same curve
-    without duplicated or missing points.
+    without duplicated training points. Lightning saves a step's checkpoint before that step's validation,
+    so a run resumed from step k lacks the validation point at k.
     """
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
@@ -66,9 +67,8 @@ class LossCurve(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer._logger_connector.should_update_logs and outputs is not None:
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            self.history.append({"step": trainer.global_step, "train_loss": float(loss)})
+        if trainer._logger_connector.should_update_logs and "train/loss" in trainer.callback_metrics:
+            self.history.append({"step": trainer.global_step, "train_loss": float(trainer.callback_metrics["train/loss"])})
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -147,3 +147,16 @@ class BatchRamp(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         micro = trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
         trainer.accumulate_grad_batches = self.accumulation_at(micro)
+
+
+class StopAtStep(pl.Callback):
+    """Ends ``fit`` after optimizer step ``step`` (checkpointed as usual) while the LR schedule still runs to
+    ``max_steps``: split a long run into jobs that each fit a cluster time limit, then ``resume=auto``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

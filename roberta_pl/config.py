@@ -89,6 +89,7 @@ class TrainerConf:
     strategy: str = "auto"  # auto | ddp | deepspeed
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     max_steps: int = 1000  # optimizer steps; also the length of the LR schedule
+    stop_at_step: Optional[int] = None  # end this job early (checkpointed); resume=auto continues the schedule
     val_every_n_steps: int = 200
     limit_val_batches: int = 20
     log_every_n_steps: int = 10

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
-from roberta_pl.callbacks import AtomicCheckpointIO, BatchRamp, LossCurve, ThroughputLogger
+from roberta_pl.callbacks import AtomicCheckpointIO, BatchRamp, LossCurve, StopAtStep, ThroughputLogger
 from roberta_pl.optim import BatchPlan, plan_batch, plan_ramp
 
 
@@ -48,6 +48,8 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
                           f"cuda available={torch.cuda.is_available()}); use trainer=cpu or trainer=ddp on CPU")
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible; use trainer=cpu")
+    if cfg.data.packing not in ("full_sentences", "doc"):
+        raise ConfigError(f"data.packing={cfg.data.packing}: choose full_sentences or doc")
     if b.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"batch.seq_len={b.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} "
                           f"(the position table has {cfg.model.max_seq_len + 2} rows)")
@@ -184,6 +186,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
         monitor="step", mode="max",
     )
     callbacks = [checkpoints, loss_curve, ThroughputLogger()]
+    if t.stop_at_step is not None:
+        callbacks.append(StopAtStep(t.stop_at_step))
     accumulation = plan.accumulation
     if cfg.batch.ramp:
         phases = plan_ramp([tuple(r) for r in cfg.batch.ramp], plan)

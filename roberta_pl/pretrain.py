@@ -33,11 +33,12 @@ class MaskedLMModule(pl.LightningModule):
         seed: base of the per-step dropout seed.
         compile: ``torch.compile`` the encoder.
         tokenizer: the tokenizer directory, recorded so export and fill-mask find it from the checkpoint.
+        packed: batches are FULL-SENTENCES blocks with no padding, so the attention mask can be skipped.
     """
 
     def __init__(self, model: dict[str, Any], optim: dict[str, Any], max_steps: int, seq_len: int,
                  micro_batch_size: int, mask_prob: float = 0.15, seed: int = 0, compile: bool = False,
-                 tokenizer: str | None = None):
+                 tokenizer: str | None = None, packed: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.config = RobertaConfig(**model)
@@ -54,30 +55,35 @@ class MaskedLMModule(pl.LightningModule):
         micro_step = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
         torch.manual_seed(step_seed(self.hparams.seed, micro_step, self.global_rank))
 
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        # Packed blocks have no padding: dropping the all-ones mask lets SDPA use the flash kernel. The
-        # check runs on the host copy, before the transfer, so it costs no device sync.
-        mask = batch.get("attention_mask")
-        if mask is not None and bool(mask.all()):
-            batch = {**batch, "attention_mask": None}
-        return batch
-
-    def _shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
-        out = self.model(batch["input_ids"], batch.get("attention_mask"), labels)
+        # FULL-SENTENCES blocks are never padded: no mask lets SDPA pick the flash kernel, and deciding it
+        # from the config (not from the tensor) costs no device sync.
+        mask = None if self.hparams.packed else batch.get("attention_mask")
+        out = self.model(batch["input_ids"], mask, labels)
+        targets = labels[labels.ne(IGNORE_INDEX)]
+        if targets.numel() == 0:  # nothing masked (tiny batches): a zero loss that keeps the graph
+            zero = out.logits.sum() * 0.0
+            return zero, zero.detach(), zero
         with torch.no_grad():
-            targets = labels[labels.ne(IGNORE_INDEX)]
             accuracy = (out.logits.argmax(-1) == targets).float().mean()
-        return out.loss, accuracy
+        # The objective is the masked-token loss *sum* over the expected number of masked tokens
+        # (mask_prob x real tokens), a constant per micro-batch. Lightning divides by accumulation and DDP
+        # averages over ranks, so every split of a global batch (micro x accumulation x world) gives the
+        # same update: sum / (mask_prob x tokens in the global batch). The logged loss is the true mean.
+        real_tokens = batch["input_ids"].numel() if mask is None else mask.sum()
+        objective = out.loss * targets.numel() / (self.hparams.mask_prob * real_tokens)
+        return out.loss, accuracy, objective
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, accuracy = self._shared_step(batch)
+        loss, accuracy, objective = self._shared_step(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", accuracy)
-        return loss
+        self._last_loss = loss.detach()
+        return objective
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, accuracy = self._shared_step(batch)
+        loss, accuracy, _ = self._shared_step(batch)
         n = int(batch["labels"].ne(IGNORE_INDEX).sum())
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
         self.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True, batch_size=n)
@@ -88,9 +94,8 @@ class MaskedLMModule(pl.LightningModule):
             self.log("val/perplexity", torch.exp(loss.float().clamp(max=30.0)), sync_dist=False)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer._logger_connector.should_update_logs and outputs is not None:
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            self.log("train/perplexity", torch.exp(loss.detach().float().clamp(max=30.0)))
+        if self.trainer._logger_connector.should_update_logs:
+            self.log("train/perplexity", torch.exp(self._last_loss.float().clamp(max=30.0)))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Pre-clipping global grad norm, only on logging steps (DeepSpeed shards grads and reports its own).

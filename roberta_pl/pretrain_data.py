@@ -39,9 +39,9 @@ def _default_dataset(cache_dir: Path, vocab_size: int) -> PretrainData:
             print(f"Writing default-corpus shards -> {shard_dir}")
             write_shards("@default", tok_dir, shard_dir, docs_per_shard=2000, valid_fraction=0.02)
         manifest = load_manifest(shard_dir / "manifest.json")
-    splits = manifest["splits"]
-    valid = str(shard_dir / splits["valid"]["pattern"]) if splits.get("valid", {}).get("num_shards") else None
-    return PretrainData(load_tokenizer(tok_dir), str(shard_dir / splits["train"]["pattern"]), valid)
+    has_valid = manifest["splits"].get("valid", {}).get("num_shards", 0) > 0
+    # A shard directory stands for its manifest's train (or valid) split.
+    return PretrainData(load_tokenizer(tok_dir), str(shard_dir), str(shard_dir) if has_valid else None)
 
 
 def prepare_data(cfg: DictConfig) -> PretrainData:
@@ -50,6 +50,9 @@ def prepare_data(cfg: DictConfig) -> PretrainData:
     if d.train_shards is None:
         return _default_dataset(Path(d.cache_dir).expanduser(), d.default_vocab_size)
     return PretrainData(load_tokenizer(d.tokenizer), str(d.train_shards), str(d.valid_shards) if d.valid_shards else None)
+
+
+_PACK_MODES = {"full_sentences": "full", "doc": "doc"}
 
 
 def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
@@ -61,6 +64,6 @@ def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
         train_shards=data.train_shards, valid_shards=data.valid_shards, tokenizer_dir=str(data.tokenizer.path),
         seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size, mask_prob=d.mask_prob,
         random_prob=d.random_prob, keep_prob=d.keep_prob, whole_word=d.whole_word, span=d.span,
-        packing=d.packing, seed=cfg.seed, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+        pack_mode=_PACK_MODES[d.packing], seed=cfg.seed, num_workers=d.num_workers, shuffle_window=d.shuffle_buffer,
         on_error=d.on_error,
     )

@@ -46,14 +46,27 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     module = MaskedLMModule(model=model_cfg, optim=resolved["optim"], max_steps=cfg.trainer.max_steps,
                             seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
                             mask_prob=cfg.data.mask_prob, seed=cfg.seed, compile=cfg.model.compile,
-                            tokenizer=str(data.tokenizer.path))
+                            tokenizer=str(data.tokenizer.path),
+                            packed=cfg.data.packing == "full_sentences")
     trainer, loss_curve = build_trainer(cfg, out_dir, plan, resolved)
     ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
     if ckpt and trainer.is_global_zero:
         print(f"Resuming from {ckpt}")
     datamodule = build_datamodule(cfg, data, plan)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    return finish_run(cfg, trainer, module, data.tokenizer, out_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        return finish_run(cfg, trainer, module, data.tokenizer, out_dir)
+    finally:
+        close_loggers(trainer)
+
+
+def close_loggers(trainer: pl.Trainer) -> None:
+    """Finish W&B runs so their offline files (summary, config) are complete and a later run starts fresh."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tokenizer, out_dir: Path) -> dict:

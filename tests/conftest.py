@@ -1,0 +1,36 @@
+"""Shared test setup: offline W&B, a private cache, gpu-marked tests only where CUDA is present,
+and the real data assets (corpus, tokenizer, shards) built once per session."""
+
+import os
+
+import pytest
+import torch
+
+# Never reach a W&B server, and keep runs out of the user's home.
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+
+from data_fixtures import corpus_docs, corpus_file, shard_dir, tok, tokenizer_dir  # noqa: E402,F401
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="needs a CUDA GPU (none visible); run `make test-gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test session gets its own cache (default corpus, tokenizer, shards), never ~/.cache."""
+    path = tmp_path_factory.mktemp("roberta-pl-cache")
+    old = os.environ.get("ROBERTA_PL_CACHE")
+    os.environ["ROBERTA_PL_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ROBERTA_PL_CACHE", None)
+    else:
+        os.environ["ROBERTA_PL_CACHE"] = old
