@@ -108,7 +108,8 @@ stop_pidfile() {
     rm -f "$file"
 }
 
-node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1; }
+# `|| true`: while the controller is still starting sinfo fails, which must not end the script (set -e).
+node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1 || true; }
 
 # Print the end of every log, so a failure explains itself in CI output.
 dump_logs() {
@@ -123,6 +124,9 @@ dump_logs() {
 die_with_logs() {
     log "ERROR: $*"
     dump_logs
+    # Leave nothing half-started behind (a failed CI run must not leak daemons holding the ports).
+    cmd_stop >/dev/null 2>&1 || true
+    log "ERROR: $* (logs kept in $LOG_DIR)"
     exit 1
 }
 
@@ -246,6 +250,11 @@ cmd_start() {
     while ((SECONDS < deadline)); do
         state=$(node_state)
         [[ $state == idle ]] && break
+        # A daemon that died (bad config, port in use) will not come back: fail now, with its log.
+        pid_alive "$RUN_DIR/slurmctld.pid" || { sleep 0.5; pid_alive "$RUN_DIR/slurmctld.pid"; } ||
+            die_with_logs "slurmctld is not running"
+        pid_alive "$RUN_DIR/slurmd.pid" || { sleep 0.5; pid_alive "$RUN_DIR/slurmd.pid"; } ||
+            die_with_logs "slurmd is not running"
         # A node registered before the controller cleared it can sit in down/drain: bring it back.
         if [[ $state == down* || $state == drain* ]]; then
             scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true

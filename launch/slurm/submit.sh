@@ -6,7 +6,7 @@
 # the exact sbatch command, and runs it. Everything it does you can also type as one sbatch line.
 #
 #   NODES=4 GPUS_PER_NODE=8 JOB_NAME=base-bs8k EXPERIMENT=roberta_base launch/slurm/submit.sh \
-#       data.train_shards='/shared/data/train-{000000..000511}.tar' data.tokenizer=/shared/data/tokenizer
+#       data.train_shards=/shared/data/shards data.valid_shards=/shared/data/shards data.tokenizer=/shared/data/tokenizer
 #   GPUS_PER_NODE=0 launch/slurm/submit.sh trainer.max_steps=50   # CPU, 2 ranks, gloo (local cluster)
 #   DRY_RUN=1 NODES=2 launch/slurm/submit.sh                        # print the sbatch command only
 #
