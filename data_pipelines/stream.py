@@ -293,7 +293,16 @@ class MaskedBatchStream(IterableDataset):
         self.config = config
         self.masker = masker
         readers = config.world_size * config.readers_per_rank
-        self.partition = partition_shards(config.shards.shards, readers, config.seed)
+        # Fewer shards than readers (a small valid split, say): every reader scans every shard
+        # and keeps every readers-th document, instead of failing. Correct, but each reader
+        # reads all the data, so it is only for small splits; seeking falls back to replay.
+        self.strided = len(config.shards.shards) < readers
+        if self.strided:
+            log.warning("%d shards for %d readers: each reader scans all shards and keeps 1/%d of the documents",
+                        len(config.shards.shards), readers, readers)
+            self.partition = [list(range(len(config.shards.shards)))] * readers
+        else:
+            self.partition = partition_shards(config.shards.shards, readers, config.seed)
         self.batches_per_worker = self._plan()
         self.epoch = 0
         self.start_batch = 0  # batches of this epoch already consumed (resume)
@@ -311,7 +320,14 @@ class MaskedBatchStream(IterableDataset):
         if not cfg.shards.has_counts:
             raise DataError("shards without a manifest have no counts: pass the manifest, or set batches_per_epoch")
         blocks = []
-        for owned in self.partition:
+        if self.strided:
+            docs = sum(s.num_docs for s in cfg.shards.shards)
+            tokens = sum(s.num_tokens for s in cfg.shards.shards)
+            # Documents are dealt round-robin, so a reader's share is only known on average; plan
+            # for 90% of it, and a reader that still runs short refills by cycling.
+            share = block_count_lower_bound(docs, tokens, cfg.seq_len, cfg.mode) * 9 // (10 * len(self.partition))
+            blocks = [share] * len(self.partition)
+        for owned in [] if self.strided else self.partition:
             docs = sum(cfg.shards.shards[i].num_docs for i in owned)
             tokens = sum(cfg.shards.shards[i].num_tokens for i in owned)
             if cfg.mode == "full":
@@ -360,7 +376,10 @@ class MaskedBatchStream(IterableDataset):
         """
         cfg = self.config
         owned = self.partition[reader]
-        order = epoch_order(owned, cfg.seed, self.epoch, reader, cycle) if cfg.shuffle_shards else list(owned)
+        readers = len(self.partition)
+        # Strided readers share one shard order so that "every readers-th document" is a partition.
+        order_key = 0 if self.strided else reader
+        order = epoch_order(owned, cfg.seed, self.epoch, order_key, cycle) if cfg.shuffle_shards else list(owned)
         for i in order:
             shard = cfg.shards.shards[i]
             if skip_tokens and shard.num_tokens is not None:
@@ -368,24 +387,23 @@ class MaskedBatchStream(IterableDataset):
                 if skip_tokens >= size:
                     skip_tokens -= size
                     continue  # seek past the whole shard without opening it
-            for ids in iter_shard(shard.url, expected_hash=cfg.expected_hash, vocab_size=cfg.vocab_size,
-                                  on_error=cfg.on_error, report=self.report):
+            for j, ids in enumerate(iter_shard(shard.url, expected_hash=cfg.expected_hash, vocab_size=cfg.vocab_size,
+                                               on_error=cfg.on_error, report=self.report)):
+                if self.strided and (i + j) % readers != reader:
+                    continue
                 if skip_tokens:
                     if skip_tokens > len(ids):
                         skip_tokens -= len(ids) + 1
                         continue
                     # The cursor is inside this document (or on its separator): resume from there.
+                    # (An empty suffix is fine: it packs to exactly the separator that is left.)
                     ids, skip_tokens = ids[skip_tokens:], 0
-                    if len(ids) == 0:
-                        # Only the separator is left; an empty doc packs to exactly that separator.
-                        yield ids
-                        continue
                 yield ids
 
     def _raw_blocks(self, reader: int, skip_blocks: int) -> Iterator[np.ndarray]:
         """Unshuffled blocks of a reader from block ``skip_blocks`` on, cycling if data runs short."""
         cfg = self.config
-        seekable = cfg.mode == "full" and cfg.shards.has_counts
+        seekable = cfg.mode == "full" and cfg.shards.has_counts and not self.strided
         skip_tokens = skip_blocks * (cfg.seq_len - 2) if seekable else 0
         replay = 0 if seekable else skip_blocks
         cycle = 0

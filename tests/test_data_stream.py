@@ -157,10 +157,26 @@ def test_shuffle_window_permutes_within_windows(shard_dir, tok):
     assert [tuple(x) for x in shuffled._blocks(0, 37, total)] == b[37:]
 
 
+def test_fewer_shards_than_readers_deals_documents(shard_dir, tok):
+    shards = resolve_shards(shard_dir)
+    few = ShardSet(shards.shards[:2], shards.tokenizer_hash)
+    world, workers = 3, 2  # 6 readers, 2 shards
+    seen, lengths = Counter(), set()
+    for rank in range(world):
+        stream = _stream(tok, few, rank=rank, world_size=world, num_workers=workers)
+        assert stream.strided
+        lengths.add(len(stream))
+        for worker in range(workers):
+            seen.update(tuple(d.tolist()) for d in stream.reader_documents(rank * workers + worker))
+        assert len(list(DataLoader(stream, batch_size=None, num_workers=workers))) == len(stream)
+    expected = Counter()
+    for s in few.shards:
+        expected.update(tuple(d.tolist()) for d in iter_shard(s.url, expected_hash=None, vocab_size=None, on_error="raise", report=SkipReport()))
+    assert seen == expected and len(lengths) == 1
+
+
 def test_too_little_data_is_a_clear_error(shard_dir, tok):
     shards = resolve_shards(shard_dir)
-    with pytest.raises(DataError, match="cannot feed"):
-        _stream(tok, shards, world_size=len(shards.shards), num_workers=2)
     with pytest.raises(DataError, match="too little data"):
         _stream(tok, shards, seq_len=512, batch_size=10_000)
 

@@ -1,0 +1,156 @@
+"""MLMDataModule: the batch contract, exact resume (plain loop and a real Lightning Trainer)."""
+
+from __future__ import annotations
+
+import itertools
+
+import lightning as L
+import pytest
+import torch
+
+from data_fixtures import corpus_file, one_thread, shard_dir, tok, tokenizer_dir  # noqa: F401
+from data_pipelines.datamodule import MLMDataModule
+from data_pipelines.errors import DataError
+from data_pipelines.masking import IGNORE_INDEX
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _dm(shard_dir, tokenizer_dir, **kw) -> MLMDataModule:
+    args = dict(seq_len=64, micro_batch_size=4, valid_shards=shard_dir, whole_word=True, shuffle_window=8, seed=3)
+    args.update(kw)
+    return MLMDataModule(shard_dir, tokenizer_dir, **args)
+
+
+def _take(dm: MLMDataModule, n: int) -> list[dict]:
+    """The next ``n`` train batches, across epoch boundaries, as a plain training loop would."""
+    out = []
+    while len(out) < n:
+        for batch in dm.train_dataloader():
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def test_batch_contract(shard_dir, tokenizer_dir, tok):
+    dm = _dm(shard_dir, tokenizer_dir)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    for v in batch.values():
+        assert v.dtype == torch.long and v.shape == (4, 64)
+    assert (batch["attention_mask"] == 1).all()  # FULL-SENTENCES: no padding
+    doc = _dm(shard_dir, tokenizer_dir, pack_mode="doc")
+    batches = list(itertools.islice(iter(doc.train_dataloader()), 20))
+    mask = torch.cat([b["attention_mask"] for b in batches])
+    ids = torch.cat([b["input_ids"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    assert (mask == 0).any() and torch.equal(mask == 0, ids == tok.pad_id)
+    assert (labels[mask == 0] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exact_resume_from_state_dict(shard_dir, tokenizer_dir, num_workers):
+    reference = _dm(shard_dir, tokenizer_dir, num_workers=num_workers)
+    per_epoch = reference.batches_per_epoch_per_rank
+    # k odd (workers' round-robin rotates) and a resume window that crosses into epoch 1.
+    k = per_epoch - 3
+    expected = _take(reference, k + 6)
+    first = _dm(shard_dir, tokenizer_dir, num_workers=num_workers)
+    assert _same(_take(first, k), expected[:k])
+    state = first.state_dict()
+    assert state["consumed"] == k
+    resumed = _dm(shard_dir, tokenizer_dir, num_workers=num_workers)
+    resumed.load_state_dict(state)
+    assert _same(_take(resumed, 6), expected[k:])
+    # The next epoch differs from the first (new shard order, shuffle and masks).
+    assert not torch.equal(expected[k + 3]["input_ids"], expected[0]["input_ids"])
+
+
+def test_masks_follow_the_step_not_the_worker_count(shard_dir, tokenizer_dir):
+    a = _take(_dm(shard_dir, tokenizer_dir, num_workers=2), 4)
+    b = _take(_dm(shard_dir, tokenizer_dir, num_workers=2), 4)
+    assert _same(a, b)
+    other_seed = _take(_dm(shard_dir, tokenizer_dir, num_workers=2, seed=4), 4)
+    assert not torch.equal(a[0]["labels"], other_seed[0]["labels"])
+
+
+def test_validation_is_fixed(shard_dir, tokenizer_dir):
+    dm = _dm(shard_dir, tokenizer_dir)
+    first = list(dm.val_dataloader())
+    _take(dm, 5)  # training progress must not change validation batches
+    assert len(first) > 0 and _same(first, list(dm.val_dataloader()))
+    # One valid shard for two workers: documents are dealt to the workers, still deterministic.
+    again = _dm(shard_dir, tokenizer_dir, num_workers=2)
+    batches = list(again.val_dataloader())
+    assert len(batches) > 0 and _same(batches, list(again.val_dataloader()))
+
+
+def test_ranks_have_equal_lengths(shard_dir, tokenizer_dir):
+    lengths = {_dm(shard_dir, tokenizer_dir, rank=r, world_size=3).batches_per_epoch_per_rank for r in range(3)}
+    assert len(lengths) == 1
+
+
+def test_tokenizer_mismatch_is_refused(shard_dir, tmp_path, corpus_file):
+    from data_pipelines.tokenizer import train_tokenizer
+
+    other = train_tokenizer(corpus_file, tmp_path / "tok", vocab_size=400, input_sentence_size=3000)
+    with pytest.raises(DataError, match="written with tokenizer"):
+        _dm(shard_dir, other.path).setup("fit")
+
+
+# -- a real Lightning Trainer ------------------------------------------------------------------
+
+
+class _Recorder(L.LightningModule):
+    """Trains a tiny embedding bag and records every batch it trains on."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.EmbeddingBag(vocab_size, 4)
+        self.seen: list[dict] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append({k: v.clone() for k, v in batch.items()})
+        return self.emb(batch["input_ids"]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(tmp_path, max_steps: int, **kw) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, val_check_interval=20, num_sanity_val_steps=1,
+        limit_val_batches=2, **kw,
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_lightning_resume_replays_the_same_batches(shard_dir, tokenizer_dir, tok, tmp_path, num_workers):
+    def _dm(*args, **kw):  # bigger batches: fewer steps per epoch keep three fits quick
+        return globals()["_dm"](*args, seq_len=128, micro_batch_size=16, **kw)
+
+    per_epoch = _dm(shard_dir, tokenizer_dir).batches_per_epoch_per_rank
+    total, k = per_epoch + 4, per_epoch - 2  # the resumed part crosses an epoch boundary
+    full = _Recorder(tok.vocab_size)
+    _trainer(tmp_path / "full", total).fit(full, datamodule=_dm(shard_dir, tokenizer_dir, num_workers=num_workers))
+    assert len(full.seen) == total
+
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=k, save_top_k=-1)
+    part = _Recorder(tok.vocab_size)
+    _trainer(tmp_path / "part", k, callbacks=[ckpt]).fit(part, datamodule=_dm(shard_dir, tokenizer_dir, num_workers=num_workers))
+    path = next((tmp_path / "ckpt").glob(f"*step={k}.ckpt"))
+    assert torch.load(path, weights_only=False)["MLMDataModule"]["consumed"] == k
+
+    rest = _Recorder(tok.vocab_size)
+    _trainer(tmp_path / "rest", total).fit(rest, datamodule=_dm(shard_dir, tokenizer_dir, num_workers=num_workers), ckpt_path=path)
+    assert _same(part.seen, full.seen[:k])
+    assert _same(rest.seen, full.seen[k:]), f"resumed run saw {len(rest.seen)} batches"
