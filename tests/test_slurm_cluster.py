@@ -54,6 +54,15 @@ def test_help_documents_the_commands():
     assert bad.returncode == 2
 
 
+def test_status_and_stop_of_a_cluster_that_is_not_running(tmp_path):
+    env = {**os.environ, "ROBERTA_PL_SLURM_DIR": str(tmp_path / "never-started")}
+    # Must answer at once (a Slurm client with no controller would retry for a minute).
+    status = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=10)
+    assert status.returncode == 1 and "not running" in status.stderr
+    stop = subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=10)
+    assert stop.returncode == 0
+
+
 def test_two_task_job_runs_both_ranks(slurm_cluster, tmp_path):
     # The batch script runs once; `srun` inside it starts one task per rank, as the sbatch templates
     # do for `roberta-pl-train`. Each task writes its own file so ranks cannot hide behind each other.

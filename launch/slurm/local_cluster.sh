@@ -284,7 +284,8 @@ cmd_stop() {
 }
 
 cmd_status() {
-    if ! scontrol ping >/dev/null 2>&1; then
+    # Check the pid file first: a client with no reachable controller retries for up to a minute.
+    if ! pid_alive "$RUN_DIR/slurmctld.pid" || ! scontrol ping >/dev/null 2>&1; then
         log "not running (no controller answers for SLURM_CONF=$CONF)"
         return 1
     fi
