@@ -36,10 +36,28 @@ from torch.utils.data import DataLoader
 from data_pipelines.errors import DataError, OnError, check_on_error
 from data_pipelines.masking import Masker, MaskingConfig
 from data_pipelines.packing import PackMode
-from data_pipelines.stream import TRAIN_STREAM, VALID_STREAM, MaskedBatchStream, StreamConfig, resolve_shards
+from data_pipelines.stream import (
+    TRAIN_STREAM,
+    VALID_STREAM,
+    MaskedBatchStream,
+    StreamConfig,
+    resolve_shards,
+    unstack_batch,
+)
 from data_pipelines.tokenizer import load_tokenizer
 
 log = logging.getLogger("data_pipelines")
+
+
+class _ValidLoader(DataLoader):
+    """A DataLoader over a stacked stream that hands out batch dicts."""
+
+    def __init__(self, dataset: MaskedBatchStream, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+
+    def __iter__(self) -> Iterator[dict]:
+        for stacked in super().__iter__():
+            yield unstack_batch(stacked)
 
 
 class _TrainLoader(DataLoader):
@@ -56,7 +74,8 @@ class _TrainLoader(DataLoader):
         self.dataset.set_position(epoch, start)
         dm._handed_out.clear()
         index = dm.consumed
-        for batch in super().__iter__():
+        for stacked in super().__iter__():
+            batch = unstack_batch(stacked)
             dm._handed_out.append((id(batch), index))
             if not dm._lightning_counts:
                 dm.consumed = index + 1  # plain loop: taking a batch is using it
@@ -180,7 +199,7 @@ class MLMDataModule(L.LightningDataModule):
             shuffle_window=self.shuffle_window if shuffle else 1, shuffle_shards=shuffle,
             batches_per_epoch=self.batches_per_epoch if mask_stream == TRAIN_STREAM else None,
             mask_stream=mask_stream, expected_hash=tok.hash, vocab_size=tok.vocab_size,
-            bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, on_error=self.on_error,
+            bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, on_error=self.on_error, stacked=True,
         )
         return MaskedBatchStream(config, masker)
 
@@ -209,7 +228,7 @@ class MLMDataModule(L.LightningDataModule):
         self.setup("validate")
         if self._valid is None:
             return []
-        return DataLoader(self._valid, batch_size=None, **self._loader_kwargs())
+        return _ValidLoader(self._valid, **self._loader_kwargs())
 
     # -- resume --------------------------------------------------------------------------------
 
