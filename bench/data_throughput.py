@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_count": os.cpu_count(), "processor": platform.processor()},
+                    "cpu_count": os.cpu_count(), "processor": platform.processor(),
+                    # The figures are only as quiet as the machine: record how busy it was.
+                    "load_average_1m": os.getloadavg()[0]},
         "setup": {"seq_len": args.seq_len, "micro_batch": args.batch, "vocab_size": args.vocab_size, "corpus": "embedded default",
                   "corpus_tokens": sum(s.num_tokens for s in shards.shards), "build_seconds": round(build_s, 1)},
         "masking_tokens_per_s_one_thread": masking,

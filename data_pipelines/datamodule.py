@@ -82,6 +82,16 @@ class _TrainLoader(DataLoader):
             index += 1
             yield batch
 
+    # Lightning also checkpoints a loader that has these two methods, and warns on a mid-epoch
+    # resume when it lacks them; the state is the DataModule's, so both routes restore the same.
+    def state_dict(self) -> dict[str, int]:
+        """The DataModule's consumed count (Lightning's stateful-loader protocol)."""
+        return {"consumed": self._datamodule.consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Restore the DataModule's consumed count."""
+        self._datamodule.set_consumed(state_dict["consumed"])
+
 
 class MLMDataModule(L.LightningDataModule):
     """Streams masked-LM batches from WebDataset shards.
@@ -164,6 +174,7 @@ class MLMDataModule(L.LightningDataModule):
         self._handed_out: collections.deque = collections.deque()
         self._train: MaskedBatchStream | None = None
         self._valid: MaskedBatchStream | None = None
+        self._placement: tuple[int, int] | None = None
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -205,6 +216,10 @@ class MLMDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve shards, check the tokenizer hash and plan equal epochs (rank/world from the Trainer)."""
+        placement = (self.rank, self.world_size)
+        if self._placement != placement:  # planned before a Trainer was attached: plan again
+            self._train = self._valid = None
+            self._placement = placement
         if self._train is None:
             self._train = self._stream(self.train_shards, "train", TRAIN_STREAM, shuffle=True)
         if self.valid_shards is not None and self._valid is None:

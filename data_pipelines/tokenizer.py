@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,12 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as exc:
+        too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(exc))
+        if too_small:
+            raise DataError(
+                f"vocab_size {too_small[1]} is too small for this corpus: its characters and the specials need "
+                f"{too_small[2]} ids; raise vocab_size or lower character_coverage"
+            ) from None
         raise DataError(f"SentencePiece training failed: {exc}".splitlines()[0]) from None
     model_bytes = buffer.getvalue()
     (out / MODEL_FILE).write_bytes(model_bytes)

@@ -73,6 +73,11 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
         train_tokenizer(empty, tmp_path / "tok", vocab_size=300)
 
 
+def test_too_small_vocab_is_a_clear_error(tmp_path, corpus_file):
+    with pytest.raises(DataError, match=r"vocab_size 280 is too small for this corpus: .* need \d+ ids"):
+        train_tokenizer(corpus_file, tmp_path / "tok", vocab_size=280, input_sentence_size=2000)
+
+
 def test_not_a_tokenizer_dir(tmp_path):
     with pytest.raises(DataError, match="not a tokenizer directory"):
         load_tokenizer(tmp_path)
