@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import struct
 import tarfile
@@ -240,7 +241,12 @@ def write_shards(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tok.path),)) if workers > 0 else None
+    # spawn, not fork: the caller may hold threads (rich's refresher, torch, a Trainer) whose locks a
+    # forked child would inherit mid-flight.
+    pool = (
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(str(tok.path),))
+        if workers > 0 else None
+    )
     inflight: list[tuple[str, int, Future]] = []
     try:
         with Progress(*columns, disable=not progress, transient=False) as bar:

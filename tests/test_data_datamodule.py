@@ -154,3 +154,34 @@ def test_lightning_resume_replays_the_same_batches(shard_dir, tokenizer_dir, tok
     _trainer(tmp_path / "rest", total).fit(rest, datamodule=_dm(shard_dir, tokenizer_dir, num_workers=num_workers), ckpt_path=path)
     assert _same(part.seen, full.seen[:k])
     assert _same(rest.seen, full.seen[k:]), f"resumed run saw {len(rest.seen)} batches"
+
+
+class _RankRecorder(_Recorder):
+    """Writes how many batches its rank trained on, and a digest of them, when the epoch ends."""
+
+    def __init__(self, vocab_size: int, out_dir: str) -> None:
+        super().__init__(vocab_size)
+        self.out_dir = out_dir
+
+    def on_train_epoch_end(self) -> None:
+        import json
+        from pathlib import Path
+
+        digest = [int(b["input_ids"].sum()) for b in self.seen]
+        Path(self.out_dir, f"rank{self.global_rank}.json").write_text(json.dumps({"batches": len(self.seen), "digest": digest}))
+
+
+def test_ddp_ranks_take_equal_steps_on_different_data(shard_dir, tokenizer_dir, tok, tmp_path):
+    import json
+
+    dm = _dm(shard_dir, tokenizer_dir, valid_shards=None, seq_len=128, micro_batch_size=16)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(_RankRecorder(tok.vocab_size, str(tmp_path)), datamodule=dm)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    expected = _dm(shard_dir, tokenizer_dir, seq_len=128, micro_batch_size=16, rank=1, world_size=2).batches_per_epoch_per_rank
+    assert ranks[0]["batches"] == ranks[1]["batches"] == expected
+    # Each rank read its own shards (rank and world size came from the Trainer).
+    assert ranks[0]["digest"] != ranks[1]["digest"]
