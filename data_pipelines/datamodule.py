@@ -41,6 +41,7 @@ from data_pipelines.stream import (
     VALID_STREAM,
     MaskedBatchStream,
     StreamConfig,
+    keep_as_is,
     resolve_shards,
     unstack_batch,
 )
@@ -52,20 +53,22 @@ log = logging.getLogger("data_pipelines")
 class _ValidLoader(DataLoader):
     """A DataLoader over a stacked stream that hands out batch dicts."""
 
-    def __init__(self, dataset: MaskedBatchStream, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
+    def __init__(self, dataset: MaskedBatchStream, *, pin: bool = False, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, collate_fn=keep_as_is, **kwargs)
+        self._pin = pin
 
     def __iter__(self) -> Iterator[dict]:
         for stacked in super().__iter__():
-            yield unstack_batch(stacked)
+            yield unstack_batch(stacked, self._pin)
 
 
 class _TrainLoader(DataLoader):
     """A DataLoader that starts each pass where the DataModule says and reports what it yields."""
 
-    def __init__(self, datamodule: "MLMDataModule", dataset: MaskedBatchStream, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
+    def __init__(self, datamodule: "MLMDataModule", dataset: MaskedBatchStream, *, pin: bool = False, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, collate_fn=keep_as_is, **kwargs)
         self._datamodule = datamodule
+        self._pin = pin
 
     def __iter__(self) -> Iterator[dict]:
         dm = self._datamodule
@@ -75,7 +78,7 @@ class _TrainLoader(DataLoader):
         dm._handed_out.clear()
         index = dm.consumed
         for stacked in super().__iter__():
-            batch = unstack_batch(stacked)
+            batch = unstack_batch(stacked, self._pin)
             dm._handed_out.append((id(batch), index))
             if not dm._lightning_counts:
                 dm.consumed = index + 1  # plain loop: taking a batch is using it
@@ -228,7 +231,8 @@ class MLMDataModule(L.LightningDataModule):
     def _loader_kwargs(self) -> dict:
         return {
             "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
+            # Batches arrive as numpy (see StreamConfig.stacked); pinning happens when unstacking.
+            "pin": self.pin_memory,
             "persistent_workers": False,  # each pass re-forks so workers see the new epoch/cursor
             "prefetch_factor": 4 if self.num_workers else None,
         }
