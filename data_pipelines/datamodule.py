@@ -79,8 +79,9 @@ class _TrainLoader(DataLoader):
         index = dm.consumed
         for stacked in super().__iter__():
             batch = unstack_batch(stacked, self._pin)
-            dm._handed_out.append((id(batch), index))
-            if not dm._lightning_counts:
+            if dm._lightning_counts:
+                dm._handed_out.append((id(batch), index))  # counted when Lightning trains on it
+            else:
                 dm.consumed = index + 1  # plain loop: taking a batch is using it
             index += 1
             yield batch

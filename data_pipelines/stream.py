@@ -311,7 +311,8 @@ def keep_as_is(item):
 class MaskedBatchStream(IterableDataset):
     """An ``IterableDataset`` of masked MLM batches for one rank (use with ``batch_size=None``).
 
-    Each item is ``{"input_ids", "attention_mask", "labels"}``, LongTensors ``[B, T]``.
+    Each item is ``{"input_ids", "attention_mask", "labels"}``, LongTensors ``[B, T]`` (or, with
+    ``config.stacked``, the same as one int64 array ``[3, B, T]``; see :func:`unstack_batch`).
 
     Args:
         config: the :class:`StreamConfig`.
@@ -349,21 +350,23 @@ class MaskedBatchStream(IterableDataset):
             return cfg.batches_per_epoch // workers
         if not cfg.shards.has_counts:
             raise DataError("shards without a manifest have no counts: pass the manifest, or set batches_per_epoch")
-        blocks = []
+        shards = cfg.shards.shards
         if self.strided:
-            docs = sum(s.num_docs for s in cfg.shards.shards)
-            tokens = sum(s.num_tokens for s in cfg.shards.shards)
             # Documents are dealt round-robin, so a reader's share is only known on average; plan
             # for 90% of it, and a reader that still runs short refills by cycling.
-            share = block_count_lower_bound(docs, tokens, cfg.seq_len, cfg.mode) * 9 // (10 * len(self.partition))
-            blocks = [share] * len(self.partition)
-        for owned in [] if self.strided else self.partition:
-            docs = sum(cfg.shards.shards[i].num_docs for i in owned)
-            tokens = sum(cfg.shards.shards[i].num_tokens for i in owned)
-            if cfg.mode == "full":
-                blocks.append(block_count_lower_bound(docs, tokens, cfg.seq_len, "full"))
-            else:
-                blocks.append(sum(block_count_lower_bound(cfg.shards.shards[i].num_docs, cfg.shards.shards[i].num_tokens, cfg.seq_len, "doc") for i in owned))
+            whole = block_count_lower_bound(sum(s.num_docs for s in shards), sum(s.num_tokens for s in shards), cfg.seq_len, cfg.mode)
+            blocks = [whole * 9 // (10 * len(self.partition))] * len(self.partition)
+        elif cfg.mode == "full":
+            # Exact: a reader's shards form one contiguous packed stream.
+            blocks = [
+                block_count_lower_bound(sum(shards[i].num_docs for i in owned), sum(shards[i].num_tokens for i in owned), cfg.seq_len, "full")
+                for owned in self.partition
+            ]
+        else:
+            blocks = [
+                sum(block_count_lower_bound(shards[i].num_docs, shards[i].num_tokens, cfg.seq_len, "doc") for i in owned)
+                for owned in self.partition
+            ]
         per_worker = min(blocks) // cfg.batch_size
         if per_worker == 0:
             raise DataError(
