@@ -28,7 +28,7 @@ log = logging.getLogger("data_pipelines")
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="*", help=f"files, directories or globs of {', '.join(SUFFIXES)} (default: the embedded corpus, {DEFAULT_CORPUS})")
+    p.add_argument("inputs", nargs="*", default=argparse.SUPPRESS, help=f"files, directories or globs of {', '.join(SUFFIXES)} (default: the embedded corpus, {DEFAULT_CORPUS})")
     p.add_argument("--text-field", default="text", help="JSON key holding the text in .jsonl inputs")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="stop at the first bad input, or skip it with a counted warning")
 
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
-    return args.inputs or [DEFAULT_CORPUS]
+    return getattr(args, "inputs", None) or [DEFAULT_CORPUS]
 
 
 def _histogram(lengths: np.ndarray, bins: int = 10) -> list[tuple[int, int, int]]:
