@@ -129,6 +129,7 @@ class PretrainConfig:
     seed: int = 1234
     export_hf: bool = True  # write <run_dir>/hf at the end
     fill_mask: list[str] = field(default_factory=list)  # prompts printed with the model's top-k at the end
+    optimized_metric: Optional[str] = None  # returned to Hydra sweepers (Optuna), e.g. val/loss
 
 
 def register_configs() -> None:

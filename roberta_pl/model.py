@@ -142,7 +142,10 @@ class RobertaSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.query, self.key, self.value))
+        # One [C, 3C] GEMM instead of three [C, C] ones; the three Linears stay separate parameters (HF names).
+        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        q, k, v = F.linear(x, w, b).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, C)
 
@@ -233,7 +236,13 @@ class RobertaModel(nn.Module):
 
 
 class RobertaLMHead(nn.Module):
-    """dense → GELU → LayerNorm → decoder (tied to the word embeddings) + bias."""
+    """dense → GELU → LayerNorm → decoder (tied to the word embeddings) + bias.
+
+    Returns logits over the *padded* vocabulary: with ``pad_vocab_multiple`` the matmul keeps its aligned
+    width (50265 → 50304 for base, so bf16 GEMMs get 16-byte-aligned rows) and the padded columns get -inf
+    through a non-persistent buffer, so softmax gives them zero probability and zero gradient, and the
+    state dict is unchanged. Callers slice ``[..., :vocab_size]`` (a view) before handing logits out.
+    """
 
     def __init__(self, config: RobertaConfig):
         super().__init__()
@@ -241,13 +250,15 @@ class RobertaLMHead(nn.Module):
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.decoder = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
-        self.vocab_size = config.vocab_size
+        pad_mask = torch.zeros(config.padded_vocab_size)
+        pad_mask[config.vocab_size:] = float("-inf")
+        self.register_buffer("pad_mask", pad_mask if config.padded_vocab_size > config.vocab_size else None,
+                             persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.decoder(self.layer_norm(F.gelu(self.dense(h)))) + self.bias
-        if logits.shape[-1] != self.vocab_size:  # drop the rows added by pad_vocab_multiple
-            logits = logits[..., : self.vocab_size]
-        return logits
+        bias = self.bias if self.pad_mask is None else self.bias + self.pad_mask
+        # The bias rides in the GEMM (addmm) instead of a separate pass over the [N, vocab] logits.
+        return F.linear(self.layer_norm(F.gelu(self.dense(h))), self.decoder.weight, bias)
 
 
 class RobertaForMaskedLM(nn.Module):
@@ -295,13 +306,16 @@ class RobertaForMaskedLM(nn.Module):
         Returns:
             :class:`MaskedLMOutput`; with labels the loss is the mean cross-entropy over predicted positions.
         """
+        V = self.config.vocab_size
         h = self.roberta(input_ids, attention_mask)
         if labels is None:
-            return MaskedLMOutput(None, self.lm_head(h))
-        predicted = labels.ne(IGNORE_INDEX)
-        logits = self.lm_head(h[predicted])  # sparse: only the masked positions reach the vocab projection
-        loss = F.cross_entropy(logits.float(), labels[predicted])
-        return MaskedLMOutput(loss, logits)
+            return MaskedLMOutput(None, self.lm_head(h)[..., :V])
+        # Sparse: only the masked positions reach the vocab projection. One nonzero (one host sync on GPU)
+        # serves both gathers; row-major order, as boolean indexing would give.
+        where = labels.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
+        logits = self.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, where))
+        loss = F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, where))
+        return MaskedLMOutput(loss, logits[:, :V])
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (tied weights counted once)."""

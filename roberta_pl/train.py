@@ -4,8 +4,9 @@ Examples (Hydra overrides; ``--help`` lists the config groups, ``--cfg job`` pri
 
     roberta-pl-train experiment=quickstart                      # tiny model on the embedded corpus, CPU
     roberta-pl-train model=small batch.global_batch_size=64 trainer.max_steps=2000
-    roberta-pl-train experiment=roberta_base data.train_shards='/data/train-{000000..000511}.tar' \
-        data.valid_shards=/data/valid-000000.tar data.tokenizer=/data/tokenizer trainer.num_nodes=8
+    roberta-pl-train experiment=roberta_base data.train_shards=/data/shards data.valid_shards=/data/shards \
+        data.tokenizer=/data/tokenizer trainer.num_nodes=8           # a shard dir means its manifest's splits
+    roberta-pl-train data=shards 'data.train_shards="/data/train-{000000..000511}.tar"' ...  # brace patterns: quote twice
     roberta-pl-train -m optim.lr=3e-4,6e-4 run_name=lr_sweep   # a local multirun sweep
 
 The run directory (``run_dir``, default ``runs/<run_name>``) is stable: rerunning the same command, or a
@@ -15,6 +16,7 @@ requeued Slurm job, resumes from its ``last`` checkpoint (``resume=auto``).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,20 +55,29 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if ckpt and trainer.is_global_zero:
         print(f"Resuming from {ckpt}")
     datamodule = build_datamodule(cfg, data, plan)
+    environ = dict(os.environ)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         return finish_run(cfg, trainer, module, data.tokenizer, out_dir)
     finally:
-        close_loggers(trainer)
+        end_run(trainer, environ)
 
 
-def close_loggers(trainer: pl.Trainer) -> None:
-    """Finish W&B runs so their offline files (summary, config) are complete and a later run starts fresh."""
+def end_run(trainer: pl.Trainer, environ: dict[str, str]) -> None:
+    """Leave the process as the run found it, so the next job of a multirun starts clean: finish W&B runs
+    (their offline files are then complete), destroy the process group, and drop the rank variables
+    (LOCAL_RANK, MASTER_PORT, ...) that Lightning's launcher set, which would make the next Trainer think
+    an external launcher had started it."""
+    import torch.distributed as dist
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
             logger.experiment.finish()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tokenizer, out_dir: Path) -> dict:
@@ -97,9 +108,29 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tok
     return summary
 
 
+def pin_multirun_job_for_rank_processes() -> None:
+    """Make Lightning's extra DDP ranks re-run *this* multirun job, not the whole sweep.
+
+    Lightning starts ranks 1..N-1 by re-running ``sys.argv`` with ``hydra.run.dir`` set to the parent's
+    run dir. In a multirun that argv holds ``-m`` and every swept value, and ``run.dir`` is not the job's
+    directory, so each rank would start the sweep again elsewhere. Pin both to the current job.
+    """
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        sys.argv = [sys.argv[0], *hc.overrides.task]
+        with read_write(hc.run):
+            hc.run.dir = hc.runtime.output_dir
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+def _hydra_main(cfg: DictConfig) -> float | None:
+    pin_multirun_job_for_rank_processes()
+    summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    # A sweeper (hparams_search=optuna) minimises the value the task returns.
+    return summary["metrics"].get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 
 def main() -> None:
