@@ -132,6 +132,7 @@ def _raw_lines(path: Path, max_line_bytes: int, on_error: OnError, report: SkipR
                     yield lineno, None
     except (OSError, EOFError, zlib.error) as exc:  # truncated or corrupt gzip, unreadable file
         report.handle(on_error, "unreadable_file", str(path), f"{type(exc).__name__}: {exc}")
+        yield -1, None  # the document being read when the file broke is incomplete: drop it
 
 
 def _text_documents(path: Path, max_line_bytes: int, on_error: OnError, report: SkipReport) -> Iterator[str]:

@@ -89,13 +89,15 @@ def test_missing_file_and_empty_glob(tmp_path):
 
 
 def test_truncated_gzip_is_reported(tmp_path):
-    data = gzip.compress(b"one\n\ntwo\n" * 2000)
+    # Multi-line documents, so the cut can fall between lines of one document.
+    data = gzip.compress(b"alpha beta\ngamma delta\nepsilon zeta eta\n\n" * 4000, mtime=0)
     path = _bad(tmp_path, "t.txt.gz", data[: len(data) // 2])
     with pytest.raises(DataError, match="t.txt.gz: unreadable file"):
         _docs(path)
     report = SkipReport()
     docs = _docs(path, on_error="skip", report=report)
-    assert report.counts["unreadable_file"] == 1 and len(docs) < 4000
+    assert report.counts["unreadable_file"] == 1 and 0 < len(docs) < 4000
+    assert set(docs) == {"alpha beta\ngamma delta\nepsilon zeta eta"}  # the document cut short is not passed on
 
 
 def test_empty_file_is_reported(tmp_path):
