@@ -152,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from data_pipelines.tokenizer import train_tokenizer
 
             tok = train_tokenizer(_inputs(args), args.out, args.vocab_size, input_sentence_size=args.input_sentence_size,
-                                  text_field=args.text_field, on_error=args.on_error, seed=args.seed, model_max_length=args.model_max_length)
+                                  text_field=args.text_field, on_error=args.on_error, seed=args.seed, model_max_length=args.model_max_length,
+                                  progress=not args.quiet)
             print(f"tokenizer written to {args.out} (vocab {tok.vocab_size}, hash {tok.hash})")
         elif args.command == "shards":
             from data_pipelines.shards import write_shards

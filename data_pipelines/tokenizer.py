@@ -68,6 +68,7 @@ def train_tokenizer(
     max_sentence_chars: int = 4192,
     num_threads: int | None = None,
     model_max_length: int = 512,
+    progress: bool = False,
 ) -> "SpmTokenizer":
     """Train a SentencePiece BPE tokenizer with byte fallback and RoBERTa special ids.
 
@@ -87,6 +88,7 @@ def train_tokenizer(
         max_sentence_chars: lines are clipped to this many characters for training.
         num_threads: SentencePiece trainer threads (default: all cores).
         model_max_length: recorded in ``tokenizer_config.json`` for HuggingFace users.
+        progress: show a rich spinner with the number of lines read.
 
     Returns:
         The trained tokenizer, loaded from ``out_dir``.
@@ -105,37 +107,51 @@ def train_tokenizer(
         yield first
         yield from sentences
 
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    # Reading a large corpus is most of the wall time; show that it moves.
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed:,} lines"),
+                   TimeElapsedColumn(), disable=not progress)
+    task = bar.add_task("reading corpus for SentencePiece", total=None)
+
+    def counted(lines: Iterator[str]) -> Iterator[str]:
+        for n, line in enumerate(lines, 1):
+            if n % 10_000 == 0:
+                bar.update(task, completed=n)
+            yield line
+
     spm.set_random_generator_seed(seed)
     # Written to memory, not a temp dir: the model proto records model_prefix, and a random temp
     # path would make every training run hash differently.
     buffer = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=all_sentences(),
-            model_writer=buffer,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            byte_fallback=True,
-            character_coverage=character_coverage,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            max_sentence_length=max_sentence_chars * 4,  # bytes, and we clipped to chars
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            split_digits=True,
-            bos_id=BOS_ID,
-            pad_id=PAD_ID,
-            eos_id=EOS_ID,
-            unk_id=UNK_ID,
-            bos_piece="<s>",
-            pad_piece="<pad>",
-            eos_piece="</s>",
-            unk_piece="<unk>",
-            user_defined_symbols=["<mask>"],
-            hard_vocab_limit=False,  # a small corpus yields a smaller vocab instead of failing
-            num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2,
-        )
+        with bar:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=counted(all_sentences()),
+                model_writer=buffer,
+                model_type="bpe",
+                vocab_size=vocab_size,
+                byte_fallback=True,
+                character_coverage=character_coverage,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                max_sentence_length=max_sentence_chars * 4,  # bytes, and we clipped to chars
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                bos_id=BOS_ID,
+                pad_id=PAD_ID,
+                eos_id=EOS_ID,
+                unk_id=UNK_ID,
+                bos_piece="<s>",
+                pad_piece="<pad>",
+                eos_piece="</s>",
+                unk_piece="<unk>",
+                user_defined_symbols=["<mask>"],
+                hard_vocab_limit=False,  # a small corpus yields a smaller vocab instead of failing
+                num_threads=num_threads or os.cpu_count() or 1,
+                minloglevel=2,
+            )
     except RuntimeError as exc:
         too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(exc))
         if too_small:
