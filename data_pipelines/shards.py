@@ -22,7 +22,6 @@ valid but is not.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import multiprocessing

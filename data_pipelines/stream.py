@@ -31,14 +31,14 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
 
 from data_pipelines.errors import DataError, OnError, SkipReport
 from data_pipelines.masking import Masker, mask_generator
@@ -103,7 +103,7 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str], split: str = "train"
             tokenizer_hash = found["tokenizer_hash"]
             infos.extend(ShardInfo(str(root / s["name"]), s["num_docs"], s["num_tokens"]) for s in found["splits"][split]["shards"])
             continue
-        for url in braceexpand.braceexpand(text):
+        for url in expand_urls(text):  # webdataset's: braces, '::' lists, $WDS_ variables
             infos.append(ShardInfo(url))
     if manifest is not None:
         found = load_manifest(manifest)
