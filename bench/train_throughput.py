@@ -40,6 +40,7 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -80,18 +81,18 @@ class Case:
 CASES = {
     # tiny: 2 layers, 128 hidden, 8k vocab. 32 x 128 = 4096 tokens a step; ~1 min for both on 2 cores.
     "cpu-tiny": Case("cpu-tiny", "tiny", 128, 32, "cpu", steps=60, warmup=3, rounds=6),
-    # base at seq 512: 64 x 512 = 32768 tokens a step (fairseq's RoBERTa used 8k x 512 per update, via
-    # accumulation). Vocab 50265 -> 50304 (a multiple of 64) for tensor-core-friendly head matmuls.
-    "gpu-base": Case("gpu-base", "base", 512, 64, "cuda", steps=60, warmup=8, rounds=6,
+    # base at seq 512: 32 x 512 = 16384 tokens a step (fairseq's RoBERTa reached 8k x 512 per update through
+    # accumulation and data parallelism; one micro batch only has to fill the GPU). Vocab 50265 -> 50304.
+    "gpu-base": Case("gpu-base", "base", 512, 32, "cuda", steps=60, warmup=8, rounds=6,
                      compile=True, eager_too=True, pad_vocab=64),
-    # large at seq 512: 32 x 512 = 16384 tokens a step; HF's dense fp32 logits alone are ~3.3 GB here.
-    "gpu-large": Case("gpu-large", "large", 512, 32, "cuda", steps=40, warmup=8, rounds=4,
+    # large at seq 512: 16 x 512 = 8192 tokens a step; HF's dense head alone holds ~2.5 GB of logits here.
+    "gpu-large": Case("gpu-large", "large", 512, 16, "cuda", steps=40, warmup=8, rounds=4,
                       compile=True, eager_too=True, pad_vocab=64),
 }
 GROUPS = {"all-gpu": ["gpu-base", "gpu-large"]}
 
 # Dense bf16 tensor-core peak (no sparsity), by substring of the device name; the first match wins.
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
                    ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12)]
 
 
@@ -106,6 +107,7 @@ class Contender:
     seconds: list[float] = dataclasses.field(default_factory=list)  # one entry per timed round
     steps: list[int] = dataclasses.field(default_factory=list)
     peak_memory: int | None = None
+    peak_rss_delta: int | None = None  # CPU only, for reference: resident-set growth of the probe process
     final_loss: float | None = None
 
 
@@ -150,51 +152,21 @@ def make_batch(config: RobertaConfig, case: Case, device: str, seed: int = 0):
     return ids.to(device), labels.to(device)
 
 
-def build_contenders(case: Case, config: RobertaConfig, device: str, only: str | None = None,
-                     hf_compile: bool = False) -> tuple[list[Contender], RobertaForMaskedLM | None, nn.Module | None]:
-    """HF plus one or two variants of ours (compiled and/or eager), all from the same initial weights.
+def contender_names(case: Case, hf_compile: bool = False) -> list[str]:
+    """HF first (the baseline), then ours compiled and/or eager."""
+    ours = ["ours+compile", "ours"] if case.compile and case.eager_too else ["ours+compile"] if case.compile else ["ours"]
+    return ["hf+compile" if hf_compile else "hf", *ours]
 
-    Returns the contenders and the uncompiled models used for the parity check.
-    With ``only`` (memory probes), builds just that contender.
-    """
-    torch.manual_seed(0)
-    ours = RobertaForMaskedLM(config)
-    hf = None
-    if only in (None, "hf"):
-        hf = build_hf(config)
-        copy_weights_into_hf(ours, hf)
-        hf.to(device)
-    ours.to(device)
 
-    def ours_loss(model):
-        return lambda ids, labels: model(ids, None, labels).loss  # packed: no attention mask at all
-
-    def hf_loss(model):
-        return lambda ids, labels: model(input_ids=ids, labels=labels).loss
-
-    variants = []
-    if case.compile:
-        variants.append("ours+compile")
-        if case.eager_too:
-            variants.append("ours")
+def make_contender(name: str, model: nn.Module, device: str) -> Contender:
+    """Wrap a model (already on ``device``, weights set) with its loss call and its own AdamW."""
+    if name.endswith("+compile"):
+        model.roberta.compile()  # in place: parameter names (state_dict keys) stay as they are
+    if name.startswith("hf"):
+        loss_fn = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
     else:
-        variants.append("ours")
-
-    contenders = []
-    if hf is not None:
-        hf_model = copy.deepcopy(hf)
-        if hf_compile:
-            hf_model.roberta.compile()
-        contenders.append(Contender("hf+compile" if hf_compile else "hf", hf_model, hf_loss(hf_model),
-                                    make_optimizer(hf_model, device)))
-    for name in variants:
-        if only not in (None, name):
-            continue
-        model = copy.deepcopy(ours)  # deepcopy keeps the decoder tied to the embeddings
-        if name.endswith("+compile"):
-            model.roberta.compile()  # in place: parameter names (state_dict keys) stay as they are
-        contenders.append(Contender(name, model, ours_loss(model), make_optimizer(model, device)))
-    return contenders, ours, hf
+        loss_fn = lambda ids, labels: model(ids, None, labels).loss  # noqa: E731  packed: no attention mask
+    return Contender(name, model, loss_fn, make_optimizer(model, device))
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -275,38 +247,53 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def probe_memory(case: Case, name: str, device: str, hf_compile: bool) -> dict:
-    """Child-process side of the CPU memory measurement: build one contender, train a few steps."""
+def _peak_allocated(prof) -> int:
+    """Highest ``total_allocated`` the CPU allocator reported while the profiler ran: tensor bytes only,
+    counting allocations made under the profiler (so start it before the model exists)."""
+    from torch._C._profiler import _EventType
+
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            peak = max(peak, e.extra_fields.total_allocated)
+        stack.extend(e.children)
+    return peak
+
+
+def probe_memory(case: Case, name: str, device: str) -> dict:
+    """Child-process side of the CPU memory measurement: build one contender and train a few steps under
+    ``torch.profiler(profile_memory=True)``, so every tensor byte (weights, grads, AdamW state, activations,
+    the logits) passes through the allocator's books; also report the resident-set growth for reference."""
     config = build_config(case)
     ids, labels = make_batch(config, case, device)
     baseline = _rss_bytes()
-    contenders, _, _ = build_contenders(case, config, device, only=name.replace("hf+compile", "hf"),
-                                        hf_compile=hf_compile)
-    (c,) = [c for c in contenders if c.name == name]
-    for _ in range(max(2, case.warmup + 1)):  # the first step allocates AdamW state
-        train_step(c, ids, labels, device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"name": name, "peak_rss_delta": peak - baseline, "baseline_rss": baseline}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.manual_seed(0)
+        model = build_hf(config) if name.startswith("hf") else RobertaForMaskedLM(config)  # nothing else resident
+        c = make_contender(name, model, device)
+        for _ in range(2):  # the first step allocates AdamW state, the second frees the first step's grads
+            train_step(c, ids, labels, device)
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"name": name, "peak_allocated": _peak_allocated(prof), "peak_rss_delta": rss_peak - baseline}
 
 
-def measure_cpu_memory(case: Case, names: list[str], args) -> dict[str, int]:
-    """One fresh process per contender, so that each high-water mark is its own."""
+def measure_cpu_memory(case: Case, names: list[str]) -> dict[str, dict]:
+    """One fresh process per contender, so that nothing of another model is on the books."""
     out = {}
     for name in names:
         cmd = [sys.executable, __file__, "--case", case.name, "--device", "cpu", "--probe-memory", name,
                *case_overrides_argv(case)]
-        if args.hf_compile:
-            cmd.append("--hf-compile")
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"memory probe for {name} failed:\n{res.stderr[-3000:]}")
-        out[name] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_delta"]
+        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
 
 
 def case_overrides_argv(case: Case) -> list[str]:
     """The command-line flags that reproduce ``case`` (for the memory-probe subprocesses)."""
-    argv = ["--micro-batch", str(case.micro_batch), "--seq-len", str(case.seq_len), "--warmup", str(case.warmup),
+    argv = ["--preset", case.preset, "--micro-batch", str(case.micro_batch), "--seq-len", str(case.seq_len), "--warmup", str(case.warmup),
             "--pad-vocab", str(case.pad_vocab), "--compile" if case.compile else "--no-compile"]
     if case.eager_too:
         argv.append("--eager-too")
@@ -344,14 +331,24 @@ def run_case(case: Case, args) -> dict:
     device = case.device
     config = build_config(case)
     ids, labels = make_batch(config, case, device)
-    contenders, ours_ref, hf_ref = build_contenders(case, config, device, hf_compile=args.hf_compile)
-    parity = parity_check(ours_ref, hf_ref, ids, labels, device)
-    del ours_ref, hf_ref
+    names = contender_names(case, args.hf_compile)
+
+    torch.manual_seed(0)
+    ours = RobertaForMaskedLM(config)
+    hf = build_hf(config)
+    copy_weights_into_hf(ours, hf)
+    ours.to(device), hf.to(device)
+    parity = parity_check(ours, hf, ids, labels, device)
+    # Copies first (deepcopy keeps the decoder tied to the embeddings), compile after.
+    ours_models = [ours] + [copy.deepcopy(ours) for _ in names[2:]]
+    contenders = [make_contender(names[0], hf, device)]
+    contenders += [make_contender(n, m, device) for n, m in zip(names[1:], ours_models)]
+    del ours, hf, ours_models
 
     if device == "cpu":
-        memory = measure_cpu_memory(case, [c.name for c in contenders], args)
+        memory = measure_cpu_memory(case, [c.name for c in contenders])
         for c in contenders:
-            c.peak_memory = memory[c.name]
+            c.peak_memory, c.peak_rss_delta = memory[c.name]["peak_allocated"], memory[c.name]["peak_rss_delta"]
 
     for c in contenders:  # warm-up: compile, autotune, allocator growth, AdamW state
         for _ in range(case.warmup):
@@ -377,6 +374,7 @@ def run_case(case: Case, args) -> dict:
             "step_ms": 1e3 * sum(c.seconds) / sum(c.steps),
             "timed_steps": sum(c.steps),
             "peak_memory_bytes": c.peak_memory,
+            "peak_rss_delta_bytes": c.peak_rss_delta,
             "mfu": tps * flops_tok / peak if peak else None,
             "final_loss": c.final_loss,
             "parameters": sum(p.numel() for p in c.model.parameters()),
@@ -402,14 +400,14 @@ def run_case(case: Case, args) -> dict:
         "peak_flops": peak,
         "memory_method": ("torch.cuda.max_memory_allocated over the contender's rounds minus the other "
                           "contenders' resident weights/grads/optimizer state" if device == "cuda" else
-                          "separate subprocess per contender: ru_maxrss after warm-up steps minus RSS "
-                          "before the model was built"),
+                          "separate subprocess per contender that builds only that model and trains 2 steps "
+                          "under torch.profiler(profile_memory=True): peak bytes held by the CPU allocator"),
         "parity": parity,
         "hf": hf_name,
         "results": results,
     }
     for c in contenders:  # free device memory before the next case
-        c.model, c.optimizer = None, None
+        c.model = c.optimizer = c.loss_fn = None
     if device == "cuda":
         torch.cuda.empty_cache()
     return record
@@ -443,6 +441,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="timed steps per contender (split over the rounds)")
     p.add_argument("--warmup", type=int, help="untimed steps per contender before timing")
     p.add_argument("--rounds", type=int, help="interleaved rounds")
+    p.add_argument("--preset", choices=["tiny", "small", "base", "large"], help="override the case's model size")
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -462,7 +461,7 @@ def parse_args(argv=None):
 
 def resolve_case(name: str, args) -> Case:
     case = CASES[name]
-    overrides = {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "micro_batch": args.micro_batch,
+    overrides = {"preset": args.preset, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "micro_batch": args.micro_batch,
                  "seq_len": args.seq_len, "compile": args.compile, "eager_too": args.eager_too,
                  "pad_vocab": args.pad_vocab, "activation_checkpointing": args.activation_checkpointing,
                  "device": args.device}
@@ -478,17 +477,29 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     names = GROUPS.get(args.case, [args.case])
     if args.probe_memory:
-        print(json.dumps(probe_memory(resolve_case(names[0], args), args.probe_memory, "cpu", args.hf_compile)))
+        print(json.dumps(probe_memory(resolve_case(names[0], args), args.probe_memory, "cpu")))
         return []
     if any(CASES[n].device == "cuda" for n in names) and (args.device or "cuda") == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # only fp32 leftovers outside autocast; same for both
         torch.backends.cudnn.allow_tf32 = True
     records = []
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    failed = []
     for name in names:
         case = resolve_case(name, args)
-        record = run_case(case, args)
-        moved = "" if case.device == CASES[name].device else f"-on-{case.device}"  # smoke runs keep out of the way
+        try:
+            record = run_case(case, args)
+        except Exception:  # e.g. an OOM in one case of all-gpu: keep the other case's figures
+            if len(names) == 1:
+                raise
+            traceback.print_exc()
+            failed.append(name)
+            if case.device == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        # Smoke runs on another device or model size keep out of the way of the real figures.
+        moved = "" if case.device == CASES[name].device else f"-on-{case.device}"
+        moved += "" if case.preset == CASES[name].preset else f"-{case.preset}"
         path = args.out_dir / f"train_throughput_{case.name}{moved}.json"
         path.write_text(json.dumps(record, indent=2) + "\n")
         print_table(record)
@@ -499,6 +510,8 @@ def main(argv=None) -> list[dict]:
         from plot_throughput import plot
 
         print(f"wrote {plot(args.out_dir)}")
+    if failed:
+        raise SystemExit(f"failed cases: {failed}")
     return records
 
 
