@@ -174,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as exc:
         print(f"roberta-pl-data {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable --out, a file where a directory should be, disk full
+        print(f"roberta-pl-data {args.command}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"roberta-pl-data {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130

@@ -115,10 +115,12 @@ def train_tokenizer(
     task = bar.add_task("reading corpus for SentencePiece", total=None)
 
     def counted(lines: Iterator[str]) -> Iterator[str]:
+        n = 0
         for n, line in enumerate(lines, 1):
             if n % 10_000 == 0:
                 bar.update(task, completed=n)
             yield line
+        bar.update(task, completed=n)
 
     spm.set_random_generator_seed(seed)
     # Written to memory, not a temp dir: the model proto records model_prefix, and a random temp

@@ -38,9 +38,11 @@ def test_tokenizer_shards_inspect_end_to_end(tmp_path, corpus_file, capsys):
         (["tokenizer", "--out", "{tmp}/t", "{tmp}/missing.txt"], "missing.txt: missing file"),
         (["shards", "--tokenizer", "{tmp}", "--out", "{tmp}/s", "{tmp}/x.txt"], "not a tokenizer directory"),
         (["inspect", "{tmp}"], "no manifest"),
+        (["tokenizer", "--out", "{tmp}/c.txt/sub", "{tmp}/c.txt"], "c.txt/sub: Not a directory"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, message):
+    (tmp_path / "c.txt").write_text("a corpus file, so c.txt/sub cannot be a directory\n")
     code = main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert code == 2
