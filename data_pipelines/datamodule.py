@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -48,6 +49,16 @@ from data_pipelines.stream import (
 from data_pipelines.tokenizer import load_tokenizer
 
 log = logging.getLogger("data_pipelines")
+
+
+def ignore_requeue_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGUSR1.
+
+    Slurm's ``--signal=SIGUSR1@90`` goes to every process of the job step, DataLoader workers included, and
+    a forked worker inherits Lightning's requeue handler: it would save a checkpoint from its stale copy of
+    the model and requeue the job. Only the training process may act on it.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class _ValidLoader(DataLoader):
@@ -236,6 +247,7 @@ class MLMDataModule(L.LightningDataModule):
             "pin": self.pin_memory,
             "persistent_workers": False,  # each pass re-forks so workers see the new epoch/cursor
             "prefetch_factor": 4 if self.num_workers else None,
+            "worker_init_fn": ignore_requeue_signals if self.num_workers else None,
         }
 
     def train_dataloader(self) -> DataLoader:
