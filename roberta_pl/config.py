@@ -13,25 +13,22 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from roberta_pl.model import RobertaConfig
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @dataclass
-class ModelConf:
+class ModelConf(RobertaConfig):
+    """The model group: every :class:`~roberta_pl.model.RobertaConfig` field, plus the preset name,
+    a vocabulary taken from the tokenizer unless set, and ``torch.compile``."""
+
     name: str = "tiny"
     vocab_size: Optional[int] = None  # None: take the tokenizer's vocabulary size
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 2
-    intermediate_size: int = 512
-    max_seq_len: int = 128
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
-    pad_vocab_multiple: int = 1
-    activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoder
+
+    def __post_init__(self) -> None:
+        pass  # checked when the RobertaConfig is built from it (the vocabulary is only known then)
 
 
 @dataclass
