@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -80,7 +81,8 @@ class Case:
 
 CASES = {
     # tiny: 2 layers, 128 hidden, 8k vocab. 32 x 128 = 4096 tokens a step; ~1 min for both on 2 cores.
-    "cpu-tiny": Case("cpu-tiny", "tiny", 128, 32, "cpu", steps=60, warmup=3, rounds=6),
+    # 30 rounds of 2 steps: short rounds pair up well on a shared, noisy machine.
+    "cpu-tiny": Case("cpu-tiny", "tiny", 128, 32, "cpu", steps=60, warmup=3, rounds=30),
     # base at seq 512: 32 x 512 = 16384 tokens a step (fairseq's RoBERTa reached 8k x 512 per update through
     # accumulation and data parallelism; one micro batch only has to fill the GPU). Vocab 50265 -> 50304.
     "gpu-base": Case("gpu-base", "base", 512, 32, "cuda", steps=60, warmup=8, rounds=6,
@@ -329,6 +331,7 @@ def peak_flops(device: str, override_tflops: float | None) -> float | None:
 
 def run_case(case: Case, args) -> dict:
     device = case.device
+    load_before = os.getloadavg()
     config = build_config(case)
     ids, labels = make_batch(config, case, device)
     names = contender_names(case, args.hf_compile)
@@ -382,12 +385,17 @@ def run_case(case: Case, args) -> dict:
     hf_name = contenders[0].name
     for name, r in results.items():
         r["speedup_vs_hf"] = r["tokens_per_s"] / results[hf_name]["tokens_per_s"]
+        # Round r of every contender ran back to back, so per-round ratios cancel slow drifts of the machine.
+        paired = sorted(a / b for a, b in zip(r["tokens_per_s_rounds"], results[hf_name]["tokens_per_s_rounds"]))
+        r["speedup_vs_hf_median_round"] = paired[len(paired) // 2] if len(paired) % 2 else \
+            (paired[len(paired) // 2 - 1] + paired[len(paired) // 2]) / 2
         r["memory_vs_hf"] = r["peak_memory_bytes"] / results[hf_name]["peak_memory_bytes"]
 
     record = {
         "case": case.name,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_description(device),
+        "load_average": {"before": load_before, "after": os.getloadavg()},  # 1/5/15-min: others on the machine
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "settings": {**dataclasses.asdict(case), "precision": "bf16-autocast" if device == "cuda" else "fp32",
@@ -421,15 +429,19 @@ def print_table(record: dict) -> None:
     title = (f"{record['case']}: {s['preset']} seq {s['seq_len']} x micro batch {s['micro_batch']}, "
              f"{s['precision']}, {d['name']}")
     table = Table(title=title)
-    for col in ("model", "tokens/s", "x HF", "step ms", "peak mem (MiB)", "mem / HF", "MFU", "final loss"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    table.add_column("model", no_wrap=True)
+    for col in ("tokens/s", "x HF", "x HF median round", "step ms", "peak mem (MiB)", "mem / HF", "MFU",
+                "final loss"):
+        table.add_column(col, justify="right")
     for name, r in record["results"].items():
-        table.add_row(name, f"{r['tokens_per_s']:,.0f}", f"{r['speedup_vs_hf']:.2f}", f"{r['step_ms']:.1f}",
+        table.add_row(name, f"{r['tokens_per_s']:,.0f}", f"{r['speedup_vs_hf']:.2f}",
+                      f"{r['speedup_vs_hf_median_round']:.2f}", f"{r['step_ms']:.1f}",
                       f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['memory_vs_hf']:.2f}",
                       f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", f"{r['final_loss']:.3f}")
-    Console().print(table)
+    console = Console(width=max(130, shutil.get_terminal_size().columns))
+    console.print(table)
     p = record["parity"]
-    Console().print(f"parity (eval, same weights): ours loss {p['ours_loss']:.5f}, HF {p['hf_loss']:.5f}; "
+    console.print(f"parity (eval, same weights): ours loss {p['ours_loss']:.5f}, HF {p['hf_loss']:.5f}; "
                     f"memory: {record['memory_method']}")
 
 

@@ -34,6 +34,7 @@ def test_cpu_tiny_bench_writes_complete_json(tmp_path):
         assert r["timed_steps"] == 2, name
         assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"]), name
         assert r["tokens_per_s_rounds"] and all(t > 0 for t in r["tokens_per_s_rounds"]), name
+        assert r["speedup_vs_hf_median_round"] > 0, name
         assert r["peak_memory_bytes"] > 0, name  # the process grew by at least the weights
         assert math.isfinite(r["final_loss"]) and 0 < r["final_loss"] < 20, name
         assert r["mfu"] is None  # no peak FLOP/s known on CPU unless --peak-tflops is given
@@ -41,3 +42,19 @@ def test_cpu_tiny_bench_writes_complete_json(tmp_path):
     # Both count the same unique parameters (the tied decoder once); tiny's vocab needs no padding.
     assert record["results"]["ours"]["parameters"] == record["results"]["hf"]["parameters"]
     assert (tmp_path / "train_throughput.png").stat().st_size > 0
+
+
+@pytest.mark.gpu
+def test_gpu_bench_path_runs_on_a_tiny_model(tmp_path):
+    """The CUDA path (bf16 autocast, fused AdamW, torch.compile, allocator peaks, MFU) on a tiny model."""
+    cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--case", "gpu-base", "--preset", "tiny",
+           "--seq-len", "128", "--steps", "2", "--warmup", "2", "--rounds", "2", "--micro-batch", "4",
+           "--peak-tflops", "100", "--no-plot", "--out-dir", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((tmp_path / "train_throughput_gpu-base-tiny.json").read_text())
+    assert record["device"]["type"] == "cuda" and record["settings"]["precision"] == "bf16-autocast"
+    assert set(record["results"]) == {"hf", "ours+compile", "ours"}
+    for name, r in record["results"].items():
+        assert r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0, name
+        assert 0 < r["mfu"] < 1 and math.isfinite(r["final_loss"]), name
