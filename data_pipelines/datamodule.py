@@ -132,6 +132,9 @@ class MLMDataModule(L.LightningDataModule):
         shuffle_window: blocks shuffled together in the train stream.
         batches_per_epoch: train batches per rank per epoch; ``None`` (default) derives the
             exact equal count from the manifest.
+        batch_multiple: round the derived train batches per epoch down to a multiple of this — the
+            gradient accumulation — so every optimizer step, epoch ends included, sums the same
+            number of micro-batches.
         on_error: ``"raise"`` or ``"skip"`` (counted warning) for bad shards.
         rank: data-parallel rank when no Trainer is attached.
         world_size: data-parallel size when no Trainer is attached.
@@ -159,6 +162,7 @@ class MLMDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_window: int = 1024,
         batches_per_epoch: int | None = None,
+        batch_multiple: int = 1,
         on_error: OnError = "raise",
         rank: int = 0,
         world_size: int = 1,
@@ -182,6 +186,7 @@ class MLMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_window = shuffle_window
         self.batches_per_epoch = batches_per_epoch
+        self.batch_multiple = batch_multiple
         self.on_error = on_error
         self._rank, self._world_size = rank, world_size
         self.pin_memory = pin_memory
@@ -224,6 +229,7 @@ class MLMDataModule(L.LightningDataModule):
             seed=self.seed, rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
             shuffle_window=self.shuffle_window if shuffle else 1, shuffle_shards=shuffle,
             batches_per_epoch=self.batches_per_epoch if mask_stream == TRAIN_STREAM else None,
+            batch_multiple=self.batch_multiple if mask_stream == TRAIN_STREAM else 1,
             mask_stream=mask_stream, expected_hash=tok.hash, vocab_size=tok.vocab_size,
             bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, on_error=self.on_error, stacked=True,
         )

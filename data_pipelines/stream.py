@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -246,6 +247,8 @@ class StreamConfig:
         shuffle_window: blocks shuffled together (0 or 1: no shuffle).
         shuffle_shards: visit shards in a per-epoch order (False: manifest order).
         batches_per_epoch: per rank; ``None`` derives it from the manifest counts.
+        batch_multiple: a rank's batches per epoch are rounded down to a multiple of this (the gradient
+            accumulation), so no optimizer step at an epoch end sums fewer micro-batches than the others.
         mask_stream: ``TRAIN_STREAM`` (masks vary with the step) or ``VALID_STREAM`` (fixed).
         expected_hash: tokenizer hash shards must carry.
         vocab_size: ids must be below it.
@@ -269,6 +272,7 @@ class StreamConfig:
     shuffle_window: int = 1024
     shuffle_shards: bool = True
     batches_per_epoch: int | None = None
+    batch_multiple: int = 1
     mask_stream: int = TRAIN_STREAM
     stacked: bool = False
     expected_hash: str | None = None
@@ -368,10 +372,14 @@ class MaskedBatchStream(IterableDataset):
                 for owned in self.partition
             ]
         per_worker = min(blocks) // cfg.batch_size
+        # Round so this rank's batches (per_worker x workers) are whole optimizer steps.
+        step_multiple = cfg.batch_multiple // math.gcd(cfg.batch_multiple, workers)
+        per_worker -= per_worker % step_multiple
         if per_worker == 0:
             raise DataError(
                 f"too little data: the smallest of {len(blocks)} readers gets {min(blocks)} blocks of {cfg.seq_len} tokens, "
-                f"less than one batch of {cfg.batch_size}; use more data, a smaller batch/seq_len or fewer workers"
+                f"less than one optimizer step ({step_multiple} batches of {cfg.batch_size}); use more data, a smaller "
+                f"batch/seq_len or fewer workers"
             )
         dropped = sum(blocks) - per_worker * cfg.batch_size * len(blocks)
         if dropped:

@@ -6,6 +6,7 @@ turned into a tokenizer and shards once, under ``data.cache_dir``, and reused by
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,9 @@ from omegaconf import DictConfig
 
 from data_pipelines.tokenizer import SpmTokenizer, load_tokenizer
 from roberta_pl.factory import file_lock
-from roberta_pl.optim import BatchPlan
+from roberta_pl.optim import BatchPlan, plan_ramp
 
-DEFAULT_DATASET_VERSION = 1  # bump when the default corpus, tokenizer or shard settings change
+DEFAULT_DATASET_VERSION = 2  # bump when the default corpus, tokenizer or shard settings change
 
 
 @dataclass
@@ -60,10 +61,13 @@ def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
     from data_pipelines.datamodule import MLMDataModule
 
     d = cfg.data
+    # Epochs hold whole optimizer steps: Lightning would otherwise step on a partial accumulation at
+    # each epoch end (a smaller global batch, and a drifting step count).
+    accumulations = [acc for _, _, acc in plan_ramp([tuple(r) for r in cfg.batch.ramp], plan)]
     return MLMDataModule(
         train_shards=data.train_shards, valid_shards=data.valid_shards, tokenizer_dir=str(data.tokenizer.path),
         seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size, mask_prob=d.mask_prob,
         random_prob=d.random_prob, keep_prob=d.keep_prob, whole_word=d.whole_word, span=d.span,
         pack_mode=_PACK_MODES[d.packing], seed=cfg.seed, num_workers=d.num_workers, shuffle_window=d.shuffle_buffer,
-        on_error=d.on_error,
+        on_error=d.on_error, batch_multiple=math.lcm(*accumulations),
     )

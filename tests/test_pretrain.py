@@ -80,6 +80,24 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, data_overrides):
     assert [h for h in hb if "val_loss" in h] == [h for h in ha if "val_loss" in h and h["step"] != 4]
 
 
+def test_epoch_ends_never_step_on_a_partial_accumulation(tmp_path, data_overrides):
+    from data_pipelines.datamodule import MLMDataModule
+
+    shards, tokenizer = data_overrides[0].split("=", 1)[1], data_overrides[2].split("=", 1)[1]
+    raw = MLMDataModule(shards, tokenizer, seq_len=64, micro_batch_size=4).batches_per_epoch_per_rank
+    accumulation = next(a for a in range(2, 12) if raw % a)  # an epoch that does not end on a whole step
+    per_epoch = MLMDataModule(shards, tokenizer, seq_len=64, micro_batch_size=4,
+                              batch_multiple=accumulation).batches_per_epoch_per_rank
+    assert per_epoch % accumulation == 0 and raw - per_epoch < accumulation
+    steps = per_epoch // accumulation + 4
+    train(tmp_path, [*data_overrides, f"batch.global_batch_size={4 * accumulation}", f"trainer.max_steps={steps}",
+                     "trainer.val_every_n_steps=1000", "checkpoint.every_n_steps=1000", "trainer.log_every_n_steps=50"])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] >= 1  # crossed an epoch boundary
+    # Every optimizer step, the one at the epoch end included, summed exactly `accumulation` micro-batches.
+    assert ckpt["MLMDataModule"]["consumed"] == accumulation * steps
+
+
 class _FixedBatches(pl.LightningDataModule):
     """Pre-masked sequences, identical whatever the micro-batch size: isolates the update arithmetic."""
 
