@@ -167,11 +167,12 @@ def build_loggers(cfg: DictConfig, out_dir: Path, resolved_config: dict) -> list
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        if cfg.logger.mode not in ("offline", "online", "disabled"):
+        mode = {"dryrun": "offline"}.get(cfg.logger.mode, cfg.logger.mode)  # W&B's legacy name for offline
+        if mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logger.mode={cfg.logger.mode}: choose offline, online or disabled")
         logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.run_name,
-                             save_dir=str(out_dir), id=wandb_run_id(out_dir), offline=cfg.logger.mode != "online",
-                             resume="allow", tags=list(cfg.logger.tags), mode=cfg.logger.mode)
+                             save_dir=str(out_dir), id=wandb_run_id(out_dir), offline=mode != "online",
+                             resume="allow", tags=list(cfg.logger.tags), mode=mode)
         logger.log_hyperparams(resolved_config)
         return [logger]
     raise ConfigError(f"logger.kind={kind}: choose wandb, csv, tensorboard or none")

@@ -79,7 +79,9 @@ def plan_ramp(
         ``(start_step, start_micro_batch, accumulation)`` per phase, the first starting at 0. ``start_micro_batch``
         counts micro-batches per rank, which is what the trainer's accumulation counter sees.
     Raises:
-        BatchPlanError: on a non-increasing ramp or a batch size that does not split evenly.
+        BatchPlanError: on a non-increasing ramp, a batch size that does not split evenly, or a switch that
+            does not fall on a whole step of the new size (the trainer counts micro-batches modulo the
+            accumulation, so a phase must start after a multiple of its accumulation).
     """
     phases: list[tuple[int, int, int]] = []
     step = micro = 0
@@ -88,6 +90,11 @@ def plan_ramp(
         plan = plan_batch(size, final.micro_batch_size, final.world_size, final.seq_len)
         if until is not None and until <= prev_until:
             raise BatchPlanError(f"batch.ramp steps must increase; got {until} after {prev_until}")
+        if micro % plan.accumulation:
+            raise BatchPlanError(
+                f"batch.ramp: the switch to global_batch_size={size} at step {step} comes after {micro} micro-batches "
+                f"per rank, not a multiple of its accumulation {plan.accumulation}; move the switch to another step"
+            )
         phases.append((step, micro, plan.accumulation))
         if until is not None:
             micro += (until - step) * plan.accumulation

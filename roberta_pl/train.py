@@ -36,34 +36,42 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from data_pipelines.errors import DataError
     from roberta_pl.pretrain_data import build_datamodule, prepare_data
 
+    environ = dict(os.environ)  # restored at the end: W&B and Lightning's launcher both write to it
+    trainer = None
     try:
-        plan = preflight(cfg, out_dir)
-        data = prepare_data(cfg)
-        vocab = check_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size)
-    except (ConfigError, BatchPlanError, DataError) as e:
-        raise SystemExit(f"roberta-pl-train: error: {e}") from None
-    pl.seed_everything(cfg.seed, workers=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    model_cfg = {k: v for k, v in resolved["model"].items() if k not in ("name", "compile")} | {"vocab_size": vocab}
-    module = MaskedLMModule(model=model_cfg, optim=resolved["optim"], max_steps=cfg.trainer.max_steps,
-                            seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
-                            mask_prob=cfg.data.mask_prob, seed=cfg.seed, compile=cfg.model.compile,
-                            tokenizer=str(data.tokenizer.path),
-                            packed=cfg.data.packing == "full_sentences")
-    trainer, loss_curve = build_trainer(cfg, out_dir, plan, resolved)
-    ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
-    if ckpt and trainer.is_global_zero:
-        print(f"Resuming from {ckpt}")
-    datamodule = build_datamodule(cfg, data, plan)
-    environ = dict(os.environ)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        try:
+            plan = preflight(cfg, out_dir)
+            data = prepare_data(cfg)
+            vocab = check_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size)
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            trainer, loss_curve = build_trainer(cfg, out_dir, plan, resolved)
+        except (ConfigError, BatchPlanError, DataError) as e:
+            raise SystemExit(f"roberta-pl-train: error: {e}") from None
+        pl.seed_everything(cfg.seed, workers=True)
+        model_cfg = {k: v for k, v in resolved["model"].items() if k not in ("name", "compile")} | {"vocab_size": vocab}
+        module = MaskedLMModule(model=model_cfg, optim=resolved["optim"], max_steps=cfg.trainer.max_steps,
+                                seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
+                                mask_prob=cfg.data.mask_prob, seed=cfg.seed, compile=cfg.model.compile,
+                                tokenizer=str(data.tokenizer.path), packed=cfg.data.packing == "full_sentences")
+        ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
+        if ckpt and trainer.is_global_zero:
+            print(f"Resuming from {ckpt}")
+        trainer.fit(module, datamodule=build_datamodule(cfg, data, plan), ckpt_path=ckpt)
+        save_final_checkpoint(trainer)
         return finish_run(cfg, trainer, module, data.tokenizer, out_dir)
     finally:
         end_run(trainer, environ)
 
 
-def end_run(trainer: pl.Trainer, environ: dict[str, str]) -> None:
+def save_final_checkpoint(trainer: pl.Trainer) -> None:
+    """Checkpoint the final step as ``last``: Lightning saves only every N steps, so a run whose last step
+    is not a multiple of N would otherwise lose its final steps (and a rerun would repeat them)."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback._last_global_step_saved != trainer.global_step:
+        trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
+
+
+def end_run(trainer: pl.Trainer | None, environ: dict[str, str]) -> None:
     """Leave the process as the run found it, so the next job of a multirun starts clean: finish W&B runs
     (their offline files are then complete), destroy the process group, and drop the rank variables
     (LOCAL_RANK, MASTER_PORT, ...) that Lightning's launcher set, which would make the next Trainer think
@@ -71,7 +79,7 @@ def end_run(trainer: pl.Trainer, environ: dict[str, str]) -> None:
     import torch.distributed as dist
     from lightning.pytorch.loggers import WandbLogger
 
-    for logger in trainer.loggers:
+    for logger in trainer.loggers if trainer is not None else []:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
             logger.experiment.finish()
     if dist.is_available() and dist.is_initialized():

@@ -67,12 +67,14 @@ def test_batch_plan_errors_name_the_numbers():
 
 def test_batch_ramp_plan_is_step_aligned():
     final = plan_batch(64, 8, 1, 16)
-    phases = plan_ramp([(10, 16), (30, 32)], final)
-    assert phases == [(0, 0, 2), (10, 20, 4), (30, 100, 8)]
+    phases = plan_ramp([(10, 16), (25, 32)], final)
+    assert phases == [(0, 0, 2), (10, 20, 4), (25, 80, 8)]
     with pytest.raises(BatchPlanError, match="must increase"):
         plan_ramp([(10, 16), (5, 32)], final)
     with pytest.raises(BatchPlanError, match="not divisible"):
         plan_ramp([(10, 12)], final)
+    with pytest.raises(BatchPlanError, match="switch to global_batch_size=16 at step 3 comes after 3 micro-batches"):
+        plan_ramp([(3, 8)], plan_batch(16, 8, 1, 16))
 
 
 def test_lr_schedule_shape():

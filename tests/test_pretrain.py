@@ -98,6 +98,14 @@ def test_epoch_ends_never_step_on_a_partial_accumulation(tmp_path, data_override
     assert ckpt["MLMDataModule"]["consumed"] == accumulation * steps
 
 
+def test_batch_ramp_grows_the_global_batch_on_schedule(tmp_path, data_overrides):
+    # Global batch 4 (accumulation 1) until step 4, then 8 (accumulation 2), micro-batch 4 throughout.
+    train(tmp_path, [*data_overrides, "batch.ramp=[[4,4]]", "trainer.max_steps=7"])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 7
+    assert ckpt["MLMDataModule"]["consumed"] == 4 * 1 + 3 * 2
+
+
 class _FixedBatches(pl.LightningDataModule):
     """Pre-masked sequences, identical whatever the micro-batch size: isolates the update arithmetic."""
 
