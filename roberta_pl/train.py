@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -113,6 +114,8 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tok
     acc = metrics.get("val/accuracy")
     print(f"Done: {trainer.global_step} steps in {out_dir}"
           + (f"; validation masked-token accuracy {acc:.3f}, loss {metrics['val/loss']:.3f}" if acc is not None else ""))
+    outputs = [p for p in ("checkpoints/last.ckpt", "loss_curve.png", "hf", "summary.json") if (out_dir / p).exists()]
+    print(f"Outputs in {out_dir}: {', '.join(outputs)}. Rerun the same command to continue from last.ckpt.")
     return summary
 
 
@@ -142,6 +145,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    # Lightning notices that do not apply here: our stream's __len__ is already split per worker, and the
+    # pytree deprecation is internal to Lightning.
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     register_configs()
     if not CONF_DIR.is_dir():
         sys.exit(f"roberta-pl-train: error: config directory {CONF_DIR} not found (install with `pip install -e .`)")
