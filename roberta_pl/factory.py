@@ -178,15 +178,14 @@ def build_loggers(cfg: DictConfig, out_dir: Path, resolved_config: dict) -> list
     raise ConfigError(f"logger.kind={kind}: choose wandb, csv, tensorboard or none")
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict) -> tuple[pl.Trainer, LossCurve]:
+def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict) -> pl.Trainer:
     t = cfg.trainer
-    loss_curve = LossCurve(out_dir)
     checkpoints = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=cfg.checkpoint.keep,
         monitor="step", mode="max",
     )
-    callbacks = [checkpoints, loss_curve, ThroughputLogger()]
+    callbacks = [checkpoints, LossCurve(out_dir), ThroughputLogger()]
     if t.stop_at_step is not None:
         callbacks.append(StopAtStep(t.stop_at_step))
     accumulation = plan.accumulation
@@ -209,4 +208,4 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
         enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers or False,
         default_root_dir=out_dir, plugins=plugins, num_sanity_val_steps=0,
     )
-    return trainer, loss_curve
+    return trainer

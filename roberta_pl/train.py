@@ -45,7 +45,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             data = prepare_data(cfg)
             vocab = check_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size)
             resolved = OmegaConf.to_container(cfg, resolve=True)
-            trainer, loss_curve = build_trainer(cfg, out_dir, plan, resolved)
+            trainer = build_trainer(cfg, out_dir, plan, resolved)
         except (ConfigError, BatchPlanError, DataError) as e:
             raise SystemExit(f"roberta-pl-train: error: {e}") from None
         pl.seed_everything(cfg.seed, workers=True)
