@@ -17,6 +17,14 @@ _PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "
                     "16-true": torch.float16}
 
 
+def is_logging_step(trainer: pl.Trainer) -> bool:
+    """Whether this batch's metrics go to the loggers (every ``log_every_n_steps`` optimizer steps).
+
+    Work that needs a device sync (grad norm, timing, reading a loss) runs only then. The one place that
+    reads Lightning's internal flag for it."""
+    return bool(trainer._logger_connector.should_update_logs)
+
+
 class ThroughputLogger(pl.Callback):
     """Tokens/s and MFU over each logging window.
 
@@ -38,7 +46,7 @@ class ThroughputLogger(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._tokens += batch["input_ids"].numel()
-        if not trainer._logger_connector.should_update_logs:
+        if not is_logging_step(trainer):
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
@@ -67,7 +75,7 @@ class LossCurve(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer._logger_connector.should_update_logs and "train/loss" in trainer.callback_metrics:
+        if is_logging_step(trainer) and "train/loss" in trainer.callback_metrics:
             self.history.append({"step": trainer.global_step, "train_loss": float(trainer.callback_metrics["train/loss"])})
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

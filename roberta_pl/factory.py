@@ -33,10 +33,10 @@ def world_size(cfg: DictConfig) -> int:
     devices = t.devices
     if devices in ("auto", -1, "-1"):
         n = torch.cuda.device_count() if t.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else 1
-    elif isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
-        n = len(devices)
-    else:
+    elif isinstance(devices, (int, str)):
         n = int(devices)
+    else:  # a list of device indices
+        n = len(devices)
     return max(1, n) * t.num_nodes
 
 

@@ -106,10 +106,12 @@ PRESETS: dict[str, RobertaConfig] = {
 
 class MaskedLMOutput(NamedTuple):
     """``loss`` is None without labels. With labels, ``logits`` covers only the predicted positions
-    (shape ``[num_predicted, vocab]``, in row-major order of the label mask); without, ``[B, T, vocab]``."""
+    (shape ``[num_predicted, vocab]``, in row-major order of the label mask) and ``targets`` holds their
+    labels (``[num_predicted]``); without, ``logits`` is ``[B, T, vocab]`` and ``targets`` is None."""
 
     loss: torch.Tensor | None
     logits: torch.Tensor
+    targets: torch.Tensor | None = None
 
 
 class RobertaEmbeddings(nn.Module):
@@ -326,8 +328,9 @@ class RobertaForMaskedLM(nn.Module):
         # serves both gathers; row-major order, as boolean indexing would give.
         where = labels.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
         logits = self.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, where))
-        loss = F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, where))
-        return MaskedLMOutput(loss, logits[:, :V])
+        targets = labels.reshape(-1).index_select(0, where)
+        loss = F.cross_entropy(logits.float(), targets)
+        return MaskedLMOutput(loss, logits[:, :V], targets)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (tied weights counted once)."""

@@ -12,7 +12,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from roberta_pl.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
+from roberta_pl.callbacks import is_logging_step
+from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
 from roberta_pl.optim import build_adamw, lr_lambda
 
 
@@ -55,16 +56,16 @@ class MaskedLMModule(pl.LightningModule):
         micro_step = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
         torch.manual_seed(step_seed(self.hparams.seed, micro_step, self.global_rank))
 
-    def _shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         labels = batch["labels"]
         # FULL-SENTENCES blocks are never padded: no mask lets SDPA pick the flash kernel, and deciding it
         # from the config (not from the tensor) costs no device sync.
         mask = None if self.hparams.packed else batch.get("attention_mask")
         out = self.model(batch["input_ids"], mask, labels)
-        targets = labels[labels.ne(IGNORE_INDEX)]
+        targets = out.targets  # the model's own gather of the masked labels: no second one here
         if targets.numel() == 0:  # nothing masked (tiny batches): a zero loss that keeps the graph
             zero = out.logits.sum() * 0.0
-            return zero, zero.detach(), zero
+            return zero, zero.detach(), zero, 0
         with torch.no_grad():
             accuracy = (out.logits.argmax(-1) == targets).float().mean()
         # The objective is the masked-token loss *sum* over the expected number of masked tokens
@@ -73,18 +74,17 @@ class MaskedLMModule(pl.LightningModule):
         # same update: sum / (mask_prob x tokens in the global batch). The logged loss is the true mean.
         real_tokens = batch["input_ids"].numel() if mask is None else mask.sum()
         objective = out.loss * targets.numel() / (self.hparams.mask_prob * real_tokens)
-        return out.loss, accuracy, objective
+        return out.loss, accuracy, objective, targets.numel()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, accuracy, objective = self._shared_step(batch)
+        loss, accuracy, objective, _ = self._shared_step(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", accuracy)
         self._last_loss = loss.detach()
         return objective
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, accuracy, _ = self._shared_step(batch)
-        n = int(batch["labels"].ne(IGNORE_INDEX).sum())
+        loss, accuracy, _, n = self._shared_step(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
         self.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True, batch_size=n)
 
@@ -94,12 +94,12 @@ class MaskedLMModule(pl.LightningModule):
             self.log("val/perplexity", torch.exp(loss.float().clamp(max=30.0)), sync_dist=False)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer._logger_connector.should_update_logs:
+        if is_logging_step(self.trainer):
             self.log("train/perplexity", torch.exp(self._last_loss.float().clamp(max=30.0)))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Pre-clipping global grad norm, only on logging steps (DeepSpeed shards grads and reports its own).
-        if not self.trainer._logger_connector.should_update_logs or self._uses_deepspeed():
+        if not is_logging_step(self.trainer) or self._uses_deepspeed():
             return
         norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
         if norms:
