@@ -276,6 +276,11 @@ class MLMDataModule(L.LightningDataModule):
         self.setup("fit")
         return len(self._train)
 
+    def skipped_shards(self) -> dict[str, int]:
+        """Bad shard reads skipped so far per split (``on_error="skip"``), DataLoader workers included."""
+        streams = {"train": self._train, "valid": self._valid}
+        return {split: stream.skipped_shards for split, stream in streams.items() if stream is not None}
+
     def set_consumed(self, micro_batches: int) -> None:
         """Declare how many micro-batches this rank has trained on since the start of training.
 

@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -342,6 +343,14 @@ class MaskedBatchStream(IterableDataset):
         self.epoch = 0
         self.start_batch = 0  # batches of this epoch already consumed (resume)
         self.report = SkipReport()
+        # Skips counted in shared memory, so those made in DataLoader workers (which hold copies of this
+        # object and of `report`) reach the training process's logs and metrics.
+        self._skips = multiprocessing.Value("q", 0)
+
+    @property
+    def skipped_shards(self) -> int:
+        """Bad shard reads skipped so far (``on_error="skip"``), by this process and its DataLoader workers."""
+        return int(self._skips.value)
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -428,6 +437,7 @@ class MaskedBatchStream(IterableDataset):
                 if skip_tokens >= size:
                     skip_tokens -= size
                     continue  # seek past the whole shard without opening it
+            skipped_before = self.report.total
             for j, ids in enumerate(iter_shard(shard.url, expected_hash=cfg.expected_hash, vocab_size=cfg.vocab_size,
                                                on_error=cfg.on_error, report=self.report)):
                 if self.strided and (i + j) % readers != reader:
@@ -440,6 +450,9 @@ class MaskedBatchStream(IterableDataset):
                     # (An empty suffix is fine: it packs to exactly the separator that is left.)
                     ids, skip_tokens = ids[skip_tokens:], 0
                 yield ids
+            if self.report.total > skipped_before:  # the shard was cut short and skipped
+                with self._skips.get_lock():
+                    self._skips.value += self.report.total - skipped_before
 
     def _raw_blocks(self, reader: int, skip_blocks: int) -> Iterator[np.ndarray]:
         """Unshuffled blocks of a reader from block ``skip_blocks`` on, cycling if data runs short."""

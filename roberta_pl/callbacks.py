@@ -1,4 +1,5 @@
-"""Callbacks and checkpoint I/O for pretraining: throughput/MFU, the loss curve, atomic checkpoint writes."""
+"""Callbacks and checkpoint I/O for pretraining: throughput/MFU, the loss curve, atomic checkpoint writes,
+and the fault monitors (non-finite loss, fp16 loss-scale collapse, skipped data)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
 _PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                     "16-true": torch.float16}
@@ -168,3 +170,120 @@ class StopAtStep(pl.Callback):
                            batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+# -- faults ------------------------------------------------------------------------------------------
+class TrainingFault(RuntimeError):
+    """A fault the run detected and stopped on; ``str(err)`` is one line naming the step."""
+
+
+def _scaler(trainer: pl.Trainer):
+    """The fp16 GradScaler of a 16-mixed run, None otherwise (bf16 and fp32 need none)."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+class NonFiniteLossGuard(pl.Callback):
+    """Acts on a NaN/inf training loss before it reaches the parameters.
+
+    The loss of each micro-batch is folded into one on-device flag (no sync), read once per optimizer
+    step, before the update. ``stop`` raises :class:`TrainingFault` naming the step: the parameters were
+    not touched, and the last checkpoint is kept. ``skip`` drops the step's gradients, so the optimizer
+    leaves parameters and moments as they were, counts the skip (``train/skipped_steps``) and trains on;
+    the step's batches count as consumed, so data order stays exact. Under 16-mixed, overflow steps are
+    the GradScaler's to skip (see :class:`LossScaleMonitor`), so the guard stands aside.
+
+    Args:
+        policy: ``"stop"`` or ``"skip"``.
+    """
+
+    def __init__(self, policy: str = "stop") -> None:
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"trainer.nonfinite_loss={policy}: choose stop or skip")
+        self.policy = policy
+        self.skipped = 0
+        self._bad: torch.Tensor | None = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if _scaler(trainer) is None:
+            bad = ~torch.isfinite(loss.detach())
+            self._bad = bad if self._bad is None else self._bad | bad
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        bad, self._bad = self._bad, None
+        step = trainer.global_step + 1  # the step being taken; checkpoints are named by completed steps
+        if bad is not None and bool(bad):  # the one sync per optimizer step
+            saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+            if self.policy == "stop":
+                raise TrainingFault(
+                    f"non-finite training loss (NaN/inf) at step {step}; stopped before updating the parameters "
+                    f"(last checkpoint: step {saved or 0}); set trainer.nonfinite_loss=skip to skip such steps")
+            optimizer.zero_grad(set_to_none=True)  # no gradients: AdamW leaves parameters and moments alone
+            self.skipped += 1
+            rank_zero_warn(f"skipped step {step}: non-finite training loss (trainer.nonfinite_loss=skip); "
+                           f"{self.skipped} skipped so far")
+        if is_logging_step(trainer) or self.skipped:
+            pl_module.log("train/skipped_steps", float(self.skipped))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+class LossScaleMonitor(pl.Callback):
+    """Reports the fp16 loss scale and stops when it collapses.
+
+    The GradScaler halves the scale on every step whose gradients overflow and skips that step. A rare
+    overflow is normal; a scale driven below ``min_scale`` means step after step overflowed: the loss is
+    diverging and training has silently stopped learning. Logs ``train/loss_scale`` on logging steps,
+    and raises :class:`TrainingFault` naming the step and scale. Inert without a GradScaler.
+
+    Args:
+        min_scale: the floor (fairseq's ``--min-loss-scale``, 1e-4 by default).
+    """
+
+    def __init__(self, min_scale: float = 1e-4) -> None:
+        self.min_scale = min_scale
+        self.overflows = 0  # consecutive optimizer steps the scaler skipped
+        self._previous: float | None = None
+        self._seen_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        scaler = _scaler(trainer)
+        if scaler is not None and scaler.is_enabled():
+            self._previous, self._seen_step = scaler.get_scale(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        scaler = _scaler(trainer)
+        if scaler is None or not scaler.is_enabled() or trainer.global_step == self._seen_step:
+            return  # no fp16, or still accumulating: the scale changes only when a step is taken
+        self._seen_step = trainer.global_step
+        scale = scaler.get_scale()  # a sync; the scaler already makes one per step to decide skips
+        previous, self._previous = self._previous, scale
+        if previous is not None and scale < previous:
+            self.overflows += 1
+            rank_zero_warn(f"step {trainer.global_step}: fp16 gradients overflowed, step skipped; "
+                           f"loss scale {previous:g} -> {scale:g}")
+        else:
+            self.overflows = 0
+        if is_logging_step(trainer):
+            pl_module.log("train/loss_scale", float(scale))
+        if scale < self.min_scale:
+            raise TrainingFault(
+                f"fp16 loss scale collapsed to {scale:g} at step {trainer.global_step} (below trainer.min_loss_scale="
+                f"{self.min_scale:g}; {self.overflows} consecutive overflow steps skipped): the loss is diverging; "
+                f"lower optim.lr, lengthen warm-up, or use trainer.precision=bf16-mixed")
+
+
+class DataSkipMonitor(pl.Callback):
+    """Logs ``data/skipped_shards``: bad shard reads that ``data.on_error=skip`` stepped over (each is also
+    a warning in the log naming the shard). Counts come from the DataModule, DataLoader workers included."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        counts = getattr(trainer.datamodule, "skipped_shards", None)
+        if counts is not None and is_logging_step(trainer):
+            pl_module.log_dict({f"data/skipped_shards_{split}": float(n) for split, n in counts().items()},
+                               rank_zero_only=True)

@@ -93,6 +93,15 @@ class TrainerConf:
     gradient_clip_val: float = 0.0
     deterministic: bool = False
     enable_progress_bar: bool = True
+    # A NaN/inf training loss: `stop` ends the run with the step named (the last checkpoint is kept);
+    # `skip` drops that optimizer step's update and trains on. Under 16-mixed the GradScaler owns it.
+    nonfinite_loss: str = "stop"  # stop | skip
+    # 16-mixed: stop when the GradScaler's loss scale falls below this (fairseq's --min-loss-scale):
+    # every recent step overflowed, so training has collapsed rather than hit a rare spike.
+    min_loss_scale: float = 1e-4
+    # Extra Lightning callbacks, each {_target_: module.Class, ...}. `_target_`s must come from conf/
+    # or the command line (see roberta_pl/safety.py).
+    callbacks: list[Any] = field(default_factory=list)
     deepspeed: DeepSpeedConf = field(default_factory=DeepSpeedConf)
 
 

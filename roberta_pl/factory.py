@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 from pathlib import Path
@@ -18,7 +19,16 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
-from roberta_pl.callbacks import AtomicCheckpointIO, BatchRamp, LossCurve, StopAtStep, ThroughputLogger
+from roberta_pl.callbacks import (
+    AtomicCheckpointIO,
+    BatchRamp,
+    DataSkipMonitor,
+    LossCurve,
+    LossScaleMonitor,
+    NonFiniteLossGuard,
+    StopAtStep,
+    ThroughputLogger,
+)
 from roberta_pl.optim import BatchPlan, plan_batch, plan_ramp
 
 
@@ -80,6 +90,95 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint")
     return plan
+
+
+# Fields that fix parameter shapes or token meaning: a checkpoint must agree on all of them to resume.
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len",
+                 "pad_vocab_multiple", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def read_checkpoint_hparams(ckpt: Path) -> dict:
+    """The hyper-parameters saved in a Lightning checkpoint, read with ``weights_only=True`` (no pickled code
+    runs) and memory-mapped (tensors are not read). DeepSpeed checkpoint directories keep them in
+    ``checkpoint/mp_rank_00_model_states.pt``, when present."""
+    path = ckpt
+    if ckpt.is_dir():
+        path = next(iter(sorted(ckpt.glob("checkpoint/mp_rank_00_model_states.pt"))), None)
+        if path is None:
+            return {}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError for pickled code, RuntimeError/EOFError for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"resume checkpoint {ckpt} cannot be loaded safely (weights_only=True): {first[:200]}") from None
+    return dict(state.get("hyper_parameters") or {})
+
+
+def check_resume_checkpoint(ckpt: Path, model: dict, tokenizer_hash: str) -> None:
+    """Refuse, before training, a resume checkpoint from another model size or tokenizer.
+
+    Args:
+        ckpt: the checkpoint the run would resume from.
+        model: this run's model fields (``vocab_size`` resolved).
+        tokenizer_hash: the content hash of this run's tokenizer.
+
+    Raises:
+        ConfigError: one line naming the checkpoint, the field and both values.
+    """
+    hp = read_checkpoint_hparams(ckpt)
+    saved = hp.get("model") or {}
+    diffs = [f"model.{k}={saved[k]} in the checkpoint but {model[k]} here" for k in _SHAPE_FIELDS
+             if k in saved and k in model and saved[k] != model[k]]
+    saved_hash = hp.get("tokenizer_hash")
+    if saved_hash is None and hp.get("tokenizer"):  # checkpoints from before the hash was recorded
+        meta = Path(hp["tokenizer"]) / "tokenizer_meta.json"
+        saved_hash = json.loads(meta.read_text()).get("hash") if meta.exists() else None
+    if saved_hash is not None and saved_hash != tokenizer_hash:
+        diffs.append(f"tokenizer {saved_hash} in the checkpoint but {tokenizer_hash} here (data.tokenizer)")
+    if diffs:
+        raise ConfigError(f"resume checkpoint {ckpt} does not fit this run: {'; '.join(diffs)}; "
+                          f"match the config, or start a new run (another run_name, or resume=never in a new run_dir)")
+
+
+def checkpoint_bytes(model: dict) -> int:
+    """Bytes one checkpoint of this model takes: fp32 weights plus AdamW's two moments, plus 10% slack."""
+    from roberta_pl.model import RobertaConfig, RobertaForMaskedLM
+
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        n = sum(p.numel() for p in RobertaForMaskedLM(RobertaConfig(**model)).parameters())
+    return int(n * 4 * 3 * 1.1)
+
+
+def check_free_space(out_dir: Path, needed: int) -> None:
+    """Refuse a run directory that cannot hold one more checkpoint, before training starts.
+
+    Two checks: the file system's free space (``statvfs``), and reserving ``needed`` bytes in a probe file
+    (``posix_fallocate``), which also meets quotas and file-size limits (``ulimit -f``) that free space
+    does not show. The probe is deleted at once.
+
+    Raises:
+        ConfigError: one line naming the run directory, the free space and the size needed.
+    """
+    import shutil
+
+    free = shutil.disk_usage(out_dir).free
+    mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    if free < needed:
+        raise ConfigError(f"run_dir={out_dir} has {mb(free)} free, but one checkpoint needs about {mb(needed)}; "
+                          f"free space or choose another run_dir")
+    probe = out_dir / f".space-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fh.fileno(), 0, needed)
+            else:  # macOS: seek and write the last byte
+                fh.seek(needed - 1)
+                fh.write(b"\0")
+    except OSError as e:
+        raise ConfigError(f"run_dir={out_dir} cannot hold a checkpoint of about {mb(needed)}: "
+                          f"{e.strerror or e} (disk full, quota or file-size limit)") from None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def check_vocab(model_vocab: int | None, tokenizer_vocab: int) -> int:
@@ -178,6 +277,25 @@ def build_loggers(cfg: DictConfig, out_dir: Path, resolved_config: dict) -> list
     raise ConfigError(f"logger.kind={kind}: choose wandb, csv, tensorboard or none")
 
 
+def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The user's ``trainer.callbacks`` (``{_target_: module.Class, ...}`` each), instantiated. Call
+    :func:`roberta_pl.safety.check_hydra_targets` on the config first."""
+    from hydra.utils import instantiate
+
+    built = []
+    for i, spec in enumerate(cfg.trainer.callbacks):
+        try:
+            callback = instantiate(spec)
+        except Exception as e:  # an import or argument error in the user's spec
+            cause = e.__cause__ or e
+            raise ConfigError(f"trainer.callbacks.{i}={spec.get('_target_')}: cannot instantiate: "
+                              f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
+        if not isinstance(callback, pl.Callback):
+            raise ConfigError(f"trainer.callbacks.{i}={spec.get('_target_')}: not a Lightning Callback")
+        built.append(callback)
+    return built
+
+
 def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict) -> pl.Trainer:
     t = cfg.trainer
     checkpoints = ModelCheckpoint(
@@ -185,7 +303,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=cfg.checkpoint.keep,
         monitor="step", mode="max",
     )
-    callbacks = [checkpoints, LossCurve(out_dir), ThroughputLogger()]
+    callbacks = [checkpoints, LossCurve(out_dir), ThroughputLogger(), NonFiniteLossGuard(t.nonfinite_loss),
+                 LossScaleMonitor(t.min_loss_scale), DataSkipMonitor(), *extra_callbacks(cfg)]
     if t.stop_at_step is not None:
         callbacks.append(StopAtStep(t.stop_at_step))
     accumulation = plan.accumulation
@@ -198,9 +317,16 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     strategy = build_strategy(cfg, plan)
     plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) else []
+    precision = t.precision
+    if precision == "16-mixed" and t.accelerator == "cpu":
+        # Lightning silently turns 16-mixed into bf16 on CPU; honour fp16 with a real GradScaler instead.
+        from lightning.pytorch.plugins import MixedPrecision
+
+        plugins.append(MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu")))
+        precision = None
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
-        precision=t.precision, max_steps=t.max_steps, accumulate_grad_batches=accumulation,
+        precision=precision, max_steps=t.max_steps, accumulate_grad_batches=accumulation,
         # Validation every N optimizer steps; Lightning counts micro-batches here.
         val_check_interval=t.val_every_n_steps * plan.accumulation, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,

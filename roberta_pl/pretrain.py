@@ -34,12 +34,13 @@ class MaskedLMModule(pl.LightningModule):
         seed: base of the per-step dropout seed.
         compile: ``torch.compile`` the encoder.
         tokenizer: the tokenizer directory, recorded so export and fill-mask find it from the checkpoint.
+        tokenizer_hash: the tokenizer's content hash, recorded so a resume with another tokenizer is refused.
         packed: batches are FULL-SENTENCES blocks with no padding, so the attention mask can be skipped.
     """
 
     def __init__(self, model: dict[str, Any], optim: dict[str, Any], max_steps: int, seq_len: int,
                  micro_batch_size: int, mask_prob: float = 0.15, seed: int = 0, compile: bool = False,
-                 tokenizer: str | None = None, packed: bool = True):
+                 tokenizer: str | None = None, packed: bool = True, tokenizer_hash: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.config = RobertaConfig(**model)

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -27,13 +28,27 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from roberta_pl.config import CONF_DIR, register_configs
-from roberta_pl.factory import ConfigError, build_trainer, check_vocab, find_resume_checkpoint, preflight
+from roberta_pl.callbacks import TrainingFault
+from roberta_pl.factory import (
+    ConfigError,
+    build_trainer,
+    check_free_space,
+    check_resume_checkpoint,
+    check_vocab,
+    checkpoint_bytes,
+    find_resume_checkpoint,
+    preflight,
+)
 from roberta_pl.optim import BatchPlanError
 from roberta_pl.pretrain import MaskedLMModule
+from roberta_pl.safety import check_hydra_targets
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    """Compose -> check -> data -> module -> trainer -> fit -> export. Returns a summary of the run."""
+def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) -> dict:
+    """Compose -> check -> data -> module -> trainer -> fit -> export. Returns a summary of the run.
+
+    ``overrides`` are the user's command-line overrides, the only place besides ``conf/`` a ``_target_``
+    may come from (default: the ones Hydra recorded; see :mod:`roberta_pl.safety`)."""
     from data_pipelines.errors import DataError
     from roberta_pl.pretrain_data import build_datamodule, prepare_data
 
@@ -41,27 +56,55 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     trainer = None
     try:
         try:
+            check_hydra_targets(cfg, overrides)
             plan = preflight(cfg, out_dir)
             data = prepare_data(cfg)
             vocab = check_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size)
             resolved = OmegaConf.to_container(cfg, resolve=True)
+            model_cfg = {k: v for k, v in resolved["model"].items() if k not in ("name", "compile")} | {"vocab_size": vocab}
+            ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
+            if ckpt:  # refused here, not half-way into fit, and read without running pickled code
+                check_resume_checkpoint(ckpt, model_cfg, data.tokenizer.hash)
+            check_free_space(out_dir, checkpoint_bytes(model_cfg))
             trainer = build_trainer(cfg, out_dir, plan, resolved)
         except (ConfigError, BatchPlanError, DataError) as e:
             raise SystemExit(f"roberta-pl-train: error: {e}") from None
         pl.seed_everything(cfg.seed, workers=True)
-        model_cfg = {k: v for k, v in resolved["model"].items() if k not in ("name", "compile")} | {"vocab_size": vocab}
         module = MaskedLMModule(model=model_cfg, optim=resolved["optim"], max_steps=cfg.trainer.max_steps,
                                 seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
                                 mask_prob=cfg.data.mask_prob, seed=cfg.seed, compile=cfg.model.compile,
-                                tokenizer=str(data.tokenizer.path), packed=cfg.data.packing == "full_sentences")
-        ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
+                                tokenizer=str(data.tokenizer.path), packed=cfg.data.packing == "full_sentences",
+                                tokenizer_hash=data.tokenizer.hash)
         if ckpt and trainer.is_global_zero:
             print(f"Resuming from {ckpt}")
-        trainer.fit(module, datamodule=build_datamodule(cfg, data, plan), ckpt_path=ckpt)
+        datamodule = build_datamodule(cfg, data, plan)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        except (TrainingFault, DataError) as e:  # checkpoints written so far are kept
+            raise SystemExit(f"roberta-pl-train: error: {one_line(e)}") from None
+        report_skipped_data(datamodule)
         save_final_checkpoint(trainer)
         return finish_run(cfg, trainer, module, data.tokenizer, out_dir)
     finally:
         end_run(trainer, environ)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error, as one line. An error raised in a DataLoader worker arrives wrapped in
+    the worker's traceback; its last line holds the original message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        name, sep, message = last.partition(": ")
+        text = message if sep and name.split(".")[-1] == type(error).__name__ else last
+    return " ".join(text.split())
+
+
+def report_skipped_data(datamodule) -> None:
+    """Say, at the end, how many bad shard reads ``data.on_error=skip`` stepped over (each was logged)."""
+    counts = {k: v for k, v in datamodule.skipped_shards().items() if v}
+    if counts:
+        print(f"Skipped bad shard reads (data.on_error=skip): {counts}; see the warnings above for which shards")
 
 
 def save_final_checkpoint(trainer: pl.Trainer) -> None:
@@ -91,7 +134,7 @@ def end_run(trainer: pl.Trainer | None, environ: dict[str, str]) -> None:
 
 def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tokenizer, out_dir: Path) -> dict:
     """After fit, on rank 0: export to HuggingFace, print fill-mask predictions, write ``summary.json``."""
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/", "data/"))}
     summary = {"run_dir": str(out_dir), "global_step": trainer.global_step, "metrics": metrics}
     if not trainer.is_global_zero:
         return summary
