@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from roberta_pl.hf import load_hf
-from roberta_pl.model import RobertaConfig, RobertaForMaskedLM
+from roberta_pl.hf import load_hf, load_hf_encoder
+from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, RobertaModel
 
 
 def _read_lightning_checkpoint(path: Path) -> dict:
@@ -51,3 +51,16 @@ def load_pretrained(path: str | Path) -> tuple[RobertaForMaskedLM, Path | None]:
     model.load_state_dict(state, strict=True)
     tokenizer = hparams.get("tokenizer")
     return model.eval(), Path(tokenizer) if tokenizer else None
+
+
+def load_encoder(path: str | Path) -> tuple[RobertaModel, Path | None]:
+    """The bare encoder (eval mode) and its tokenizer directory, for fine-tuning and embeddings.
+
+    Accepts what :func:`load_pretrained` does, and any HF RoBERTa directory whatever its head (masked-LM,
+    classifier, or a bare ``RobertaModel``).
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return load_hf_encoder(path), path
+    model, tokenizer = load_pretrained(path)
+    return model.roberta, tokenizer

@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from roberta_pl.model import RobertaConfig, RobertaForMaskedLM
+from roberta_pl.model import (
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaForTokenClassification,
+    RobertaModel,
+)
 
 # HF key -> our key. "{}" is the layer index. Identity by design; the table is the contract that
 # every key is accounted for (strict count check in ``convert_hf_state_dict``).
@@ -57,18 +63,21 @@ _IGNORED_HF_KEYS = re.compile(
 _VOCAB_SIZED = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias")
 
 
-def _key_table(num_layers: int) -> dict[str, str]:
+def _encoder_key_table(num_layers: int) -> dict[str, str]:
     table = dict(_EMBEDDING_KEYS)
     for i in range(num_layers):
         table.update({hf.format(i): ours.format(i) for hf, ours in _LAYER_KEYS.items()})
-    table.update(_HEAD_KEYS)
     return table
 
 
-def config_to_hf(config: RobertaConfig) -> dict:
+def _key_table(num_layers: int) -> dict[str, str]:
+    return _encoder_key_table(num_layers) | _HEAD_KEYS
+
+
+def config_to_hf(config: RobertaConfig, architecture: str = "RobertaForMaskedLM") -> dict:
     """Our config as a ``transformers`` RobertaConfig dict (what goes in ``config.json``)."""
     return {
-        "architectures": ["RobertaForMaskedLM"],
+        "architectures": [architecture],
         "model_type": "roberta",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -141,18 +150,20 @@ def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], config: RobertaConf
     return ours
 
 
-def to_hf_state_dict(model: RobertaForMaskedLM) -> dict[str, torch.Tensor]:
-    """Our model's weights under HF names, vocab padding dropped, tied decoder stored once."""
-    inverse = {ours: hf for hf, ours in _key_table(model.config.num_layers).items()}
-    state = model.state_dict()
+def _export_tensors(state: dict[str, torch.Tensor], table: dict[str, str], config: RobertaConfig) -> dict[str, torch.Tensor]:
+    """``state`` (our names) → HF names per ``table`` (HF → ours), vocab padding dropped, CPU copies."""
     out = {}
-    for ours, hf in inverse.items():
+    for hf, ours in table.items():
         t = state[ours].detach()
         if ours in _VOCAB_SIZED:
-            t = t[: model.config.vocab_size]
+            t = t[: config.vocab_size]
         out[hf] = t.to("cpu", copy=True).contiguous()
-    assert len(out) == len(inverse), "every mapped key must be written exactly once"
     return out
+
+
+def to_hf_state_dict(model: RobertaForMaskedLM) -> dict[str, torch.Tensor]:
+    """Our model's weights under HF names, vocab padding dropped, tied decoder stored once."""
+    return _export_tensors(model.state_dict(), _key_table(model.config.num_layers), model.config)
 
 
 def save_hf(model: RobertaForMaskedLM, path: str | Path, tokenizer=None) -> Path:
@@ -165,12 +176,44 @@ def save_hf(model: RobertaForMaskedLM, path: str | Path, tokenizer=None) -> Path
     Returns:
         The output directory.
     """
+    return _write_hf_dir(path, to_hf_state_dict(model), config_to_hf(model.config), tokenizer)
+
+
+def save_hf_classifier(model: RobertaForSequenceClassification | RobertaForTokenClassification, path: str | Path,
+                       labels: list[str], regression: bool = False, tokenizer=None) -> Path:
+    """Write a fine-tuned model that ``transformers.AutoModelForSequenceClassification`` (or
+    ``AutoModelForTokenClassification``) loads with the same outputs.
+
+    Args:
+        model: our sequence- or token-classification model.
+        path: output directory (created).
+        labels: class names in logit order (``id2label``); for regression, one name for the score.
+        regression: a single-score sequence regressor (``problem_type="regression"``).
+        tokenizer: as for :func:`save_hf`.
+    """
+    config = model.config
+    state = model.state_dict()
+    tensors = _export_tensors(state, _encoder_key_table(config.num_layers), config)
+    tensors |= {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if k.startswith("classifier.")}
+    token = isinstance(model, RobertaForTokenClassification)
+    hf_config = config_to_hf(config, "RobertaForTokenClassification" if token else "RobertaForSequenceClassification")
+    hf_config |= {
+        "id2label": {str(i): name for i, name in enumerate(labels)},
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "tie_word_embeddings": False,
+    }
+    if not token:
+        hf_config["problem_type"] = "regression" if regression else "single_label_classification"
+    return _write_hf_dir(path, tensors, hf_config, tokenizer)
+
+
+def _write_hf_dir(path: str | Path, tensors: dict[str, torch.Tensor], hf_config: dict, tokenizer) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     # Write to temporary names and rename, so an interrupted export never leaves a loadable half.
     tmp_weights, tmp_config = path / "model.safetensors.tmp", path / "config.json.tmp"
-    save_file(to_hf_state_dict(model), str(tmp_weights), metadata={"format": "pt"})
-    tmp_config.write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    tmp_config.write_text(json.dumps(hf_config, indent=2) + "\n")
     tmp_weights.replace(path / "model.safetensors")
     tmp_config.replace(path / "config.json")
     if tokenizer is not None:
@@ -180,9 +223,10 @@ def save_hf(model: RobertaForMaskedLM, path: str | Path, tokenizer=None) -> Path
             src = Path(getattr(tokenizer, "path", tokenizer))
             if not src.is_dir():
                 raise FileNotFoundError(f"tokenizer directory not found: {src}")
-            for f in src.iterdir():
-                if f.is_file() and f.name not in ("config.json", "model.safetensors"):
-                    shutil.copy2(f, path / f.name)
+            if src.resolve() != path.resolve():
+                for f in src.iterdir():
+                    if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+                        shutil.copy2(f, path / f.name)
     return path
 
 
@@ -218,3 +262,35 @@ def load_hf(path: str | Path, **config_overrides) -> RobertaForMaskedLM:
     # The tied decoder weight is the only key our own state dict holds that the table does not.
     assert unexpected == [] and missing == ["lm_head.decoder.weight"], (missing, unexpected)
     return model.eval()
+
+
+def load_hf_encoder(path: str | Path, **config_overrides) -> RobertaModel:
+    """The bare encoder of any HuggingFace RoBERTa directory: a masked-LM, a classifier, or a bare
+    ``RobertaModel`` (whose keys carry no ``roberta.`` prefix). Heads and the pooler are ignored.
+
+    Raises:
+        FileNotFoundError: no ``config.json``.
+        KeyError: naming the encoder keys the directory lacks.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: not a HuggingFace model directory")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    if config_overrides:
+        config = RobertaConfig(**{**config.to_dict(), **config_overrides})
+    hf_state = load_hf_state_dict(path)
+    if not any(k.startswith("roberta.") for k in hf_state):  # RobertaModel.save_pretrained drops the prefix
+        hf_state = {f"roberta.{k}": v for k, v in hf_state.items()}
+    table = _encoder_key_table(config.num_layers)
+    missing = sorted(k for k in table if k not in hf_state)
+    if missing:
+        raise KeyError(f"{path}: not a {config.num_layers}-layer RoBERTa encoder; missing {missing[:5]}")
+    ours = {table[k].removeprefix("roberta."): hf_state[k] for k in table}
+    extra = config.padded_vocab_size - config.vocab_size
+    if extra:
+        w = ours["embeddings.word_embeddings.weight"]
+        ours["embeddings.word_embeddings.weight"] = torch.cat([w, w.new_zeros((extra, w.shape[1]))])
+    encoder = RobertaModel(config)
+    encoder.load_state_dict(ours, strict=True)
+    return encoder.eval()

@@ -114,6 +114,22 @@ class MaskedLMOutput(NamedTuple):
     targets: torch.Tensor | None = None
 
 
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT's init, for ``module.apply``: N(0, std) for matrices, zero biases, unit LayerNorm, zero padding rows."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class RobertaEmbeddings(nn.Module):
     def __init__(self, config: RobertaConfig):
         super().__init__()
@@ -289,23 +305,7 @@ class RobertaForMaskedLM(nn.Module):
         self.roberta = RobertaModel(config)
         self.lm_head = RobertaLMHead(config)
         self.lm_head.decoder.weight = self.roberta.embeddings.word_embeddings.weight  # tied
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # BERT's init: N(0, 0.02) for matrices, zero biases, unit LayerNorm, zero padding rows.
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.apply(lambda m: init_weights(m, config.initializer_range))
 
     def forward(
         self,
@@ -339,6 +339,66 @@ class RobertaForMaskedLM(nn.Module):
             n -= self.roberta.embeddings.word_embeddings.weight.numel()
             n -= self.roberta.embeddings.position_embeddings.weight.numel()
         return n
+
+
+class RobertaClassificationHead(nn.Module):
+    """HF's sentence head on the ``<s>`` state: dropout → dense → tanh → dropout → out_proj."""
+
+    def __init__(self, config: RobertaConfig, num_labels: int):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.out_proj = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(h[:, 0])
+        return self.out_proj(self.dropout(torch.tanh(self.dense(x))))
+
+
+class RobertaForSequenceClassification(nn.Module):
+    """Encoder + sentence head: ``[B, T]`` ids → ``[B, num_labels]`` logits (``num_labels=1``: a regression score).
+
+    Names match ``transformers.RobertaForSequenceClassification`` (``roberta.*``, ``classifier.dense``,
+    ``classifier.out_proj``).
+    """
+
+    def __init__(self, config: RobertaConfig, num_labels: int):
+        super().__init__()
+        self.config, self.num_labels = config, num_labels
+        self.roberta = RobertaModel(config)
+        self.classifier = RobertaClassificationHead(config, num_labels)
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(self.roberta(input_ids, attention_mask))
+
+
+class RobertaForTokenClassification(nn.Module):
+    """Encoder + per-token linear head: ``[B, T]`` ids → ``[B, T, num_labels]`` logits.
+
+    Names match ``transformers.RobertaForTokenClassification`` (``roberta.*``, ``classifier``).
+    """
+
+    def __init__(self, config: RobertaConfig, num_labels: int):
+        super().__init__()
+        self.config, self.num_labels = config, num_labels
+        self.roberta = RobertaModel(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(self.dropout(self.roberta(input_ids, attention_mask)))
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Sentence vectors from hidden states ``[B, T, H]``: ``mean`` over real tokens or the ``cls`` (``<s>``) state."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"pooling={pooling!r}; choose mean or cls")
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 def mlm_flops_per_token(config: RobertaConfig, seq_len: int, mask_prob: float = 0.15, sparse: bool = True) -> float:

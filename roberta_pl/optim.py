@@ -102,20 +102,53 @@ def plan_ramp(
     return phases
 
 
+def _no_decay(module: nn.Module, name: str, p: nn.Parameter) -> bool:
+    return name == "bias" or isinstance(module, nn.LayerNorm) or p.ndim < 2
+
+
+def _unique_params(model: nn.Module):
+    """``(qualified name, module, local name, parameter)``, each trainable parameter once (tied weights twice seen)."""
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield f"{prefix}.{name}" if prefix else name, module, name, p
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay matrices and embeddings; no decay on biases and LayerNorm (BERT/RoBERTa practice)."""
     decay, no_decay = [], []
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:  # tied weights appear twice
-                continue
-            seen.add(id(p))
-            (no_decay if name == "bias" or isinstance(module, nn.LayerNorm) or p.ndim < 2 else decay).append(p)
+    for _, module, name, p in _unique_params(model):
+        (no_decay if _no_decay(module, name, p) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float,
+                       num_layers: int) -> list[dict]:
+    """AdamW groups with layer-wise LR decay (ELECTRA, BEiT): the head trains at ``lr``, encoder layer ``i``
+    (0-based) at ``lr * layer_decay ** (num_layers - i)``, the embeddings at ``lr * layer_decay ** (num_layers + 1)``.
+    ``layer_decay=1`` gives every parameter ``lr``. Biases and LayerNorms get no weight decay, as in
+    :func:`param_groups`. Parameters are named as in our models (``roberta.embeddings.*``,
+    ``roberta.encoder.layer.{i}.*``, anything else is head)."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for qualified, module, name, p in _unique_params(model):
+        if qualified.startswith("roberta.embeddings."):
+            depth = 0
+        elif qualified.startswith("roberta.encoder.layer."):
+            depth = int(qualified.split(".")[3]) + 1
+        else:
+            depth = num_layers + 1
+        key = (depth, _no_decay(module, name, p))
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if key[1] else weight_decay,
+                           "lr": lr * layer_decay ** (num_layers + 1 - depth)}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, decay: str = "linear",

@@ -1,0 +1,116 @@
+"""roberta-pl-embed: sentence embeddings of a file's texts, written to ``.npy``.
+
+    roberta-pl-embed runs/quickstart/hf sentences.txt                  # one text per line -> sentences.npy
+    roberta-pl-embed model.ckpt reviews.csv --column review --pooling cls -o reviews.npy
+
+Row ``i`` of the array is the embedding of the file's ``i``-th text (``float32``, ``[N, hidden]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipelines.errors import DataError
+from data_pipelines.tabular import Example, read_sequence_examples
+
+log = logging.getLogger("roberta_pl.embed")
+
+
+def read_texts(path: Path, column: str) -> list[Example]:
+    """Texts of a ``.txt`` file (one per non-blank line) or of a CSV/TSV/JSONL file's ``column``."""
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        rows = [Example(i, line.rstrip("\n")) for i, line in enumerate(path.open(encoding="utf-8"), 1)
+                if line.strip()]
+        if not rows:
+            raise DataError(f"{path}: no texts")
+        return rows
+    return read_sequence_examples(path, column, label_column=None, require_labels=False)
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, tokenizer, texts: list[str], pooling: str = "mean", batch_size: int = 32,
+          max_len: int | None = None, progress: bool = False) -> tuple[np.ndarray, int]:
+    """Embeddings ``[N, hidden]`` (float32) and how many texts were cut to ``max_len`` tokens.
+
+    Args:
+        encoder: a :class:`~roberta_pl.model.RobertaModel`.
+        tokenizer: a fine-tuning text tokenizer (:func:`roberta_pl.finetune.data.load_text_tokenizer`).
+        pooling: ``mean`` over real tokens (``<s>`` and ``</s>`` included) or ``cls`` (the ``<s>`` state).
+    """
+    from roberta_pl.finetune.data import collate, encode_pair, tok_encode_all
+    from roberta_pl.model import pool
+
+    max_len = min(max_len or encoder.config.max_seq_len, encoder.config.max_seq_len)
+    encoded = [encode_pair(tokenizer, ids, None, max_len) for ids in tok_encode_all(tokenizer, texts)]
+    truncated = sum(cut for _, cut in encoded)
+    device = next(encoder.parameters()).device
+    # Longest first: batches of similar lengths pad little; rows are put back in file order at the end.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    out = np.empty((len(encoded), encoder.config.hidden_size), dtype=np.float32)
+    batches = range(0, len(order), batch_size)
+    if progress:
+        from rich.progress import track
+
+        batches = track(batches, description="embedding", transient=True)
+    encoder.eval()
+    for start in batches:
+        idx = order[start:start + batch_size]
+        batch = collate([(encoded[i][0], None) for i in idx], tokenizer.pad_id, regression=False)
+        mask = batch["attention_mask"].to(device)
+        hidden = encoder(batch["input_ids"].to(device), mask)
+        out[idx] = pool(hidden.float(), mask, pooling).cpu().numpy()
+    return out, truncated
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="roberta-pl-embed", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("model", help="a roberta-pl .ckpt, a DeepSpeed checkpoint dir or a HF RoBERTa dir")
+    p.add_argument("file", help=".txt (one text per line) or .csv/.tsv/.jsonl (see --column)")
+    p.add_argument("-o", "--output", help="output .npy (default: FILE with the suffix .npy)")
+    p.add_argument("--column", default="text", help="text column of a CSV/TSV/JSONL file (default: text)")
+    p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="mean of token states or the <s> state")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, help="tokens per text, <s> and </s> included (default: the model's)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from roberta_pl.checkpoints import load_encoder
+    from roberta_pl.finetune.data import load_text_tokenizer
+
+    src = Path(args.file)
+    out = Path(args.output) if args.output else src.with_suffix(".npy")
+    try:
+        if out.exists() and not args.overwrite:
+            raise DataError(f"{out} exists; pass --overwrite to replace it or -o another path")
+        examples = read_texts(src, args.column)
+        encoder, tok_dir = load_encoder(args.model)
+        if args.tokenizer is None and tok_dir is None:
+            raise DataError(f"{args.model} records no tokenizer; pass --tokenizer")
+        tokenizer = load_text_tokenizer(args.tokenizer or tok_dir)
+        vectors, truncated = embed(encoder.to(args.device), tokenizer, [e.text for e in examples], args.pooling,
+                                   args.batch_size, args.max_length, progress=sys.stderr.isatty())
+    except (DataError, FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"roberta-pl-embed: error: {e}")
+    if truncated:
+        log.warning("%s: %d of %d texts were cut to fit %d tokens", src, truncated, len(examples),
+                    args.max_length or encoder.config.max_seq_len)
+    tmp = out.with_name(out.name + ".tmp.npy")
+    np.save(tmp, vectors)
+    tmp.replace(out)
+    print(f"Wrote {out}: {vectors.shape[0]} x {vectors.shape[1]} float32 ({args.pooling} pooling)")
+
+
+if __name__ == "__main__":
+    main()

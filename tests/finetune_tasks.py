@@ -1,0 +1,64 @@
+"""Small labelled tasks built from real text on this machine (standard-library docstrings), for the
+fine-tuning tests. Nothing is downloaded; the same Python gives the same files."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+from data_pipelines.corpus import _clean_docstring
+
+# Two sources: the mail/web stack vs the concurrency stack of the standard library. The pretraining test
+# corpus is the alphabetically first ~300 kB of stdlib docstrings, so these passages are mostly unseen.
+SOURCES = {"web": ("email", "http", "urllib", "xmlrpc", "wsgiref", "mailbox.py", "smtplib.py", "imaplib.py", "ftplib.py"),
+           "concurrency": ("multiprocessing", "concurrent", "threading.py", "queue.py", "sched.py", "selectors.py",
+                           "subprocess.py", "signal.py")}
+
+
+def docstrings(names: tuple[str, ...], max_words: int = 40) -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for name in names:
+        root = stdlib / name
+        files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+        for f in files:
+            if "test" in f.parts:
+                continue
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8", errors="replace"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
+                    doc = ast.get_docstring(node)
+                    text = _clean_docstring(doc) if doc else None
+                    if text:
+                        out.append(" ".join(text.split()[:max_words]))
+    return sorted(set(out))
+
+
+def two_source_task(out_dir: Path, n_train: int = 160, n_valid: int = 120, seed: int = 0) -> dict[str, Path]:
+    """A balanced two-class CSV task (``text``, ``source``): which part of the stdlib a docstring is from."""
+    rng = random.Random(seed)
+    per_class = {label: docstrings(names) for label, names in SOURCES.items()}
+    n = min(len(v) for v in per_class.values())
+    rows = []
+    for label, texts in per_class.items():
+        rng.shuffle(texts)
+        rows += [(t, label) for t in texts[:n]]
+    rng.shuffle(rows)
+    need = n_train + n_valid
+    assert len(rows) >= need, f"only {len(rows)} docstrings"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"train": out_dir / "train.csv", "valid": out_dir / "valid.csv"}
+    for split, part in (("train", rows[:n_train]), ("valid", rows[n_train:need])):
+        with files[split].open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "source"])
+            w.writerows(part)
+    return files
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
