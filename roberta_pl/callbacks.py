@@ -129,14 +129,27 @@ def write_loss_curve(history: list[dict[str, float]], out_dir: Path) -> Path:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it, so a kill mid-save leaves the previous
-    checkpoint (and ``last.ckpt``) intact and loadable."""
+    checkpoint (and ``last.ckpt``) intact and loadable.
+
+    ``torch.save`` streams straight into the temporary file (Lightning's default serialises the whole
+    checkpoint into memory first, a second copy of it at peak), and the file is fsynced before the rename,
+    so after a crash the name holds either the old checkpoint or the complete new one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (got {storage_options!r})")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class BatchRamp(pl.Callback):

@@ -34,3 +34,24 @@ def private_cache(tmp_path_factory):
         os.environ.pop("ROBERTA_PL_CACHE", None)
     else:
         os.environ["ROBERTA_PL_CACHE"] = old
+
+
+# -- reliability report: rows recorded by passing reliability tests, rendered to docs/reliability.md ------
+from reliability_report import scrub, write_if_complete  # noqa: E402
+
+_RELIABILITY_ROWS: dict[str, dict[str, str]] = {}
+
+
+@pytest.fixture
+def reliability():
+    """``record(fault_id, happened=..., kept=...)``: call at the end of a test, after its assertions."""
+
+    def record(fault_id: str, *, happened: str, kept: str) -> None:
+        _RELIABILITY_ROWS[fault_id] = {"happened": scrub(happened), "kept": scrub(kept)}
+
+    return record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _RELIABILITY_ROWS and exitstatus == 0:
+        write_if_complete(_RELIABILITY_ROWS)
