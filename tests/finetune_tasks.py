@@ -62,3 +62,36 @@ def two_source_task(out_dir: Path, n_train: int = 160, n_valid: int = 120, seed:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+_CODE = __import__("re").compile(r"^[\w.]*([._]\w|\(\)|\w\.\w)[\w.()]*$")
+
+
+def code_tags(words: list[str]) -> list[str]:
+    """BIO tags marking code-like words (``os.path``, ``set_result()``, ``max_workers``) as CODE entities;
+    a run of adjacent ones is one entity."""
+    tags, prev = [], False
+    for w in words:
+        code = bool(_CODE.match(w.strip(",.:;")))
+        tags.append(("I-CODE" if prev else "B-CODE") if code else "O")
+        prev = code
+    return tags
+
+
+def tagging_task(out_dir: Path, n_train: int = 160, n_valid: int = 60, seed: int = 0) -> dict[str, Path]:
+    """A CoNLL-format tagging task over real docstrings: find the code identifiers in the prose."""
+    rng = random.Random(seed)
+    texts = docstrings(SOURCES["web"] + SOURCES["concurrency"], max_words=30)
+    rng.shuffle(texts)
+    with_code = [t for t in texts if "CODE" in "".join(code_tags(t.split()))]
+    rows = with_code[: n_train + n_valid]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"train": out_dir / "train.conll", "valid": out_dir / "valid.conll"}
+    for split, part in (("train", rows[:n_train]), ("valid", rows[n_train:])):
+        with files[split].open("w") as f:
+            f.write("-DOCSTART- -X- -X- O\n\n")
+            for text in part:
+                words = text.split()
+                f.writelines(f"{w} {t}\n" for w, t in zip(words, code_tags(words)))
+                f.write("\n")
+    return files

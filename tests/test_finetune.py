@@ -1,0 +1,365 @@
+"""Fine-tuning end to end: a model pretrained in this session, real task files, real Trainers, and the HF
+exports checked in transformers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+
+from data_pipelines.errors import DataError
+from data_pipelines.tabular import read_sequence_examples, read_token_examples
+from finetune_tasks import code_tags, docstrings, SOURCES, tagging_task, two_source_task, write_jsonl
+from roberta_pl.cli.embed import main as embed_main
+from roberta_pl.config import CONF_DIR
+from roberta_pl.config import register_configs as register_pretrain_configs
+from roberta_pl.finetune.app import run
+from roberta_pl.finetune.config import register_configs
+from roberta_pl.finetune.data import HFTokenizerJson, align_word_labels, load_text_tokenizer
+from roberta_pl.finetune.module import EntityF1, entity_spans
+from roberta_pl.model import IGNORE_INDEX, RobertaConfig, RobertaForSequenceClassification
+from roberta_pl.optim import layer_decay_groups
+from roberta_pl.train import run as pretrain
+
+register_configs()
+register_pretrain_configs()
+SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=256",
+         "model.max_seq_len=64", "batch.seq_len=64", "batch.global_batch_size=32", "batch.micro_batch_size=32",
+         "trainer=cpu", "trainer.max_steps=400", "trainer.val_every_n_steps=400", "trainer.limit_val_batches=2",
+         "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=400", "data.num_workers=0", "fill_mask=[]",
+         "logger=csv", "optim.lr=2e-3", "optim.warmup_steps=30"]
+FAST = ["batch_size=16", "optim.lr=1e-3", "trainer.enable_progress_bar=false", "logger=csv", "task.max_seq_len=64"]
+
+
+def compose_cfg(name: str, overrides) -> object:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def finetune(out_dir: Path, overrides) -> dict:
+    return run(compose_cfg("finetune", [*FAST, *overrides]), out_dir)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, shard_dir, tokenizer_dir) -> Path:
+    """A small RoBERTa pretrained for 400 steps on the session's docstring corpus (~20 s)."""
+    out = tmp_path_factory.mktemp("pretrained")
+    data = [f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
+    pretrain(compose_cfg("pretrain", [*SMALL, *data]), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def source_task(tmp_path_factory) -> dict[str, Path]:
+    return two_source_task(tmp_path_factory.mktemp("two_source"))
+
+
+def source_overrides(pretrained: Path, task: dict[str, Path], init: str = "pretrained") -> list[str]:
+    return [f"pretrained={pretrained / 'checkpoints' / 'last.ckpt'}", f"init={init}",
+            f"task.train_file={task['train']}", f"task.valid_file={task['valid']}", "task.label_column=source",
+            "trainer.max_epochs=6", "early_stopping.patience=0"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_pretraining_beats_random_init_and_hf_export_gives_same_predictions(tmp_path, pretrained, source_task):
+    runs = {init: finetune(tmp_path / init, source_overrides(pretrained, source_task, init))
+            for init in ("pretrained", "random")}
+    acc = {init: s["metrics"]["val/accuracy"] for init, s in runs.items()}
+    print("two-source accuracy:", acc)
+    # Same architecture, data, schedule and seed; only the encoder's starting weights differ.
+    assert acc["pretrained"] >= acc["random"] + 0.15, acc
+    assert acc["pretrained"] > 0.65
+
+    out = tmp_path / "pretrained"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labels"] == ["concurrency", "web"] and summary["examples"] == {"train": 160, "valid": 120}
+    best = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["hyper_parameters"]["labels"] == ["concurrency", "web"]
+    rows = read_jsonl(out / "predictions" / "valid.jsonl")
+    with (source_task["valid"]).open() as f:
+        gold = list(csv.DictReader(f))
+    assert [r["text"] for r in rows] == [g["text"] for g in gold] and [r["label"] for r in rows] == [g["source"] for g in gold]
+    assert abs(np.mean([r["prediction"] == r["label"] for r in rows]) - acc["pretrained"]) < 1e-6
+
+    # A user's view: transformers' Auto classes on the export, with its own tokenizer.
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    enc = tok([r["text"] for r in rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        probs = model(**enc).logits.softmax(-1)
+    assert [model.config.id2label[i] for i in probs.argmax(-1).tolist()] == [r["prediction"] for r in rows]
+    ours = torch.tensor([[r["probabilities"][name] for name in ("concurrency", "web")] for r in rows])
+    torch.testing.assert_close(probs, ours, atol=1e-5, rtol=0)
+    assert model.config.problem_type == "single_label_classification"
+
+
+@pytest.mark.slow
+def test_hf_directory_start_equals_checkpoint_start(tmp_path, pretrained, source_task):
+    """The HF masked-LM export of the pretrained model is the same starting point as its checkpoint."""
+    base = source_overrides(pretrained, source_task)
+    base = [o for o in base if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=2"]
+    from_ckpt = finetune(tmp_path / "ckpt", base)
+    from_hf = finetune(tmp_path / "hf", [*base, f"pretrained={pretrained / 'hf'}"])
+    assert from_hf["metrics"] == pytest.approx(from_ckpt["metrics"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_token_classification_end_to_end_and_hf_export(tmp_path, pretrained):
+    files = tagging_task(tmp_path / "tagging")
+    out = tmp_path / "run"
+    summary = finetune(out, [f"pretrained={pretrained / 'hf'}", "task=token_classification",
+                             f"task.train_file={files['train']}", f"task.valid_file={files['valid']}",
+                             f"task.test_file={files['valid']}", "trainer.max_epochs=20", "optim.lr=3e-3",
+                             "early_stopping.patience=0"])
+    assert summary["labels"] == ["B-CODE", "I-CODE", "O"]
+    m = summary["metrics"]
+    assert {"val/f1", "val/precision", "val/recall", "val/accuracy"} <= set(m)
+    assert m["val/f1"] > 0.1, m  # always-O scores 0: the tagger found code identifiers
+
+    rows = read_jsonl(out / "predictions" / "valid.jsonl")
+    assert len(rows) == 60 and (out / "predictions" / "test.jsonl").exists()
+    assert all(len(r["predictions"]) == len(r["tokens"]) == len(r["tags"]) for r in rows)
+    # The metric recomputed from the predictions file, with the same span rules.
+    # Words cut by truncation have no prediction (null) and are not scored.
+    kept = [(r["tags"][: n], r["predictions"][: n]) for r in rows for n in [sum(p is not None for p in r["predictions"])]]
+    assert any(len(t) < len(r["tags"]) for (t, _), r in zip(kept, rows))  # truncation happened in this data
+    tp = sum(len(entity_spans(t) & entity_spans(p)) for t, p in kept)
+    n_gold = sum(len(entity_spans(t)) for t, _ in kept)
+    assert tp / n_gold == pytest.approx(m["val/recall"], abs=1e-6)
+
+    # transformers' token classifier on the export predicts the same tag for every word.
+    model = transformers.AutoModelForTokenClassification.from_pretrained(out / "hf").eval()
+    tok = load_text_tokenizer(out / "hf")
+    for r in rows[:30]:
+        ids, _, positions, _ = align_word_labels(tok.encode_words(r["tokens"]), None, 64, tok.bos_id, tok.eos_id)
+        with torch.no_grad():
+            pred = model(torch.tensor([ids])).logits[0].argmax(-1)
+        hf_tags = [model.config.id2label[int(pred[p])] for p in positions]
+        assert hf_tags == r["predictions"][: len(positions)]
+
+
+def test_label_alignment_on_words_split_into_several_pieces(tokenizer_dir, tmp_path):
+    tok = load_text_tokenizer(tokenizer_dir)
+    words = "The ThreadPoolExecutor.submit() schedules callables asynchronously".split()
+    pieces = tok.encode_words(words)
+    assert sum(len(p) > 1 for p in pieces) >= 2, pieces  # the point of the test: multi-piece words
+    tags = [0, 1, 2, 0, 2]
+    ids, labels, positions, cut = align_word_labels(pieces, tags, 64, tok.bos_id, tok.eos_id)
+    assert not cut and ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert [labels[p] for p in positions] == tags  # each word's first piece carries its tag
+    assert sum(lab != IGNORE_INDEX for lab in labels) == len(words)  # and no other piece does
+    for w, p, nxt in zip(words, positions, positions[1:] + [len(ids) - 1]):
+        assert tok.tok.decode(ids[p:nxt]) == w  # the span from one first piece to the next is the word
+    # The tokenizer.json path (HF directories without a SentencePiece model) aligns identically.
+    (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    assert HFTokenizerJson(tmp_path).encode_words(words) == pieces
+    # Truncation drops whole words and says so.
+    ids, labels, positions, cut = align_word_labels(pieces, tags, 8, tok.bos_id, tok.eos_id)
+    assert cut and len(ids) <= 8 and len(positions) < len(words) and ids[-1] == tok.eos_id
+
+
+def glue_files(root: Path) -> dict[str, Path]:
+    """GLUE-layout files (the real column layouts; texts are docstrings, labels derived from them)."""
+    texts = docstrings(SOURCES["web"])[:90]
+    dirs = {name: root / name for name in ("SST-2", "CoLA", "STS-B", "MNLI")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+
+    def tsv(path: Path, header: list[str] | None, rows: list[list]) -> None:
+        lines = (["\t".join(header)] if header else []) + ["\t".join(map(str, r)) for r in rows]
+        path.write_text("\n".join(lines) + "\n")
+
+    for split, part in (("train", texts[:60]), ("dev", texts[60:])):
+        tsv(dirs["SST-2"] / f"{split}.tsv", ["sentence", "label"], [[t, int("http" in t.lower())] for t in part])
+        tsv(dirs["CoLA"] / f"{split}.tsv", None, [["gj04", int(len(t) % 2), "", t] for t in part])
+        tsv(dirs["STS-B"] / f"{split}.tsv",
+            "index genre filename year old_index source1 source2 sentence1 sentence2 score".split(),
+            [[i, "main", "f", "2012", i, "s", "s", t, t[::-1], f"{len(t) % 50 / 10:.3f}"] for i, t in enumerate(part)])
+        nli = ["contradiction", "neutral", "entailment"]
+        header = ("index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
+                  "sentence2_parse sentence1 sentence2 label1 gold_label").split()
+        tsv(dirs["MNLI"] / ("train.tsv" if split == "train" else "dev_matched.tsv"), header,
+            [[i, i, f"{i}e", "fiction", "(", "(", "(", "(", t, t.split()[0] + ' "quoted', nli[i % 3], nli[i % 3]]
+             for i, t in enumerate(part)])
+    return dirs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,data_dir,metric", [("sst2", "SST-2", "accuracy"), ("cola", "CoLA", "mcc"),
+                                                     ("stsb", "STS-B", "pearson"), ("mnli", "MNLI", "accuracy")])
+def test_glue_presets_read_their_files_and_export(tmp_path, pretrained, preset, data_dir, metric):
+    dirs = glue_files(tmp_path / "glue")
+    out = tmp_path / "run"
+    summary = finetune(out, [f"pretrained={pretrained / 'hf'}", f"task={preset}", f"task.data_dir={dirs[data_dir]}",
+                             "trainer.max_epochs=1"])
+    assert f"val/{metric}" in summary["metrics"] and summary["examples"] == {"train": 60, "valid": 30}
+    config = json.loads((out / "hf" / "config.json").read_text())
+    if preset == "stsb":
+        assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+        rows = read_jsonl(out / "predictions" / "valid.jsonl")
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "hf").eval()
+        tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
+        enc = tok([r["text"] for r in rows], [r["text_pair"] for r in rows], padding=True, truncation=True,
+                  max_length=64, return_tensors="pt")
+        with torch.no_grad():
+            scores = model(**enc).logits[:, 0]
+        torch.testing.assert_close(scores, torch.tensor([r["prediction"] for r in rows]), atol=1e-4, rtol=0)
+    if preset == "mnli":
+        assert config["id2label"] == {"0": "contradiction", "1": "neutral", "2": "entailment"}
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing_column", "train.jsonl, line 2: missing column 'text'"),
+    ("empty_text", "train.jsonl, line 3: empty text in column 'text'"),
+    ("unseen_label", "valid.jsonl, line 2: label 'maybe' never seen in training"),
+    ("bad_json", "train.jsonl, line 5: not valid JSON"),
+])
+def test_bad_input_is_one_line_error_naming_file_and_line(tmp_path, tokenizer_dir, pretrained, case, message):
+    good = [{"text": "a sentence about threads", "label": "yes"}, {"text": "another about mail", "label": "no"}]
+    train = good + [{"text": "and a third", "label": "yes"}, {"text": "a fourth one", "label": "no"}]
+    valid = list(good)
+    if case == "missing_column":
+        train[1] = {"body": "no text column", "label": "no"}
+    elif case == "empty_text":
+        train[2] = {"text": "   ", "label": "yes"}
+    elif case == "unseen_label":
+        valid[1] = {"text": "unsure", "label": "maybe"}
+    train_file = write_jsonl(tmp_path / "train.jsonl", train)
+    valid_file = write_jsonl(tmp_path / "valid.jsonl", valid)
+    if case == "bad_json":
+        train_file.write_text(train_file.read_text() + "{not json\n")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        finetune(out, [f"pretrained={pretrained / 'hf'}", f"task.train_file={train_file}", f"task.valid_file={valid_file}"])
+    text = str(e.value)
+    assert message in text and "\n" not in text and text.startswith("roberta-pl-finetune: error:")
+    assert not (out / "checkpoints").exists()  # refused before any training
+
+
+def test_long_texts_are_truncated_with_a_counted_warning(tmp_path, pretrained, caplog):
+    words = " ".join(docstrings(SOURCES["web"])[:40]).split()
+    train = [{"text": " ".join(words[i * 7:(i + 1) * 7]), "label": str(i % 2)} for i in range(16)]
+    train[3]["text"] = train[9]["text"] = " ".join(words[:300])  # far beyond 64 tokens
+    train_file = write_jsonl(tmp_path / "train.jsonl", train)
+    with caplog.at_level("WARNING", logger="roberta_pl.finetune"):
+        summary = finetune(tmp_path / "run", [f"pretrained={pretrained / 'hf'}", f"task.train_file={train_file}",
+                                              f"task.valid_file={train_file}", "trainer.max_epochs=1", "export_hf=false"])
+    assert summary["truncated"] == {"train": 2, "valid": 2}
+    assert any("2 of 16 texts were cut to fit max_seq_len=64 (first at line 4)" in r.getMessage() for r in caplog.records)
+
+
+def test_early_stopping_stops_when_the_metric_stalls(tmp_path, pretrained, source_task):
+    overrides = [o for o in source_overrides(pretrained, source_task) if not o.startswith(("trainer.max_epochs", "early"))]
+    summary = finetune(tmp_path / "run", [*overrides, "optim.lr=0", "trainer.max_epochs=20", "early_stopping.patience=2",
+                                          "export_hf=false"])
+    assert summary["epochs"] == 3  # validation after epochs 1, 2, 3 never improves on the first: stop
+
+
+def test_rerun_refuses_to_overwrite_a_finished_finetuning(tmp_path, pretrained, source_task):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "best.ckpt").write_bytes(b"earlier result")
+    with pytest.raises(SystemExit, match="already holds a fine-tuned model"):
+        finetune(out, source_overrides(pretrained, source_task))
+    assert (out / "checkpoints" / "best.ckpt").read_bytes() == b"earlier result"
+
+
+def test_layer_wise_lr_decay_groups():
+    config = RobertaConfig.from_name("tiny", vocab_size=300, num_layers=3)
+    model = RobertaForSequenceClassification(config, 2)
+    groups = layer_decay_groups(model, lr=1.0, weight_decay=0.1, layer_decay=0.5, num_layers=3)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["classifier.out_proj.weight"])] == 1.0
+    assert lr_of[id(params["roberta.encoder.layer.2.output.dense.weight"])] == 0.5
+    assert lr_of[id(params["roberta.encoder.layer.0.output.dense.weight"])] == 0.125
+    assert lr_of[id(params["roberta.embeddings.word_embeddings.weight"])] == 0.0625
+    assert wd_of[id(params["roberta.encoder.layer.0.output.LayerNorm.weight"])] == 0.0
+    assert wd_of[id(params["roberta.encoder.layer.0.output.dense.weight"])] == 0.1
+    assert len(lr_of) == len(params)  # every parameter in exactly one group
+
+
+def test_entity_f1_follows_conlleval_chunk_rules():
+    assert entity_spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG"]) == {
+        ("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5), ("ORG", 5, 6)}
+    assert entity_spans(["I-PER", "I-PER", "O"]) == {("PER", 0, 2)}  # IOB1-style start
+    labels = ["B-PER", "I-PER", "O"]
+    metric = EntityF1(labels)
+    gold = torch.tensor([[IGNORE_INDEX, 0, 1, 2, 0, IGNORE_INDEX]])
+    pred = torch.tensor([[2, 0, 1, 2, 2, 2]])  # first entity right, second missed; -100 positions ignored
+    metric.update(pred, gold)
+    out = metric.compute()
+    assert out["precision"] == 1.0 and out["recall"] == 0.5 and out["f1"] == pytest.approx(2 / 3)
+
+
+def test_readers_handle_glue_tsv_quotes_headerless_files_and_conll(tmp_path):
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text('sentence\tlabel\nit \'s a "charming and often affecting journey\t1\n\nsecond\t0\n')
+    ex = read_sequence_examples(tsv, "sentence", "label")
+    assert [(e.line, e.text, e.label) for e in ex] == [(2, 'it \'s a "charming and often affecting journey', "1"),
+                                                       (4, "second", "0")]
+    cola = tmp_path / "cola.tsv"
+    cola.write_text("gj04\t1\t\tOur friends won't buy this analysis.\n")
+    assert read_sequence_examples(cola, "sentence", "label", header=False,
+                                  columns=["source", "label", "original", "sentence"])[0].label == "1"
+    conll = tmp_path / "x.conll"
+    conll.write_text("-DOCSTART- -X- O\n\nEU NNP B-ORG\nrejects VBZ O\n\nPeter NNP B-PER\n")
+    ex = read_token_examples(conll)
+    assert [(e.line, e.text, e.label) for e in ex] == [(3, ["EU", "rejects"], ["B-ORG", "O"]), (6, ["Peter"], ["B-PER"])]
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"tokens": ["a", "b"], "tags": ["O"]}])
+    with pytest.raises(DataError, match=r"bad.jsonl, line 1: 2 words but 1 tags"):
+        read_token_examples(bad)
+    assert code_tags(["use", "os.path", "join()", "here"]) == ["O", "B-CODE", "I-CODE", "O"]
+
+
+@pytest.mark.slow
+def test_embed_cli_writes_pooled_embeddings_matching_transformers(tmp_path, pretrained):
+    texts = docstrings(SOURCES["concurrency"])[:20]
+    src = tmp_path / "texts.csv"
+    with src.open("w", newline="") as f:
+        csv.writer(f).writerows([["id", "body"], *[[i, t] for i, t in enumerate(texts)]])
+    hf_dir = pretrained / "hf"
+    embed_main([str(hf_dir), str(src), "--column", "body"])
+    vectors = np.load(tmp_path / "texts.npy")
+    assert vectors.shape == (20, 64) and vectors.dtype == np.float32
+    # transformers' encoder over the same tokens, mean-pooled, is the same vector.
+    model = transformers.AutoModel.from_pretrained(hf_dir, add_pooling_layer=False).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    np.testing.assert_allclose(vectors, ((hidden * mask).sum(1) / mask.sum(1)).numpy(), atol=1e-4)
+    embed_main([str(hf_dir), str(src), "--column", "body", "--pooling", "cls", "-o", str(tmp_path / "cls.npy")])
+    np.testing.assert_allclose(np.load(tmp_path / "cls.npy"), hidden[:, 0].numpy(), atol=1e-4)
+    # Refuses to overwrite; a missing column names the file and line (the console script, as users run it).
+    with pytest.raises(SystemExit, match="texts.npy exists; pass --overwrite"):
+        embed_main([str(hf_dir), str(src), "--column", "body"])
+    bad = subprocess.run(["roberta-pl-embed", str(hf_dir), str(src), "-o", str(tmp_path / "x.npy")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and not (tmp_path / "x.npy").exists()
+    assert bad.stderr.strip().endswith("texts.csv, line 2: missing column 'text' (columns: id, body)")
+
+
+def test_finetune_cli_help_and_error(tmp_path):
+    done = subprocess.run(["roberta-pl-finetune", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for preset in (CONF_DIR / "task").glob("*.yaml"):  # the help names every task the config tree holds
+        assert preset.stem in done.stdout, preset.stem
+    done = subprocess.run(["roberta-pl-finetune", f"run_dir={tmp_path}/r"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("roberta-pl-finetune: error: pretrained=PATH is required")
