@@ -109,8 +109,9 @@ def read_checkpoint_hparams(ckpt: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # UnpicklingError for pickled code, RuntimeError/EOFError for a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"resume checkpoint {ckpt} cannot be loaded safely (weights_only=True): {first[:200]}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line for line in lines if "Unsupported global" in line), lines[0].split(". ")[0])
+        raise ConfigError(f"resume checkpoint {ckpt} cannot be loaded safely (weights_only=True): {why[:200]}") from None
     return dict(state.get("hyper_parameters") or {})
 
 

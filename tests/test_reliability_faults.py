@@ -1,0 +1,366 @@
+"""Bad data, numerical faults, resource faults and unsafe inputs, each through the real entry point
+(`roberta_pl.train.run` or the `roberta_pl.train` process): what it does, and what it keeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from data_pipelines.errors import DataError, SkipReport
+from data_pipelines.shards import HEADER_KEY, write_shards
+from data_pipelines.stream import epoch_order, iter_shard
+from data_pipelines.tokenizer import train_tokenizer
+from roberta_pl.checkpoints import load_pretrained
+from roberta_pl.train import run
+from test_pretrain import TINY, compose_cfg
+
+TESTS = Path(__file__).resolve().parent
+SEED = 1234  # conf/pretrain: the run's seed, which orders the shards
+FAST = ["trainer.val_every_n_steps=1000", "export_hf=false", "logger=csv", "checkpoint.every_n_steps=1"]
+
+pytestmark = pytest.mark.slow
+
+
+def train(out_dir: Path, overrides: list[str]) -> dict:
+    """`run` as the command line would: the overrides are also the ones `_target_`s may come from."""
+    overrides = [*TINY, *FAST, *overrides]
+    return run(compose_cfg(overrides), out_dir, overrides=overrides)
+
+
+def fails(out_dir: Path, overrides: list[str]) -> str:
+    """The one-line error a run stops with."""
+    with pytest.raises(SystemExit) as exc:
+        train(out_dir, overrides)
+    message = str(exc.value)
+    assert message.startswith("roberta-pl-train: error: ") and "\n" not in message, message
+    return message
+
+
+def inject(value: str, steps: list[int]) -> str:
+    return f"trainer.callbacks=[{{_target_:reliability_faults.NonFiniteLossAt,steps:{steps},value:{value}}}]"
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -- corrupt data ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory, corpus_docs, tokenizer_dir) -> Path:
+    """8 train shards of 15 documents: small enough that one epoch reads every shard."""
+    out = tmp_path_factory.mktemp("small") / "shards"
+    write_shards(None, tokenizer_dir, out, documents=corpus_docs[:120], docs_per_shard=15, num_workers=0, progress=False)
+    return out
+
+
+def _rewrite(path: Path, header=lambda h: h, sample=lambda key, ext, data: (ext, data)) -> None:
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with open(path, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=0) as writer:
+        for i, (name, data) in enumerate(members):
+            key, ext = name.split(".", 1)
+            if i == 0:
+                writer.write({"__key__": key, "json": json.dumps(header(json.loads(data))).encode()})
+            else:
+                ext, data = sample(key, ext, data) if i == 2 else (ext, data)
+                writer.write({"__key__": key, ext: data})
+
+
+def truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def random_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = random.Random(0).randbytes(4096)
+    path.write_bytes(bytes(data))
+
+
+def bad_array(path: Path) -> None:
+    _rewrite(path, sample=lambda key, ext, data: (ext, np.full(10, 65000, dtype="<u2").tobytes()))
+
+
+def other_tokenizer(path: Path) -> None:
+    _rewrite(path, header=lambda h: h | {"tokenizer_hash": "0123456789abcdef"})
+
+
+def missing(path: Path) -> None:
+    path.unlink()
+
+
+DAMAGE = {"truncated": truncated, "random_bytes": random_bytes, "bad_array": bad_array,
+          "other_tokenizer": other_tokenizer, "missing": missing}
+
+
+def shard_order(shards: Path) -> list[Path]:
+    """Train shards in the order the (single) reader visits them in epoch 0."""
+    names = sorted(shards.glob("train-*.tar"))
+    return [names[i] for i in epoch_order(list(range(len(names))), SEED, 0, 0)]
+
+
+def data_args(shards: Path, tokenizer_dir: Path, on_error: str) -> list[str]:
+    return [f"data.train_shards={shards}", f"data.tokenizer={tokenizer_dir}", f"data.on_error={on_error}",
+            "batch.global_batch_size=4", "trainer.max_steps=20", "data.shuffle_buffer=4"]  # read lazily
+
+
+def test_bad_shards_are_skipped_counted_in_logs_and_metrics(tmp_path, small_shards, tokenizer_dir, caplog, reliability):
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    victims = dict(zip(DAMAGE, shard_order(shards)))  # the first five read: all met within a few steps
+    for kind, path in victims.items():
+        DAMAGE[kind](path)
+    summary = train(tmp_path / "run", [*data_args(shards, tokenizer_dir, "skip"), "trainer.max_steps=20",
+                                       "checkpoint.every_n_steps=1000"])
+    assert summary["global_step"] == 20  # trained on from the three good shards
+    warned = " ".join(r.getMessage() for r in caplog.records if r.name == "data_pipelines")
+    assert all(p.name in warned for p in victims.values()), warned
+    metrics = summary["metrics"]["data/skipped_shards_train"]
+    rows = [r for r in csv_rows(tmp_path / "run") if r.get("data/skipped_shards_train")]
+    assert metrics >= 5 and float(rows[-1]["data/skipped_shards_train"]) == metrics
+    reliability("corrupt_skip",
+                happened=f"trained all 20 steps; each bad shard logged as a warning naming it; "
+                         f"`data/skipped_shards_train` metric counted {metrics:.0f} skipped shard reads",
+                kept="training on the good shards; every rank still gets equal batches")
+
+
+def csv_rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    (metrics,) = run_dir.glob("csv/version_*/metrics.csv")
+    return list(csv.DictReader(metrics.open()))
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_bad_shard_with_raise_stops_with_one_line_naming_it(tmp_path, small_shards, tokenizer_dir, kind, reliability):
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    victim = shard_order(shards)[1]  # the second shard read: the first one's steps train first
+    DAMAGE[kind](victim)
+    message = fails(tmp_path / "run", [*data_args(shards, tokenizer_dir, "raise"), "trainer.max_steps=500"])
+    assert victim.name in message, message
+    last = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] >= 1  # the steps trained on the first shard were checkpointed
+    reliability(f"corrupt_raise_{kind}", happened=f"stopped: `{message}`",
+                kept="the checkpoints of the steps before it (`last.ckpt` loads)")
+
+
+# -- numerical faults --------------------------------------------------------------------------------
+def test_nan_loss_stops_naming_the_step(tmp_path, shard_dir, tokenizer_dir, reliability):
+    data = [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
+    message = fails(tmp_path, [*data, inject("nan", [3])])
+    assert "non-finite training loss (NaN/inf) at step 3" in message and "last checkpoint: step 2" in message
+    last = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 2 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    reliability("nonfinite_stop", happened=f"stopped before the update: `{message}`",
+                kept="`last.ckpt` of step 2 with finite parameters; rerunning resumes from it")
+
+
+def test_inf_loss_is_skipped_when_configured(tmp_path, shard_dir, tokenizer_dir, reliability):
+    data = [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
+    summary = train(tmp_path, [*data, inject("inf", [3]), "trainer.nonfinite_loss=skip", "trainer.max_steps=5"])
+    last = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert summary["global_step"] == last["global_step"] == 5
+    assert summary["metrics"]["train/skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    # AdamW took 4 updates in 5 steps: the skipped step left parameters and moments untouched.
+    assert {int(s["step"]) for s in last["optimizer_states"][0]["state"].values()} == {4}
+    assert last["MLMDataModule"]["consumed"] == 10  # its batches still count: data order stays exact
+    reliability("nonfinite_skip",
+                happened="step 3's update was dropped with a warning; `train/skipped_steps`=1; the run finished "
+                         "all 5 steps",
+                kept="finite parameters; AdamW took 4 updates; the data position moved on by the skipped batches")
+
+
+def test_fp16_loss_scale_collapse_is_reported(tmp_path, shard_dir, tokenizer_dir, reliability):
+    data = [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
+    message = fails(tmp_path, [*data, "trainer.precision=16-mixed", "trainer.min_loss_scale=4096",
+                               inject("inf", list(range(1, 7)))])
+    # GradScaler starts at 65536 and halves on each overflow: below 4096 after the 5th step.
+    assert "fp16 loss scale collapsed to 2048 at step 5" in message and "5 consecutive overflow steps" in message
+    reliability("fp16_collapse", happened=f"each overflow step skipped by the GradScaler with a warning, then "
+                                          f"stopped: `{message}`",
+                kept="parameters untouched by the overflow steps; the checkpoints so far")
+
+
+# -- resource faults ---------------------------------------------------------------------------------
+@contextmanager
+def unprivileged():
+    """Root ignores file permissions: act as `nobody` (effective uid only) while in this block."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_unwritable_run_dir_fails_before_training(reliability):
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        (base / "ro").mkdir(mode=0o555)
+        (base / "ro").chmod(0o555)
+        overrides = [*TINY, *FAST]
+        cfg = compose_cfg(overrides)  # as root: Hydra's own files are not readable by `nobody` here
+        with unprivileged(), pytest.raises(SystemExit) as exc:
+            run(cfg, base / "ro" / "run", overrides=overrides)
+        message = str(exc.value)
+        assert "is not writable: Permission denied" in message
+        assert not (base / "ro" / "run").exists()
+    finally:
+        shutil.rmtree(base)
+    reliability("unwritable_dir", happened=f"refused before any work: `{message}`", kept="nothing was started")
+
+
+def test_full_run_dir_fails_before_training(tmp_path, shard_dir, tokenizer_dir, reliability):
+    limit = 256 * 1024  # `ulimit -f 256`: Hydra's small files fit, one checkpoint (~0.7 MB) does not
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cmd = [sys.executable, "-m", "roberta_pl.train", *TINY, *FAST, f"run_dir={tmp_path / 'run'}",
+           f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    message = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and message.startswith("roberta-pl-train: error: run_dir="), proc.stderr[-2000:]
+    assert "cannot hold a checkpoint" in message and "File too large" in message
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "csv").exists()
+    reliability("full_dir", happened=f"refused before training: `{message}`",
+                kept="nothing was started; the probe file was removed")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, shard_dir, tokenizer_dir) -> Path:
+    out = tmp_path_factory.mktemp("ckpt")
+    train(out, [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}", "trainer.max_steps=2"])
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_resume_from_another_model_size_fails_before_training(tmp_path, checkpoint, shard_dir, tokenizer_dir, reliability):
+    message = fails(tmp_path, [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}", f"resume={checkpoint}",
+                               "model.hidden_size=64", "model.intermediate_size=128"])
+    assert "model.hidden_size=32 in the checkpoint but 64 here" in message
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "csv").exists()
+    reliability("resume_other_model", happened=f"refused before training: `{message}`",
+                kept="the checkpoint, untouched")
+
+
+def test_resume_with_another_tokenizer_fails_before_training(tmp_path, checkpoint, shard_dir, corpus_file, reliability):
+    other = train_tokenizer(corpus_file, tmp_path / "tok", vocab_size=600, input_sentence_size=5000)
+    message = fails(tmp_path / "run", [f"data.train_shards={shard_dir}", f"data.tokenizer={tmp_path / 'tok'}",
+                                       f"resume={checkpoint}", "model.vocab_size=800"])
+    assert "in the checkpoint but" in message and "(data.tokenizer)" in message and other is not None
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    reliability("resume_other_tokenizer", happened=f"refused before training: `{message}`",
+                kept="the checkpoint, untouched")
+
+
+# -- safe loading ------------------------------------------------------------------------------------
+class _Evil:
+    """Unpickling this runs `touch <marker>`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path, checkpoint, shard_dir, tokenizer_dir, reliability):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    state = load(checkpoint)
+    state["hyper_parameters"]["payload"] = _Evil(marker)
+    torch.save(state, evil)
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        load_pretrained(evil)
+    message = fails(tmp_path / "run", [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}",
+                                       f"resume={evil}"])
+    assert "cannot be loaded safely (weights_only=True)" in message
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the file really is malicious: a full unpickle runs the payload
+    assert marker.exists()
+    reliability("malicious_checkpoint",
+                happened=f"`load_pretrained` and `roberta-pl-export` refuse it (`torch.load(weights_only=True)`); "
+                         f"`resume=` refuses it before training: `{message}`",
+                kept="no code ran (the payload's marker file was never created)")
+
+
+def test_shards_hold_no_pickles_and_a_pickle_member_is_refused(tmp_path, shard_dir, small_shards, tok, reliability):
+    for shards in (shard_dir, small_shards):
+        for path in sorted(shards.glob("*.tar")):
+            with tarfile.open(path) as tar:
+                exts = {m.name.split(".", 1)[1] for m in tar.getmembers()}
+            assert exts in ({"json", "u16"}, {"json", "i32"}), (path, exts)
+    marker = tmp_path / "pwned"
+    victim = tmp_path / "train-000000.tar"
+    shutil.copy(sorted(small_shards.glob("train-*.tar"))[0], victim)
+    import pickle
+
+    payload = pickle.dumps(_Evil(marker))
+    _rewrite(victim, sample=lambda key, ext, data: ("pyd", payload))
+    with pytest.raises(DataError, match=f"{victim.name}: sample .* has no valid u16 token array"):
+        list(iter_shard(str(victim), expected_hash=tok.hash, vocab_size=tok.vocab_size, on_error="raise", report=SkipReport()))
+    assert not marker.exists()
+    reliability("shard_pickle_member",
+                happened="shards written by the pipeline hold only `_shard.json` and raw `u16`/`i32` arrays; a "
+                         "`.pyd` member is refused: `<shard>: sample <key> has no valid u16 token array`",
+                kept="no code ran: members are read as raw bytes, never unpickled")
+
+
+def _external_experiment(tmp_path: Path, marker: Path) -> Path:
+    conf = tmp_path / "extconf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "outside.yaml").write_text(
+        "# @package _global_\ntrainer:\n  callbacks:\n"
+        f"    - _target_: reliability_faults.Touch\n      path: {marker}\n")
+    return conf.parent
+
+
+def test_target_from_an_outside_config_file_is_refused(tmp_path, shard_dir, tokenizer_dir, reliability):
+    marker = tmp_path / "imported"
+    conf = _external_experiment(tmp_path, marker)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "roberta_pl.train", "--config-dir", str(conf), "experiment=outside",
+                           *TINY, f"run_dir={tmp_path / 'run'}", f"data.train_shards={shard_dir}",
+                           f"data.tokenizer={tokenizer_dir}"], capture_output=True, text=True, timeout=120, env=env)
+    message = proc.stderr.strip()
+    assert proc.returncode == 1 and "\n" not in message, proc.stderr[-2000:]
+    assert "trainer.callbacks.0._target_=reliability_faults.Touch: this _target_ comes from neither" in message
+    assert not marker.exists() and not (tmp_path / "run" / "checkpoints").exists()
+    reliability("external_target", happened=f"refused before anything was imported: `{message}`",
+                kept="nothing ran (the callback's marker file was never created)")
+
+
+def test_target_named_on_the_command_line_is_accepted(tmp_path, shard_dir, tokenizer_dir, reliability):
+    marker = tmp_path / "imported"
+    conf = _external_experiment(tmp_path, marker)
+    overrides = [*TINY, *FAST, "experiment=outside", "trainer.max_steps=1", f"data.train_shards={shard_dir}",
+                 f"data.tokenizer={tokenizer_dir}"]
+    cfg = compose_cfg([*overrides, f"hydra.searchpath=[file://{conf}]"])
+    assert cfg.trainer.callbacks[0]["_target_"] == "reliability_faults.Touch"
+    with pytest.raises(SystemExit, match="comes from neither"):
+        run(cfg, tmp_path / "refused", overrides=overrides)
+    explicit = [*overrides, "trainer.callbacks.0._target_=reliability_faults.Touch"]
+    assert run(cfg, tmp_path / "run", overrides=explicit)["global_step"] == 1
+    assert marker.exists()
+    reliability("override_target", happened="accepted: the user named it (`trainer.callbacks.0._target_=...`); "
+                                            "the callback ran and the run trained",
+                kept="n/a (not a fault): the explicit override is the user's consent")
