@@ -77,13 +77,7 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
             spec = cfg.data.get(field)
             if spec and not str(spec).startswith("pipe:") and "{" not in str(spec) and not Path(spec).exists():
                 raise ConfigError(f"data.{field}={spec}: no such file or directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"run_dir={out_dir} is not writable: {e.strerror or e}") from None
+    check_writable(out_dir)
     if cfg.resume == "never" and find_resume_checkpoint(out_dir):
         raise ConfigError(f"run_dir={out_dir} already holds checkpoints and resume=never would overwrite them; "
                           f"use resume=auto or another run_name")
@@ -148,6 +142,17 @@ def checkpoint_bytes(model: dict) -> int:
     with torch.device("meta"):  # shapes only: nothing is allocated
         n = sum(p.numel() for p in RobertaForMaskedLM(RobertaConfig(**model)).parameters())
     return int(n * 4 * 3 * 1.1)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove a file can be written there; one line naming it otherwise."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir={out_dir} is not writable: {e.strerror or e}") from None
 
 
 def check_free_space(out_dir: Path, needed: int) -> None:

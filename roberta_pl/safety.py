@@ -28,6 +28,8 @@ from roberta_pl.factory import ConfigError
 
 def _targets(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
     """``(dotted key, value)`` of every ``_target_`` in a nested config, list or plain container."""
+    if isinstance(node, (DictConfig, ListConfig)) and node._is_none():  # an Optional[...] field set to None
+        return
     if isinstance(node, (DictConfig, dict)):
         items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
         for key, value in items:

@@ -35,9 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.errors import DataError
 from data_pipelines.tabular import read_sequence_examples, read_token_examples
-from roberta_pl.callbacks import AtomicCheckpointIO
+from roberta_pl.callbacks import AtomicCheckpointIO, LossScaleMonitor, NonFiniteLossGuard, TrainingFault
 from roberta_pl.config import CONF_DIR
-from roberta_pl.factory import ConfigError, build_loggers, world_size
+from roberta_pl.factory import ConfigError, build_loggers, check_writable, extra_callbacks, world_size
 from roberta_pl.finetune.config import register_configs
 from roberta_pl.finetune.data import (
     Features,
@@ -50,6 +50,7 @@ from roberta_pl.finetune.data import (
 )
 from roberta_pl.finetune.module import FinetuneModule, available_metrics, metric_mode
 from roberta_pl.optim import BatchPlanError, plan_batch
+from roberta_pl.safety import check_hydra_targets
 
 PROG = "roberta-pl-finetune"
 
@@ -66,6 +67,7 @@ class TaskData:
 def preflight(cfg: DictConfig, out_dir: Path):
     """One-line refusals before any work; returns the batch plan."""
     task = cfg.task
+    check_hydra_targets(cfg)
     if cfg.pretrained is None:
         raise ConfigError("pretrained=PATH is required: a roberta-pl .ckpt, a DeepSpeed checkpoint dir or a HF RoBERTa dir")
     if not Path(cfg.pretrained).exists():
@@ -95,13 +97,7 @@ def preflight(cfg: DictConfig, out_dir: Path):
     if (out_dir / "checkpoints" / "best.ckpt").exists() and not cfg.overwrite:
         raise ConfigError(f"run_dir={out_dir} already holds a fine-tuned model (checkpoints/best.ckpt); "
                           f"choose another run_name or pass overwrite=true")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"run_dir={out_dir} is not writable: {e.strerror or e}") from None
+    check_writable(out_dir)
     return plan
 
 
@@ -140,7 +136,9 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan, resolved: dict) -> tuple
     mode = metric_mode(cfg.task.metric)
     best = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor=monitor, mode=mode,
                            save_top_k=1, save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
-    callbacks = [best]
+    # The pretraining guards: a NaN/inf loss stops (or skips, trainer.nonfinite_loss) naming the step, and
+    # an fp16 loss-scale collapse is reported; plus the user's own trainer.callbacks.
+    callbacks = [best, NonFiniteLossGuard(t.nonfinite_loss), LossScaleMonitor(t.min_loss_scale), *extra_callbacks(cfg)]
     if cfg.early_stopping.patience > 0:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping.patience,
                                        min_delta=cfg.early_stopping.min_delta))
@@ -245,7 +243,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         del encoder
         dm = FinetuneDataModule(data.train, data.valid, plan.micro_batch_size, tokenizer.pad_id,
                                 cfg.task.regression, seed=cfg.seed, num_workers=cfg.num_workers)
-        trainer.fit(module, datamodule=dm)
+        try:
+            trainer.fit(module, datamodule=dm)
+        except TrainingFault as e:  # the best checkpoint so far is kept
+            raise SystemExit(f"{PROG}: error: {e}") from None
         # The best checkpoint's weights, and its metrics measured again on the full validation set.
         best_path = best.best_model_path
         results = trainer.validate(module, datamodule=dm, ckpt_path=best_path or None, verbose=False)

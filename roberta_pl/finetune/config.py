@@ -21,7 +21,7 @@ class TaskConf:
     test_file: Optional[str] = None  # optional: unlabelled (or labelled) rows to predict after training
     format: str = "auto"  # auto (by extension) | csv | tsv | jsonl | conll
     header: bool = True  # csv/tsv: the first row names the columns
-    columns: Optional[list[str]] = None  # csv/tsv without a header: the column names
+    columns: list[str] = field(default_factory=list)  # csv/tsv without a header: the column names
     text_column: str = "text"  # token_classification: the words column
     text_pair_column: Optional[str] = None  # a second text for pair tasks (entailment, similarity)
     label_column: str = "label"  # token_classification: the tags column
