@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="roberta-pl-data", description="Prepare data for roberta-pl: tokenizer, shards, inspection.", formatter_class=fmt)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,shards,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,shards,inspect,demo-task}")
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer with RoBERTa special ids", formatter_class=fmt,
                        description="Train a SentencePiece BPE tokenizer (byte fallback, <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4) and write HuggingFace files next to it.")
@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2, help="documents to decode and print")
     p.add_argument("--max-shards", type=int, default=8, help="shards to read for the histogram")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("demo-task", help="write a small fine-tuning task built from standard-library docstrings",
+                       formatter_class=fmt, description="Write train/valid files of a small labelled task made from "
+                       "text on this machine, to try roberta-pl-finetune without downloading a dataset.")
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--kind", choices=("sources", "tagging"), default="sources",
+                   help="sources: which stdlib area a docstring is from (CSV, 2 classes); tagging: code identifiers in prose (CoNLL, BIO)")
+    p.add_argument("--train", type=int, default=None, help="training examples (default: 160)")
+    p.add_argument("--valid", type=int, default=None, help="validation examples (default: 120 sources, 60 tagging)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     return parser
 
 
@@ -165,6 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{split}: {info['num_shards']} shards, {info['num_docs']:,} docs, {info['num_tokens']:,} tokens → {args.out}/{info['pattern']}")
             if manifest["skipped"]["total"]:
                 print(f"skipped {manifest['skipped']['total']} bad inputs: {manifest['skipped']['counts']} (see manifest.json)")
+        elif args.command == "demo-task":
+            from data_pipelines.demo_tasks import tagging_task, two_source_task
+
+            build = two_source_task if args.kind == "sources" else tagging_task
+            sizes = {k: v for k, v in (("n_train", args.train), ("n_valid", args.valid)) if v is not None}
+            files = build(args.out, seed=args.seed, **sizes)
+            task = ("task=sequence_classification task.label_column=source" if args.kind == "sources"
+                    else "task=token_classification")
+            print(f"wrote {files['train']} and {files['valid']}. Fine-tune on them with:\n"
+                  f"  roberta-pl-finetune pretrained=MODEL {task} task.train_file={files['train']} "
+                  f"task.valid_file={files['valid']}")
         else:
             summary = inspect_shards(args.shards, args.tokenizer, args.split, args.samples, args.max_shards)
             if args.json:

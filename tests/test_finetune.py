@@ -15,9 +15,10 @@ import torch
 import transformers
 from hydra import compose, initialize_config_dir
 
+from data_pipelines.cli import main as data_cli
 from data_pipelines.errors import DataError
 from data_pipelines.tabular import read_sequence_examples, read_token_examples
-from finetune_tasks import code_tags, docstrings, SOURCES, tagging_task, two_source_task, write_jsonl
+from data_pipelines.demo_tasks import SOURCES, code_tags, docstrings, tagging_task
 from roberta_pl.cli.embed import main as embed_main
 from roberta_pl.config import CONF_DIR
 from roberta_pl.config import register_configs as register_pretrain_configs
@@ -59,13 +60,22 @@ def pretrained(tmp_path_factory, shard_dir, tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def source_task(tmp_path_factory) -> dict[str, Path]:
-    return two_source_task(tmp_path_factory.mktemp("two_source"))
+    """The two-source task, written by `roberta-pl-data demo-task` as a user would."""
+    out = tmp_path_factory.mktemp("two_source")
+    assert data_cli(["demo-task", str(out)]) == 0
+    files = {"train": out / "train.csv", "valid": out / "valid.csv"}
+    return files
 
 
 def source_overrides(pretrained: Path, task: dict[str, Path], init: str = "pretrained") -> list[str]:
     return [f"pretrained={pretrained / 'checkpoints' / 'last.ckpt'}", f"init={init}",
             f"task.train_file={task['train']}", f"task.valid_file={task['valid']}", "task.label_column=source",
             "trainer.max_epochs=6", "early_stopping.patience=0"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def read_jsonl(path: Path) -> list[dict]:

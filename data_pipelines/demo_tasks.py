@@ -1,19 +1,28 @@
-"""Small labelled tasks built from real text on this machine (standard-library docstrings), for the
-fine-tuning tests. Nothing is downloaded; the same Python gives the same files."""
+"""Small labelled fine-tuning tasks built from text already on the machine (standard-library docstrings),
+so fine-tuning can be tried, and tested, without downloading a dataset. The same Python gives the same files.
+
+- ``sources``: which part of the standard library a docstring comes from (the mail/web stack or the
+  concurrency stack), a balanced two-class CSV (``text``, ``source``);
+- ``tagging``: find the code identifiers (``os.path``, ``set_result()``) in docstring prose, BIO tags in
+  CoNLL format.
+
+``roberta-pl-data demo-task OUT --kind sources|tagging`` writes them.
+"""
 
 from __future__ import annotations
 
 import ast
 import csv
-import json
 import random
+import re
 import sysconfig
 from pathlib import Path
 
 from data_pipelines.corpus import _clean_docstring
+from data_pipelines.errors import DataError
 
-# Two sources: the mail/web stack vs the concurrency stack of the standard library. The pretraining test
-# corpus is the alphabetically first ~300 kB of stdlib docstrings, so these passages are mostly unseen.
+# Two sources: the mail/web stack vs the concurrency stack of the standard library. A docstring corpus
+# (the default one, the tests' one) may hold these passages unlabelled; the labels are what is learned.
 SOURCES = {"web": ("email", "http", "urllib", "xmlrpc", "wsgiref", "mailbox.py", "smtplib.py", "imaplib.py", "ftplib.py"),
            "concurrency": ("multiprocessing", "concurrent", "threading.py", "queue.py", "sched.py", "selectors.py",
                            "subprocess.py", "signal.py")}
@@ -48,7 +57,8 @@ def two_source_task(out_dir: Path, n_train: int = 160, n_valid: int = 120, seed:
         rows += [(t, label) for t in texts[:n]]
     rng.shuffle(rows)
     need = n_train + n_valid
-    assert len(rows) >= need, f"only {len(rows)} docstrings"
+    if len(rows) < need:
+        raise DataError(f"only {len(rows)} docstrings for {need} examples; ask for fewer")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"train": out_dir / "train.csv", "valid": out_dir / "valid.csv"}
     for split, part in (("train", rows[:n_train]), ("valid", rows[n_train:need])):
@@ -59,12 +69,7 @@ def two_source_task(out_dir: Path, n_train: int = 160, n_valid: int = 120, seed:
     return files
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-_CODE = __import__("re").compile(r"^[\w.]*([._]\w|\(\)|\w\.\w)[\w.()]*$")
+_CODE = re.compile(r"^[\w.]*([._]\w|\(\)|\w\.\w)[\w.()]*$")
 
 
 def code_tags(words: list[str]) -> list[str]:
@@ -84,6 +89,8 @@ def tagging_task(out_dir: Path, n_train: int = 160, n_valid: int = 60, seed: int
     texts = docstrings(SOURCES["web"] + SOURCES["concurrency"], max_words=30)
     rng.shuffle(texts)
     with_code = [t for t in texts if "CODE" in "".join(code_tags(t.split()))]
+    if len(with_code) < n_train + n_valid:
+        raise DataError(f"only {len(with_code)} docstrings with code identifiers for {n_train + n_valid} examples; ask for fewer")
     rows = with_code[: n_train + n_valid]
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"train": out_dir / "train.conll", "valid": out_dir / "valid.conll"}
