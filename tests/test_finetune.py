@@ -373,3 +373,20 @@ def test_finetune_cli_help_and_error(tmp_path):
     done = subprocess.run(["roberta-pl-finetune", f"run_dir={tmp_path}/r"], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("roberta-pl-finetune: error: pretrained=PATH is required")
+
+
+@pytest.mark.slow
+def test_ddp_finetuning_with_two_gloo_processes(tmp_path, pretrained, source_task):
+    """`trainer=ddp` on 2 CPU processes: both ranks train, rank 0 writes every prediction once."""
+    out = tmp_path / "ddp"
+    args = [*FAST, *source_overrides(pretrained, source_task), "trainer=ddp", "trainer.accelerator=cpu",
+            "trainer.devices=2", "trainer.precision=32-true", "trainer.max_epochs=2", f"run_dir={out}"]
+    done = subprocess.run(["roberta-pl-finetune", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Done: custom" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    # 160 examples, global batch 16 = 2 ranks x micro 8: 10 optimizer steps an epoch.
+    assert summary["global_step"] == 20 and 0.0 <= summary["metrics"]["val/accuracy"] <= 1.0
+    rows = read_jsonl(out / "predictions" / "valid.jsonl")
+    assert sorted(r["line"] for r in rows) == list(range(2, 122))
+    assert transformers.AutoModelForSequenceClassification.from_pretrained(out / "hf").num_labels == 2
