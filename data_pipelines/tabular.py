@@ -71,7 +71,8 @@ def read_rows(path: str | Path, fmt: str = "auto", header: bool = True,
     fmt = detect_format(path, fmt)
     if fmt == "conll":
         raise DataError(f"{path}: CoNLL files hold word/tag columns, not named fields; use them for token classification")
-    with path.open(encoding="utf-8", newline="" if fmt != "jsonl" else None) as f:
+    # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise prefix the first column.
+    with path.open(encoding="utf-8-sig", newline="" if fmt != "jsonl" else None) as f:
         try:
             if fmt == "jsonl":
                 for line, raw in enumerate(f, 1):
@@ -141,9 +142,9 @@ def read_sequence_examples(path: str | Path, text_column: str, label_column: str
         text = _text(path, line, row, text_column)
         pair = _text(path, line, row, text_pair_column) if text_pair_column else None
         label = None
-        if label_column and (require_labels or label_column in row):
+        if label_column and (require_labels or row.get(label_column) is not None):
             value = _field(path, line, row, label_column)
-            label = str(value).strip()
+            label = "" if value is None else str(value).strip()  # JSON null is a missing label, not "None"
             if not label:
                 raise DataError(f"{path}, line {line}: empty label in column {label_column!r}")
         examples.append(Example(line, text, pair, label))
@@ -154,9 +155,9 @@ def read_sequence_examples(path: str | Path, text_column: str, label_column: str
 
 def _words(path: Path, line: int, value, column: str) -> list[str]:
     words = value.split() if isinstance(value, str) else value
-    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+    if not isinstance(words, list) or not all(isinstance(w, (str, int)) and not isinstance(w, bool) for w in words):
         raise DataError(f"{path}, line {line}: column {column!r} must be a list of strings or a space-separated string")
-    return words
+    return [str(w) for w in words]  # integer tag ids (as datasets exports them) become their names
 
 
 def read_token_examples(path: str | Path, tokens_column: str = "tokens", tags_column: str | None = "tags",
@@ -178,7 +179,7 @@ def read_token_examples(path: str | Path, tokens_column: str = "tokens", tags_co
             if not words:
                 raise DataError(f"{path}, line {line}: empty text in column {tokens_column!r}")
             tags = None
-            if tags_column and (require_labels or tags_column in row):
+            if tags_column and (require_labels or row.get(tags_column) is not None):
                 tags = _words(path, line, _field(path, line, row, tags_column), tags_column)
                 if len(tags) != len(words):
                     raise DataError(f"{path}, line {line}: {len(words)} words but {len(tags)} tags")
@@ -194,7 +195,7 @@ def _read_conll(path: Path, require_labels: bool) -> Iterator[Example]:
     words: list[str] = []
     tags: list[str] = []
     start = 0
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         try:
             for line, raw in enumerate(f, 1):
                 parts = raw.split()

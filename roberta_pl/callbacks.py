@@ -224,7 +224,12 @@ class NonFiniteLossGuard(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         bad, self._bad = self._bad, None
         step = trainer.global_step + 1  # the step being taken; checkpoints are named by completed steps
-        if bad is not None and bool(bad):  # the one sync per optimizer step
+        bad = bad is not None and bool(bad)  # the one sync per optimizer step
+        if trainer.world_size > 1:
+            # Gradients are all-reduced, so one rank's NaN is every rank's: all ranks must skip (or stop)
+            # together, or the others would step on NaN gradients (or wait for a rank that has left).
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
             if self.policy == "stop":
                 raise TrainingFault(
@@ -292,11 +297,13 @@ class LossScaleMonitor(pl.Callback):
 
 class DataSkipMonitor(pl.Callback):
     """Logs ``data/skipped_shards``: bad shard reads that ``data.on_error=skip`` stepped over (each is also
-    a warning in the log naming the shard). Counts come from the DataModule, DataLoader workers included."""
+    a warning in the log naming the shard). Counts come from the DataModule, DataLoader workers included,
+    summed over ranks."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         counts = getattr(trainer.datamodule, "skipped_shards", None)
         if counts is not None and is_logging_step(trainer):
+            # Summed over ranks (each rank streams its own shards); every rank logs on the same steps.
             pl_module.log_dict({f"data/skipped_shards_{split}": float(n) for split, n in counts().items()},
-                               rank_zero_only=True)
+                               sync_dist=True, reduce_fx="sum")

@@ -60,6 +60,7 @@ _HEAD_KEYS = {
 _IGNORED_HF_KEYS = re.compile(
     r"^(lm_head\.decoder\.(weight|bias)|roberta\.embeddings\.position_ids|roberta\.pooler\..*)$"
 )
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".ckpt", ".pt", ".pth", ".onnx", ".tmp")
 _VOCAB_SIZED = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias")
 
 
@@ -157,8 +158,13 @@ def _export_tensors(state: dict[str, torch.Tensor], table: dict[str, str], confi
         t = state[ours].detach()
         if ours in _VOCAB_SIZED:
             t = t[: config.vocab_size]
-        out[hf] = t.to("cpu", copy=True).contiguous()
+        out[hf] = _export_tensor(t)
     return out
+
+
+def _export_tensor(t: torch.Tensor) -> torch.Tensor:
+    # fp32 on CPU whatever the training precision (bf16-true, fp16): config.json says float32.
+    return t.detach().to("cpu", dtype=torch.float32 if t.is_floating_point() else t.dtype, copy=True).contiguous()
 
 
 def to_hf_state_dict(model: RobertaForMaskedLM) -> dict[str, torch.Tensor]:
@@ -194,7 +200,7 @@ def save_hf_classifier(model: RobertaForSequenceClassification | RobertaForToken
     config = model.config
     state = model.state_dict()
     tensors = _export_tensors(state, _encoder_key_table(config.num_layers), config)
-    tensors |= {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if k.startswith("classifier.")}
+    tensors |= {k: _export_tensor(v) for k, v in state.items() if k.startswith("classifier.")}
     token = isinstance(model, RobertaForTokenClassification)
     hf_config = config_to_hf(config, "RobertaForTokenClassification" if token else "RobertaForSequenceClassification")
     hf_config |= {
@@ -224,8 +230,8 @@ def _write_hf_dir(path: str | Path, tensors: dict[str, torch.Tensor], hf_config:
             if not src.is_dir():
                 raise FileNotFoundError(f"tokenizer directory not found: {src}")
             if src.resolve() != path.resolve():
-                for f in src.iterdir():
-                    if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+                for f in src.iterdir():  # tokenizer files only: never a model directory's weights or config
+                    if f.is_file() and f.name != "config.json" and not f.name.endswith(_WEIGHT_SUFFIXES):
                         shutil.copy2(f, path / f.name)
     return path
 

@@ -65,7 +65,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
             ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
             if ckpt:  # refused here, not half-way into fit, and read without running pickled code
                 check_resume_checkpoint(ckpt, model_cfg, data.tokenizer.hash)
-            check_free_space(out_dir, checkpoint_bytes(model_cfg))
+            if not any(int(os.environ.get(v, 0) or 0) for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
+                check_free_space(out_dir, checkpoint_bytes(model_cfg))  # one probe per run, not one per rank
             trainer = build_trainer(cfg, out_dir, plan, resolved)
         except (ConfigError, BatchPlanError, DataError) as e:
             raise SystemExit(f"roberta-pl-train: error: {e}") from None

@@ -175,6 +175,22 @@ def test_label_alignment_on_words_split_into_several_pieces(tokenizer_dir, tmp_p
     # The tokenizer.json path (HF directories without a SentencePiece model) aligns identically.
     (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
     assert HFTokenizerJson(tmp_path).encode_words(words) == pieces
+    # A byte-level BPE tokenizer.json (the original RoBERTa's kind) marks word starts with a space: each word
+    # gets exactly the pieces it has in the running sentence, "Ġ" included.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(docstrings(SOURCES["web"]), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "bpe").mkdir()
+    bpe.save(str(tmp_path / "bpe" / "tokenizer.json"))
+    byte_level = HFTokenizerJson(tmp_path / "bpe")
+    word_pieces = byte_level.encode_words(words)
+    assert sum(word_pieces, []) == byte_level.encode(" ".join(words))
+    assert all(bpe.decode(p).strip() == w for p, w in zip(word_pieces, words))
+    assert all(bpe.id_to_token(p[0]).startswith("Ġ") for p in word_pieces[1:])
     # Truncation drops whole words and says so.
     ids, labels, positions, cut = align_word_labels(pieces, tags, 8, tok.bos_id, tok.eos_id)
     assert cut and len(ids) <= 8 and len(positions) < len(words) and ids[-1] == tok.eos_id
@@ -263,10 +279,15 @@ def test_long_texts_are_truncated_with_a_counted_warning(tmp_path, pretrained, c
     train = [{"text": " ".join(words[i * 7:(i + 1) * 7]), "label": str(i % 2)} for i in range(16)]
     train[3]["text"] = train[9]["text"] = " ".join(words[:300])  # far beyond 64 tokens
     train_file = write_jsonl(tmp_path / "train.jsonl", train)
+    test_file = write_jsonl(tmp_path / "test.jsonl", [{"text": "labelled", "label": "1"}, {"text": "not labelled"}])
     with caplog.at_level("WARNING", logger="roberta_pl.finetune"):
+        # One step an epoch; validation every 2 steps counts across epochs.
         summary = finetune(tmp_path / "run", [f"pretrained={pretrained / 'hf'}", f"task.train_file={train_file}",
-                                              f"task.valid_file={train_file}", "trainer.max_epochs=1", "export_hf=false"])
-    assert summary["truncated"] == {"train": 2, "valid": 2}
+                                              f"task.valid_file={train_file}", f"task.test_file={test_file}",
+                                              "trainer.max_epochs=5", "trainer.val_every_n_steps=2", "export_hf=false"])
+    assert summary["truncated"] == {"train": 2, "valid": 2, "test": 0}
+    assert summary["global_step"] == 5 and Path(summary["best_checkpoint"]).name == "best.ckpt"
+    assert [r.get("label") for r in read_jsonl(tmp_path / "run" / "predictions" / "test.jsonl")] == ["1", None]
     assert any("2 of 16 texts were cut to fit max_seq_len=64 (first at line 4)" in r.getMessage() for r in caplog.records)
 
 
@@ -284,6 +305,11 @@ def test_rerun_refuses_to_overwrite_a_finished_finetuning(tmp_path, pretrained, 
     with pytest.raises(SystemExit, match="already holds a fine-tuned model"):
         finetune(out, source_overrides(pretrained, source_task))
     assert (out / "checkpoints" / "best.ckpt").read_bytes() == b"earlier result"
+
+
+def test_batch_size_that_does_not_split_is_a_one_line_error(tmp_path, pretrained, source_task):
+    with pytest.raises(SystemExit, match=r"error: batch_size=8 does not split into micro-batches of 3 on 1 rank"):
+        finetune(tmp_path / "run", [*source_overrides(pretrained, source_task), "batch_size=8", "micro_batch_size=3"])
 
 
 def test_layer_wise_lr_decay_groups():
@@ -329,6 +355,15 @@ def test_readers_handle_glue_tsv_quotes_headerless_files_and_conll(tmp_path):
     conll.write_text("-DOCSTART- -X- O\n\nEU NNP B-ORG\nrejects VBZ O\n\nPeter NNP B-PER\n")
     ex = read_token_examples(conll)
     assert [(e.line, e.text, e.label) for e in ex] == [(3, ["EU", "rejects"], ["B-ORG", "O"]), (6, ["Peter"], ["B-PER"])]
+    bom = tmp_path / "excel.csv"  # spreadsheet exports begin with a byte-order mark
+    bom.write_bytes("text,label\r\nfine,1\r\n".encode("utf-8-sig"))
+    assert [(e.text, e.label) for e in read_sequence_examples(bom, "text", "label")] == [("fine", "1")]
+    nulls = write_jsonl(tmp_path / "test.jsonl", [{"text": "a", "label": None}, {"text": "b", "label": 1}])
+    assert [e.label for e in read_sequence_examples(nulls, "text", "label", require_labels=False)] == [None, "1"]
+    with pytest.raises(DataError, match=r"test.jsonl, line 1: empty label in column 'label'"):
+        read_sequence_examples(nulls, "text", "label")  # null is a missing label, not a class named "None"
+    ids = write_jsonl(tmp_path / "ids.jsonl", [{"tokens": ["EU", "rejects"], "ner_tags": [3, 0]}])
+    assert read_token_examples(ids, "tokens", "ner_tags")[0].label == ["3", "0"]  # datasets-style tag ids
     bad = tmp_path / "bad.jsonl"
     write_jsonl(bad, [{"tokens": ["a", "b"], "tags": ["O"]}])
     with pytest.raises(DataError, match=r"bad.jsonl, line 1: 2 words but 1 tags"):

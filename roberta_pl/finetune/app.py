@@ -93,7 +93,11 @@ def preflight(cfg: DictConfig, out_dir: Path):
         raise ConfigError("set trainer.max_epochs or trainer.max_steps to a positive number")
     world = world_size(cfg)
     micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
-    plan = plan_batch(cfg.batch_size, micro, world, task.max_seq_len)
+    try:
+        plan = plan_batch(cfg.batch_size, micro, world, task.max_seq_len)
+    except BatchPlanError:
+        raise ConfigError(f"batch_size={cfg.batch_size} does not split into micro-batches of {micro} on {world} "
+                          f"rank(s); make batch_size a multiple of micro_batch_size x ranks") from None
     if (out_dir / "checkpoints" / "best.ckpt").exists() and not cfg.overwrite:
         raise ConfigError(f"run_dir={out_dir} already holds a fine-tuned model (checkpoints/best.ckpt); "
                           f"choose another run_name or pass overwrite=true")
@@ -145,11 +149,13 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan, resolved: dict) -> tuple
     loggers = build_loggers(cfg, out_dir, resolved)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    # Validation every N optimizer steps, counted across epochs (Lightning counts micro-batches), or per epoch.
     val_interval = t.val_every_n_steps * plan.accumulation if t.val_every_n_steps else 1.0
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=t.precision, max_epochs=t.max_epochs if t.max_epochs > 0 else None, max_steps=t.max_steps,
         accumulate_grad_batches=plan.accumulation, val_check_interval=val_interval,
+        check_val_every_n_epoch=None if t.val_every_n_steps else 1,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val or None, deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers or False,
@@ -164,7 +170,8 @@ def predict_logits(model: torch.nn.Module, feats: Features, pad_id: int, batch_s
     model.eval()
     device = next(model.parameters()).device
     rows: list[torch.Tensor] = []
-    for batch in make_loader(feats, batch_size, pad_id, regression=False):
+    unlabelled = Features(feats.input_ids, [None] * len(feats), feats.examples)  # a test file may mix rows with and without labels
+    for batch in make_loader(unlabelled, batch_size, pad_id, regression=False):
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
         if logits.dim() == 3:  # tokens: each sequence without its padding
             rows.extend(row[: int(m.sum())] for row, m in zip(logits, batch["attention_mask"]))
@@ -247,10 +254,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             trainer.fit(module, datamodule=dm)
         except TrainingFault as e:  # the best checkpoint so far is kept
             raise SystemExit(f"{PROG}: error: {e}") from None
-        # The best checkpoint's weights, and its metrics measured again on the full validation set.
+        # The best checkpoint's weights (all ranks), scored on rank 0 over the exact validation set: the same
+        # rows, once each, as the predictions file.
         best_path = best.best_model_path
-        results = trainer.validate(module, datamodule=dm, ckpt_path=best_path or None, verbose=False)
-        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        if best_path:
+            module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
+        metrics = {}
+        if trainer.is_global_zero:
+            metrics = module.evaluate(make_loader(data.valid, plan.micro_batch_size, tokenizer.pad_id, cfg.task.regression))
         summary = {"run_dir": str(out_dir), "task": cfg.task.name, "kind": cfg.task.kind, "init": cfg.init,
                    "pretrained": str(cfg.pretrained), "labels": data.labels, "best_checkpoint": best_path,
                    "epochs": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics,

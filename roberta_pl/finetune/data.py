@@ -8,6 +8,7 @@ the other pieces get -100 (ignored by the loss and the metrics).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import math
@@ -72,11 +73,20 @@ class HFTokenizerJson:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_words(self, words: Sequence[str]) -> list[list[int]]:
-        enc = self.tok.encode(list(words), is_pretokenized=True, add_special_tokens=False)
+        # Encode the words as running text and give each token to the word its characters start in: the
+        # pieces are then exactly those of the sentence (byte-level BPE marks word starts with a leading
+        # space, which encoding words one by one would lose).
+        text, starts = "", []
+        for w in words:
+            text += " " if text else ""
+            starts.append(len(text))
+            text += w
+        enc = self.tok.encode(text, add_special_tokens=False)
         pieces: list[list[int]] = [[] for _ in words]
-        for token_id, word in zip(enc.ids, enc.word_ids):
-            if word is not None:
-                pieces[word].append(token_id)
+        for token_id, (begin, end) in zip(enc.ids, enc.offsets):
+            while begin < end and text[begin] == " ":  # offsets may include the separating space
+                begin += 1
+            pieces[max(0, bisect.bisect_right(starts, begin) - 1)].append(token_id)
         return pieces
 
 

@@ -66,8 +66,8 @@ class EntityF1(torchmetrics.Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, labels: list[str]):
-        super().__init__()
+    def __init__(self, labels: list[str], **kwargs):
+        super().__init__(**kwargs)
         self.labels = list(labels)
         for name in ("tp", "fp", "fn"):
             self.add_state(name, default=torch.tensor(0), dist_reduce_fx="sum")
@@ -113,21 +113,24 @@ class FinetuneModule(pl.LightningModule):
         num_labels = 1 if regression else len(labels)
         cls = RobertaForTokenClassification if self.token_level else RobertaForSequenceClassification
         self.model = cls(config, num_labels)
-        self.metrics = self._build_metrics(num_labels)
+        self.num_labels = num_labels
+        self.metrics = self._build_metrics()
 
-    def _build_metrics(self, num_labels: int) -> torch.nn.ModuleDict:
+    def _build_metrics(self, sync: bool = True) -> torch.nn.ModuleDict:
+        """The task's torchmetrics; ``sync=False`` for one process scoring a whole set on its own."""
+        n, kw = self.num_labels, {"sync_on_compute": sync}
         if self.token_level:
             return torch.nn.ModuleDict({
-                "entity": EntityF1(self.hparams.labels),
-                "accuracy": C.MulticlassAccuracy(num_labels, average="micro", ignore_index=IGNORE_INDEX),
+                "entity": EntityF1(self.hparams.labels, **kw),
+                "accuracy": C.MulticlassAccuracy(n, average="micro", ignore_index=IGNORE_INDEX, **kw),
             })
         if self.hparams.regression:
-            return torch.nn.ModuleDict({"pearson": R.PearsonCorrCoef(), "spearman": R.SpearmanCorrCoef(),
-                                        "mse": R.MeanSquaredError()})
-        f1 = (C.BinaryF1Score() if num_labels == 2  # GLUE's F1: the positive class (label index 1)
-              else C.MulticlassF1Score(num_labels, average="macro"))
-        return torch.nn.ModuleDict({"accuracy": C.MulticlassAccuracy(num_labels, average="micro"), "f1": f1,
-                                    "mcc": C.MulticlassMatthewsCorrCoef(num_labels)})
+            return torch.nn.ModuleDict({"pearson": R.PearsonCorrCoef(**kw), "spearman": R.SpearmanCorrCoef(**kw),
+                                        "mse": R.MeanSquaredError(**kw)})
+        f1 = (C.BinaryF1Score(**kw) if n == 2  # GLUE's F1: the positive class (label index 1)
+              else C.MulticlassF1Score(n, average="macro", **kw))
+        return torch.nn.ModuleDict({"accuracy": C.MulticlassAccuracy(n, average="micro", **kw), "f1": f1,
+                                    "mcc": C.MulticlassMatthewsCorrCoef(n, **kw)})
 
     def load_encoder(self, encoder: torch.nn.Module) -> None:
         """Start from pretrained encoder weights (the head keeps its fresh init)."""
@@ -146,32 +149,57 @@ class FinetuneModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def _update(self, metrics: torch.nn.ModuleDict, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.hparams.regression:
+            scores = logits.squeeze(-1).float()
+            for name in ("pearson", "spearman", "mse"):
+                metrics[name].update(scores, labels.float())
+        elif self.token_level:
+            preds = logits.argmax(-1)
+            metrics["entity"].update(preds, labels)
+            metrics["accuracy"].update(preds, labels)
+        else:
+            preds = logits.argmax(-1)
+            for metric in metrics.values():
+                metric.update(preds, labels)
+
+    @staticmethod
+    def _compute(metrics: torch.nn.ModuleDict) -> dict[str, torch.Tensor]:
+        values: dict[str, torch.Tensor] = {}
+        for name, metric in metrics.items():
+            out = metric.compute()  # torchmetrics syncs across ranks here (unless built with sync=False)
+            values.update(out if isinstance(out, dict) else {name: out})
+            metric.reset()
+        return values
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"]
         self.log("val/loss", self.loss(logits, labels), prog_bar=True, sync_dist=True,
                  batch_size=labels.shape[0])
-        if self.hparams.regression:
-            scores = logits.squeeze(-1).float()
-            for name in ("pearson", "spearman", "mse"):
-                self.metrics[name].update(scores, labels.float())
-        elif self.token_level:
-            preds = logits.argmax(-1)
-            self.metrics["entity"].update(preds, labels)
-            self.metrics["accuracy"].update(preds, labels)
-        else:
-            preds = logits.argmax(-1)
-            for metric in self.metrics.values():
-                metric.update(preds, labels)
+        self._update(self.metrics, logits, labels)
 
     def on_validation_epoch_end(self) -> None:
-        values: dict[str, torch.Tensor] = {}
-        for name, metric in self.metrics.items():
-            out = metric.compute()  # torchmetrics syncs across ranks here
-            values.update(out if isinstance(out, dict) else {name: out})
-            metric.reset()
-        for name, value in values.items():
+        for name, value in self._compute(self.metrics).items():
             self.log(f"val/{name}", value.float(), prog_bar=name in ("accuracy", "f1", "pearson"))
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict[str, float]:
+        """``val/*`` metrics of every batch of ``loader`` on this process alone: the exact set, with no
+        distributed padding, no ``limit_val_batches`` and no cross-rank sync (call it on one rank)."""
+        was_training = self.training
+        self.eval()
+        metrics = self._build_metrics(sync=False).to(self.device)
+        loss_sum, count = 0.0, 0
+        for batch in loader:
+            ids, mask, labels = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+            logits = self(ids, mask)
+            loss_sum += float(self.loss(logits, labels)) * labels.shape[0]
+            count += labels.shape[0]
+            self._update(metrics, logits, labels)
+        self.train(was_training)
+        values = {f"val/{k}": float(v) for k, v in self._compute(metrics).items()}
+        return values | {"val/loss": loss_sum / max(count, 1)}
 
     def configure_optimizers(self):
         o, h = self.hparams.optim, self.hparams
