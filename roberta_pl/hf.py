@@ -246,6 +246,15 @@ def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
+def read_hf_config(path: Path, **config_overrides) -> RobertaConfig:
+    """Our config from a HF directory's ``config.json``, with field overrides."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: not a HuggingFace model directory")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    return RobertaConfig(**{**config.to_dict(), **config_overrides}) if config_overrides else config
+
+
 def load_hf(path: str | Path, **config_overrides) -> RobertaForMaskedLM:
     """Build our masked-LM model from a HuggingFace RoBERTa directory.
 
@@ -256,12 +265,7 @@ def load_hf(path: str | Path, **config_overrides) -> RobertaForMaskedLM:
         A :class:`RobertaForMaskedLM` in eval mode.
     """
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: not a HuggingFace model directory")
-    config = config_from_hf(json.loads(config_file.read_text()))
-    if config_overrides:
-        config = RobertaConfig(**{**config.to_dict(), **config_overrides})
+    config = read_hf_config(path, **config_overrides)
     model = RobertaForMaskedLM(config)
     state = convert_hf_state_dict(load_hf_state_dict(path), config)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -279,12 +283,7 @@ def load_hf_encoder(path: str | Path, **config_overrides) -> RobertaModel:
         KeyError: naming the encoder keys the directory lacks.
     """
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: not a HuggingFace model directory")
-    config = config_from_hf(json.loads(config_file.read_text()))
-    if config_overrides:
-        config = RobertaConfig(**{**config.to_dict(), **config_overrides})
+    config = read_hf_config(path, **config_overrides)
     hf_state = load_hf_state_dict(path)
     if not any(k.startswith("roberta.") for k in hf_state):  # RobertaModel.save_pretrained drops the prefix
         hf_state = {f"roberta.{k}": v for k, v in hf_state.items()}
