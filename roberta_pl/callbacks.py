@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -307,3 +308,34 @@ class DataSkipMonitor(pl.Callback):
             # Summed over ranks (each rank streams its own shards); every rank logs on the same steps.
             pl_module.log_dict({f"data/skipped_shards_{split}": float(n) for split, n in counts().items()},
                                sync_dist=True, reduce_fx="sum")
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress over the whole run in optimizer steps (``step 420/2000``).
+
+    Pretraining streams shards with no fixed epoch: Lightning's per-epoch micro-batch bar would show an
+    epoch count of "-2" (``max_epochs=-1``) and a batch total the stream cannot know exactly.
+    """
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'Steps':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._update(self.train_progress_bar_id, trainer.global_step)  # no reset to 0 at an epoch boundary
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:  # resumed mid-epoch
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version number is not a training metric
+        return metrics

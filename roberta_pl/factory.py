@@ -26,6 +26,7 @@ from roberta_pl.callbacks import (
     LossCurve,
     LossScaleMonitor,
     NonFiniteLossGuard,
+    StepProgressBar,
     StopAtStep,
     ThroughputLogger,
 )
@@ -311,6 +312,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
     )
     callbacks = [checkpoints, LossCurve(out_dir), ThroughputLogger(), NonFiniteLossGuard(t.nonfinite_loss),
                  LossScaleMonitor(t.min_loss_scale), DataSkipMonitor(), *extra_callbacks(cfg)]
+    if t.enable_progress_bar:
+        callbacks.append(StepProgressBar())
     if t.stop_at_step is not None:
         callbacks.append(StopAtStep(t.stop_at_step))
     accumulation = plan.accumulation
