@@ -292,7 +292,7 @@ def finish(cfg: DictConfig, out_dir: Path, module: FinetuneModule, data: TaskDat
                                                    regression=cfg.task.regression, tokenizer=tokenizer.path))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     shown = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in sorted(summary["metrics"].items()))
-    print(f"Done: {cfg.task.name}, best checkpoint after {summary['global_step']} steps: {shown}")
+    print(f"Done: {cfg.task.name}, {summary['global_step']} steps in {summary['epochs']} epochs; best checkpoint: {shown}")
     outputs = [p for p in ("checkpoints/best.ckpt", "predictions", "hf", "summary.json") if (out_dir / p).exists()]
     print(f"Outputs in {out_dir}: {', '.join(outputs)}")
 
