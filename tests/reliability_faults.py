@@ -55,12 +55,15 @@ class NonFiniteLossAt(pl.Callback):
     """Makes the loss non-finite in the given optimizer steps (1-based) by adding ``value`` (nan or inf) to
     the embeddings' output: the fault flows through the real forward and backward."""
 
-    def __init__(self, steps: list[int], value: float = float("nan")) -> None:
+    def __init__(self, steps: list[int], value: float = float("nan"), rank: int | None = None) -> None:
         self.steps = set(steps)
         self.value = float(value)
+        self.rank = rank  # None: every rank
         self._handle = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if trainer.global_step + 1 in self.steps and self._handle is None:
             value = self.value
             self._handle = pl_module.model.roberta.embeddings.register_forward_hook(lambda m, i, out: out + value)

@@ -26,6 +26,7 @@ FAULTS = [
     ("corrupt_raise_missing", "a shard listed in the manifest but missing, `data.on_error=raise`"),
     ("nonfinite_stop", "NaN loss at step 3, `trainer.nonfinite_loss=stop` (default)"),
     ("nonfinite_skip", "inf loss at step 3, `trainer.nonfinite_loss=skip`"),
+    ("nonfinite_ddp", "inf loss on DDP rank 1 only at step 3 (2 gloo processes), `trainer.nonfinite_loss=skip`"),
     ("fp16_collapse", "fp16 (`16-mixed`, real GradScaler) with every step overflowing"),
     ("unwritable_dir", "`run_dir` in a read-only directory"),
     ("full_dir", "`run_dir` that cannot hold a checkpoint (file-size limit, `ulimit -f 256`)"),

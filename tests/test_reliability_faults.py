@@ -186,6 +186,26 @@ def test_inf_loss_is_skipped_when_configured(tmp_path, shard_dir, tokenizer_dir,
                 kept="finite parameters; AdamW took 4 updates; the data position moved on by the skipped batches")
 
 
+def test_nonfinite_loss_on_one_ddp_rank_is_skipped_by_every_rank(tmp_path, shard_dir, tokenizer_dir, reliability):
+    """Gradients are all-reduced, so an inf on rank 1 alone poisons both ranks' gradients: both must skip."""
+    args = [*TINY, *FAST, f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}", "trainer=ddp",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=4",
+            "trainer.nonfinite_loss=skip", f"run_dir={tmp_path}",
+            "trainer.callbacks=[{_target_:reliability_faults.NonFiniteLossAt,steps:[3],value:inf,rank:1}]"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    # Rank 0's optimizer (the one checkpointed) skipped the step rank 1's loss broke: 3 updates in 4 steps.
+    assert {int(s["step"]) for s in last["optimizer_states"][0]["state"].values()} == {3}
+    reliability("nonfinite_ddp",
+                happened="both ranks agreed to skip step 3 (the flag is reduced across ranks before the update); "
+                         "the run finished all 4 steps",
+                kept="finite parameters on every rank; AdamW took 3 updates in 4 steps")
+
+
 def test_fp16_loss_scale_collapse_is_reported(tmp_path, shard_dir, tokenizer_dir, reliability):
     data = [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
     message = fails(tmp_path, [*data, "trainer.precision=16-mixed", "trainer.min_loss_scale=4096",
