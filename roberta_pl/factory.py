@@ -303,6 +303,16 @@ def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return built
 
 
+def precision_setting(t: DictConfig) -> tuple[str | None, list]:
+    """``(precision, plugins)`` for the Trainer. Lightning silently turns ``16-mixed`` into bf16 on CPU;
+    fp16 is honoured there with a real GradScaler instead (so loss-scale faults behave as on GPU)."""
+    if t.precision == "16-mixed" and t.accelerator == "cpu":
+        from lightning.pytorch.plugins import MixedPrecision
+
+        return None, [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]
+    return t.precision, []
+
+
 def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict) -> pl.Trainer:
     t = cfg.trainer
     checkpoints = ModelCheckpoint(
@@ -326,13 +336,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     strategy = build_strategy(cfg, plan)
     plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) else []
-    precision = t.precision
-    if precision == "16-mixed" and t.accelerator == "cpu":
-        # Lightning silently turns 16-mixed into bf16 on CPU; honour fp16 with a real GradScaler instead.
-        from lightning.pytorch.plugins import MixedPrecision
-
-        plugins.append(MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu")))
-        precision = None
+    precision, precision_plugins = precision_setting(t)
+    plugins += precision_plugins
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, max_steps=t.max_steps, accumulate_grad_batches=accumulation,

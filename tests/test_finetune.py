@@ -425,3 +425,18 @@ def test_ddp_finetuning_with_two_gloo_processes(tmp_path, pretrained, source_tas
     rows = read_jsonl(out / "predictions" / "valid.jsonl")
     assert sorted(r["line"] for r in rows) == list(range(2, 122))
     assert transformers.AutoModelForSequenceClassification.from_pretrained(out / "hf").num_labels == 2
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-mixed"])
+def test_reduced_precision_finetuning_exports_fp32(tmp_path, pretrained, source_task, precision):
+    """bf16 weights (bf16-true) and fp16 with a real GradScaler on CPU (16-mixed) train, and the HF export
+    is float32 as its config.json says."""
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    summary = finetune(out, [*source_overrides(pretrained, source_task), f"trainer.precision={precision}",
+                             "trainer.max_epochs=1"])
+    assert 0.0 <= summary["metrics"]["val/accuracy"] <= 1.0
+    with safe_open(str(out / "hf" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    assert json.loads((out / "hf" / "config.json").read_text())["torch_dtype"] == "float32"

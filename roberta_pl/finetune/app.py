@@ -37,7 +37,14 @@ from data_pipelines.errors import DataError
 from data_pipelines.tabular import read_sequence_examples, read_token_examples
 from roberta_pl.callbacks import AtomicCheckpointIO, LossScaleMonitor, NonFiniteLossGuard, TrainingFault
 from roberta_pl.config import CONF_DIR
-from roberta_pl.factory import ConfigError, build_loggers, check_writable, extra_callbacks, world_size
+from roberta_pl.factory import (
+    ConfigError,
+    build_loggers,
+    check_writable,
+    extra_callbacks,
+    precision_setting,
+    world_size,
+)
 from roberta_pl.finetune.config import register_configs
 from roberta_pl.finetune.data import (
     Features,
@@ -151,15 +158,16 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan, resolved: dict) -> tuple
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     # Validation every N optimizer steps, counted across epochs (Lightning counts micro-batches), or per epoch.
     val_interval = t.val_every_n_steps * plan.accumulation if t.val_every_n_steps else 1.0
+    precision, plugins = precision_setting(t)
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        precision=t.precision, max_epochs=t.max_epochs if t.max_epochs > 0 else None, max_steps=t.max_steps,
+        precision=precision, max_epochs=t.max_epochs if t.max_epochs > 0 else None, max_steps=t.max_steps,
         accumulate_grad_batches=plan.accumulation, val_check_interval=val_interval,
         check_val_every_n_epoch=None if t.val_every_n_steps else 1,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val or None, deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers or False,
-        default_root_dir=out_dir, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
+        default_root_dir=out_dir, plugins=[AtomicCheckpointIO(), *plugins], num_sanity_val_steps=0,
     )
     return trainer, best
 
