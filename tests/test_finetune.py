@@ -440,3 +440,23 @@ def test_reduced_precision_finetuning_exports_fp32(tmp_path, pretrained, source_
     with safe_open(str(out / "hf" / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
     assert json.loads((out / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_multirun_sweep_with_wandb_offline(tmp_path, pretrained, source_task):
+    """`roberta-pl-finetune -m optim.lr=a,b logger=wandb`: one run dir per job, each with its W&B offline run
+    holding the validation metrics and the resolved config."""
+    from wandb_records import history_and_config
+
+    args = ["-m", *FAST, *source_overrides(pretrained, source_task), "optim.lr=1e-4,3e-4", "trainer.max_epochs=2",
+            "logger=wandb", f"run_dir={tmp_path}/lr"]
+    done = subprocess.run(["roberta-pl-finetune", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job, lr in (("0", 1e-4), ("1", 3e-4)):
+        run_dir = tmp_path / "lr-sweep" / job
+        assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 20
+        run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+        (wandb_run,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+        rows, config = history_and_config(wandb_run / f"run-{run_id}.wandb")
+        assert {"train/loss", "val/accuracy", "val/f1", "val/mcc", "val/loss"} <= set().union(*rows)
+        assert config["optim"]["lr"] == lr and config["task"]["label_column"] == "source"
