@@ -145,8 +145,9 @@ def read_sequence_examples(path: str | Path, text_column: str, label_column: str
         if label_column and (require_labels or row.get(label_column) is not None):
             value = _field(path, line, row, label_column)
             label = "" if value is None else str(value).strip()  # JSON null is a missing label, not "None"
-            if not label:
+            if not label and require_labels:
                 raise DataError(f"{path}, line {line}: empty label in column {label_column!r}")
+            label = label or None  # a test file's empty cell: an unlabelled row
         examples.append(Example(line, text, pair, label))
     if not examples:
         raise DataError(f"{path}: no examples")
@@ -157,7 +158,10 @@ def _words(path: Path, line: int, value, column: str) -> list[str]:
     words = value.split() if isinstance(value, str) else value
     if not isinstance(words, list) or not all(isinstance(w, (str, int)) and not isinstance(w, bool) for w in words):
         raise DataError(f"{path}, line {line}: column {column!r} must be a list of strings or a space-separated string")
-    return [str(w) for w in words]  # integer tag ids (as datasets exports them) become their names
+    words = [str(w) for w in words]  # integer tag ids (as datasets exports them); task.labels names them
+    if any(not w.strip() for w in words):
+        raise DataError(f"{path}, line {line}: empty word in column {column!r}")
+    return words
 
 
 def read_token_examples(path: str | Path, tokens_column: str = "tokens", tags_column: str | None = "tags",
@@ -194,15 +198,15 @@ def _read_conll(path: Path, require_labels: bool) -> Iterator[Example]:
         raise DataError(f"{path}: no such file")
     words: list[str] = []
     tags: list[str] = []
-    start = 0
+    start, untagged = 0, False
     with path.open(encoding="utf-8-sig") as f:
         try:
             for line, raw in enumerate(f, 1):
                 parts = raw.split()
                 if not parts or parts[0] == "-DOCSTART-":
                     if words:
-                        yield Example(start, words, None, tags if tags else None)
-                    words, tags = [], []
+                        yield Example(start, words, None, None if untagged else tags)
+                    words, tags, untagged = [], [], False
                     continue
                 if not words:
                     start = line
@@ -211,7 +215,9 @@ def _read_conll(path: Path, require_labels: bool) -> Iterator[Example]:
                 words.append(parts[0])
                 if len(parts) > 1:
                     tags.append(parts[-1])
+                else:  # a test file's untagged word: the sentence is predicted, not scored
+                    untagged = True
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if words:
-        yield Example(start, words, None, tags if tags else None)
+        yield Example(start, words, None, None if untagged else tags)

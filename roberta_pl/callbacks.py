@@ -226,7 +226,7 @@ class NonFiniteLossGuard(pl.Callback):
         bad, self._bad = self._bad, None
         step = trainer.global_step + 1  # the step being taken; checkpoints are named by completed steps
         bad = bad is not None and bool(bad)  # the one sync per optimizer step
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and _scaler(trainer) is None:  # under fp16 the GradScaler handles it
             # Gradients are all-reduced, so one rank's NaN is every rank's: all ranks must skip (or stop)
             # together, or the others would step on NaN gradients (or wait for a rank that has left).
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)

@@ -22,7 +22,7 @@ from data_pipelines.demo_tasks import SOURCES, code_tags, docstrings, tagging_ta
 from roberta_pl.cli.embed import main as embed_main
 from roberta_pl.config import CONF_DIR
 from roberta_pl.config import register_configs as register_pretrain_configs
-from roberta_pl.finetune.app import run
+from roberta_pl.finetune.app import name_tag_ids, run
 from roberta_pl.finetune.config import register_configs
 from roberta_pl.finetune.data import HFTokenizerJson, align_word_labels, load_text_tokenizer
 from roberta_pl.finetune.module import EntityF1, entity_spans
@@ -184,6 +184,7 @@ def test_label_alignment_on_words_split_into_several_pieces(tokenizer_dir, tmp_p
     bpe.train_from_iterator(docstrings(SOURCES["web"]), trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.enable_padding(pad_id=1, pad_token="<pad>", length=64)  # saved settings we must not inherit
     (tmp_path / "bpe").mkdir()
     bpe.save(str(tmp_path / "bpe" / "tokenizer.json"))
     byte_level = HFTokenizerJson(tmp_path / "bpe")
@@ -312,6 +313,12 @@ def test_batch_size_that_does_not_split_is_a_one_line_error(tmp_path, pretrained
         finetune(tmp_path / "run", [*source_overrides(pretrained, source_task), "batch_size=8", "micro_batch_size=3"])
 
 
+def test_validation_interval_beyond_the_run_is_refused(tmp_path, pretrained, source_task):
+    with pytest.raises(SystemExit, match=r"trainer.val_every_n_steps=500 is more than the 60 steps this run takes"):
+        finetune(tmp_path / "run", [*source_overrides(pretrained, source_task), "trainer.val_every_n_steps=500"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_layer_wise_lr_decay_groups():
     config = RobertaConfig.from_name("tiny", vocab_size=300, num_layers=3)
     model = RobertaForSequenceClassification(config, 2)
@@ -363,7 +370,20 @@ def test_readers_handle_glue_tsv_quotes_headerless_files_and_conll(tmp_path):
     with pytest.raises(DataError, match=r"test.jsonl, line 1: empty label in column 'label'"):
         read_sequence_examples(nulls, "text", "label")  # null is a missing label, not a class named "None"
     ids = write_jsonl(tmp_path / "ids.jsonl", [{"tokens": ["EU", "rejects"], "ner_tags": [3, 0]}])
-    assert read_token_examples(ids, "tokens", "ner_tags")[0].label == ["3", "0"]  # datasets-style tag ids
+    examples = {"train": read_token_examples(ids, "tokens", "ner_tags")}
+    assert examples["train"][0].label == ["3", "0"]  # datasets-style tag ids ...
+    with pytest.raises(DataError, match=r"ids.jsonl: the tags are integer ids; name them in order with task.labels"):
+        name_tag_ids(examples, [], {"train": ids})
+    name_tag_ids(examples, ["O", "B-PER", "I-PER", "B-ORG"], {"train": ids})
+    assert examples["train"][0].label == ["B-ORG", "O"]  # ... named by task.labels
+    test_csv = tmp_path / "test.csv"  # a test file: an empty label cell is an unlabelled row
+    test_csv.write_text("text,label\nfirst,1\nsecond,\n")
+    assert [e.label for e in read_sequence_examples(test_csv, "text", "label", require_labels=False)] == ["1", None]
+    untagged = tmp_path / "test.conll"
+    untagged.write_text("EU B-ORG\nrejects O\n\nPeter\nsays\n")
+    assert [e.label for e in read_token_examples(untagged, require_labels=False)] == [["B-ORG", "O"], None]
+    with pytest.raises(DataError, match=r"words.jsonl, line 1: empty word in column 'tokens'"):
+        read_token_examples(write_jsonl(tmp_path / "words.jsonl", [{"tokens": ["a", ""], "tags": ["O", "O"]}]))
     bad = tmp_path / "bad.jsonl"
     write_jsonl(bad, [{"tokens": ["a", "b"], "tags": ["O"]}])
     with pytest.raises(DataError, match=r"bad.jsonl, line 1: 2 words but 1 tags"):
@@ -414,6 +434,9 @@ def test_finetune_cli_help_and_error(tmp_path):
 def test_ddp_finetuning_with_two_gloo_processes(tmp_path, pretrained, source_task):
     """`trainer=ddp` on 2 CPU processes: both ranks train, rank 0 writes every prediction once."""
     out = tmp_path / "ddp"
+    task = tmp_path / "task"  # 121 validation rows: 2 ranks' padded sampler counts one twice, the summary must not
+    assert data_cli(["demo-task", str(task), "--valid", "121"]) == 0
+    source_task = {"train": task / "train.csv", "valid": task / "valid.csv"}
     args = [*FAST, *source_overrides(pretrained, source_task), "trainer=ddp", "trainer.accelerator=cpu",
             "trainer.devices=2", "trainer.precision=32-true", "trainer.max_epochs=2", f"run_dir={out}"]
     done = subprocess.run(["roberta-pl-finetune", *args], capture_output=True, text=True, timeout=600)
@@ -421,9 +444,11 @@ def test_ddp_finetuning_with_two_gloo_processes(tmp_path, pretrained, source_tas
     assert "Done: custom" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     # 160 examples, global batch 16 = 2 ranks x micro 8: 10 optimizer steps an epoch.
-    assert summary["global_step"] == 20 and 0.0 <= summary["metrics"]["val/accuracy"] <= 1.0
+    assert summary["global_step"] == 20
     rows = read_jsonl(out / "predictions" / "valid.jsonl")
-    assert sorted(r["line"] for r in rows) == list(range(2, 122))
+    assert sorted(r["line"] for r in rows) == list(range(2, 123))
+    # The summary's metric is rank 0's exact score of the best checkpoint: the predictions file's accuracy.
+    assert summary["metrics"]["val/accuracy"] == pytest.approx(np.mean([r["prediction"] == r["label"] for r in rows]))
     assert transformers.AutoModelForSequenceClassification.from_pretrained(out / "hf").num_labels == 2
 
 

@@ -201,3 +201,14 @@ def test_console_scripts_print_help():
         proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (script, proc.stderr)
         assert len(proc.stdout) > 100, script
+
+
+def test_progress_bar_counts_optimizer_steps_across_a_resume(tmp_path, data_overrides, capsys):
+    """The bar reads `Steps k/max_steps` (a stream has no fixed epoch), and continues from the resumed step."""
+    bar = [o for o in TINY if "progress_bar" not in o] + ["trainer.enable_progress_bar=true"]
+    run(compose_cfg([*bar, *data_overrides, "trainer.stop_at_step=4"]), tmp_path)
+    first = capsys.readouterr().out
+    run(compose_cfg([*bar, *data_overrides]), tmp_path)
+    second = capsys.readouterr().out
+    assert "Steps" in first and "4/6" in first and "Epoch" not in first
+    assert "6/6" in second and "Epoch" not in second

@@ -126,6 +126,8 @@ def load_task_data(cfg: DictConfig, tokenizer, max_len: int) -> TaskData:
         return read_sequence_examples(path, task.text_column, task.label_column, task.text_pair_column, **common)
 
     examples = {split: read(path, require_labels=split != "test") for split, path in files.items()}
+    if token:
+        name_tag_ids(examples, list(task.labels or []), files)
     if task.regression:
         labels = list(task.labels or ["score"])
     else:
@@ -135,6 +137,25 @@ def load_task_data(cfg: DictConfig, tokenizer, max_len: int) -> TaskData:
     feats = {split: encode_examples(tokenizer, ex, files[split], task.kind, labels, task.regression, max_len)
              for split, ex in examples.items()}
     return TaskData(labels, feats["train"], feats["valid"], feats.get("test"), files)
+
+
+def name_tag_ids(examples: dict, names: list[str], files: dict[str, Path]) -> None:
+    """Tags given as integer ids (as HF ``datasets`` exports ``ner_tags``) become their names from
+    ``task.labels``, in place; entity F1 needs BIO names (``B-PER``), so unnamed ids are refused."""
+    tags = {t for ex in examples["train"] for t in ex.label or []}
+    if not tags or not all(t.isdigit() for t in tags):
+        return
+    if not names:
+        raise DataError(f"{files['train']}: the tags are integer ids; name them in order with "
+                        f"task.labels=[O,B-PER,I-PER,...] (entity F1 needs BIO names)")
+    for split, exs in examples.items():
+        for ex in exs:
+            if ex.label is not None:
+                if any(not t.isdigit() or int(t) >= len(names) for t in ex.label):
+                    bad = next(t for t in ex.label if not t.isdigit() or int(t) >= len(names))
+                    raise DataError(f"{files[split]}, line {ex.line}: "
+                                    f"tag {bad!r} is not an id of task.labels ({len(names)} names)")
+                ex.label = [names[int(t)] for t in ex.label]
 
 
 def steps_per_epoch(n_train: int, plan) -> int:
@@ -237,6 +258,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             tokenizer = load_text_tokenizer(tok_dir)
             max_len = min(cfg.task.max_seq_len, encoder.config.max_seq_len)
             data = load_task_data(cfg, tokenizer, max_len)
+            total = steps_per_epoch(len(data.train), plan) * max(cfg.trainer.max_epochs, 1)
+            if cfg.trainer.max_steps > 0:
+                total = cfg.trainer.max_steps if cfg.trainer.max_epochs <= 0 else min(total, cfg.trainer.max_steps)
+            if (cfg.trainer.val_every_n_steps or 0) > total:
+                raise ConfigError(f"trainer.val_every_n_steps={cfg.trainer.val_every_n_steps} is more than the "
+                                  f"{total} steps this run takes: it would never validate or keep a best checkpoint")
             resolved = OmegaConf.to_container(cfg, resolve=True)
             trainer, best = build_trainer(cfg, out_dir, plan, resolved)
         except (ConfigError, BatchPlanError, DataError) as e:
@@ -247,9 +274,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         model_cfg = encoder.config.to_dict()
         if cfg.dropout is not None:
             model_cfg |= {"dropout": cfg.dropout, "attention_dropout": cfg.dropout}
-        total = steps_per_epoch(len(data.train), plan) * max(cfg.trainer.max_epochs, 1)
-        if cfg.trainer.max_steps > 0:
-            total = cfg.trainer.max_steps if cfg.trainer.max_epochs <= 0 else min(total, cfg.trainer.max_steps)
         module = FinetuneModule(model=model_cfg, kind=cfg.task.kind, labels=data.labels, regression=cfg.task.regression,
                                 optim=resolved["optim"], total_steps=total,
                                 warmup_steps=round(cfg.optim.warmup_ratio * total))
@@ -262,13 +286,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             trainer.fit(module, datamodule=dm)
         except TrainingFault as e:  # the best checkpoint so far is kept
             raise SystemExit(f"{PROG}: error: {e}") from None
-        # The best checkpoint's weights (all ranks), scored on rank 0 over the exact validation set: the same
-        # rows, once each, as the predictions file.
+        # Rank 0 scores the best checkpoint's weights over the exact validation set, on the training device:
+        # the same rows, once each, as the predictions file. (Lightning's teardown left the module on CPU.)
         best_path = best.best_model_path
-        if best_path:
-            module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
         metrics = {}
         if trainer.is_global_zero:
+            if best_path:
+                module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
+            module.to(trainer.strategy.root_device)
             metrics = module.evaluate(make_loader(data.valid, plan.micro_batch_size, tokenizer.pad_id, cfg.task.regression))
         summary = {"run_dir": str(out_dir), "task": cfg.task.name, "kind": cfg.task.kind, "init": cfg.init,
                    "pretrained": str(cfg.pretrained), "labels": data.labels, "best_checkpoint": best_path,

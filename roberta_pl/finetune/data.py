@@ -64,6 +64,8 @@ class HFTokenizerJson:
             raise DataError(f"{path}: this tokenizer is a tokenizer.json; `pip install tokenizers` to use it") from None
         self.path = path
         self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.tok.no_padding()  # we add specials, cut and pad ourselves
+        self.tok.no_truncation()
         ids = [self.tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>")]
         if None in ids:
             raise DataError(f"{path}/tokenizer.json: no <s>, </s> or <pad> token; not a RoBERTa tokenizer")
