@@ -142,12 +142,15 @@ def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], config: RobertaConf
         raise KeyError(f"HF state dict does not match a {config.num_layers}-layer RoBERTa MLM: "
                        f"missing={missing[:5]}{'...' if len(missing) > 5 else ''} "
                        f"unexpected={unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    ours = {table[k]: v for k, v in hf_state.items() if k in table}
+    return _pad_vocab({table[k]: v for k, v in hf_state.items() if k in table}, config)
+
+
+def _pad_vocab(ours: dict[str, torch.Tensor], config: RobertaConfig) -> dict[str, torch.Tensor]:
+    """Zero rows appended to the vocab-sized tensors present, up to ``config.padded_vocab_size``."""
     extra = config.padded_vocab_size - config.vocab_size
-    if extra:
-        for k in _VOCAB_SIZED:
-            pad = torch.zeros((extra, *ours[k].shape[1:]), dtype=ours[k].dtype)
-            ours[k] = torch.cat([ours[k], pad])
+    for k in _VOCAB_SIZED:
+        if extra and k in ours:
+            ours[k] = torch.cat([ours[k], ours[k].new_zeros((extra, *ours[k].shape[1:]))])
     return ours
 
 
@@ -291,11 +294,7 @@ def load_hf_encoder(path: str | Path, **config_overrides) -> RobertaModel:
     missing = sorted(k for k in table if k not in hf_state)
     if missing:
         raise KeyError(f"{path}: not a {config.num_layers}-layer RoBERTa encoder; missing {missing[:5]}")
-    ours = {table[k].removeprefix("roberta."): hf_state[k] for k in table}
-    extra = config.padded_vocab_size - config.vocab_size
-    if extra:
-        w = ours["embeddings.word_embeddings.weight"]
-        ours["embeddings.word_embeddings.weight"] = torch.cat([w, w.new_zeros((extra, w.shape[1]))])
+    ours = _pad_vocab({table[k]: hf_state[k] for k in table}, config)
     encoder = RobertaModel(config)
-    encoder.load_state_dict(ours, strict=True)
+    encoder.load_state_dict({k.removeprefix("roberta."): v for k, v in ours.items()}, strict=True)
     return encoder.eval()
