@@ -45,11 +45,11 @@ def embed(encoder: torch.nn.Module, tokenizer, texts: list[str], pooling: str = 
         tokenizer: a fine-tuning text tokenizer (:func:`roberta_pl.finetune.data.load_text_tokenizer`).
         pooling: ``mean`` over real tokens (``<s>`` and ``</s>`` included) or ``cls`` (the ``<s>`` state).
     """
-    from roberta_pl.finetune.data import collate, encode_pair, tok_encode_all
+    from roberta_pl.finetune.data import collate, encode_pair
     from roberta_pl.model import pool
 
     max_len = min(max_len or encoder.config.max_seq_len, encoder.config.max_seq_len)
-    encoded = [encode_pair(tokenizer, ids, None, max_len) for ids in tok_encode_all(tokenizer, texts)]
+    encoded = [encode_pair(tokenizer, ids, None, max_len) for ids in tokenizer.encode_batch(texts)]
     truncated = sum(cut for _, cut in encoded)
     device = next(encoder.parameters()).device
     # Longest first: batches of similar lengths pad little; rows are put back in file order at the end.

@@ -150,11 +150,11 @@ def name_tag_ids(examples: dict, names: list[str], files: dict[str, Path]) -> No
                         f"task.labels=[O,B-PER,I-PER,...] (entity F1 needs BIO names)")
     for split, exs in examples.items():
         for ex in exs:
+            for t in ex.label or []:
+                if not t.isdigit() or int(t) >= len(names):
+                    raise DataError(f"{files[split]}, line {ex.line}: tag {t!r} is not an id of task.labels "
+                                    f"({len(names)} names)")
             if ex.label is not None:
-                if any(not t.isdigit() or int(t) >= len(names) for t in ex.label):
-                    bad = next(t for t in ex.label if not t.isdigit() or int(t) >= len(names))
-                    raise DataError(f"{files[split]}, line {ex.line}: "
-                                    f"tag {bad!r} is not an id of task.labels ({len(names)} names)")
                 ex.label = [names[int(t)] for t in ex.label]
 
 
@@ -218,10 +218,10 @@ def write_predictions(path: Path, feats: Features, logits, labels: list[str], ki
             row = {"line": ex.line}
             if kind == "token_classification":
                 ids = logits[i].argmax(-1).tolist()
+                kept = feats.word_positions[i]  # first-piece position per kept word; -1: a word with no pieces
                 row["tokens"] = ex.text
-                # Words dropped by truncation (or with no pieces) get no prediction: null.
-                row["predictions"] = [labels[ids[p]] if 0 <= p < len(ids) else None
-                                      for p in (feats.word_positions[i] + [-1] * (len(ex.text) - len(feats.word_positions[i])))]
+                # Words dropped by truncation, or with no pieces, get no prediction: null.
+                row["predictions"] = [labels[ids[p]] if p >= 0 else None for p in kept] + [None] * (len(ex.text) - len(kept))
                 if ex.label is not None:
                     row["tags"] = ex.label
             else:
@@ -243,7 +243,6 @@ def write_predictions(path: Path, feats: Features, logits, labels: list[str], ki
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Check → load → encode → fit with early stopping → best checkpoint → predictions → HF export."""
     from roberta_pl.checkpoints import load_encoder
-    from roberta_pl.hf import save_hf_classifier
     from roberta_pl.train import end_run
 
     environ = dict(os.environ)
@@ -301,15 +300,16 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                    "examples": {"train": len(data.train), "valid": len(data.valid)},
                    "truncated": {"train": len(data.train.truncated), "valid": len(data.valid.truncated)}}
         if trainer.is_global_zero:
-            finish(cfg, out_dir, module, data, tokenizer, summary, save_hf_classifier)
+            finish(cfg, out_dir, module, data, tokenizer, summary)
         return summary
     finally:
         end_run(trainer, environ)
 
 
-def finish(cfg: DictConfig, out_dir: Path, module: FinetuneModule, data: TaskData, tokenizer, summary: dict,
-           save_hf_classifier) -> None:
+def finish(cfg: DictConfig, out_dir: Path, module: FinetuneModule, data: TaskData, tokenizer, summary: dict) -> None:
     """Rank 0: predictions files, HF export, ``summary.json`` and a closing line."""
+    from roberta_pl.hf import save_hf_classifier
+
     splits = {"valid": data.valid} | ({"test": data.test} if data.test is not None else {})
     summary["predictions"] = {}
     for split, feats in splits.items():

@@ -36,6 +36,8 @@ class TextTokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
     def encode_words(self, words: Sequence[str]) -> list[list[int]]: ...
 
 
@@ -49,8 +51,11 @@ class SentencePieceWords:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tok.encode_batch(list(texts))  # SentencePiece runs the batch in native threads
+
     def encode_words(self, words: Sequence[str]) -> list[list[int]]:
-        return self.tok.encode_batch(list(words))
+        return self.encode_batch(words)
 
 
 class HFTokenizerJson:
@@ -73,6 +78,9 @@ class HFTokenizerJson:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def encode_words(self, words: Sequence[str]) -> list[list[int]]:
         # Encode the words as running text and give each token to the word its characters start in: the
@@ -218,8 +226,8 @@ def encode_examples(tok: TextTokenizer, examples: list[Example], path: Path, kin
             if cut:
                 feats.truncated.append(ex.line)
     else:
-        texts = tok_encode_all(tok, [ex.text for ex in examples])
-        pairs = tok_encode_all(tok, [ex.text_pair for ex in examples]) if examples[0].text_pair is not None else None
+        texts = tok.encode_batch([ex.text for ex in examples])
+        pairs = tok.encode_batch([ex.text_pair for ex in examples]) if examples[0].text_pair is not None else None
         for i, ex in enumerate(examples):
             ids, cut = encode_pair(tok, texts[i], pairs[i] if pairs else None, max_len)
             feats.input_ids.append(ids)
@@ -234,12 +242,6 @@ def encode_examples(tok: TextTokenizer, examples: list[Example], path: Path, kin
         log.warning("%s: %d of %d %s to fit max_seq_len=%d (first at line %d)",
                     path, len(feats.truncated), len(examples), what, max_len, feats.truncated[0])
     return feats
-
-
-def tok_encode_all(tok: TextTokenizer, texts: list[str]) -> list[list[int]]:
-    if isinstance(tok, SentencePieceWords):
-        return tok.tok.encode_batch(texts)
-    return [tok.encode(t) for t in texts]
 
 
 # -- batches -------------------------------------------------------------------------------------------
