@@ -7,7 +7,7 @@ Examples::
     roberta-pl-data inspect data/shards
 
 With no inputs, ``tokenizer`` and ``shards`` use the embedded default corpus (docstrings of the
-installed Python packages, built once into ``$ROBERTA_PL_CACHE``).
+Python stdlib and torch, built once into ``$ROBERTA_PL_CACHE``).
 """
 
 from __future__ import annotations

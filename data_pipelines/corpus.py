@@ -6,8 +6,10 @@ separate documents. In JSON-lines files each line is an object whose ``text_fiel
 document. Everything streams line by line, so a corpus larger than RAM is fine.
 
 The special input ``"@default"`` (or no input at all, in the CLI) is the embedded default corpus:
-docstrings of the Python standard library and installed packages, read with :mod:`ast`. It is
-real English prose, already on every machine, built once into the cache directory
+docstrings of the Python standard library, then of torch (a dependency, so always there), read with
+:mod:`ast`, in a fixed order: never whatever else happens to be installed. It is real English prose,
+already on every machine, the same for the same Python minor version and torch release, built once into
+the cache directory
 (``$ROBERTA_PL_CACHE``, default ``~/.cache/roberta-pl``) and never downloaded.
 """
 
@@ -219,7 +221,7 @@ def iter_documents(
 # The embedded default corpus
 # ---------------------------------------------------------------------------------------------
 
-_CORPUS_VERSION = 2
+_CORPUS_VERSION = 3
 DEFAULT_CORPUS_BYTES = 6_000_000  # ~1.5M tokens: a tiny model learns visibly in minutes on CPU
 _DOCTEST = re.compile(r"^\s*(>>>|\.\.\.)")
 _LETTERS = re.compile(r"[A-Za-z]")
@@ -246,16 +248,54 @@ def _clean_docstring(doc: str) -> str | None:
     return text
 
 
+# After the standard library, these packages (declared dependencies of roberta-pl, so installed wherever it
+# is) are read in this order until the corpus is full. The stdlib gives ~1.5 MB and torch the rest, so the
+# default corpus is the same on every machine with the same Python minor version and torch release.
+CORPUS_PACKAGES = ("torch", "numpy", "matplotlib", "torchmetrics", "lightning", "deepspeed", "wandb", "rich")
+# sha256 of the default corpus where it was measured; the README's quickstart figures come from it. A build
+# on another (Python, torch) pair is fine but is told that its figures may differ.
+REFERENCE_CORPUS_SHA256 = {
+    ("3.11", "2.13.0", DEFAULT_CORPUS_BYTES): "3889e2acb95b4d8428598183adefd306b10b66b07951a37760991615e23d1577",
+}
+_SKIP_PARTS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name).split("+")[0]  # 2.13.0+cpu and 2.13.0+cu128 ship the same sources
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _python_sources() -> Iterator[Path]:
-    """Standard library first (the same on every machine with this Python), then site-packages."""
+    """The standard library, then :data:`CORPUS_PACKAGES` in that order: never whatever else is installed."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
-    yield from sorted(p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts))
+    yield from sorted(p for p in stdlib.rglob("*.py") if not _SKIP_PARTS & set(p.relative_to(stdlib).parts))
     purelib = Path(sysconfig.get_paths()["purelib"])
-    if purelib.is_dir():
-        for top in sorted(purelib.iterdir()):
-            if top.is_dir() and top.name.isidentifier():
-                yield from sorted(p for p in top.rglob("*.py") if not skip & set(p.relative_to(purelib).parts))
+    for name in CORPUS_PACKAGES:
+        top = purelib / name
+        if top.is_dir():
+            yield from sorted(p for p in top.rglob("*.py") if not _SKIP_PARTS & set(p.relative_to(top).parts))
+
+
+def corpus_key(target_bytes: int = DEFAULT_CORPUS_BYTES) -> tuple[str, str, int]:
+    """What the default corpus's content depends on: (Python minor version, torch release, size)."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}", _package_version("torch") or "none", target_bytes
+
+
+def _check_reference(path: Path, target_bytes: int) -> str:
+    """The corpus's sha256; a warning when it differs from the reference build for the same key."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    key = corpus_key(target_bytes)
+    expected = REFERENCE_CORPUS_SHA256.get(key)
+    if expected is not None and digest != expected:
+        log.warning(
+            "default corpus %s has sha256 %s..., not the reference %s... for Python %s with torch %s (Python %s "
+            "here): its figures may differ from the README's", path, digest[:12], expected[:12], key[0], key[1],
+            sys.version.split()[0])
+    return digest
 
 
 def build_default_corpus(out_path: Path, target_bytes: int = DEFAULT_CORPUS_BYTES) -> Path:
@@ -300,6 +340,12 @@ def build_default_corpus(out_path: Path, target_bytes: int = DEFAULT_CORPUS_BYTE
     return out_path
 
 
+def default_corpus_path(target_bytes: int = DEFAULT_CORPUS_BYTES) -> Path:
+    """Where :func:`default_corpus` keeps the corpus; the name says what its content depends on."""
+    python, torch, _ = corpus_key(target_bytes)
+    return cache_dir() / f"default_corpus-v{_CORPUS_VERSION}-py{python}-torch{torch}-{target_bytes // 1000}k.txt"
+
+
 def default_corpus(target_bytes: int = DEFAULT_CORPUS_BYTES) -> Path:
     """Path of the embedded default corpus, building it on first use.
 
@@ -309,8 +355,8 @@ def default_corpus(target_bytes: int = DEFAULT_CORPUS_BYTES) -> Path:
     Returns:
         A ``.txt`` file of documents separated by blank lines.
     """
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-{target_bytes // 1000}k"
-    path = cache_dir() / f"default_corpus-v{_CORPUS_VERSION}-{tag}.txt"
+    path = default_corpus_path(target_bytes)
     if not path.exists():
         build_default_corpus(path, target_bytes)
+        _check_reference(path, target_bytes)
     return path

@@ -1,6 +1,6 @@
 """What pretraining needs from data_pipelines: a tokenizer, shard specs and the DataModule.
 
-With no shards configured, the embedded default corpus (docstrings of the installed Python packages) is
+With no shards configured, the embedded default corpus (docstrings of the Python stdlib and torch) is
 turned into a tokenizer and shards once, under ``data.cache_dir``, and reused by every later run.
 """
 
@@ -16,7 +16,7 @@ from data_pipelines.tokenizer import SpmTokenizer, load_tokenizer
 from roberta_pl.factory import file_lock
 from roberta_pl.optim import BatchPlan, plan_ramp
 
-DEFAULT_DATASET_VERSION = 2  # bump when the default corpus, tokenizer or shard settings change
+DEFAULT_DATASET_VERSION = 3  # bump when the default corpus, tokenizer or shard settings change
 
 
 @dataclass
@@ -27,18 +27,21 @@ class PretrainData:
 
 
 def _default_dataset(cache_dir: Path, vocab_size: int) -> PretrainData:
+    from data_pipelines.corpus import default_corpus, default_corpus_path
     from data_pipelines.shards import load_manifest, write_shards
     from data_pipelines.tokenizer import META_FILE, train_tokenizer
 
-    root = cache_dir / f"default-dataset-v{DEFAULT_DATASET_VERSION}-vocab{vocab_size}"
+    # Keyed on the corpus's own name (Python minor version, torch release), so a new torch gets new shards.
+    root = cache_dir / f"default-dataset-v{DEFAULT_DATASET_VERSION}-{default_corpus_path().stem}-vocab{vocab_size}"
     with file_lock(root / ".lock"):  # concurrent ranks or jobs: one builds, the others wait and reuse
         tok_dir, shard_dir = root / "tokenizer", root / "shards"
+        corpus = default_corpus()
         if not (tok_dir / META_FILE).exists():
             print(f"Training a {vocab_size}-token SentencePiece tokenizer on the default corpus -> {tok_dir}")
-            train_tokenizer("@default", tok_dir, vocab_size=vocab_size, input_sentence_size=300_000)
+            train_tokenizer(corpus, tok_dir, vocab_size=vocab_size, input_sentence_size=300_000)
         if not (shard_dir / "manifest.json").exists():
             print(f"Writing default-corpus shards -> {shard_dir}")
-            write_shards("@default", tok_dir, shard_dir, docs_per_shard=2000, valid_fraction=0.02)
+            write_shards(corpus, tok_dir, shard_dir, docs_per_shard=2000, valid_fraction=0.02)
         manifest = load_manifest(shard_dir / "manifest.json")
     has_valid = manifest["splits"].get("valid", {}).get("num_shards", 0) > 0
     # A shard directory stands for its manifest's train (or valid) split.

@@ -8,6 +8,11 @@ import logging
 
 import pytest
 
+import hashlib
+import sysconfig
+from pathlib import Path
+
+from data_pipelines import corpus as corpus_mod
 from data_pipelines.corpus import build_default_corpus, default_corpus, iter_documents
 from data_pipelines.errors import DataError, SkipReport
 
@@ -128,3 +133,43 @@ def test_default_corpus_is_real_english_cached_and_deterministic(tmp_path, monke
     stamp = path.stat().st_mtime_ns
     assert default_corpus(target_bytes=100_000) == path and path.stat().st_mtime_ns == stamp
     assert path.read_bytes() == a.read_bytes()
+
+
+def test_default_corpus_reads_only_the_stdlib_and_the_named_packages(tmp_path, monkeypatch):
+    # A package that happens to be installed must not change the corpus: only the stdlib and
+    # CORPUS_PACKAGES (in that order) are read. A fake site-packages holds one of each kind.
+    stdlib = tmp_path / "stdlib"
+    purelib = tmp_path / "site"
+    doc = '"""{} is a module whose docstring is long enough to be kept as real English prose here."""\n'
+    for where, text in ((stdlib / "alpha.py", "Alpha"), (purelib / "numpy" / "core.py", "Numpy"),
+                        (purelib / "torch" / "nn.py", "Torch"), (purelib / "aardvark" / "x.py", "Aardvark"),
+                        (purelib / "torch" / "tests" / "t.py", "Testing")):
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text(doc.format(text))
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(stdlib), "purelib": str(purelib)})
+    out = build_default_corpus(tmp_path / "c.txt", target_bytes=10_000)
+    firsts = [d.split()[0] for d in _docs(out)]
+    assert firsts == ["Alpha", "Torch", "Numpy"]  # stdlib, then torch before numpy; no stray package, no tests
+
+
+def test_default_corpus_matches_its_reference_hash(caplog):
+    """The real default corpus (built once per test session) is the one the README's figures come from."""
+    path = default_corpus()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    key = corpus_mod.corpus_key()
+    assert path.name == f"default_corpus-v3-py{key[0]}-torch{key[1]}-6000k.txt"
+    assert 5_900_000 < path.stat().st_size < 6_200_000
+    if key in corpus_mod.REFERENCE_CORPUS_SHA256:  # the pair CI installs (Python 3.11, torch 2.13.0)
+        assert digest == corpus_mod.REFERENCE_CORPUS_SHA256[key], "the default corpus changed: update the reference"
+    # A corpus that differs from the reference is named in a warning (never silently different figures).
+    changed = path.with_name("changed.txt")
+    changed.write_bytes(path.read_bytes()[:-10])
+    monkeypatch_key = {**corpus_mod.REFERENCE_CORPUS_SHA256, key: digest}
+    old, corpus_mod.REFERENCE_CORPUS_SHA256 = corpus_mod.REFERENCE_CORPUS_SHA256, monkeypatch_key
+    try:
+        with caplog.at_level(logging.WARNING, logger="data_pipelines"):
+            assert corpus_mod._check_reference(changed, 6_000_000) != digest
+    finally:
+        corpus_mod.REFERENCE_CORPUS_SHA256 = old
+        Path(changed).unlink()
+    assert "not the reference" in caplog.text and "figures may differ" in caplog.text
