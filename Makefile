@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-gpu quickstart bench clean
+.PHONY: help install test test-gpu quickstart bench reliability-doc clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,10 @@ quickstart: install  ## the main job: corpus -> tokenizer -> shards -> train a t
 bench: install  ## CPU benchmarks against HuggingFace transformers (figures to bench/results/)
 	$(PYTHON) bench/data_throughput.py
 	$(PYTHON) bench/train_throughput.py
+
+reliability-doc:  ## copy build/reliability.md (written by a full `make test`) over the committed docs/reliability.md
+	@test -f build/reliability.md || { echo "no build/reliability.md: run the whole suite (make test) first"; exit 1; }
+	cp build/reliability.md docs/reliability.md
 
 clean:  ## remove build stamps and caches (not your runs)
 	rm -rf .make .pytest_cache build *.egg-info

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -12,20 +14,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from roberta_pl.lightning_compat import is_logging_step, last_saved_step, micro_batches_started, set_progress
+
 _PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                     "16-true": torch.float16}
-
-
-def is_logging_step(trainer: pl.Trainer) -> bool:
-    """Whether this batch's metrics go to the loggers (every ``log_every_n_steps`` optimizer steps).
-
-    Work that needs a device sync (grad norm, timing, reading a loss) runs only then. The one place that
-    reads Lightning's internal flag for it."""
-    return bool(trainer._logger_connector.should_update_logs)
 
 
 class ThroughputLogger(pl.Callback):
@@ -153,6 +149,125 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+class StepBoundary(pl.Callback):
+    """Knows whether the last training batch completed an optimizer step (``at_boundary``).
+
+    With gradient accumulation, only the last micro-batch of a window steps the optimizer. A checkpoint taken
+    anywhere else records data as consumed whose gradient it does not hold, and a resume from it silently
+    drops that gradient: every save must wait for a boundary. A fresh or restored run is at one."""
+
+    def __init__(self) -> None:
+        self.at_boundary = True
+        self._step_before = -1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.at_boundary = trainer.global_step != self._step_before
+
+
+class StepCheckpoint(ModelCheckpoint, StepBoundary):
+    """Lightning's ModelCheckpoint, saving only at optimizer-step boundaries.
+
+    ModelCheckpoint decides on ``global_step % every_n_train_steps`` at every micro-batch and does not restore
+    which step it saved last. So the first micro-batch after a restore at step k (still step k: the window is
+    not complete) saved ``step-k-v1.ckpt`` and ``last.ckpt`` with one more micro-batch consumed, the step-k
+    weights and no accumulated gradient, and a resume from it lost that micro-batch's gradient. Here every
+    save hook (the step trigger, the re-save of ``last`` after validation, train and epoch end, exceptions)
+    runs only right after a batch that stepped the optimizer, or before any batch."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        ModelCheckpoint.__init__(self, **kwargs)
+        StepBoundary.__init__(self)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        StepBoundary.on_train_batch_start(self, trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        StepBoundary.on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx)
+        if self.at_boundary:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_boundary:
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_boundary:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_boundary:
+            super().on_train_end(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.at_boundary:
+            super().on_exception(trainer, pl_module, exception)
+
+
+class RequeueOnSignal(StepBoundary):
+    """Slurm's warning signal (``#SBATCH --signal=SIGUSR1@90``): finish the optimizer step in progress, save
+    ``last.ckpt`` at that boundary, requeue the job (rank 0 runs ``scontrol requeue``) and stop.
+
+    It replaces Lightning's auto-requeue, which saves from inside the signal handler, wherever the process
+    is: between two micro-batches of an accumulation window, or in the middle of backward. Here the handler
+    only raises a flag. Ranks may get the signal at different micro-batches, so at each step boundary they
+    agree (one boolean all-reduce) and all save and stop at the same step. Outside Slurm the same signal
+    checkpoints and stops the run (``kill -USR1 <pid>``), without a requeue.
+
+    Args:
+        last_path: where the checkpoint goes (the run's ``checkpoints/last.ckpt``).
+        signum: the signal to act on.
+    """
+
+    def __init__(self, last_path: str | os.PathLike, signum: int = signal.SIGUSR1) -> None:
+        super().__init__()
+        self.last_path = Path(last_path)
+        self.signum = signum
+        self.signalled = False
+        self.stopped_at: int | None = None  # the step saved when the signal stopped the run
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._previous = signal.signal(self.signum, self._handle)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.at_boundary:
+            return
+        signalled = self.signalled
+        if trainer.world_size > 1:
+            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+        if not signalled:
+            return
+        trainer.save_checkpoint(self.last_path)
+        self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+        job = os.environ.get("SLURM_JOB_ID")
+        if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if trainer.is_global_zero:
+            print(f"Signal {signal.Signals(self.signum).name}: saved {self.last_path} at step {trainer.global_step}"
+                  + (f"; requeueing Slurm job {job}" if job else "; stopping"), flush=True)
+            if job:
+                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                if done.returncode != 0:
+                    rank_zero_warn(f"scontrol requeue {job} failed: {(done.stderr or done.stdout).strip()}")
+
+
 class BatchRamp(pl.Callback):
     """Grows the global batch during training by switching gradient accumulation at optimizer-step boundaries.
 
@@ -169,7 +284,7 @@ class BatchRamp(pl.Callback):
         return [acc for _, start, acc in self.phases if start <= micro_batch][-1]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        micro = trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
+        micro = micro_batches_started(trainer) - 1
         trainer.accumulate_grad_batches = self.accumulation_at(micro)
 
 
@@ -231,7 +346,7 @@ class NonFiniteLossGuard(pl.Callback):
             # together, or the others would step on NaN gradients (or wait for a rank that has left).
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+            saved = last_saved_step(trainer)
             if self.policy == "stop":
                 raise TrainingFault(
                     f"non-finite training loss (NaN/inf) at step {step}; stopped before updating the parameters "
@@ -326,13 +441,13 @@ class StepProgressBar(RichProgressBar):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        self._update(self.train_progress_bar_id, trainer.global_step)  # no reset to 0 at an epoch boundary
+        set_progress(self, self.train_progress_bar_id, trainer.global_step)  # no reset to 0 at an epoch boundary
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self.is_disabled and self.train_progress_bar_id is None:  # resumed mid-epoch
             self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, trainer.global_step)
+        set_progress(self, self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:

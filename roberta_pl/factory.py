@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from roberta_pl.callbacks import (
@@ -26,10 +26,13 @@ from roberta_pl.callbacks import (
     LossCurve,
     LossScaleMonitor,
     NonFiniteLossGuard,
+    RequeueOnSignal,
+    StepCheckpoint,
     StepProgressBar,
     StopAtStep,
     ThroughputLogger,
 )
+from roberta_pl.lightning_compat import slurm_environment
 from roberta_pl.optim import BatchPlan, plan_batch, plan_ramp
 
 
@@ -315,12 +318,13 @@ def precision_setting(t: DictConfig) -> tuple[str | None, list]:
 
 def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict) -> pl.Trainer:
     t = cfg.trainer
-    checkpoints = ModelCheckpoint(
+    checkpoints = StepCheckpoint(
         dirpath=out_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=cfg.checkpoint.keep,
         monitor="step", mode="max",
     )
-    callbacks = [checkpoints, LossCurve(out_dir), ThroughputLogger(), NonFiniteLossGuard(t.nonfinite_loss),
+    callbacks = [checkpoints, RequeueOnSignal(out_dir / "checkpoints" / "last.ckpt"), LossCurve(out_dir),
+                 ThroughputLogger(), NonFiniteLossGuard(t.nonfinite_loss),
                  LossScaleMonitor(t.min_loss_scale), DataSkipMonitor(), *extra_callbacks(cfg)]
     if t.enable_progress_bar:
         callbacks.append(StepProgressBar())
@@ -348,4 +352,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
         enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers or False,
         default_root_dir=out_dir, plugins=plugins, num_sanity_val_steps=0,
     )
+    slurm = slurm_environment(trainer)
+    if slurm is not None:  # RequeueOnSignal requeues at a step boundary; Lightning's own would save mid-step
+        slurm.auto_requeue = False
     return trainer

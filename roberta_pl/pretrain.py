@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from roberta_pl.callbacks import is_logging_step
+from roberta_pl.lightning_compat import is_logging_step, micro_batches_started
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
 from roberta_pl.optim import build_adamw, lr_lambda
 
@@ -54,7 +54,7 @@ class MaskedLMModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout is a function of (seed, micro-batch index, rank), not of RNG history, so a resumed run
         # draws the same masks as the uninterrupted one. `ready` already counts the current batch.
-        micro_step = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
+        micro_step = micro_batches_started(self.trainer) - 1
         torch.manual_seed(step_seed(self.hparams.seed, micro_step, self.global_rank))
 
     def _shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

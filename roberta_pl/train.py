@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from roberta_pl.config import CONF_DIR, register_configs
-from roberta_pl.callbacks import TrainingFault
+from roberta_pl.callbacks import RequeueOnSignal, TrainingFault
 from roberta_pl.factory import (
     ConfigError,
     build_trainer,
@@ -39,6 +39,7 @@ from roberta_pl.factory import (
     find_resume_checkpoint,
     preflight,
 )
+from roberta_pl.lightning_compat import last_saved_step, wandb_run_started
 from roberta_pl.optim import BatchPlanError
 from roberta_pl.pretrain import MaskedLMModule
 from roberta_pl.safety import check_hydra_targets
@@ -84,6 +85,9 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
         except (TrainingFault, DataError) as e:  # checkpoints written so far are kept
             raise SystemExit(f"roberta-pl-train: error: {one_line(e)}") from None
         report_skipped_data(datamodule)
+        requeue = next(c for c in trainer.callbacks if isinstance(c, RequeueOnSignal))
+        if requeue.stopped_at is not None:  # checkpointed at a step boundary; the job resumes from it
+            return {"run_dir": str(out_dir), "global_step": trainer.global_step, "metrics": {}, "stopped_by_signal": True}
         save_final_checkpoint(trainer)
         return finish_run(cfg, trainer, module, data.tokenizer, out_dir)
     finally:
@@ -112,7 +116,7 @@ def save_final_checkpoint(trainer: pl.Trainer) -> None:
     """Checkpoint the final step as ``last``: Lightning saves only every N steps, so a run whose last step
     is not a multiple of N would otherwise lose its final steps (and a rerun would repeat them)."""
     callback = trainer.checkpoint_callback
-    if callback is not None and callback._last_global_step_saved != trainer.global_step:
+    if callback is not None and last_saved_step(trainer) != trainer.global_step:
         trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
 
 
@@ -125,7 +129,7 @@ def end_run(trainer: pl.Trainer | None, environ: dict[str, str]) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in trainer.loggers if trainer is not None else []:
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and wandb_run_started(logger):
             logger.experiment.finish()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from roberta_pl.lightning_compat import micro_batches_started
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -33,9 +36,10 @@ class RecordBatches(pl.Callback):
         self.path = Path(path)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        micro = trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
+        micro = micro_batches_started(trainer) - 1
         original = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
-        line = {"micro": micro, "step": trainer.global_step + 1, "batch": _digest(batch["input_ids"], batch["labels"]),
+        line = {"micro": micro, "step": trainer.global_step + 1, "t": time.time(),
+                "batch": _digest(batch["input_ids"], batch["labels"]),
                 "blocks": [_digest(row) for row in original]}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(line) + "\n")
@@ -94,3 +98,32 @@ class Touch(pl.Callback):
 
     def __init__(self, path: str) -> None:
         Path(path).touch()
+
+
+class AuditCheckpoints(pl.Callback):
+    """Appends one JSON line per checkpoint written (rank 0): the optimizer step, the micro-batches the data
+    stream counts as consumed, the accumulation in force, and the name it was saved under. A checkpoint at an
+    optimizer-step boundary has ``consumed == step * accumulation`` (without a batch ramp)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not trainer.is_global_zero:
+            return
+        line = {"step": trainer.global_step, "consumed": trainer.datamodule.consumed,
+                "accumulation": trainer.accumulate_grad_batches}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+
+class Slow(pl.Callback):
+    """Sleeps ``seconds`` after every micro-batch, so that a run lasts long enough for kills at random
+    wall-clock moments to land all over it (numerics are untouched)."""
+
+    def __init__(self, seconds: float = 0.03) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        time.sleep(self.seconds)

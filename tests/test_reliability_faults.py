@@ -384,3 +384,13 @@ def test_target_named_on_the_command_line_is_accepted(tmp_path, shard_dir, token
     reliability("override_target", happened="accepted: the user named it (`trainer.callbacks.0._target_=...`); "
                                             "the callback ran and the run trained",
                 kept="n/a (not a fault): the explicit override is the user's consent")
+
+
+def test_committed_reliability_doc_lists_every_fault():
+    # The README links docs/reliability.md; a fault added to the suite must reach it (`make reliability-doc`
+    # after a full run), so the committed copy never silently lags behind what is tested.
+    from reliability_report import COMMITTED, FAULTS
+
+    text = COMMITTED.read_text()
+    missing = [key for key, fault in FAULTS if f"| {fault.replace('|', chr(92) + '|')} |" not in text]
+    assert not missing, f"{COMMITTED} lacks rows for {missing}: run the whole suite, then `make reliability-doc`"

@@ -5,6 +5,7 @@ ends, having trained on exactly the same batches (so the same documents): none r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -40,12 +41,12 @@ def recorder(path: Path) -> str:
     return f"{{_target_:reliability_faults.RecordBatches,path:'{path}'}}"
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, new_session: bool = False) -> subprocess.Popen:
     # One thread each: the uninterrupted run shares the 2 CI cores with the killed ones (same setting in all
-    # runs, so results stay bit-comparable).
+    # runs, so results stay bit-comparable). A new session makes the run (and its DDP ranks) one process group.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=new_session)
 
 
 def finish(proc: subprocess.Popen, log: Path) -> None:
@@ -172,3 +173,158 @@ def test_sigkill_during_checkpoint_save_keeps_last_loadable(tmp_path, shard_dir,
                          "replaced by a partial file, and the rerun resumed from it",
                 kept="the previous `last.ckpt` (loads with `weights_only=True`); the finished run equals the "
                      "uninterrupted one bit for bit")
+
+
+# -- kills at random wall-clock moments ---------------------------------------------------------------
+# The tests above kill only once a numbered checkpoint has appeared, so a run never resumed from a checkpoint
+# written at any other moment. These kill at seeded random times: before the first step, between micro-batches
+# of one accumulation window, inside validation, inside a save, and right after a resume.
+RANDOM_STEPS = 36
+RANDOM_KILL_SEED = 20261201
+
+
+def random_kill_command(run_dir: Path, shard_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
+    """Accumulation 2 (global 8 = micro 4 x 2), a checkpoint every 3 steps and validation every 4, so that
+    most moments are not checkpoint moments. Every save is audited."""
+    callbacks = (f"{recorder(run_dir / 'batches.jsonl')},{{_target_:reliability_faults.Slow,seconds:0.04}},"
+                 f"{{_target_:reliability_faults.AuditCheckpoints,path:'{run_dir / 'saves.jsonl'}'}}")
+    cmd = train_command(run_dir, shard_dir, tokenizer_dir, callbacks)
+    cmd = [a for a in cmd if not a.startswith(("trainer.max_steps=", "checkpoint.", "trainer.val_every_n_steps="))]
+    return [*cmd, f"trainer.max_steps={RANDOM_STEPS}", "checkpoint.every_n_steps=3", "checkpoint.keep=2",
+            "trainer.val_every_n_steps=4", f"data.valid_shards={shard_dir}", *extra]
+
+
+def assert_saves_on_step_boundaries(run_dir: Path) -> None:
+    lines = [json.loads(x) for x in (run_dir / "saves.jsonl").read_text().splitlines() if x.strip()]
+    bad = [x for x in lines if x["consumed"] != x["step"] * x["accumulation"]]
+    assert not bad, f"checkpoints written inside an accumulation window: {bad}"
+
+
+def wait_for_batches(log: Path, lines_before: int, count: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Wait until this launch has started ``count`` micro-batches (the batch log grew by that many lines); the
+    lines it has, or -1 if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return -1
+        lines = len(log.read_text().splitlines()) if log.exists() else 0
+        if lines - lines_before >= count:
+            return lines
+        time.sleep(0.002)
+    raise AssertionError(f"{count} micro-batches not started within {timeout} s")
+
+
+def kill_at_random_moments(cmd: list[str], run_dir: Path, kills: int, seed: int, group: bool = False) -> list[str]:
+    """Start ``cmd`` ``kills`` times and SIGKILL it (its process group with ``group``) at a seeded random moment:
+    after a random number of this launch's micro-batches (so the run progresses whatever the machine's speed),
+    plus a random fraction of a micro-batch in time, which lands the kill anywhere in a step: forward,
+    backward, the optimizer step, a checkpoint save or validation. The first kill after a resume comes within
+    its first three micro-batches. Returns what each kill interrupted, for the log."""
+    rng = random.Random(seed)
+    batches, log = run_dir / "batches.jsonl", run_dir / "log.txt"
+    ranks = 2 if group else 1  # every rank records its micro-batches
+    seen = []
+    for i in range(kills):
+        before = len(batches.read_text().splitlines()) if batches.exists() else 0
+        proc = start(cmd, log, new_session=group)
+        micro = rng.randint(1, 3) if i == 1 else rng.randint(8, 20)
+        delay = rng.uniform(0.0, 0.08)
+        if wait_for_batches(batches, before, micro * ranks, proc) < 0:
+            raise AssertionError(f"launch {i} ended before its kill:\n{log.read_text()[-3000:]}")
+        time.sleep(delay)
+        assert proc.poll() is None, f"launch {i} finished before its kill; lengthen the run"
+        os.killpg(proc.pid, signal.SIGKILL) if group else os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        last = run_dir / "checkpoints" / "last.ckpt"
+        step = load(last)["global_step"] if last.exists() else None
+        seen.append(f"{delay * 1000:.0f} ms after micro-batch {micro} of launch {i}: last.ckpt at step {step}")
+    return seen
+
+
+def test_checkpoints_are_never_written_inside_an_accumulation_window(tmp_path, shard_dir, tokenizer_dir):
+    # The failure this guards against, deterministically: stop at step 3 (saved), resume, and the first
+    # micro-batch after the restore used to write `step-0000003-v1.ckpt` and `last.ckpt` with 7 micro-batches
+    # consumed but the weights of step 3 and no gradient.
+    cmd = random_kill_command(tmp_path, shard_dir, tokenizer_dir)
+    finish(start([*cmd, "trainer.stop_at_step=3"], tmp_path / "log.txt"), tmp_path / "log.txt")
+    finish(start([*cmd, "trainer.stop_at_step=6"], tmp_path / "log.txt"), tmp_path / "log.txt")
+    assert_saves_on_step_boundaries(tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert not [n for n in names if "-v" in n], names
+    assert load(tmp_path / "checkpoints" / "last.ckpt")["MLMDataModule"]["consumed"] == 12
+
+
+@pytest.fixture(scope="module")
+def straight_random(tmp_path_factory, shard_dir, tokenizer_dir):
+    run_dir = tmp_path_factory.mktemp("straight-random")
+    finish(start(random_kill_command(run_dir, shard_dir, tokenizer_dir), run_dir / "log.txt"), run_dir / "log.txt")
+    return load(run_dir / "checkpoints" / "last.ckpt"), surviving_batches(run_dir / "batches.jsonl")
+
+
+def test_sigkill_at_random_moments_resumes_exactly(tmp_path, shard_dir, tokenizer_dir, straight_random, reliability):
+    cmd = random_kill_command(tmp_path, shard_dir, tokenizer_dir)
+    seen = kill_at_random_moments(cmd, tmp_path, kills=4, seed=RANDOM_KILL_SEED)
+    print("kills:", *seen, sep="\n  ")
+    finish(start(cmd, tmp_path / "log.txt"), tmp_path / "log.txt")
+    assert_saves_on_step_boundaries(tmp_path)
+    expected, expected_batches = straight_random
+    got = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == RANDOM_STEPS
+    assert_same_state(expected, got)
+    batches = surviving_batches(tmp_path / "batches.jsonl")
+    assert list(batches) == list(range(got["MLMDataModule"]["consumed"]))
+    assert [b["batch"] for b in batches.values()] == [b["batch"] for b in expected_batches.values()]
+    reliability("kill_random_moments",
+                happened=f"SIGKILL at 4 seeded random moments (seed {RANDOM_KILL_SEED}; one within 0.3 s of a "
+                         f"resume), accumulation 2, checkpoints every 3 steps, validation every 4",
+                kept="every checkpoint on an optimizer-step boundary; final parameters, AdamW moments, LR "
+                     "schedule, data position and batch order equal to the uninterrupted run's bit for bit")
+
+
+def test_sigkill_of_two_ddp_ranks_at_random_moments_resumes_exactly(tmp_path_factory, shard_dir, tokenizer_dir,
+                                                                   reliability):
+    # 2 gloo ranks, accumulation 2 (global 16 = micro 4 x 2 x 2 ranks); the whole process group is killed.
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "batch.global_batch_size=16"]
+    straight_dir, killed_dir = tmp_path_factory.mktemp("ddp-straight"), tmp_path_factory.mktemp("ddp-killed")
+    finish(start(random_kill_command(straight_dir, shard_dir, tokenizer_dir, *ddp), straight_dir / "log.txt"),
+           straight_dir / "log.txt")
+    cmd = random_kill_command(killed_dir, shard_dir, tokenizer_dir, *ddp)
+    seen = kill_at_random_moments(cmd, killed_dir, kills=2, seed=RANDOM_KILL_SEED + 1, group=True)
+    print("kills:", *seen, sep="\n  ")
+    finish(start(cmd, killed_dir / "log.txt", new_session=True), killed_dir / "log.txt")
+    assert_saves_on_step_boundaries(killed_dir)
+    got, expected = load(killed_dir / "checkpoints" / "last.ckpt"), load(straight_dir / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == RANDOM_STEPS and got["MLMDataModule"]["world_size"] == 2
+    assert_same_state(expected, got)
+    reliability("kill_random_moments_ddp",
+                happened="2 DDP ranks (gloo), accumulation 2: the whole process group SIGKILLed at 2 seeded random "
+                         "moments, then rerun to the end",
+                kept="every checkpoint on an optimizer-step boundary; final state equal to the uninterrupted "
+                     "2-rank run's bit for bit")
+
+
+def test_sigusr1_checkpoints_at_the_next_step_boundary_and_resumes_exactly(tmp_path, shard_dir, tokenizer_dir,
+                                                                          straight_random, reliability):
+    # Slurm's warning signal (what `--signal=SIGUSR1@90` sends), here outside Slurm: the run finishes the
+    # optimizer step in progress, saves last.ckpt there and stops cleanly; the rerun continues exactly.
+    cmd = random_kill_command(tmp_path, shard_dir, tokenizer_dir)
+    batches, log = tmp_path / "batches.jsonl", tmp_path / "log.txt"
+    for micro in (7, 4):  # odd: the signal arrives inside an accumulation window
+        before = len(batches.read_text().splitlines()) if batches.exists() else 0
+        proc = start(cmd, log)
+        assert wait_for_batches(batches, before, micro, proc) > 0
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("Signal SIGUSR1: saved") == 2 and "; stopping" in text
+    assert not (tmp_path / "hf").exists()  # stopped, not finished: nothing exported yet
+    finish(start(cmd, log), log)
+    assert_saves_on_step_boundaries(tmp_path)
+    expected, expected_batches = straight_random
+    got = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert_same_state(expected, got)
+    assert [b["batch"] for b in surviving_batches(batches).values()] == [b["batch"] for b in expected_batches.values()]
+    reliability("sigusr1_stop",
+                happened="SIGUSR1 twice, each inside an accumulation window: the run finished that optimizer step, "
+                         "saved last.ckpt and exited 0 (under Slurm it also runs `scontrol requeue`)",
+                kept="every checkpoint on a step boundary; the resumed run equals the uninterrupted one bit for bit")

@@ -1,0 +1,87 @@
+"""Every Lightning internal the project reads (roberta_pl/lightning_compat.py), checked on a real Trainer.
+
+If a Lightning upgrade moves one of them, this file fails and names it, instead of a run silently logging
+on the wrong steps, checkpointing twice or requeueing mid-step."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from torch.utils.data import DataLoader, TensorDataset
+
+from roberta_pl import lightning_compat as compat
+from roberta_pl.callbacks import StepProgressBar
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=4)
+
+
+class Probe(pl.Callback):
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, bool, int | None]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append((compat.micro_batches_started(trainer), trainer.global_step, compat.is_logging_step(trainer),
+                          compat.last_saved_step(trainer)))
+
+
+def test_training_loop_internals(tmp_path):
+    probe = Probe()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, accumulate_grad_batches=2, log_every_n_steps=2,
+                         callbacks=[probe, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3)],
+                         logger=pl.loggers.CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Tiny())
+    micro, steps, logging, saved = zip(*probe.rows)
+    assert list(micro) == list(range(1, 13))  # counts the current micro-batch
+    assert list(steps) == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    # Lightning flags every micro-batch of a logging step (steps 2, 4, 6 here): the project relies on that.
+    assert [s for s, flag in zip(steps, logging) if flag] == [1, 2, 3, 4, 5, 6] and sum(logging) == 6
+    # Checkpoint callbacks run after the others: the probe sees step 3's save from the next micro-batch on.
+    assert list(saved) == [0] * 6 + [3] * 6 and compat.last_saved_step(trainer) == 6
+
+
+def test_progress_bar_update(tmp_path):
+    bar = StepProgressBar()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, callbacks=[bar], logger=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(Tiny())
+    task = bar.progress.tasks[bar.train_progress_bar_id] if bar.progress else None
+    assert task is None or task.completed == 5
+    compat.set_progress(bar, bar.train_progress_bar_id, 3)  # raises if the private method moved
+
+
+def test_slurm_environment_and_auto_requeue(monkeypatch):
+    for k, v in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                 "SLURM_NODEID": "0", "SLURM_JOB_ID": "7", "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(k, v)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False)
+    env = compat.slurm_environment(trainer)
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue  # what build_trainer turns off
+    monkeypatch.delenv("SLURM_NTASKS")
+    assert compat.slurm_environment(pl.Trainer(accelerator="cpu", devices=1, logger=False)) is None
+
+
+def test_wandb_run_started(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="compat")
+    assert not compat.wandb_run_started(logger)
+    logger.experiment  # noqa: B018  (creates the run)
+    assert compat.wandb_run_started(logger)
+    logger.experiment.finish()
+
