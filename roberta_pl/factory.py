@@ -95,22 +95,39 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "interm
                  "pad_vocab_multiple", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
-def read_checkpoint_hparams(ckpt: Path) -> dict:
-    """The hyper-parameters saved in a Lightning checkpoint, read with ``weights_only=True`` (no pickled code
-    runs) and memory-mapped (tensors are not read). DeepSpeed checkpoint directories keep them in
-    ``checkpoint/mp_rank_00_model_states.pt``, when present."""
+def read_checkpoint(ckpt: Path) -> dict:
+    """A Lightning checkpoint read with ``weights_only=True`` (no pickled code runs) and memory-mapped (tensors
+    are not read until used). DeepSpeed checkpoint directories keep the Lightning part in
+    ``checkpoint/mp_rank_00_model_states.pt``; ``{}`` when that is absent."""
     path = ckpt
     if ckpt.is_dir():
         path = next(iter(sorted(ckpt.glob("checkpoint/mp_rank_00_model_states.pt"))), None)
         if path is None:
             return {}
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # UnpicklingError for pickled code, RuntimeError/EOFError for a damaged file
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         why = next((line for line in lines if "Unsupported global" in line), lines[0].split(". ")[0])
         raise ConfigError(f"resume checkpoint {ckpt} cannot be loaded safely (weights_only=True): {why[:200]}") from None
-    return dict(state.get("hyper_parameters") or {})
+
+
+def read_checkpoint_hparams(ckpt: Path) -> dict:
+    """The hyper-parameters saved in a checkpoint (see :func:`read_checkpoint`)."""
+    return dict(read_checkpoint(ckpt).get("hyper_parameters") or {})
+
+
+def describe_resume(ckpt: Path, wandb_id: str | None = None) -> str:
+    """One line saying what a resume continues from: the checkpoint, its step, the data position, the W&B run."""
+    state = read_checkpoint(ckpt)
+    data = state.get("MLMDataModule") or {}
+    parts = [f"step {state.get('global_step', '?')}"]
+    if "consumed" in data:
+        parts.append(f"data position {data['consumed']} micro-batches per rank ({data.get('world_size', '?')} ranks "
+                     f"of {data.get('micro_batch_size', '?')} sequences)")
+    if wandb_id:
+        parts.append(f"W&B run {wandb_id}")
+    return f"Resuming from {ckpt}: {', '.join(parts)}"
 
 
 def check_resume_checkpoint(ckpt: Path, model: dict, tokenizer_hash: str) -> None:

@@ -36,8 +36,10 @@ from roberta_pl.factory import (
     check_resume_checkpoint,
     check_vocab,
     checkpoint_bytes,
+    describe_resume,
     find_resume_checkpoint,
     preflight,
+    wandb_run_id,
 )
 from roberta_pl.lightning_compat import last_saved_step, wandb_run_started
 from roberta_pl.optim import BatchPlanError
@@ -78,7 +80,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
                                 tokenizer=str(data.tokenizer.path), packed=cfg.data.packing == "full_sentences",
                                 tokenizer_hash=data.tokenizer.hash)
         if ckpt and trainer.is_global_zero:
-            print(f"Resuming from {ckpt}")
+            wandb_id = wandb_run_id(out_dir) if cfg.logger.kind == "wandb" else None
+            print(describe_resume(ckpt, wandb_id), flush=True)
         datamodule = build_datamodule(cfg, data, plan)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)

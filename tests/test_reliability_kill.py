@@ -319,6 +319,9 @@ def test_sigusr1_checkpoints_at_the_next_step_boundary_and_resumes_exactly(tmp_p
     assert text.count("Signal SIGUSR1: saved") == 2 and "; stopping" in text
     assert not (tmp_path / "hf").exists()  # stopped, not finished: nothing exported yet
     finish(start(cmd, log), log)
+    # Each resume says what it continues from, in one line: checkpoint, step and data position.
+    resumes = re.findall(r"Resuming from (\S+): step (\d+), data position (\d+) micro-batches per rank", log.read_text())
+    assert len(resumes) == 2 and all(int(c) == 2 * int(s) and p.endswith("last.ckpt") for p, s, c in resumes), resumes
     assert_saves_on_step_boundaries(tmp_path)
     expected, expected_batches = straight_random
     got = load(tmp_path / "checkpoints" / "last.ckpt")
