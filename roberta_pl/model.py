@@ -304,8 +304,9 @@ class RobertaForMaskedLM(nn.Module):
         self.config = config
         self.roberta = RobertaModel(config)
         self.lm_head = RobertaLMHead(config)
-        self.lm_head.decoder.weight = self.roberta.embeddings.word_embeddings.weight  # tied
         self.apply(lambda m: init_weights(m, config.initializer_range))
+        # Tied after init: initialising the decoder (an nn.Linear) would redraw the shared table, <pad> row included.
+        self.lm_head.decoder.weight = self.roberta.embeddings.word_embeddings.weight
 
     def forward(
         self,

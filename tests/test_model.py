@@ -54,6 +54,10 @@ def test_positions_start_after_padding_offset(tiny):
 
 def test_decoder_is_tied_and_gets_gradients(tiny):
     assert tiny.lm_head.decoder.weight is tiny.roberta.embeddings.word_embeddings.weight
+    # The shared table's <pad> row stays zero at init, as in HF (the decoder's init must not redraw it).
+    pad = tiny.config.pad_token_id
+    assert tiny.roberta.embeddings.word_embeddings.weight[pad].abs().sum() == 0
+    assert tiny.roberta.embeddings.word_embeddings.weight[pad + 1].abs().sum() > 0
     ids = torch.randint(5, 500, (2, 16))
     labels = ids.clone()
     tiny(ids, labels=labels).loss.backward()
