@@ -24,16 +24,46 @@ _PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "
                     "16-true": torch.float16}
 
 
-class ThroughputLogger(pl.Callback):
-    """Tokens/s and MFU over each logging window.
+class StepBoundary(pl.Callback):
+    """Knows whether the last training batch completed an optimizer step (``at_boundary``).
 
-    Lightning's ThroughputMonitor synchronises the device after every batch; this one counts tokens from
-    tensor shapes (free) and synchronises only when it logs, so the training step stays sync-free.
-    MFU = FLOPs per second per device / the device's peak for the training precision (None on CPU).
+    With gradient accumulation, only the last micro-batch of a window steps the optimizer. A checkpoint taken
+    anywhere else records data as consumed whose gradient it does not hold, and a resume from it silently
+    drops that gradient; a figure logged anywhere else is logged once per micro-batch. A fresh or restored run
+    is at a boundary."""
+
+    def __init__(self) -> None:
+        self.at_boundary = True
+        self._step_before = -1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.at_boundary = trainer.global_step != self._step_before
+
+    def logs_now(self, trainer: pl.Trainer) -> bool:
+        """In ``on_train_batch_end``: this batch completed an optimizer step whose metrics go to the loggers."""
+        return self.at_boundary and is_logging_step(trainer)
+
+
+class ThroughputLogger(StepBoundary):
+    """Tokens/s and MFU over each logging window, once per logged optimizer step.
+
+    Lightning's ThroughputMonitor synchronises the device after every batch; this one counts tokens on the
+    device (no sync) and synchronises only when it logs. Tokens are real tokens (padding of doc-mode batches
+    excluded), summed over every rank with one all-reduce: ``perf/tokens_per_sec`` is the run's,
+    ``perf/tokens_per_sec_per_device`` that over the ranks, ``perf/tokens_trained`` the running total (saved
+    in checkpoints; it counts up to the last logged step). MFU = model FLOPs per second per device over all
+    positions computed (padding costs FLOPs too) / the device's peak for the training precision (None on CPU).
     """
 
     def __init__(self) -> None:
-        self._tokens = 0
+        super().__init__()
+        self._real: torch.Tensor | int = 0  # real tokens since the last log (a device tensor in doc mode)
+        self._positions = 0  # positions computed since the last log, padding included
+        self.tokens_trained = 0  # real tokens over all ranks up to the last logged step (kept across resumes)
         self._t0: float | None = None
         self._peak: float | None = None
 
@@ -44,23 +74,37 @@ class ThroughputLogger(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._tokens += batch["input_ids"].numel()
-        if not is_logging_step(trainer):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        self._positions += ids.numel()  # from the shape: free
+        self._real = self._real + (mask.sum() if mask is not None else ids.numel())  # on the device: no sync
+        if not self.logs_now(trainer):
             return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
+        counts = torch.stack([torch.as_tensor(self._real, device=ids.device).to(torch.float64),
+                              torch.tensor(float(self._positions), dtype=torch.float64, device=ids.device)])
+        self._real, self._positions = 0, 0
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        tokens, positions = (float(x) for x in counts.cpu())  # the sync, once per logged step
         now = time.perf_counter()
-        elapsed, self._t0 = now - self._t0, now
-        per_device = self._tokens / max(elapsed, 1e-9)
-        self._tokens = 0
-        metrics = {"perf/tokens_per_sec": per_device * trainer.world_size, "perf/tokens_per_sec_per_device": per_device}
-        flops_per_token = getattr(pl_module, "flops_per_batch", 0) / max(1, batch["input_ids"].numel())
-        if self._peak:
-            metrics["perf/mfu"] = per_device * flops_per_token / self._peak
-        pl_module.log_dict(metrics, rank_zero_only=True)
+        elapsed, self._t0 = max(now - self._t0, 1e-9), now
+        self.tokens_trained += int(tokens)
+        metrics = {"perf/tokens_per_sec": tokens / elapsed,
+                   "perf/tokens_per_sec_per_device": tokens / elapsed / trainer.world_size,
+                   "perf/tokens_trained": float(self.tokens_trained)}
+        flops_per_position = getattr(pl_module, "flops_per_position", 0.0)
+        if self._peak and flops_per_position:
+            metrics["perf/mfu"] = positions / elapsed / trainer.world_size * flops_per_position / self._peak
+        pl_module.log_dict(metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_trained": self.tokens_trained}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_trained = int(state_dict.get("tokens_trained", 0))
 
 
-class LossCurve(pl.Callback):
+class LossCurve(StepBoundary):
     """Records train/val loss and accuracy at logging steps and draws ``loss_curve.png`` at the end.
 
     Its history is part of the checkpoint (``state_dict``), so a resumed run continues the same curve
@@ -69,12 +113,14 @@ class LossCurve(pl.Callback):
     """
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
+        super().__init__()
         self.out_dir = Path(out_dir)
         self.history: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if is_logging_step(trainer) and "train/loss" in trainer.callback_metrics:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.logs_now(trainer) and "train/loss" in trainer.callback_metrics:
             self.history.append({"step": trainer.global_step, "train_loss": float(trainer.callback_metrics["train/loss"])})
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -147,25 +193,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-
-
-class StepBoundary(pl.Callback):
-    """Knows whether the last training batch completed an optimizer step (``at_boundary``).
-
-    With gradient accumulation, only the last micro-batch of a window steps the optimizer. A checkpoint taken
-    anywhere else records data as consumed whose gradient it does not hold, and a resume from it silently
-    drops that gradient: every save must wait for a boundary. A fresh or restored run is at one."""
-
-    def __init__(self) -> None:
-        self.at_boundary = True
-        self._step_before = -1
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step_before = trainer.global_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.at_boundary = trainer.global_step != self._step_before
 
 
 class StepCheckpoint(ModelCheckpoint, StepBoundary):
@@ -411,15 +438,16 @@ class LossScaleMonitor(pl.Callback):
                 f"lower optim.lr, lengthen warm-up, or use trainer.precision=bf16-mixed")
 
 
-class DataSkipMonitor(pl.Callback):
+class DataSkipMonitor(StepBoundary):
     """Logs ``data/skipped_shards``: bad shard reads that ``data.on_error=skip`` stepped over (each is also
     a warning in the log naming the shard). Counts come from the DataModule, DataLoader workers included,
     summed over ranks."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         counts = getattr(trainer.datamodule, "skipped_shards", None)
-        if counts is not None and is_logging_step(trainer):
+        if counts is not None and self.logs_now(trainer):
             # Summed over ranks (each rank streams its own shards); every rank logs on the same steps.
             pl_module.log_dict({f"data/skipped_shards_{split}": float(n) for split, n in counts().items()},
                                sync_dist=True, reduce_fx="sum")

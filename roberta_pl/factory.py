@@ -10,13 +10,11 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from roberta_pl.callbacks import (
@@ -32,12 +30,10 @@ from roberta_pl.callbacks import (
     StopAtStep,
     ThroughputLogger,
 )
+from roberta_pl.errors import ConfigError
 from roberta_pl.lightning_compat import slurm_environment
+from roberta_pl.loggers import StepLearningRateMonitor, build_loggers
 from roberta_pl.optim import BatchPlan, plan_batch, plan_ramp
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field and value."""
 
 
 # -- checks ------------------------------------------------------------------------------------------
@@ -267,43 +263,6 @@ def build_strategy(cfg: DictConfig, plan: BatchPlan):
     return cfg.trainer.strategy
 
 
-def wandb_run_id(out_dir: Path) -> str:
-    """The W&B run id stored in the run directory, created once: resumes and requeues continue the run."""
-    path = out_dir / "wandb_run_id.txt"
-    if path.exists():
-        return path.read_text().strip()
-    run_id = secrets.token_hex(4)
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
-        path.write_text(run_id + "\n")
-    return run_id
-
-
-def build_loggers(cfg: DictConfig, out_dir: Path, resolved_config: dict) -> list:
-    kind = cfg.logger.kind
-    if kind == "none":
-        return []
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return [CSVLogger(save_dir=out_dir, name="csv")]  # version_N per launch: a resume never deletes logs
-    if kind == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        return [TensorBoardLogger(save_dir=out_dir, name="tensorboard")]
-    if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        mode = {"dryrun": "offline"}.get(cfg.logger.mode, cfg.logger.mode)  # W&B's legacy name for offline
-        if mode not in ("offline", "online", "disabled"):
-            raise ConfigError(f"logger.mode={cfg.logger.mode}: choose offline, online or disabled")
-        logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.run_name,
-                             save_dir=str(out_dir), id=wandb_run_id(out_dir), offline=mode != "online",
-                             resume="allow", tags=list(cfg.logger.tags), mode=mode)
-        logger.log_hyperparams(resolved_config)
-        return [logger]
-    raise ConfigError(f"logger.kind={kind}: choose wandb, csv, tensorboard or none")
-
-
 def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """The user's ``trainer.callbacks`` (``{_target_: module.Class, ...}`` each), instantiated. Call
     :func:`roberta_pl.safety.check_hydra_targets` on the config first."""
@@ -354,7 +313,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
         accumulation = phases[0][2]
     loggers = build_loggers(cfg, out_dir, resolved_config)
     if loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(StepLearningRateMonitor(logging_interval="step"))
     strategy = build_strategy(cfg, plan)
     plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) else []
     precision, precision_plugins = precision_setting(t)

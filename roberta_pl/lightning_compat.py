@@ -30,6 +30,14 @@ def micro_batches_started(trainer: pl.Trainer) -> int:
     return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
 
 
+def completes_step(trainer: pl.Trainer) -> bool:
+    """Whether the current training batch is the last of its accumulation window (the optimizer steps after
+    it). Valid from ``training_step`` on.
+
+    Lightning 2.6.6: ``not trainer.fit_loop.epoch_loop._should_accumulate()``."""
+    return not trainer.fit_loop.epoch_loop._should_accumulate()
+
+
 def last_saved_step(trainer: pl.Trainer) -> int | None:
     """The optimizer step of the last checkpoint the checkpoint callback wrote in this process (0 before any),
     None without a checkpoint callback.

@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from roberta_pl.lightning_compat import is_logging_step, micro_batches_started
+from roberta_pl.lightning_compat import completes_step, is_logging_step, micro_batches_started
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
 from roberta_pl.optim import build_adamw, lr_lambda
 
@@ -47,8 +47,10 @@ class MaskedLMModule(pl.LightningModule):
         self.model = RobertaForMaskedLM(self.config)
         if compile:
             self.model.roberta.compile()  # in place: parameter names (and so checkpoints/exports) unchanged
-        # Read by Lightning's ThroughputMonitor for MFU; the head runs on mask_prob of the tokens.
-        self.flops_per_batch = mlm_flops_per_token(self.config, seq_len, mask_prob) * seq_len * micro_batch_size
+        # Read by ThroughputLogger for MFU; the head runs on mask_prob of the tokens.
+        self.flops_per_position = mlm_flops_per_token(self.config, seq_len, mask_prob)
+        self._window: torch.Tensor | None = None  # (loss sum, accuracy sum, micro-batches) of the current step
+        self._logged_step = False
 
     # -- steps --------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -79,9 +81,17 @@ class MaskedLMModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, accuracy, objective, _ = self._shared_step(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", accuracy)
-        self._last_loss = loss.detach()
+        # Logged once per optimizer step: the mean over the step's micro-batches (summed on the device, no
+        # sync) and over the ranks (one all-reduce, on logging steps only). Logging every micro-batch would
+        # write each logging step A times and report the last micro-batch's loss of rank 0.
+        window = torch.stack([loss.detach().float(), accuracy.float(), torch.ones((), device=loss.device)])
+        self._window = window if self._window is None else self._window + window
+        if completes_step(self.trainer):
+            total, self._window = self._window, None
+            if is_logging_step(self.trainer):
+                self.log("train/loss", total[0] / total[2], prog_bar=True, sync_dist=True)
+                self.log("train/accuracy", total[1] / total[2], sync_dist=True)
+                self._logged_step = True
         return objective
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -95,8 +105,9 @@ class MaskedLMModule(pl.LightningModule):
             self.log("val/perplexity", torch.exp(loss.float().clamp(max=30.0)), sync_dist=False)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if is_logging_step(self.trainer):
-            self.log("train/perplexity", torch.exp(self._last_loss.float().clamp(max=30.0)))
+        if self._logged_step:  # from the loss just logged: the mean over the step and the ranks
+            self._logged_step = False
+            self.log("train/perplexity", torch.exp(self.trainer.callback_metrics["train/loss"].float().clamp(max=30.0)))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Pre-clipping global grad norm, only on logging steps (DeepSpeed shards grads and reports its own).

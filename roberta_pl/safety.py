@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from roberta_pl.config import CONF_DIR
-from roberta_pl.factory import ConfigError
+from roberta_pl.errors import ConfigError
 
 
 def _targets(node: Any, path: str = "") -> Iterator[tuple[str, str]]:

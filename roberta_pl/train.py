@@ -39,8 +39,8 @@ from roberta_pl.factory import (
     describe_resume,
     find_resume_checkpoint,
     preflight,
-    wandb_run_id,
 )
+from roberta_pl.loggers import wandb_run_id
 from roberta_pl.lightning_compat import last_saved_step, wandb_run_started
 from roberta_pl.optim import BatchPlanError
 from roberta_pl.pretrain import MaskedLMModule

@@ -39,6 +39,7 @@ class RecordBatches(pl.Callback):
         micro = micro_batches_started(trainer) - 1
         original = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
         line = {"micro": micro, "step": trainer.global_step + 1, "t": time.time(),
+                "tokens": int((batch["input_ids"] != 1).sum()),  # real tokens: <pad> (id 1) excluded
                 "batch": _digest(batch["input_ids"], batch["labels"]),
                 "blocks": [_digest(row) for row in original]}
         with open(self.path, "a") as fh:
@@ -127,3 +128,23 @@ class Slow(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         time.sleep(self.seconds)
+
+
+class RecordLosses(pl.Callback):
+    """Appends the loss of each training micro-batch (the model's own output, read by a forward hook) and the
+    optimizer step it belongs to."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def hook(module, args, out):
+            if module.training and out.loss is not None:
+                with open(self.path, "a") as fh:
+                    fh.write(json.dumps({"step": self._step, "loss": float(out.loss)}) + "\n")
+
+        pl_module.model.register_forward_hook(hook)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step = trainer.global_step + 1

@@ -159,7 +159,58 @@ def test_wandb_offline_run_files_hold_metrics_and_resume_same_run(tmp_path, data
     assert len(again) == 2 and (tmp_path / "wandb_run_id.txt").read_text().strip() == run_id
     rows2, _ = history_and_config(again[-1] / f"run-{run_id}.wandb")
     steps = [r["trainer/global_step"] for r in rows2 if "train/loss" in r]
-    assert min(steps) >= last_step and max(steps) == 5  # trainer/global_step is 0-based at logging time
+    # Numbered by optimizer step, as the checkpoints and metrics_history.json are; one record per step.
+    assert min(steps) > last_step and max(steps) == 6 and len(steps) == len(set(steps)), steps
+
+
+def test_metrics_are_logged_once_per_optimizer_step_under_the_same_step_number_everywhere(tmp_path, data_overrides):
+    # Accumulation 2, a logging step every 2 optimizer steps, validation every 3. Lightning flags every
+    # micro-batch of a logging step, and numbers records by the steps completed *before* the current one.
+    import csv
+
+    train(tmp_path, [*data_overrides, "trainer.log_every_n_steps=2", "trainer.val_every_n_steps=3"])
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").glob("version_*/metrics.csv")))))
+    at = lambda key: [int(r["step"]) for r in rows if r[key]]  # noqa: E731
+    assert at("train/loss") == [2, 4, 6] and at("perf/tokens_per_sec") == [2, 4, 6]
+    assert at("lr-AdamW/pg1") == [2, 4, 6]  # the learning-rate monitor too, not once per micro-batch
+    assert at("val/loss") == [3, 6]
+    history = json.loads((tmp_path / "metrics_history.json").read_text())
+    assert [h["step"] for h in history if "train_loss" in h] == [2, 4, 6]
+    assert [h["step"] for h in history if "val_loss" in h] == [3, 6]
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert saved and set(saved) <= {f"step-{s:07d}.ckpt" for s in (2, 4, 6)} and saved[-1] == "step-0000006.ckpt"
+
+
+def test_train_loss_is_the_mean_over_the_accumulation_window(tmp_path, data_overrides):
+    # The logged loss of a step is the mean of its micro-batch losses (as the model computed them during
+    # training, read by a forward hook), not the last micro-batch's.
+    import csv
+
+    record = tmp_path / "losses.jsonl"
+    cb = f"trainer.callbacks=[{{_target_:reliability_faults.RecordLosses,path:'{record}'}}]"
+    run(compose_cfg([*TINY, *data_overrides, "trainer.max_steps=3", cb]), tmp_path, overrides=[cb])
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").glob("version_*/metrics.csv")))))
+    logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
+    losses = [json.loads(x) for x in record.read_text().splitlines()]
+    for step in (1, 2, 3):
+        window = [x["loss"] for x in losses if x["step"] == step]
+        assert len(window) == 2
+        assert abs(logged[step] - sum(window) / 2) < 1e-5, (step, logged[step], window)
+        assert abs(logged[step] - window[-1]) > 1e-6  # not simply the last micro-batch's
+
+
+def test_tokens_per_second_counts_real_tokens_not_padding(tmp_path, data_overrides):
+    # Doc mode pads every document to the block: the throughput figures count only real tokens.
+    import csv
+
+    record = tmp_path / "batches.jsonl"
+    cb = f"trainer.callbacks=[{{_target_:reliability_faults.RecordBatches,path:'{record}'}}]"
+    run(compose_cfg([*TINY, *data_overrides, "data.packing=doc", "trainer.max_steps=4", cb]), tmp_path, overrides=[cb])
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").glob("version_*/metrics.csv")))))
+    logged = [float(r["perf/tokens_trained"]) for r in rows if r["perf/tokens_trained"]]
+    real = sum(json.loads(x)["tokens"] for x in record.read_text().splitlines())
+    positions = 4 * 2 * 4 * 64  # steps x accumulation x micro batch x seq_len
+    assert logged[-1] == real < 0.9 * positions, (logged, real, positions)
 
 
 def test_checkpoint_loads_weights_only_and_exports(tmp_path, data_overrides):

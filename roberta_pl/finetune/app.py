@@ -30,7 +30,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.errors import DataError
@@ -39,13 +39,13 @@ from roberta_pl.callbacks import AtomicCheckpointIO, LossScaleMonitor, NonFinite
 from roberta_pl.config import CONF_DIR
 from roberta_pl.factory import (
     ConfigError,
-    build_loggers,
     check_writable,
     extra_callbacks,
     precision_setting,
     world_size,
 )
 from roberta_pl.finetune.config import register_configs
+from roberta_pl.loggers import StepLearningRateMonitor, build_loggers
 from roberta_pl.finetune.data import (
     Features,
     FinetuneDataModule,
@@ -176,7 +176,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan, resolved: dict) -> tuple
                                        min_delta=cfg.early_stopping.min_delta))
     loggers = build_loggers(cfg, out_dir, resolved)
     if loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(StepLearningRateMonitor(logging_interval="step"))
     # Validation every N optimizer steps, counted across epochs (Lightning counts micro-batches), or per epoch.
     val_interval = t.val_every_n_steps * plan.accumulation if t.val_every_n_steps else 1.0
     precision, plugins = precision_setting(t)

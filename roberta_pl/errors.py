@@ -1,0 +1,5 @@
+"""The errors a run reports as one line (``roberta-pl-…: error: …``) instead of a traceback."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and value."""

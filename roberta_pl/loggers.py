@@ -1,0 +1,88 @@
+"""Loggers for both entry points: CSV, TensorBoard and W&B, all numbering records by optimizer step.
+
+Lightning hands loggers the number of optimizer steps completed *before* the current one, so the metrics
+of step 100 (and the validation after it) were recorded as step 99, while ``metrics_history.json``,
+checkpoints (``step-0000100.ckpt``) and the progress bar say 100. The loggers here add the one, so the same
+event carries the same step number everywhere: the optimizer step it follows.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger as _CSVLogger
+from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+from omegaconf import DictConfig
+
+from roberta_pl.errors import ConfigError
+
+
+class _OptimizerStep:
+    """Records metrics under the optimizer step they belong to (Lightning's ``step`` plus one)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, None if step is None else step + 1)  # type: ignore[misc]
+
+
+class CSVLogger(_OptimizerStep, _CSVLogger):
+    pass
+
+
+class TensorBoardLogger(_OptimizerStep, _TensorBoardLogger):
+    pass
+
+
+class WandbLogger(_OptimizerStep, _WandbLogger):
+    pass
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's LearningRateMonitor, once per optimizer step: it logs at the start of every micro-batch of a
+    logging step, so under gradient accumulation each learning rate was recorded once per micro-batch."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._logged_at = -1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step != self._logged_at:
+            self._logged_at = trainer.global_step
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+
+def wandb_run_id(out_dir: Path) -> str:
+    """The W&B run id stored in the run directory, created once: resumes and requeues continue the run."""
+    path = out_dir / "wandb_run_id.txt"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path, resolved_config: dict) -> list:
+    """The ``logger`` group's loggers (none, CSV, TensorBoard or W&B), numbering every record by optimizer step."""
+    kind = cfg.logger.kind
+    if kind == "none":
+        return []
+    if kind == "csv":
+        return [CSVLogger(save_dir=out_dir, name="csv")]  # version_N per launch: a resume never deletes logs
+    if kind == "tensorboard":
+        return [TensorBoardLogger(save_dir=out_dir, name="tensorboard")]
+    if kind == "wandb":
+        mode = {"dryrun": "offline"}.get(cfg.logger.mode, cfg.logger.mode)  # W&B's legacy name for offline
+        if mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"logger.mode={cfg.logger.mode}: choose offline, online or disabled")
+        logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.run_name,
+                             save_dir=str(out_dir), id=wandb_run_id(out_dir), offline=mode != "online",
+                             resume="allow", tags=list(cfg.logger.tags), mode=mode)
+        logger.log_hyperparams(resolved_config)
+        return [logger]
+    raise ConfigError(f"logger.kind={kind}: choose wandb, csv, tensorboard or none")
