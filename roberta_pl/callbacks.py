@@ -18,7 +18,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from roberta_pl.lightning_compat import is_logging_step, last_saved_step, micro_batches_started, set_progress
+from roberta_pl.lightning_compat import (
+    is_logging_step,
+    last_saved_step,
+    micro_batches_started,
+    set_progress,
+    set_val_check_batch,
+)
 
 _PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                     "16-true": torch.float16}
@@ -313,6 +319,38 @@ class BatchRamp(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         micro = micro_batches_started(trainer) - 1
         trainer.accumulate_grad_batches = self.accumulation_at(micro)
+
+
+class ValidationSchedule(pl.Callback):
+    """Validates after every ``every_n_steps``-th optimizer step, also while a batch ramp changes the
+    accumulation.
+
+    Lightning counts validation intervals in micro-batches (``val_check_interval``). Under a ramp a fixed
+    interval drifts off the optimizer steps (a ramp from 4 to 8 sequences validated at steps 4, 6, 8 instead
+    of 2, 4, 6, 8). Before each micro-batch this sets the trainer's interval so that the check is true after
+    exactly the last micro-batch of a step due for validation.
+
+    Args:
+        every_n_steps: validate after optimizer steps ``every_n_steps``, ``2 * every_n_steps``, ...
+        phases: ``(start_step, start_micro_batch, accumulation)`` from :func:`roberta_pl.optim.plan_ramp`.
+    """
+
+    def __init__(self, every_n_steps: int, phases: list[tuple[int, int, int]]) -> None:
+        self.every_n_steps = every_n_steps
+        self.phases = phases
+
+    def step_completed_by(self, micro: int) -> int | None:
+        """The optimizer step that micro-batch ``micro`` (0-based) completes, None if it is not a step's last."""
+        start_step, start_micro, acc = [p for p in self.phases if p[1] <= micro][-1]
+        done, rest = divmod(micro - start_micro + 1, acc)
+        return start_step + done if rest == 0 else None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        micro = micro_batches_started(trainer) - 1
+        step = self.step_completed_by(micro)
+        due = step is not None and step % self.every_n_steps == 0
+        # Lightning validates after micro-batch m when (m + 1) % val_check_batch == 0.
+        set_val_check_batch(trainer, micro + 1 if due else micro + 2)
 
 
 class StopAtStep(pl.Callback):

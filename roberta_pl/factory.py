@@ -29,6 +29,7 @@ from roberta_pl.callbacks import (
     StepProgressBar,
     StopAtStep,
     ThroughputLogger,
+    ValidationSchedule,
 )
 from roberta_pl.errors import ConfigError
 from roberta_pl.lightning_compat import slurm_environment
@@ -306,11 +307,11 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
         callbacks.append(StepProgressBar())
     if t.stop_at_step is not None:
         callbacks.append(StopAtStep(t.stop_at_step))
-    accumulation = plan.accumulation
+    phases = plan_ramp([tuple(r) for r in cfg.batch.ramp], plan)
     if cfg.batch.ramp:
-        phases = plan_ramp([tuple(r) for r in cfg.batch.ramp], plan)
         callbacks.append(BatchRamp(phases))
-        accumulation = phases[0][2]
+    callbacks.append(ValidationSchedule(t.val_every_n_steps, phases))
+    accumulation = phases[0][2]
     loggers = build_loggers(cfg, out_dir, resolved_config)
     if loggers:
         callbacks.append(StepLearningRateMonitor(logging_interval="step"))
@@ -321,7 +322,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, max_steps=t.max_steps, accumulate_grad_batches=accumulation,
-        # Validation every N optimizer steps; Lightning counts micro-batches here.
+        # Validation every N optimizer steps; Lightning counts micro-batches here, and ValidationSchedule
+        # keeps it on step boundaries when a ramp changes the accumulation.
         val_check_interval=t.val_every_n_steps * plan.accumulation, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val or None, deterministic=t.deterministic,

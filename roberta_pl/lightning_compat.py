@@ -38,6 +38,14 @@ def completes_step(trainer: pl.Trainer) -> bool:
     return not trainer.fit_loop.epoch_loop._should_accumulate()
 
 
+def set_val_check_batch(trainer: pl.Trainer, interval: int) -> None:
+    """Validate after training micro-batch ``m`` (0-based, counted over the run) when ``(m + 1) % interval == 0``.
+
+    Lightning 2.6.6: ``trainer.val_check_batch``, read by ``_TrainingEpochLoop._should_check_val_fx`` against
+    ``total_batch_idx`` when ``check_val_every_n_epoch=None``."""
+    trainer.val_check_batch = interval
+
+
 def last_saved_step(trainer: pl.Trainer) -> int | None:
     """The optimizer step of the last checkpoint the checkpoint callback wrote in this process (0 before any),
     None without a checkpoint callback.

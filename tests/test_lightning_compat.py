@@ -85,3 +85,25 @@ def test_wandb_run_started(tmp_path, monkeypatch):
     assert compat.wandb_run_started(logger)
     logger.experiment.finish()
 
+
+
+def test_val_check_batch_is_read_before_each_check(tmp_path):
+    class WithVal(Tiny):
+        def validation_step(self, batch, batch_idx):
+            self.seen.append(self.trainer.global_step)
+
+        def val_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=4)
+
+    class Pick(pl.Callback):  # validate after micro-batches 2 and 5 only (0-based)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            m = compat.micro_batches_started(trainer) - 1
+            compat.set_val_check_batch(trainer, m + 1 if m in (2, 5) else m + 2)
+
+    model = WithVal()
+    model.seen = []
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, val_check_interval=4, check_val_every_n_epoch=None,
+                         num_sanity_val_steps=0, callbacks=[Pick()], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model)
+    assert model.seen == [3, 6]

@@ -100,10 +100,14 @@ def test_epoch_ends_never_step_on_a_partial_accumulation(tmp_path, data_override
 
 def test_batch_ramp_grows_the_global_batch_on_schedule(tmp_path, data_overrides):
     # Global batch 4 (accumulation 1) until step 4, then 8 (accumulation 2), micro-batch 4 throughout.
-    train(tmp_path, [*data_overrides, "batch.ramp=[[4,4]]", "trainer.max_steps=7"])
+    train(tmp_path, [*data_overrides, "batch.ramp=[[4,4]]", "trainer.max_steps=8", "trainer.val_every_n_steps=2"])
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 7
-    assert ckpt["MLMDataModule"]["consumed"] == 4 * 1 + 3 * 2
+    assert ckpt["global_step"] == 8
+    assert ckpt["MLMDataModule"]["consumed"] == 4 * 1 + 4 * 2
+    # Validation after every 2nd optimizer step, across the switch (a micro-batch interval fixed at the
+    # final accumulation validated after steps 4, 6 and 8).
+    history = json.loads((tmp_path / "metrics_history.json").read_text())
+    assert [h["step"] for h in history if "val_loss" in h] == [2, 4, 6, 8]
 
 
 class _FixedBatches(pl.LightningDataModule):
