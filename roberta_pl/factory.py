@@ -54,11 +54,9 @@ def world_size(cfg: DictConfig) -> int:
 def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
     """Refuse a config that cannot run, before any work. Returns the batch plan."""
     t, b = cfg.trainer, cfg.batch
-    if t.strategy == "deepspeed" and (t.accelerator == "cpu" or not torch.cuda.is_available()):
-        raise ConfigError(f"trainer.strategy=deepspeed needs CUDA GPUs (accelerator={t.accelerator}, "
-                          f"cuda available={torch.cuda.is_available()}); use trainer=cpu or trainer=ddp on CPU")
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible; use trainer=cpu")
+        raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible; use trainer=cpu, or add "
+                          f"trainer.accelerator=cpu (DDP and DeepSpeed ZeRO also run on CPU ranks)")
     if cfg.data.packing not in ("full_sentences", "doc"):
         raise ConfigError(f"data.packing={cfg.data.packing}: choose full_sentences or doc")
     if b.seq_len > cfg.model.max_seq_len:
@@ -69,6 +67,18 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
     if b.ramp and t.strategy == "deepspeed":
         raise ConfigError("batch.ramp is not supported with trainer.strategy=deepspeed (DeepSpeed fixes accumulation "
                           "at start-up); drop the ramp or use ddp")
+    if t.strategy == "deepspeed" and t.accelerator == "cpu" and str(t.precision) in ("16-mixed", "16", "16-true"):
+        # DeepSpeed's CPU accelerator has fp16 only where oneDNN does; where it does, this project's CPU fp16
+        # path (a GradScaler plugin, precision_setting) would still replace DeepSpeed's own loss scaling.
+        raise ConfigError(f"trainer.precision={t.precision} is not supported with trainer.strategy=deepspeed on "
+                          f"trainer.accelerator=cpu; use trainer.precision=bf16-mixed or 32-true (or fp16 on GPUs)")
+    if t.strategy == "deepspeed" and t.deepspeed.offload_optimizer:
+        from roberta_pl.strategies import load_cpu_adam
+
+        why = load_cpu_adam(t.accelerator)
+        if why:
+            raise ConfigError(f"trainer.deepspeed.offload_optimizer=true needs DeepSpeed's CPU Adam op, which could not "
+                              f"be built here ({why}); use trainer=deepspeed_zero3 (no offload)")
     if cfg.data.train_shards is not None:
         if cfg.data.tokenizer is None:
             raise ConfigError("data.tokenizer is required with data.train_shards (the tokenizer the shards were made with)")
@@ -253,9 +263,9 @@ def deepspeed_config(cfg: DictConfig, plan: BatchPlan) -> dict[str, Any]:
 
 def build_strategy(cfg: DictConfig, plan: BatchPlan):
     if cfg.trainer.strategy == "deepspeed":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+        from roberta_pl.strategies import ZeroStrategy
 
-        return DeepSpeedStrategy(config=deepspeed_config(cfg, plan))
+        return ZeroStrategy(config=deepspeed_config(cfg, plan))
     if cfg.trainer.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 

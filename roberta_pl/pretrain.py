@@ -118,12 +118,21 @@ class MaskedLMModule(pl.LightningModule):
             self.log("train/grad_norm", torch.stack(norms).norm(2))
 
     def _uses_deepspeed(self) -> bool:
-        return type(self.trainer.strategy).__name__ == "DeepSpeedStrategy"
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
+    def _offloads_optimizer(self) -> bool:
+        """ZeRO-Offload: DeepSpeed steps the optimizer on CPU and accepts only its own CPU Adam there."""
+        if not self._trainer or not self._uses_deepspeed():
+            return False
+        return bool((self.trainer.strategy.config or {}).get("zero_optimization", {}).get("offload_optimizer"))
 
     # -- optimizer ----------------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.hparams.optim
-        optimizer = build_adamw(self.model, o["lr"], o["betas"], o["eps"], o["weight_decay"])
+        optimizer = build_adamw(self.model, o["lr"], o["betas"], o["eps"], o["weight_decay"],
+                                cpu_adam=self._offloads_optimizer())
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_lambda(step, warmup_steps=o["warmup_steps"], total_steps=self.hparams.max_steps,

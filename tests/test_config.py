@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from roberta_pl.config import CONF_DIR, register_configs
-from roberta_pl.factory import ConfigError, deepspeed_config, preflight
+from roberta_pl.factory import ConfigError, build_strategy, deepspeed_config, preflight
 from roberta_pl.optim import BatchPlanError, lr_lambda, plan_batch, plan_ramp
 
 register_configs()
@@ -91,7 +91,8 @@ def test_lr_schedule_shape():
 @pytest.mark.parametrize("overrides,message", [
     (["batch.global_batch_size=33"], "not divisible"),
     (["batch.seq_len=256"], "exceeds model.max_seq_len=128"),
-    (["trainer=deepspeed_zero2"], "needs CUDA"),
+    (["trainer=deepspeed_zero2"], "no CUDA GPU is visible; .* trainer.accelerator=cpu"),
+    (["trainer=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.precision=16-mixed"], "trainer.precision=16-mixed"),
     (["trainer=gpu"], "no CUDA GPU"),
     (["data.train_shards=/nonexistent/train.tar", "data.tokenizer=/nonexistent/tok"], "data.tokenizer=/nonexistent/tok"),
 ])
@@ -119,7 +120,7 @@ def test_deepspeed_configs_build(tmp_path):
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["train_micro_batch_size_per_gpu"] == 8  # iterable loaders: DeepSpeed cannot infer it
         assert ("offload_param" in ds["zero_optimization"]) == name.endswith("offload")
-        # Lightning's strategy accepts it (it refuses CPU only when the trainer starts).
+        # The strategy the trainer gets: Lightning's DeepSpeedStrategy, able to run on CPU ranks too.
         from lightning.pytorch.strategies import DeepSpeedStrategy
-        strategy = DeepSpeedStrategy(config=ds)
-        assert strategy.config["zero_optimization"]["stage"] == stage
+        strategy = build_strategy(cfg, plan_batch(32, 8, 1, 128))
+        assert isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == stage

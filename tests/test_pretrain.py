@@ -236,7 +236,7 @@ def test_checkpoint_loads_weights_only_and_exports(tmp_path, data_overrides):
 @pytest.mark.parametrize("override,message", [
     ("batch.global_batch_size=33", "global_batch_size=33 is not divisible"),
     ("batch.seq_len=600", "batch.seq_len=600 exceeds model.max_seq_len=128"),
-    ("trainer=deepspeed_zero2", "trainer.strategy=deepspeed needs CUDA"),
+    ("trainer=deepspeed_zero2", "trainer.accelerator=gpu but no CUDA GPU is visible"),
     ("model.vocab_size=100", "the tokenizer has"),
     ("model.hiden_size=3", "hiden_size"),
 ])
