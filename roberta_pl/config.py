@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from roberta_pl.model import RobertaConfig
 
@@ -142,3 +143,29 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (``conf/pretrain.yaml`` names ``pretrain_schema`` first)."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
+
+
+def check_known_keys(cfg: DictConfig, schema: type) -> None:
+    """Refuse keys the schema does not have, including ones added with Hydra's ``+key=value`` (which bypasses
+    the schema's struct mode: ``+optim.lrr=1e-3`` would train with the default lr and record ``lrr``).
+
+    Raises:
+        ConfigError: one line naming the key and the nearest valid ones.
+    """
+    import difflib
+
+    from roberta_pl.errors import ConfigError
+
+    def walk(node: Any, ref: Any, prefix: str) -> None:
+        if not isinstance(node, DictConfig) or not isinstance(ref, DictConfig):
+            return
+        ref_items = dict(ref.items_ex(resolve=False))
+        for key, value in node.items_ex(resolve=False):
+            path = f"{prefix}{key}"
+            if key not in ref_items:
+                near = difflib.get_close_matches(str(key), [str(k) for k in ref_items], n=2)
+                hint = f"; did you mean {' or '.join(prefix + n for n in near)}?" if near else ""
+                raise ConfigError(f"unknown config key {path}{hint}")
+            walk(value, ref_items[key], f"{path}.")  # free-form values (dict, Any) are not DictConfigs in ref
+
+    walk(cfg, OmegaConf.structured(schema), "")

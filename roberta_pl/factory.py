@@ -33,7 +33,7 @@ from roberta_pl.callbacks import (
 )
 from roberta_pl.errors import ConfigError
 from roberta_pl.lightning_compat import slurm_environment
-from roberta_pl.loggers import StepLearningRateMonitor, build_loggers
+from roberta_pl.loggers import StepLearningRateMonitor, build_loggers, check_logger
 from roberta_pl.optim import BatchPlan, plan_batch, plan_ramp
 
 
@@ -54,6 +54,8 @@ def world_size(cfg: DictConfig) -> int:
 def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
     """Refuse a config that cannot run, before any work. Returns the batch plan."""
     t, b = cfg.trainer, cfg.batch
+    check_logger(cfg)
+    check_model_and_optim(cfg)
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible; use trainer=cpu, or add "
                           f"trainer.accelerator=cpu (DDP and DeepSpeed ZeRO also run on CPU ranks)")
@@ -95,6 +97,27 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint")
     return plan
+
+
+def check_model_and_optim(cfg: DictConfig) -> None:
+    """One line naming the field, the value and what would work, for a model shape or optimizer setting that
+    would otherwise fail deep inside model building or train silently wrong (a negative learning rate)."""
+    m, o = cfg.model, cfg.optim
+    for field in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len"):
+        if int(m[field]) <= 0:
+            raise ConfigError(f"model.{field}={m[field]}: must be a positive integer")
+    if m.hidden_size % m.num_heads:
+        lo, hi = m.hidden_size // m.num_heads * m.num_heads, (m.hidden_size // m.num_heads + 1) * m.num_heads
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
+                          f"use a multiple of {m.num_heads} (e.g. {lo or hi} or {hi}) or another num_heads")
+    if not o.lr > 0:
+        raise ConfigError(f"optim.lr={o.lr}: the peak learning rate must be positive (RoBERTa-base used 6e-4)")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)}: two values in [0, 1), e.g. [0.9, 0.98]")
+    if not o.eps > 0 or o.weight_decay < 0 or o.warmup_steps < 0:
+        bad = next(f"optim.{k}={o[k]}" for k in ("eps", "weight_decay", "warmup_steps")
+                   if (o[k] <= 0 if k == "eps" else o[k] < 0))
+        raise ConfigError(f"{bad}: eps must be positive, weight_decay and warmup_steps not negative")
 
 
 # Fields that fix parameter shapes or token meaning: a checkpoint must agree on all of them to resume.

@@ -11,6 +11,7 @@ only the training dependencies. ``transformers.AutoModelForMaskedLM.from_pretrai
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -236,7 +237,36 @@ def _write_hf_dir(path: str | Path, tensors: dict[str, torch.Tensor], hf_config:
                 for f in src.iterdir():  # tokenizer files only: never a model directory's weights or config
                     if f.is_file() and f.name != "config.json" and not f.name.endswith(_WEIGHT_SUFFIXES):
                         shutil.copy2(f, path / f.name)
+        _fit_tokenizer_to_model(path, hf_config)
+    for f in path.iterdir():  # shared clusters: readable as the umask allows (safetensors writes 0600)
+        if f.is_file():
+            f.chmod(0o666 & ~_umask())
     return path
+
+
+def _fit_tokenizer_to_model(path: Path, hf_config: dict) -> None:
+    """Record the model's real length in ``tokenizer_config.json``: a tokenizer trained for 512 tokens beside a
+    model with 130 position rows lets ``truncation=True`` (and every pipeline) pass inputs the model cannot
+    index. RoBERTa's positions start after the padding id, so the model takes ``max_position_embeddings - 2``."""
+    config_path = path / "tokenizer_config.json"
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    config["model_max_length"] = int(hf_config["max_position_embeddings"]) - int(hf_config.get("pad_token_id", 1)) - 1
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

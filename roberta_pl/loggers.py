@@ -67,6 +67,20 @@ def wandb_run_id(out_dir: Path) -> str:
     return run_id
 
 
+def check_logger(cfg: DictConfig) -> None:
+    """Refuse, before any work, a logger that cannot be built: an unknown kind or W&B mode, or a missing package."""
+    import importlib.util
+
+    kind = cfg.logger.kind
+    if kind not in ("none", "csv", "tensorboard", "wandb"):
+        raise ConfigError(f"logger.kind={kind}: choose wandb, csv, tensorboard or none")
+    if kind == "wandb" and {"dryrun": "offline"}.get(cfg.logger.mode, cfg.logger.mode) not in ("offline", "online", "disabled"):
+        raise ConfigError(f"logger.mode={cfg.logger.mode}: choose offline, online or disabled")
+    if kind == "tensorboard" and not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
+        raise ConfigError("logger=tensorboard needs the tensorboard package (a roberta-pl dependency): "
+                          "pip install tensorboard")
+
+
 def build_loggers(cfg: DictConfig, out_dir: Path, resolved_config: dict) -> list:
     """The ``logger`` group's loggers (none, CSV, TensorBoard or W&B), numbering every record by optimizer step."""
     kind = cfg.logger.kind
@@ -75,7 +89,7 @@ def build_loggers(cfg: DictConfig, out_dir: Path, resolved_config: dict) -> list
     if kind == "csv":
         return [CSVLogger(save_dir=out_dir, name="csv")]  # version_N per launch: a resume never deletes logs
     if kind == "tensorboard":
-        return [TensorBoardLogger(save_dir=out_dir, name="tensorboard")]
+        return [TensorBoardLogger(save_dir=out_dir, name="tensorboard", default_hp_metric=False)]  # no placeholder hp_metric
     if kind == "wandb":
         mode = {"dryrun": "offline"}.get(cfg.logger.mode, cfg.logger.mode)  # W&B's legacy name for offline
         if mode not in ("offline", "online", "disabled"):

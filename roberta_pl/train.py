@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from roberta_pl.config import CONF_DIR, register_configs
+from roberta_pl.config import CONF_DIR, PretrainConfig, check_known_keys, register_configs
 from roberta_pl.callbacks import RequeueOnSignal, TrainingFault
 from roberta_pl.factory import (
     ConfigError,
@@ -37,6 +37,7 @@ from roberta_pl.factory import (
     check_vocab,
     checkpoint_bytes,
     describe_resume,
+    read_checkpoint,
     find_resume_checkpoint,
     preflight,
 )
@@ -59,6 +60,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
     trainer = None
     try:
         try:
+            check_known_keys(cfg, PretrainConfig)
             check_hydra_targets(cfg, overrides)
             plan = preflight(cfg, out_dir)
             data = prepare_data(cfg)
@@ -68,6 +70,9 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
             ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
             if ckpt:  # refused here, not half-way into fit, and read without running pickled code
                 check_resume_checkpoint(ckpt, model_cfg, data.tokenizer.hash)
+                finished = finished_run(ckpt, cfg.trainer.max_steps, out_dir)
+                if finished is not None:
+                    return finished
             if not any(int(os.environ.get(v, 0) or 0) for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
                 check_free_space(out_dir, checkpoint_bytes(model_cfg))  # one probe per run, not one per rank
             trainer = build_trainer(cfg, out_dir, plan, resolved)
@@ -84,7 +89,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
             print(describe_resume(ckpt, wandb_id), flush=True)
         datamodule = build_datamodule(cfg, data, plan)
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # no pickled code runs
         except (TrainingFault, DataError) as e:  # checkpoints written so far are kept
             raise SystemExit(f"roberta-pl-train: error: {one_line(e)}") from None
         report_skipped_data(datamodule)
@@ -95,6 +100,21 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
         return finish_run(cfg, trainer, module, data.tokenizer, out_dir)
     finally:
         end_run(trainer, environ)
+
+
+def finished_run(ckpt: Path, max_steps: int, out_dir: Path) -> dict | None:
+    """The summary of a run that already reached ``max_steps`` (None if it has steps to go). Rerunning a
+    finished run keeps every output as it is (summary, export, W&B run); raising ``trainer.max_steps``
+    continues it instead."""
+    step = int(read_checkpoint(ckpt).get("global_step", 0))
+    if step < max_steps:
+        return None
+    summary_path = out_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"run_dir": str(out_dir), "metrics": {}}
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)) or 0) == 0:
+        print(f"{out_dir} already finished: {ckpt.name} is at step {step}, trainer.max_steps={max_steps}. Nothing "
+              f"was changed. Raise trainer.max_steps to train further, or use another run_name for a new run.")
+    return summary
 
 
 def one_line(error: BaseException) -> str:
@@ -166,7 +186,8 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tok
     print(f"Done: {trainer.global_step} steps in {out_dir}"
           + (f"; validation masked-token accuracy {acc:.3f}, loss {metrics['val/loss']:.3f}" if acc is not None else ""))
     outputs = [p for p in ("checkpoints/last.ckpt", "loss_curve.png", "hf", "summary.json") if (out_dir / p).exists()]
-    print(f"Outputs in {out_dir}: {', '.join(outputs)}. Rerun the same command to continue from last.ckpt.")
+    rerun = " Rerun with a larger trainer.max_steps to continue from last.ckpt." if "checkpoints/last.ckpt" in outputs else ""
+    print(f"Outputs in {out_dir}: {', '.join(outputs) or 'none'}.{rerun}")
     return summary
 
 

@@ -113,6 +113,12 @@ def test_pretraining_beats_random_init_and_hf_export_gives_same_predictions(tmp_
     ours = torch.tensor([[r["probabilities"][name] for name in ("concurrency", "web")] for r in rows])
     torch.testing.assert_close(probs, ours, atol=1e-5, rtol=0)
     assert model.config.problem_type == "single_label_classification"
+    # A 1,000-token text through the text-classification pipeline: the export's tokenizer knows the model's
+    # real length, so truncation cuts it to fit instead of indexing past the position table.
+    long_text = " ".join([rows[0]["text"]] * 200)
+    assert len(tok(long_text)["input_ids"]) > 1000
+    out_long = transformers.pipeline("text-classification", model=str(out / "hf"))(long_text, truncation=True)
+    assert out_long[0]["label"] in ("concurrency", "web")
 
 
 @pytest.mark.slow

@@ -217,6 +217,45 @@ def test_tokens_per_second_counts_real_tokens_not_padding(tmp_path, data_overrid
     assert logged[-1] == real < 0.9 * positions, (logged, real, positions)
 
 
+def test_tensorboard_logger_writes_scalars_by_optimizer_step(tmp_path, data_overrides):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tmp_path, [*data_overrides, "logger=tensorboard", "trainer.log_every_n_steps=2"])
+    events = EventAccumulator(str(next((tmp_path / "tensorboard").glob("version_*")))).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "val/loss", "perf/tokens_per_sec"} <= set(tags) and "hp_metric" not in tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("val/loss")] == [3, 6]
+
+
+def test_rerunning_a_finished_run_keeps_its_outputs_and_a_larger_max_steps_extends_it(tmp_path, data_overrides, capsys):
+    import warnings
+
+    first = train(tmp_path, [*data_overrides, "logger=wandb"])
+    summary = (tmp_path / "summary.json").read_bytes()
+    assert json.loads(summary)["metrics"]["val/loss"] > 0
+    segments = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = train(tmp_path, [*data_overrides, "logger=wandb"])
+    out = capsys.readouterr().out
+    assert "already finished" in out and "step 6, trainer.max_steps=6" in out and "Nothing was changed" in out
+    assert (tmp_path / "summary.json").read_bytes() == summary and again["metrics"] == first["metrics"]
+    assert sorted((tmp_path / "wandb").glob("offline-run-*")) == segments  # no second, empty W&B run
+    assert not [w for w in caught if "weights_only" in str(w.message)]
+    # Raising max_steps continues the same run from its last checkpoint.
+    more = train(tmp_path, [*data_overrides, "logger=wandb", "trainer.max_steps=8"])
+    assert more["global_step"] == 8 and "Resuming from" in capsys.readouterr().out
+    assert len(sorted((tmp_path / "wandb").glob("offline-run-*"))) == len(segments) + 1
+
+
+def test_zero_steps_claims_no_checkpoint(tmp_path, data_overrides, capsys):
+    train(tmp_path, [*data_overrides, "trainer.max_steps=0", "export_hf=false"])
+    out = capsys.readouterr().out
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists() and "last.ckpt" not in out
+
+
 def test_checkpoint_loads_weights_only_and_exports(tmp_path, data_overrides):
     from roberta_pl.cli.export import main as export_main
 
@@ -239,6 +278,9 @@ def test_checkpoint_loads_weights_only_and_exports(tmp_path, data_overrides):
     ("trainer=deepspeed_zero2", "trainer.accelerator=gpu but no CUDA GPU is visible"),
     ("model.vocab_size=100", "the tokenizer has"),
     ("model.hiden_size=3", "hiden_size"),
+    ("+optim.lrr=1e-3", "unknown config key optim.lrr; did you mean optim.lr?"),  # `+` bypasses the schema
+    ("model.hidden_size=101", "model.hidden_size=101 is not divisible by model.num_heads=2; use a multiple of 2"),
+    ("optim.lr=-1e-3", "optim.lr=-0.001: the peak learning rate must be positive"),
 ])
 def test_cli_bad_config_is_one_line_error(tmp_path, override, message, shard_dir, tokenizer_dir):
     data = [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]

@@ -69,3 +69,18 @@ def test_quickstart_trains_exports_and_fills_masks(tmp_path, private_cache):
     assert ids[0, 0] == 0 and ids[0, -1] == 2 and (ids == 4).sum() == 1
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+    # A text far longer than the model (1,000+ tokens): the tokenizer files carry the model's real length,
+    # so truncation and the pipelines cut it to what the position table holds instead of crashing.
+    long_text = " ".join(["Return the <mask> of the list."] + ["The value is copied into a new buffer."] * 150)
+    assert len(tok(long_text)["input_ids"]) > 1000
+    assert tok.model_max_length == ours.config.max_seq_len
+    enc = tok(long_text, truncation=True, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == ours.config.max_seq_len
+    with torch.no_grad():
+        transformers.AutoModel.from_pretrained(run_dir / "hf")(**enc)
+    filled = transformers.pipeline("fill-mask", model=str(run_dir / "hf"), tokenizer_kwargs={"truncation": True})(long_text)
+    assert len(filled) == 5 and all(0 <= f["score"] <= 1 for f in filled)
+    # Readable by others on a shared cluster, as the umask allows (safetensors itself writes 0600).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (run_dir / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

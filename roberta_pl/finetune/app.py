@@ -44,7 +44,8 @@ from roberta_pl.factory import (
     precision_setting,
     world_size,
 )
-from roberta_pl.finetune.config import register_configs
+from roberta_pl.config import check_known_keys
+from roberta_pl.finetune.config import FinetuneConfig, register_configs
 from roberta_pl.loggers import StepLearningRateMonitor, build_loggers
 from roberta_pl.finetune.data import (
     Features,
@@ -74,6 +75,7 @@ class TaskData:
 def preflight(cfg: DictConfig, out_dir: Path):
     """One-line refusals before any work; returns the batch plan."""
     task = cfg.task
+    check_known_keys(cfg, FinetuneConfig)
     check_hydra_targets(cfg)
     if cfg.pretrained is None:
         raise ConfigError("pretrained=PATH is required: a roberta-pl .ckpt, a DeepSpeed checkpoint dir or a HF RoBERTa dir")
