@@ -43,6 +43,12 @@ def load_pretrained(path: str | Path) -> tuple[RobertaForMaskedLM, Path | None]:
         return load_hf(path), path
     ckpt = _read_lightning_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
+    if "kind" in hparams and "labels" in hparams:  # a roberta-pl-finetune checkpoint: a classifier, no MLM head
+        run_hf = path.parent.parent / "hf"
+        where = f"roberta-pl-finetune exported it to {run_hf}" if run_hf.is_dir() else "roberta-pl-finetune exports it to <run_dir>/hf"
+        raise ValueError(f"{path} is a fine-tuning checkpoint ({hparams['kind']}, labels {', '.join(map(str, hparams['labels']))}), "
+                         f"not a masked LM; {where} (transformers' AutoModelFor{'Token' if hparams['kind'] == 'token_classification' else 'Sequence'}"
+                         f"Classification loads it)")
     if "model" not in hparams or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not a roberta-pl pretraining checkpoint (no model hyper-parameters)")
     model = RobertaForMaskedLM(RobertaConfig(**hparams["model"]))

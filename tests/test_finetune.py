@@ -119,6 +119,11 @@ def test_pretraining_beats_random_init_and_hf_export_gives_same_predictions(tmp_
     assert len(tok(long_text)["input_ids"]) > 1000
     out_long = transformers.pipeline("text-classification", model=str(out / "hf"))(long_text, truncation=True)
     assert out_long[0]["label"] in ("concurrency", "web")
+    # roberta-pl-export converts masked LMs; given this run's classifier checkpoint it says where the export is.
+    done = subprocess.run(["roberta-pl-export", str(out / "checkpoints" / "best.ckpt"), str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "is a fine-tuning checkpoint (sequence_classification" in done.stderr and f"{out / 'hf'}" in done.stderr
 
 
 @pytest.mark.slow
@@ -491,3 +496,20 @@ def test_multirun_sweep_with_wandb_offline(tmp_path, pretrained, source_task):
         rows, config = history_and_config(wandb_run / f"run-{run_id}.wandb")
         assert {"train/loss", "val/accuracy", "val/f1", "val/mcc", "val/loss"} <= set().union(*rows)
         assert config["optim"]["lr"] == lr and config["task"]["label_column"] == "source"
+
+
+def test_embed_reads_one_row_per_line_and_names_bad_lines(tmp_path):
+    from data_pipelines.errors import DataError
+    from roberta_pl.cli.embed import read_texts
+
+    good = tmp_path / "good.txt"
+    good.write_text("first sentence\nsecond one\n\n\n")  # blank lines at the end are ignored
+    assert [(e.line, e.text) for e in read_texts(good, "text")] == [(1, "first sentence"), (2, "second one")]
+    gap = tmp_path / "gap.txt"
+    gap.write_text("first\n\nthird\n")
+    with pytest.raises(DataError, match=r"gap.txt:2: blank line"):
+        read_texts(gap, "text")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9\n".encode("utf-8") + "na\u00efve\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt:2: not UTF-8"):
+        read_texts(latin, "text")

@@ -23,12 +23,26 @@ log = logging.getLogger("roberta_pl.embed")
 
 
 def read_texts(path: Path, column: str) -> list[Example]:
-    """Texts of a ``.txt`` file (one per non-blank line) or of a CSV/TSV/JSONL file's ``column``."""
+    """Texts of a ``.txt`` file (one per line: row i of the output is line i) or of a CSV/TSV/JSONL file's
+    ``column``. A blank line inside a ``.txt`` file is refused with its number (a row for it would embed
+    nothing, and dropping it would shift every later row off its line); blank lines at the end are ignored."""
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise DataError(f"{path}: no such file")
-        rows = [Example(i, line.rstrip("\n")) for i, line in enumerate(path.open(encoding="utf-8"), 1)
-                if line.strip()]
+        rows: list[Example] = []
+        with path.open("rb") as fh:
+            for i, raw in enumerate(fh, 1):
+                try:
+                    rows.append(Example(i, raw.decode("utf-8").rstrip("\r\n")))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{i}: not UTF-8 (byte {e.start}: {e.reason}); convert the file, "
+                                    f"e.g. iconv -f latin1 -t utf-8") from None
+        while rows and not rows[-1].text.strip():
+            rows.pop()
+        blank = next((r.line for r in rows if not r.text.strip()), None)
+        if blank is not None:
+            raise DataError(f"{path}:{blank}: blank line; the output has one row per line, so remove blank lines "
+                            f"(or use a CSV/JSONL file with a text column)")
         if not rows:
             raise DataError(f"{path}: no texts")
         return rows
