@@ -362,6 +362,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_conf
         gradient_clip_val=t.gradient_clip_val or None, deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers or False,
         default_root_dir=out_dir, plugins=plugins, num_sanity_val_steps=0,
+        enable_model_summary=False,  # the run prints its own one-line model summary (Lightning's shows FLOPs 0)
     )
     slurm = slurm_environment(trainer)
     if slurm is not None:  # RequeueOnSignal requeues at a step boundary; Lightning's own would save mid-step

@@ -76,3 +76,11 @@ def slurm_environment(trainer: pl.Trainer) -> SLURMEnvironment | None:
     Lightning 2.6.6: ``trainer._accelerator_connector.cluster_environment``."""
     env = trainer._accelerator_connector.cluster_environment
     return env if isinstance(env, SLURMEnvironment) else None
+
+
+def drop_wandb_init_setting(logger: Any, key: str) -> None:
+    """Remove a setting ``WandbLogger`` would pass to ``wandb.init`` (Lightning always passes ``anonymous``,
+    which wandb >= 0.19 answers with a warning that it has no effect).
+
+    Lightning 2.6.6: ``WandbLogger._wandb_init``."""
+    logger._wandb_init.pop(key, None)

@@ -8,6 +8,7 @@ event carries the same step number everywhere: the optimizer step it follows.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from omegaconf import DictConfig
 
 from roberta_pl.errors import ConfigError
+from roberta_pl.lightning_compat import drop_wandb_init_setting
 
 
 class _OptimizerStep:
@@ -39,7 +41,9 @@ class TensorBoardLogger(_OptimizerStep, _TensorBoardLogger):
 
 
 class WandbLogger(_OptimizerStep, _WandbLogger):
-    pass
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        drop_wandb_init_setting(self, "anonymous")  # wandb only warns that it has no effect
 
 
 class StepLearningRateMonitor(LearningRateMonitor):
@@ -100,3 +104,29 @@ def build_loggers(cfg: DictConfig, out_dir: Path, resolved_config: dict) -> list
         logger.log_hyperparams(resolved_config)
         return [logger]
     raise ConfigError(f"logger.kind={kind}: choose wandb, csv, tensorboard or none")
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+def quiet_notices() -> None:
+    """Silence Lightning notices that do not apply to roberta-pl runs, for both entry points:
+
+    - the ``srun`` hint (a plain run on a machine that has Slurm installed is not a Slurm run);
+    - the LitLogger advertisement;
+    - ``IterableDataset has __len__`` (our stream's length is already split per worker) and an internal
+      pytree deprecation.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropNotice("litlogger"))

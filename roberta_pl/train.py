@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from roberta_pl.factory import (
     find_resume_checkpoint,
     preflight,
 )
-from roberta_pl.loggers import wandb_run_id
+from roberta_pl.loggers import quiet_notices, wandb_run_id
 from roberta_pl.lightning_compat import last_saved_step, wandb_run_started
 from roberta_pl.optim import BatchPlanError
 from roberta_pl.pretrain import MaskedLMModule
@@ -84,6 +83,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
                                 mask_prob=cfg.data.mask_prob, seed=cfg.seed, compile=cfg.model.compile,
                                 tokenizer=str(data.tokenizer.path), packed=cfg.data.packing == "full_sentences",
                                 tokenizer_hash=data.tokenizer.hash)
+        if trainer.is_global_zero:
+            print(describe_model(module, plan), flush=True)
         if ckpt and trainer.is_global_zero:
             wandb_id = wandb_run_id(out_dir) if cfg.logger.kind == "wandb" else None
             print(describe_resume(ckpt, wandb_id), flush=True)
@@ -100,6 +101,16 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
         return finish_run(cfg, trainer, module, data.tokenizer, out_dir)
     finally:
         end_run(trainer, environ)
+
+
+def describe_model(module: MaskedLMModule, plan) -> str:
+    """One line: the model's size and shape, and what one optimizer step trains on."""
+    c = module.config
+    params = sum(p.numel() for p in module.model.parameters())  # the tied decoder counted once
+    return (f"Model: {params / 1e6:.2f}M parameters ({c.num_layers} layers x {c.hidden_size}, {c.num_heads} heads, "
+            f"vocab {c.vocab_size}), {module.flops_per_position / 1e6:.1f} MFLOPs a token; a step trains "
+            f"{plan.global_batch_size} sequences x {plan.seq_len} tokens (micro-batch {plan.micro_batch_size} x "
+            f"accumulation {plan.accumulation} x {plan.world_size} rank{'s' if plan.world_size > 1 else ''})")
 
 
 def finished_run(ckpt: Path, max_steps: int, out_dir: Path) -> dict | None:
@@ -217,10 +228,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    # Lightning notices that do not apply here: our stream's __len__ is already split per worker, and the
-    # pytree deprecation is internal to Lightning.
-    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    quiet_notices()
     register_configs()
     if not CONF_DIR.is_dir():
         sys.exit(f"roberta-pl-train: error: config directory {CONF_DIR} not found (install with `pip install -e .`)")

@@ -1,6 +1,7 @@
 """End-to-end pretraining through the real entry point: real Trainer, real shards, real checkpoints."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -290,6 +291,20 @@ def test_cli_bad_config_is_one_line_error(tmp_path, override, message, shard_dir
     assert message in proc.stderr
     if "hiden" not in override:  # our own checks: exactly one line, no traceback
         assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cli_prints_no_notices_that_do_not_apply(tmp_path, data_overrides):
+    # What a user sees before the first step: our model line, not Lightning's srun hint (Slurm is installed
+    # on this machine), its LitLogger advert or a model summary claiming 0 FLOPs, nor wandb's "anonymous" warning.
+    env = dict(os.environ, WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, "-m", "roberta_pl.train", *TINY, *data_overrides, "logger=wandb",
+                           "trainer.max_steps=2", "export_hf=false", f"run_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    for noise in ("srun", "litlogger", "anonymous setting", "Total FLOPs", "hp_metric", "Traceback"):
+        assert noise not in text, (noise, text[-3000:])
+    assert "Model: 0.05M parameters (2 layers x 32, 2 heads" in proc.stdout
 
 
 def test_console_scripts_print_help():

@@ -46,7 +46,7 @@ from roberta_pl.factory import (
 )
 from roberta_pl.config import check_known_keys
 from roberta_pl.finetune.config import FinetuneConfig, register_configs
-from roberta_pl.loggers import StepLearningRateMonitor, build_loggers
+from roberta_pl.loggers import StepLearningRateMonitor, build_loggers, quiet_notices
 from roberta_pl.finetune.data import (
     Features,
     FinetuneDataModule,
@@ -342,7 +342,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    quiet_notices()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     register_configs()
     if not CONF_DIR.is_dir():
