@@ -124,3 +124,17 @@ def test_deepspeed_configs_build(tmp_path):
         from lightning.pytorch.strategies import DeepSpeedStrategy
         strategy = build_strategy(cfg, plan_batch(32, 8, 1, 128))
         assert isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == stage
+
+
+def test_pretraining_help_lists_every_option_of_its_groups_and_no_finetuning_group():
+    import re
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.train", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = dict(re.findall(r"^([a-z_/]+): (.+)$", done.stdout.split("== Config")[0], re.M))
+    for group in ("model", "batch", "optim", "data", "trainer", "logger", "experiment", "hparams_search"):
+        options = {o.strip() for o in listed[group].split(",")}
+        assert options == {p.stem for p in (CONF_DIR / group).glob("*.yaml")}, group
+    assert "task" not in listed  # fine-tuning's group
