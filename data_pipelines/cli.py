@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2, help="documents to decode and print")
     p.add_argument("--max-shards", type=int, default=8, help="shards to read for the histogram")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    g = p.add_argument_group("epoch plan", "the training settings under which to count the train blocks each epoch leaves unused")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence, incl. <s> and </s>")
+    g.add_argument("--micro-batch-size", type=int, default=16, help="sequences per batch on each rank")
+    g.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank")
+    g.add_argument("--batch-multiple", type=int, default=1, help="gradient accumulation (batches per rank per epoch are a multiple of it)")
+    g.add_argument("--pack-mode", choices=("full", "doc"), default="full", help="FULL-SENTENCES or doc packing")
+    g.add_argument("--seed", type=int, default=0, help="the run's seed (assigns shards to readers)")
 
     p = sub.add_parser("demo-task", help="write a small fine-tuning task built from standard-library docstrings",
                        formatter_class=fmt, description="Write train/valid files of a small labelled task made from "
@@ -90,7 +98,31 @@ def _histogram(lengths: np.ndarray, bins: int = 10) -> list[tuple[int, int, int]
     return [(int(lo), int(hi), int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
 
 
-def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samples: int, max_shards: int) -> dict:
+def epoch_plan_summary(shard_dir: Path, *, seq_len: int = 512, micro_batch_size: int = 16, world_size: int = 1, num_workers: int = 0,
+                       batch_multiple: int = 1, pack_mode: str = "full", seed: int = 0) -> dict:
+    """How the train split's blocks are used each epoch under these training settings.
+
+    Returns:
+        ``{"settings", "batches_per_rank", "total_blocks", "unused_blocks", "total_tokens",
+        "unused_tokens", "exact"}``, or ``{"settings", "error"}`` when the plan is impossible
+        (too little data for the settings).
+    """
+    from data_pipelines.stream import StreamConfig, plan_epoch, resolve_shards
+
+    settings = {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "world_size": world_size, "num_workers": num_workers,
+                "batch_multiple": batch_multiple, "pack_mode": pack_mode, "seed": seed}
+    config = StreamConfig(shards=resolve_shards(shard_dir, split="train"), seq_len=seq_len, batch_size=micro_batch_size, mode=pack_mode,
+                          seed=seed, world_size=world_size, num_workers=num_workers, batch_multiple=batch_multiple)
+    try:
+        plan = plan_epoch(config)
+    except DataError as exc:
+        return {"settings": settings, "error": str(exc)}
+    return {"settings": settings, "batches_per_rank": plan.batches_per_rank, "total_blocks": sum(plan.reader_blocks),
+            "unused_blocks": plan.unused_blocks, "total_tokens": plan.total_tokens, "unused_tokens": plan.unused_tokens,
+            "exact": plan.exact}
+
+
+def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samples: int, max_shards: int, plan: dict | None = None) -> dict:
     """Summarise a shard directory.
 
     Args:
@@ -99,9 +131,11 @@ def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samp
         split: split to read documents from.
         samples: documents to decode.
         max_shards: shards read for the length histogram.
+        plan: training settings for :func:`epoch_plan_summary` (its keyword arguments; default: its defaults).
 
     Returns:
-        ``{"splits": counts per split, "skipped", "histogram": [(lo, hi, count)], "samples": [text]}``.
+        ``{"splits": counts per split, "skipped", "histogram": [(lo, hi, count)], "samples": [text],
+        "epoch_plan": the train split's unused blocks and tokens per epoch}``.
     """
     from data_pipelines.shards import load_manifest
     from data_pipelines.stream import iter_shard
@@ -127,6 +161,7 @@ def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samp
         "lengths": {"docs_read": len(lengths), "mean": float(lengths_arr.mean()), "median": float(np.median(lengths_arr)), "max": int(lengths_arr.max())},
         "histogram": _histogram(lengths_arr),
         "samples": decoded,
+        "epoch_plan": epoch_plan_summary(shard_dir, **(plan or {})) if "train" in manifest["splits"] else None,
     }
 
 
@@ -148,6 +183,16 @@ def _print_inspection(summary: dict) -> None:
     peak = max(c for _, _, c in summary["histogram"]) or 1
     for lo, hi, count in summary["histogram"]:
         console.print(f"  {lo:>7}–{hi - 1:<7} {count:>8,} {'█' * round(40 * count / peak)}")
+    plan = summary.get("epoch_plan")
+    if plan is not None:
+        given = ", ".join(f"{k} {v}" for k, v in plan["settings"].items())
+        if "error" in plan:
+            console.print(f"train epoch plan ({given}): {plan['error']}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            at_least = "" if plan["exact"] else "at least "
+            tokens = f", {plan['unused_tokens']:,} of {plan['total_tokens']:,} tokens" if plan["unused_tokens"] is not None else ""
+            console.print(f"train epoch plan ({given}): {plan['batches_per_rank']:,} batches per rank; {at_least}"
+                          f"{plan['unused_blocks']:,} of {plan['total_blocks']:,} blocks{tokens} left unused per epoch", markup=False, highlight=False, soft_wrap=True)
     for i, text in enumerate(summary["samples"]):
         console.rule(f"sample {i}")
         console.print(text[:1000], markup=False, highlight=False)
@@ -187,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"  roberta-pl-finetune pretrained=MODEL {task} task.train_file={files['train']} "
                   f"task.valid_file={files['valid']}")
         else:
-            summary = inspect_shards(args.shards, args.tokenizer, args.split, args.samples, args.max_shards)
+            plan = {"seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size, "world_size": args.world_size,
+                    "num_workers": args.num_workers, "batch_multiple": args.batch_multiple, "pack_mode": args.pack_mode, "seed": args.seed}
+            summary = inspect_shards(args.shards, args.tokenizer, args.split, args.samples, args.max_shards, plan)
             if args.json:
                 print(json.dumps(summary, indent=2))
             else:

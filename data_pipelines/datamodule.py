@@ -61,6 +61,12 @@ def ignore_requeue_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def _batch_key(batch: Any) -> int:
+    """Identifies a handed-out batch when Lightning is about to train on it: its ``input_ids`` tensor, which
+    every strategy passes on as it is (Lightning's DeepSpeed precision plugin copies the batch dict itself)."""
+    return id(batch["input_ids"]) if isinstance(batch, dict) and "input_ids" in batch else id(batch)
+
+
 class _ValidLoader(DataLoader):
     """A DataLoader over a stacked stream that hands out batch dicts."""
 
@@ -91,7 +97,7 @@ class _TrainLoader(DataLoader):
         for stacked in super().__iter__():
             batch = unstack_batch(stacked, self._pin)
             if dm._lightning_counts:
-                dm._handed_out.append((id(batch), index))  # counted when Lightning trains on it
+                dm._handed_out.append((_batch_key(batch), index))  # counted when Lightning trains on it
             else:
                 dm.consumed = index + 1  # plain loop: taking a batch is using it
             index += 1
@@ -122,7 +128,7 @@ class MLMDataModule(L.LightningDataModule):
         mask_prob: fraction of tokens to predict.
         random_prob: fraction of predicted tokens replaced by a random token.
         keep_prob: fraction of predicted tokens left unchanged.
-        whole_word: mask whole words (SentencePiece "▁" word starts).
+        whole_word: mask whole words (see docs/data.md for what a word is).
         span: SpanBERT span masking (geometric lengths of whole words).
         span_p: geometric parameter of span lengths.
         max_span: longest span, in words.
@@ -276,6 +282,30 @@ class MLMDataModule(L.LightningDataModule):
         self.setup("fit")
         return len(self._train)
 
+    def unused_per_epoch(self) -> dict[str, Any]:
+        """What of the train split each epoch leaves unused, for the run summary.
+
+        Ranks take equal steps in whole optimizer steps, so up to one global batch of blocks per
+        epoch is not trained on (readers deal their spare blocks to each other; see
+        :mod:`data_pipelines.stream`). Plans the train stream if not done yet.
+
+        Returns:
+            ``{"blocks", "total_blocks", "tokens", "total_tokens", "exact"}`` per epoch, over all
+            ranks: unused blocks of ``seq_len`` tokens, and unused tokens (separators included;
+            unused blocks plus each reader's last partial block; ``None`` when only a lower bound
+            on blocks is known, as in ``doc`` packing). ``exact`` is False when the block
+            counts are lower bounds, so the figures are at least these.
+        """
+        self.setup("fit")
+        plan = self._train.plan
+        return {
+            "blocks": plan.unused_blocks,
+            "total_blocks": sum(plan.reader_blocks),
+            "tokens": plan.unused_tokens,
+            "total_tokens": plan.total_tokens,
+            "exact": plan.exact,
+        }
+
     def skipped_shards(self) -> dict[str, int]:
         """Bad shard reads skipped so far per split (``on_error="skip"``), DataLoader workers included."""
         streams = {"train": self._train, "valid": self._valid}
@@ -295,9 +325,10 @@ class MLMDataModule(L.LightningDataModule):
         """Lightning hook, called for the batch about to be trained on: count it as consumed."""
         handed = self._handed_out
         ids = [entry[0] for entry in handed]
-        if id(batch) in ids:
+        key = _batch_key(batch)
+        if key in ids:
             # Entries before it were handed out but never trained on (e.g. an epoch cut short).
-            for _ in range(ids.index(id(batch)) + 1):
+            for _ in range(ids.index(key) + 1):
                 _, index = handed.popleft()
             self.consumed = index + 1
         return batch

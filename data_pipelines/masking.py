@@ -7,12 +7,16 @@ model predicts the original id at every selected position (``labels``), and ``-1
 Selection units:
 
 * token (default): each maskable token independently with probability ``mask_prob``;
-* whole word (``whole_word=True``): a word is a SentencePiece piece starting with "▁" plus the
-  continuation pieces after it; words are selected with probability ``mask_prob`` and all their
-  pieces are masked together;
-* span (``span=True``, SpanBERT): spans of whole words with geometric lengths
-  (``p = span_p``, clipped to ``max_span``), started with a rate chosen so the expected masked
-  fraction is ``mask_prob``.
+* whole word (``whole_word=True``): words (see :meth:`data_pipelines.tokenizer.SpmTokenizer.word_start_table`
+  for what a word is: a "▁" piece and its continuation pieces, with whitespace byte pieces such as
+  ``<0x0A>``, punctuation pieces and specials each a word on its own) are selected with probability
+  ``mask_prob`` and all their pieces are masked together;
+* span (``span=True``, SpanBERT): spans of whole words with geometric lengths (``p = span_p``,
+  truncated to ``max_span`` words), laid out over a row's maskable words only and wrapping from
+  the row's end to its start, so every word is covered with the same probability; the span
+  start rate is solved so that it is ``mask_prob`` (no loss at row ends or specials). The
+  80/10/10 decision is made once per span — a maximal run of selected pieces (spans that touch
+  or overlap merge into one) is all ``<mask>``, all random tokens, or all kept.
 
 Specials (``<s> <pad> </s> <unk> <mask>``) are never selected. Everything is a handful of tensor
 ops over the batch, no Python loop over tokens; randomness comes only from the ``torch.Generator``
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from data_pipelines.tokenizer import ENDS_WORD, STARTS_WORD
 
 IGNORE_INDEX = -100  # ignored by torch.nn.functional.cross_entropy
 
@@ -83,6 +89,27 @@ def mask_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Ge
     return torch.Generator().manual_seed(mask_seed(seed, step, rank, stream))
 
 
+def span_start_rate(mask_prob: float, span_p: float, max_span: int) -> float:
+    """The per-word span start probability that covers ``mask_prob`` of the words of a ring.
+
+    With starts independent per word and lengths ``L`` truncated-geometric, a word is covered
+    unless none of the ``max_span`` words up to it starts a span reaching it:
+    ``1 - prod_{k<max_span} (1 - rate * P(L > k)) = mask_prob``, solved by bisection.
+    """
+    lengths = np.arange(1, max_span + 1)
+    probs = span_p * (1 - span_p) ** (lengths - 1)
+    probs /= probs.sum()
+    reach = probs[::-1].cumsum()[::-1]  # P(L > k) for k = 0..max_span-1
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        rate = (low + high) / 2
+        if 1 - np.prod(1 - rate * reach) < mask_prob:
+            low = rate
+        else:
+            high = rate
+    return (low + high) / 2
+
+
 class Masker:
     """Applies :class:`MaskingConfig` to batches of token ids.
 
@@ -91,9 +118,9 @@ class Masker:
         special_ids: ids never masked nor drawn as random replacements.
         mask_id: id of ``<mask>``.
         config: the masking recipe.
-        word_start: boolean table over the vocabulary, True where a piece starts a word
-            (see :meth:`data_pipelines.tokenizer.SpmTokenizer.word_start_table`); needed for
-            whole-word and span masking.
+        word_start: the table of :meth:`data_pipelines.tokenizer.SpmTokenizer.word_start_table`
+            (``uint8`` flags ``STARTS_WORD | ENDS_WORD`` per id), or a boolean table of word
+            starts only; needed for whole-word and span masking.
     """
 
     def __init__(
@@ -114,16 +141,20 @@ class Masker:
         if config.whole_word or config.span:
             if word_start is None:
                 raise ValueError("whole-word and span masking need the word_start table")
-            self.word_start = torch.as_tensor(np.asarray(word_start, dtype=bool)) | special
+            flags = np.asarray(word_start)
+            if flags.dtype == bool:
+                flags = flags.astype(np.uint8) * STARTS_WORD
+            self.word_start = torch.as_tensor((flags & STARTS_WORD) != 0) | special
+            # The piece after one of these starts a new word (a special too: a block may begin mid-word).
+            self.word_end = torch.as_tensor((flags & ENDS_WORD) != 0) | special
         else:
-            self.word_start = None
+            self.word_start = self.word_end = None
         if config.span:
-            lengths = torch.arange(1, config.max_span + 1, dtype=torch.float64)
-            probs = config.span_p * (1 - config.span_p) ** (lengths - 1)
-            self.span_probs = (probs / probs.sum()).float()
-            mean_len = float((lengths * probs).sum() / probs.sum())
-            # Overlapping spans merge, so coverage is 1 - exp(-rate * mean_len) (Poisson); invert it.
-            self.span_rate = -math.log(1 - config.mask_prob) / mean_len
+            p, k = config.span_p, config.max_span
+            # Truncated geometric lengths by inverse CDF: L = 1 + floor(log(1 - u * F(k)) / log(1 - p)).
+            self._span_cdf_max = 1.0 - (1.0 - p) ** k
+            self._span_log_q = math.log1p(-p) if p < 1.0 else -math.inf
+            self.span_rate = span_start_rate(config.mask_prob, p, k)
 
     def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask a batch.
@@ -140,13 +171,19 @@ class Masker:
         maskable = ~self.special[input_ids]
         if cfg.span:
             selected = self._select_spans(input_ids, maskable, generator)
-        elif cfg.whole_word:
-            selected = self._select_words(input_ids, maskable, generator)
+            # One uniform draw per span (a maximal run of selected pieces) decides <mask> / random / keep.
+            run_start = selected.clone()
+            run_start[:, 1:] &= ~selected[:, :-1]
+            run = (torch.cumsum(run_start, dim=1) - 1).clamp_(min=0)
+            action = torch.rand(input_ids.shape, generator=generator).gather(1, run)
         else:
-            selected = (torch.rand(input_ids.shape, generator=generator) < cfg.mask_prob) & maskable
+            if cfg.whole_word:
+                selected = self._select_words(input_ids, maskable, generator)
+            else:
+                selected = (torch.rand(input_ids.shape, generator=generator) < cfg.mask_prob) & maskable
+            # One uniform draw per position decides <mask> / random / keep for the selected ones.
+            action = torch.rand(input_ids.shape, generator=generator)
         labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-        # One uniform draw per position decides <mask> / random / keep for the selected ones.
-        action = torch.rand(input_ids.shape, generator=generator)
         to_mask = selected & (action < 1.0 - cfg.random_prob - cfg.keep_prob)
         to_random = selected & (action >= 1.0 - cfg.random_prob - cfg.keep_prob) & (action < 1.0 - cfg.keep_prob)
         masked = input_ids.masked_fill(to_mask, self.mask_id)
@@ -154,14 +191,17 @@ class Masker:
         masked = torch.where(to_random, self.replacement_ids[picks], masked)
         return masked, labels
 
+    def _word_starts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per position: whether it starts a word."""
+        starts = self.word_start[input_ids]
+        # A piece right after a word-on-its-own (newline, punctuation, special) starts a word too.
+        starts[:, 1:] |= self.word_end[input_ids[:, :-1]]
+        starts[:, 0] = True
+        return starts
+
     def _word_index(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per position: whether it starts a word, and the index of its word within the row."""
-        starts = self.word_start[input_ids]
-        # A piece right after a special also starts a word: a block may begin mid-word.
-        after_special = torch.zeros_like(starts)
-        after_special[:, 1:] = self.special[input_ids[:, :-1]]
-        starts = starts | after_special
-        starts[:, 0] = True
+        starts = self._word_starts(input_ids)
         return starts, torch.cumsum(starts, dim=1) - 1
 
     def _select_words(self, input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -173,15 +213,31 @@ class Masker:
         return (chosen_word.gather(1, word) > 0) & maskable
 
     def _select_spans(self, input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        batch, length = input_ids.shape
-        starts, word = self._word_index(input_ids)
-        span_start = starts & maskable & (torch.rand(input_ids.shape, generator=generator) < self.span_rate)
-        span_len = torch.multinomial(self.span_probs, batch * length, replacement=True, generator=generator)
-        span_len = (span_len + 1).view(batch, length)
-        # Coverage in word space via a difference array: +1 at the first word, -1 after the last.
-        delta = torch.zeros(batch, length + self.config.max_span + 1, dtype=torch.int32)
-        ones = span_start.to(torch.int32)
+        """SpanBERT spans: each maskable word starts a span with probability ``span_rate``.
+
+        Spans are laid out over the row's maskable words only (a special is skipped, never counted
+        in a span's length nor started on), and a span that runs off the end of the row continues
+        at its first maskable word. On that ring every word is covered with the same probability,
+        ``1 - prod_k (1 - span_rate * P(len > k))``, which ``span_rate`` is solved for, so the
+        expected masked fraction is ``mask_prob`` on every row — no loss at row ends or specials.
+        """
+        shape = input_ids.shape
+        starts = self._word_starts(input_ids) & maskable
+        word = torch.cumsum(starts, dim=1) - 1  # index among the row's maskable words
+        num_words = word[:, -1:] + 1
+        word.clamp_(min=0)  # a special before the first word; masked out below
+        begin = starts & (torch.rand(shape, generator=generator) < self.span_rate)
+        u = torch.rand(shape, generator=generator)
+        # Truncated geometric length in words by inverse CDF (span_p = 1: log_q = -inf, length 1).
+        span_len = torch.floor_(torch.log1p(u.mul_(-self._span_cdf_max)).div_(self._span_log_q)).clamp_(max=self.config.max_span - 1)
+        end = word + 1 + span_len.long()
+        wrapped = begin & (end > num_words)
+        # Coverage in word space via a difference array: +1 at the first word, -1 after the last;
+        # a wrapped span ends at end - num_words and starts again at word 0.
+        ones = begin.to(torch.int32)
+        delta = torch.zeros(shape[0], shape[1] + self.config.max_span + 1, dtype=torch.int32)
         delta.scatter_add_(1, word, ones)
-        delta.scatter_add_(1, word + span_len, -ones)
-        covered_word = torch.cumsum(delta, dim=1)[:, :length] > 0
+        delta.scatter_add_(1, torch.where(wrapped, end - num_words, end), -ones)
+        delta[:, 0] += wrapped.sum(1, dtype=torch.int32)
+        covered_word = torch.cumsum(delta, dim=1)[:, : shape[1]] > 0
         return covered_word.gather(1, word) & maskable

@@ -8,19 +8,25 @@ packs its documents into blocks, shuffles blocks in windows of ``shuffle_window`
 drawn from (seed, epoch, reader, window), batches them and masks each batch with a generator
 seeded from (seed, step, rank).
 
-Equal batches everywhere. From the manifest's counts each reader's block count is known exactly
-(``full`` packing) or bounded below (``doc``); every reader yields exactly
-``batches_per_worker`` — the minimum over all readers of all ranks — so every rank runs the same
-number of steps and DDP never waits on a rank that ran dry. If a reader runs short anyway (a
-shard skipped as corrupt with ``on_error="skip"``), it starts its shard list over rather than
-stop early, and logs it.
+Equal batches everywhere, and (almost) every block used. From the manifest's counts each
+reader's block count is known exactly (``full`` packing) or bounded below (``doc``). Every rank
+runs the same number of batches per epoch, ``len(stream)``: as many as the blocks of *all* readers
+fill (a multiple of ``batch_multiple``), so DDP never waits on a rank that ran dry and less than one
+global batch of blocks (``world_size × batch_size × batch_multiple``) is left unused per epoch.
+Worker role ``w`` of a rank yields ``ceil((len - w) / workers)`` of them (the DataLoader's
+round-robin hands them out in order). A reader first takes blocks from its own shards; a reader
+whose shards give fewer blocks than its quota then takes the tail of a reader whose shards give
+more (``EpochPlan.borrowed``: which reader, from which block, how many; a function of the shard
+counts and the seed only), reading that reader's stream at the block offset, so each block of an
+epoch is used once. If a reader runs short anyway (a shard skipped as corrupt with
+``on_error="skip"``), it starts its shard list over rather than stop early, and logs it.
 
 Exact resume. Batch ``g`` of an epoch is produced by the reader with role ``g % num_workers`` (the
 DataLoader round-robins over workers). To restart at batch ``k``, worker ``w`` takes role
 ``(w + k) % num_workers`` and skips the blocks its role already produced: with counts, ``full``
 mode seeks by token arithmetic to the right shard and only reads that one shard's documents up
-to the cursor (O(one shard)); ``doc`` mode, or shards without counts, replay the reader's blocks
-without masking them (O(blocks skipped)).
+to the cursor (O(one shard)), in its own stream or in the one it borrows from; ``doc`` mode, or
+shards without counts, replay the reader's blocks without masking them (O(blocks skipped)).
 """
 
 from __future__ import annotations
@@ -158,6 +164,136 @@ def epoch_order(owned: Sequence[int], seed: int, epoch: int, reader: int, cycle:
     """The order in which a reader visits its shards in an epoch: a function of its arguments."""
     rng = np.random.default_rng([seed, epoch, reader, cycle, 0x0D])
     return [owned[i] for i in rng.permutation(len(owned))]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Who reads which blocks in an epoch; the same every epoch and on every rank.
+
+    Attributes:
+        partition: per reader, the shard indices it owns.
+        strided: fewer shards than readers: every reader scans every shard for its share of documents.
+        role_batches: batches per epoch of each worker role of a rank (the same on every rank).
+        reader_blocks: blocks a reader's own shards give per epoch (exact for ``full`` packing with
+            counts, a lower bound for ``doc``, an estimate when strided).
+        own: blocks each reader takes from the start of its own stream.
+        borrowed: per reader, ``(source reader, first block, count)`` ranges of other readers'
+            streams it takes after its own blocks.
+        unused_blocks: blocks per epoch no reader uses (of ``sum(reader_blocks)``).
+        total_tokens: tokens per epoch, separators included (``None`` without counts).
+        unused_tokens: of those, tokens in no used block: unused blocks plus each reader's last,
+            partial block (``None`` unless exact: ``full`` packing with counts, not strided).
+    """
+
+    partition: tuple[tuple[int, ...], ...]
+    strided: bool
+    role_batches: tuple[int, ...]
+    reader_blocks: tuple[int, ...]
+    own: tuple[int, ...]
+    borrowed: tuple[tuple[tuple[int, int, int], ...], ...]
+    unused_blocks: int
+    total_tokens: int | None
+    unused_tokens: int | None
+
+    @property
+    def batches_per_rank(self) -> int:
+        """Batches per epoch on each rank."""
+        return sum(self.role_batches)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the block counts are exact (else the unused figures are lower bounds or estimates)."""
+        return self.unused_tokens is not None
+
+
+def plan_epoch(config: "StreamConfig") -> EpochPlan:
+    """Plan an epoch: the shard partition, batches per worker role, and how blocks are dealt.
+
+    Args:
+        config: the stream's settings (shards with counts, seq_len, batch size, world size,
+            workers, batch_multiple, seed).
+
+    Returns:
+        The :class:`EpochPlan`. Raises :class:`DataError` when the data cannot fill one optimizer
+        step on every rank, or when ``batches_per_epoch`` is not a multiple of the workers.
+    """
+    cfg = config
+    workers = cfg.readers_per_rank
+    readers = cfg.world_size * workers
+    shards = cfg.shards.shards
+    # Fewer shards than readers (a small valid split, say): every reader scans every shard
+    # and keeps every readers-th document, instead of failing. Correct, but each reader
+    # reads all the data, so it is only for small splits; seeking falls back to replay.
+    strided = len(shards) < readers
+    if strided:
+        partition = [list(range(len(shards)))] * readers
+    else:
+        partition = partition_shards(shards, readers, cfg.seed)
+    batch = cfg.batch_size
+    body = cfg.seq_len - 2
+    total_tokens = sum(s.num_tokens + s.num_docs for s in shards) if cfg.shards.has_counts else None
+    if cfg.batches_per_epoch is not None:
+        if cfg.batches_per_epoch < workers or cfg.batches_per_epoch % workers:
+            raise DataError(f"batches_per_epoch={cfg.batches_per_epoch} must be a positive multiple of num_workers={workers}")
+        per_worker = cfg.batches_per_epoch // workers
+        quota = per_worker * batch
+        blocks = [0] * readers
+        if cfg.shards.has_counts:
+            blocks = [block_count_lower_bound(sum(shards[i].num_docs for i in o), sum(shards[i].num_tokens for i in o), cfg.seq_len, cfg.mode)
+                      for o in partition]
+        return EpochPlan(tuple(map(tuple, partition)), strided, (per_worker,) * workers, tuple(blocks), (quota,) * readers,
+                         ((),) * readers, max(0, sum(blocks) - quota * readers), total_tokens, None)
+    if not cfg.shards.has_counts:
+        raise DataError("shards without a manifest have no counts: pass the manifest, or set batches_per_epoch")
+    if strided:
+        # Documents are dealt round-robin, so a reader's share is only known on average; plan
+        # for 90% of it, and a reader that still runs short refills by cycling.
+        whole = block_count_lower_bound(sum(s.num_docs for s in shards), sum(s.num_tokens for s in shards), cfg.seq_len, cfg.mode)
+        blocks = [whole * 9 // (10 * readers)] * readers
+    elif cfg.mode == "full":
+        # Exact: a reader's shards form one contiguous packed stream.
+        blocks = [block_count_lower_bound(sum(shards[i].num_docs for i in o), sum(shards[i].num_tokens for i in o), cfg.seq_len, "full")
+                  for o in partition]
+    else:
+        blocks = [sum(block_count_lower_bound(shards[i].num_docs, shards[i].num_tokens, cfg.seq_len, "doc") for i in o) for o in partition]
+    multiple = cfg.batch_multiple
+    if strided:
+        # Every reader's count is an estimate, so readers do not borrow: equal batches per worker.
+        per_worker = min(blocks) // batch
+        per_worker -= per_worker % (multiple // math.gcd(multiple, workers))
+        per_rank = per_worker * workers
+    else:
+        # As many batches per rank as all readers' blocks fill, in whole optimizer steps.
+        per_rank = sum(blocks) // (cfg.world_size * batch)
+        per_rank -= per_rank % multiple
+    if per_rank == 0:
+        raise DataError(
+            f"too little data: {len(blocks)} readers get {sum(blocks)} blocks of {cfg.seq_len} tokens (the smallest "
+            f"{min(blocks)}), less than one optimizer step on each of {cfg.world_size} ranks ({multiple} batches of {batch}); "
+            f"use more data, a smaller batch/seq_len or fewer workers"
+        )
+    role_batches = tuple(-(-(per_rank - w) // workers) for w in range(workers))
+    quotas = [role_batches[r % workers] * batch for r in range(readers)]
+    own = [min(b, q) for b, q in zip(blocks, quotas)]
+    borrowed: list[list[tuple[int, int, int]]] = [[] for _ in range(readers)]
+    if not strided:
+        # Deal the tails of readers with more blocks than their quota to those with fewer, in reader order.
+        spare = [[r, quotas[r], blocks[r] - quotas[r]] for r in range(readers) if blocks[r] > quotas[r]]
+        for r in range(readers):
+            need = quotas[r] - own[r]
+            while need:
+                source = spare[0]
+                take = min(need, source[2])
+                borrowed[r].append((source[0], source[1], take))
+                source[1] += take
+                source[2] -= take
+                need -= take
+                if not source[2]:
+                    spare.pop(0)
+    used = sum(quotas)
+    unused_tokens = total_tokens - used * body if (cfg.mode == "full" and not strided) else None
+    return EpochPlan(tuple(map(tuple, partition)), strided, role_batches, tuple(blocks), tuple(own),
+                     tuple(map(tuple, borrowed)), sum(blocks) - used, total_tokens, unused_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,18 +464,14 @@ class MaskedBatchStream(IterableDataset):
         super().__init__()
         self.config = config
         self.masker = masker
-        readers = config.world_size * config.readers_per_rank
-        # Fewer shards than readers (a small valid split, say): every reader scans every shard
-        # and keeps every readers-th document, instead of failing. Correct, but each reader
-        # reads all the data, so it is only for small splits; seeking falls back to replay.
-        self.strided = len(config.shards.shards) < readers
+        self.plan = plan_epoch(config)
+        self.strided = self.plan.strided
+        self.partition = [list(owned) for owned in self.plan.partition]
         if self.strided:
+            readers = len(self.partition)
             log.warning("%d shards for %d readers: each reader scans all shards and keeps 1/%d of the documents",
                         len(config.shards.shards), readers, readers)
-            self.partition = [list(range(len(config.shards.shards)))] * readers
-        else:
-            self.partition = partition_shards(config.shards.shards, readers, config.seed)
-        self.batches_per_worker = self._plan()
+        self._log_plan()
         self.epoch = 0
         self.start_batch = 0  # batches of this epoch already consumed (resume)
         self.report = SkipReport()
@@ -354,50 +486,27 @@ class MaskedBatchStream(IterableDataset):
 
     # -- planning ------------------------------------------------------------------------------
 
-    def _plan(self) -> int:
-        cfg = self.config
-        workers = cfg.readers_per_rank
-        if cfg.batches_per_epoch is not None:
-            if cfg.batches_per_epoch < workers or cfg.batches_per_epoch % workers:
-                raise DataError(f"batches_per_epoch={cfg.batches_per_epoch} must be a positive multiple of num_workers={workers}")
-            return cfg.batches_per_epoch // workers
-        if not cfg.shards.has_counts:
-            raise DataError("shards without a manifest have no counts: pass the manifest, or set batches_per_epoch")
-        shards = cfg.shards.shards
-        if self.strided:
-            # Documents are dealt round-robin, so a reader's share is only known on average; plan
-            # for 90% of it, and a reader that still runs short refills by cycling.
-            whole = block_count_lower_bound(sum(s.num_docs for s in shards), sum(s.num_tokens for s in shards), cfg.seq_len, cfg.mode)
-            blocks = [whole * 9 // (10 * len(self.partition))] * len(self.partition)
-        elif cfg.mode == "full":
-            # Exact: a reader's shards form one contiguous packed stream.
-            blocks = [
-                block_count_lower_bound(sum(shards[i].num_docs for i in owned), sum(shards[i].num_tokens for i in owned), cfg.seq_len, "full")
-                for owned in self.partition
-            ]
-        else:
-            blocks = [
-                sum(block_count_lower_bound(shards[i].num_docs, shards[i].num_tokens, cfg.seq_len, "doc") for i in owned)
-                for owned in self.partition
-            ]
-        per_worker = min(blocks) // cfg.batch_size
-        # Round so this rank's batches (per_worker x workers) are whole optimizer steps.
-        step_multiple = cfg.batch_multiple // math.gcd(cfg.batch_multiple, workers)
-        per_worker -= per_worker % step_multiple
-        if per_worker == 0:
-            raise DataError(
-                f"too little data: the smallest of {len(blocks)} readers gets {min(blocks)} blocks of {cfg.seq_len} tokens, "
-                f"less than one optimizer step ({step_multiple} batches of {cfg.batch_size}); use more data, a smaller "
-                f"batch/seq_len or fewer workers"
-            )
-        dropped = sum(blocks) - per_worker * cfg.batch_size * len(blocks)
-        if dropped:
-            log.info("equal batches per reader: %d blocks of %d left unused this epoch", dropped, sum(blocks))
-        return per_worker
+    @property
+    def batches_per_worker(self) -> int:
+        """Batches per epoch of worker role 0, the most any role yields (later roles may yield one fewer)."""
+        return self.plan.role_batches[0]
+
+    def _log_plan(self) -> None:
+        plan, cfg = self.plan, self.config
+        if cfg.rank != 0 or cfg.batches_per_epoch is not None:
+            return
+        dealt = sum(count for segments in plan.borrowed for _, _, count in segments)
+        tokens = f", {plan.unused_tokens:,} of {plan.total_tokens:,} tokens" if plan.unused_tokens is not None else ""
+        bound = "" if plan.exact else " (at least: block counts are lower bounds or estimates here)"
+        log.info(
+            "%s epoch plan: %d batches of %d per rank on %d rank(s) x %d reader(s); %d blocks dealt from readers with more to "
+            "readers with fewer; %d of %d blocks%s left unused per epoch%s", "train" if cfg.mask_stream == TRAIN_STREAM else "valid", len(self), cfg.batch_size, cfg.world_size,
+            cfg.readers_per_rank, dealt, plan.unused_blocks, sum(plan.reader_blocks), tokens, bound,
+        )
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (the same on every rank)."""
-        return self.batches_per_worker * self.config.readers_per_rank
+        return self.plan.batches_per_rank
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         """Set the epoch and the number of its batches already consumed before iterating.
@@ -477,13 +586,27 @@ class MaskedBatchStream(IterableDataset):
             skip_tokens = 0
             log.warning("reader %d ran out of data in epoch %d; starting its shards over (cycle %d)", reader, self.epoch, cycle)
 
+    def _epoch_blocks(self, reader: int, skip_blocks: int) -> Iterator[np.ndarray]:
+        """A reader's unshuffled blocks of the epoch from block ``skip_blocks`` on: its own first
+        ``plan.own`` blocks, then the ranges it borrows from other readers, then (past its quota)
+        the rest of its own stream."""
+        own = self.plan.own[reader]
+        segments = [(reader, 0, own), *self.plan.borrowed[reader], (reader, own, None)]
+        for source, first, count in segments:
+            if count is not None and skip_blocks >= count:
+                skip_blocks -= count
+                continue
+            blocks = self._raw_blocks(source, first + skip_blocks)
+            yield from blocks if count is None else itertools.islice(blocks, count - skip_blocks)
+            skip_blocks = 0
+
     def _blocks(self, reader: int, skip_blocks: int, total_blocks: int) -> Iterator[np.ndarray]:
         """Blocks ``skip_blocks`` to ``total_blocks`` of a reader's epoch, shuffled in windows."""
         cfg = self.config
         window = max(1, cfg.shuffle_window)
         first_window = skip_blocks // window
         # Stop the raw stream at the epoch's quota, so the last window never reads past it.
-        raw = itertools.islice(self._raw_blocks(reader, first_window * window), total_blocks - first_window * window)
+        raw = itertools.islice(self._epoch_blocks(reader, first_window * window), total_blocks - first_window * window)
         skip_in_window = skip_blocks - first_window * window
         index = first_window
         while True:
@@ -509,9 +632,10 @@ class MaskedBatchStream(IterableDataset):
         role = (worker + start) % workers  # see the module docstring: batch g comes from role g % W
         done = max(0, -(-(start - role) // workers))  # batches of this role before `start`
         reader = cfg.rank * workers + role
-        blocks = self._blocks(reader, done * cfg.batch_size, self.batches_per_worker * cfg.batch_size)
+        batches = self.plan.role_batches[role]
+        blocks = self._blocks(reader, done * cfg.batch_size, batches * cfg.batch_size)
         steps_per_epoch = len(self)
-        for local in range(done, self.batches_per_worker):
+        for local in range(done, batches):
             rows = [next(blocks) for _ in range(cfg.batch_size)]
             batch_index = local * workers + role  # index of this batch within the epoch
             input_ids = torch.from_numpy(np.stack(rows).astype(np.int64))

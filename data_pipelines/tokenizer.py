@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,10 @@ BOS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = range(5)
 MODEL_FILE = "spm.model"
 META_FILE = "tokenizer_meta.json"
 WORD_START = "\u2581"  # SentencePiece's "▁": the piece begins a new whitespace-separated word
+# Flags of :meth:`SpmTokenizer.word_start_table` (whole-word and span masking read them).
+STARTS_WORD = 1  # the piece starts a word
+ENDS_WORD = 2  # the piece is a word on its own: the piece after it starts a new word
+_WHITESPACE_BYTES = frozenset(b"\t\n\v\f\r ")
 
 
 def _sentences(docs: Iterator[str], max_chars: int) -> Iterator[str]:
@@ -236,12 +241,20 @@ class SpmTokenizer:
         return (self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without ``<s>``/``</s>``."""
-        return self.sp.encode(text, out_type=int)
+        """Token ids of ``text`` without ``<s>``/``</s>``. A literal ``<mask>`` takes the space before it, as in
+        pretraining, where a masked "▁word" becomes a bare ``<mask>`` (and as roberta-base's tokenizer does)."""
+        return self._mask_takes_space(self.sp.encode(text, out_type=int))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of many texts (SentencePiece runs them in native threads)."""
-        return self.sp.encode(list(texts), out_type=int)
+        return [self._mask_takes_space(ids) for ids in self.sp.encode(list(texts), out_type=int)]
+
+    def _mask_takes_space(self, ids: list[int]) -> list[int]:
+        mask = self.mask_id
+        if mask not in ids:
+            return ids
+        space = self.sp.piece_to_id(WORD_START)
+        return [t for i, t in enumerate(ids) if not (t == space and i + 1 < len(ids) and ids[i + 1] == mask)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; control tokens (``<s>``, ``</s>``, ``<pad>``) decode to nothing."""
@@ -256,15 +269,39 @@ class SpmTokenizer:
         return self.sp.piece_to_id(piece)
 
     def word_start_table(self) -> np.ndarray:
-        """Boolean array over the vocabulary: True where a piece starts a word.
+        """Per piece, where words start: a ``uint8`` array over the vocabulary of flags.
 
-        Word starts are pieces beginning with "▁" plus every special and ``<mask>``; byte pieces
-        and other pieces continue the previous word. Whole-word masking looks ids up here.
+        A *word* is what whole-word and span masking select as one unit. ``STARTS_WORD`` (1) is
+        set on a piece that starts a word: one beginning with "▁" (a space precedes it), a
+        whitespace byte piece (``<0x0A>`` newline, ``<0x09>`` tab, ``<0x0D>``, ...), a piece made
+        only of punctuation or symbols (Unicode categories P* and S*, a leading "▁" aside, e.g.
+        ``.`` ``,`` ``▁(`` ``'`` ``=``; ASCII punctuation byte pieces too), and every special.
+        ``ENDS_WORD`` (2) is also set on the whitespace, punctuation and special pieces: each is a
+        word on its own, so the piece after it starts a new word even without "▁" — the first
+        word of a line after ``<0x0A>``, ``bar`` in ``foo.bar``, ``t`` in ``don't`` (as BERT's
+        basic tokenizer splits punctuation before whole-word masking). Every other piece (plain
+        continuation pieces, non-ASCII byte pieces) continues the word before it. Truthy entries
+        are exactly the word starts.
         """
-        table = np.zeros(self.vocab_size, dtype=bool)
+        table = np.zeros(self.vocab_size, dtype=np.uint8)
         for i in range(self.vocab_size):
-            table[i] = self.sp.id_to_piece(i).startswith(WORD_START)
-        table[list(self.special_ids)] = True
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_byte(i):
+                byte = int(piece[3:-1], 16)
+                text = chr(byte) if byte < 0x80 else ""  # a non-ASCII byte is part of a character
+                if byte in _WHITESPACE_BYTES:
+                    table[i] = STARTS_WORD | ENDS_WORD
+                    continue
+            elif self.sp.is_control(i) or self.sp.is_unknown(i):
+                continue
+            else:
+                text = piece
+            body = text.lstrip(WORD_START)
+            if body and all(unicodedata.category(c)[0] in "PS" for c in body):
+                table[i] = STARTS_WORD | ENDS_WORD
+            elif text.startswith(WORD_START):
+                table[i] = STARTS_WORD
+        table[list(self.special_ids)] = STARTS_WORD | ENDS_WORD
         return table
 
 
@@ -322,8 +359,8 @@ def write_hf_files(tok: SpmTokenizer, out_dir: str | os.PathLike, model_max_leng
     out = Path(out_dir)
     vocab = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
     added = [
-        {"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
+        {"id": i, "content": piece, "single_word": False, "lstrip": piece == "<mask>", "rstrip": False,
+         "normalized": False, "special": True}  # <mask> takes the space before it, as in roberta-base
         for i, piece in enumerate(SPECIAL_TOKENS)
     ]
     spec = {

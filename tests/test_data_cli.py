@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data_fixtures import corpus_file  # noqa: F401
+from data_fixtures import corpus_file, shard_dir, tokenizer_dir  # noqa: F401
 from data_pipelines.cli import main
 
 
@@ -59,3 +59,17 @@ def test_help_lists_subcommands_with_defaults():
     assert "(default: 10000)" in shards_help and "--valid-fraction" in shards_help
     bad = subprocess.run([sys.executable, "-m", "data_pipelines.cli", "shards"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 2 and "required" in bad.stderr
+
+
+def test_inspect_reports_unused_blocks_per_epoch(shard_dir, capsys):
+    from data_pipelines.stream import StreamConfig, plan_epoch, resolve_shards
+
+    settings = ["--seq-len", "64", "--micro-batch-size", "4", "--world-size", "2", "--num-workers", "3", "--batch-multiple", "2"]
+    assert main(["inspect", str(shard_dir), "--json", "--samples", "0", *settings]) == 0
+    plan = json.loads(capsys.readouterr().out)["epoch_plan"]
+    expected = plan_epoch(StreamConfig(shards=resolve_shards(shard_dir), seq_len=64, batch_size=4, world_size=2, num_workers=3, batch_multiple=2))
+    assert plan["unused_blocks"] == expected.unused_blocks < 2 * 4 * 2
+    assert plan["unused_tokens"] == expected.unused_tokens and plan["exact"]
+    assert main(["inspect", str(shard_dir), "--samples", "0", *settings]) == 0
+    out = capsys.readouterr().out
+    assert f"{plan['unused_blocks']:,} of {plan['total_blocks']:,} blocks" in out and "left unused per epoch" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import lightning as L
 import pytest
@@ -188,3 +189,15 @@ def test_ddp_ranks_take_equal_steps_on_different_data(shard_dir, tokenizer_dir, 
     assert ranks[0]["batches"] == ranks[1]["batches"] == expected
     # Each rank read its own shards (rank and world size came from the Trainer).
     assert ranks[0]["digest"] != ranks[1]["digest"]
+
+
+def test_unused_data_per_epoch_is_reported_and_logged(shard_dir, tokenizer_dir, caplog):
+    # Issue 13, finding 6: the run summary prints what each epoch leaves unused; at most one global batch.
+    with caplog.at_level(logging.INFO, logger="data_pipelines"):
+        dm = _dm(shard_dir, tokenizer_dir, num_workers=2, world_size=2, batch_multiple=2)
+        unused = dm.unused_per_epoch()
+    assert unused["exact"] and 0 <= unused["blocks"] < 2 * 4 * 2  # world × micro-batch × accumulation
+    assert unused["total_blocks"] > 1000
+    assert unused["blocks"] * 62 <= unused["tokens"] < (unused["blocks"] + 4) * 62  # plus < 1 block per reader
+    assert f"{unused['blocks']} of {unused['total_blocks']} blocks" in caplog.text
+    assert "left unused per epoch" in caplog.text
