@@ -262,6 +262,7 @@ class RequeueOnSignal(StepBoundary):
         self.signum = signum
         self.signalled = False
         self.stopped_at: int | None = None  # the step saved when the signal stopped the run
+        self.requeue_job: str | None = None  # rank 0 under Slurm: the job to requeue once the run has ended
         self._previous: Any = None
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -292,13 +293,19 @@ class RequeueOnSignal(StepBoundary):
         job = os.environ.get("SLURM_JOB_ID")
         if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        # The requeue itself waits until the run has ended (harness.run_scope): a requeue ends every process of
+        # the job at once, W&B's writer included, which would lose what it had not yet written.
+        self.requeue_job = job if trainer.is_global_zero else None
         if trainer.is_global_zero:
             print(f"Signal {signal.Signals(self.signum).name}: saved {self.last_path} at step {trainer.global_step}"
-                  + (f"; requeueing Slurm job {job}" if job else "; stopping"), flush=True)
-            if job:
-                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-                if done.returncode != 0:
-                    rank_zero_warn(f"scontrol requeue {job} failed: {(done.stderr or done.stdout).strip()}")
+                  + (f"; requeueing Slurm job {job} once the run has closed its logs" if job else "; stopping"), flush=True)
+
+
+def requeue_slurm_job(job: str) -> None:
+    """``scontrol requeue JOB``: Slurm ends the job's processes and queues it again under the same id."""
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode != 0:
+        rank_zero_warn(f"scontrol requeue {job} failed: {(done.stderr or done.stdout).strip()}")
 
 
 class BatchRamp(pl.Callback):

@@ -70,3 +70,21 @@ def load_encoder(path: str | Path) -> tuple[RobertaModel, Path | None]:
         return load_hf_encoder(path), path
     model, tokenizer = load_pretrained(path)
     return model.roberta, tokenizer
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer files that
+    ``transformers.AutoModelForMaskedLM`` / ``AutoTokenizer`` load.
+
+    Args:
+        checkpoint: a ``.ckpt`` file, a DeepSpeed checkpoint directory or a HF directory.
+        out_dir: output directory.
+        tokenizer: tokenizer directory; default: the one recorded in the checkpoint.
+    """
+    from roberta_pl.hf import save_hf
+
+    model, recorded = load_pretrained(checkpoint)
+    tok = Path(tokenizer) if tokenizer else recorded
+    if tok is not None and not tok.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {tok} not found; pass --tokenizer")
+    return save_hf(model, out_dir, tokenizer=tok if tok != Path(out_dir) else None)

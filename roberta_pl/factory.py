@@ -290,10 +290,10 @@ def build_strategy(cfg: DictConfig, plan: BatchPlan):
 
         return ZeroStrategy(config=deepspeed_config(cfg, plan))
     if cfg.trainer.strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
+        from roberta_pl.strategies import RendezvousDDPStrategy
 
         # Lightning's default checkpoint I/O is replaced by the atomic one.
-        return DDPStrategy(checkpoint_io=AtomicCheckpointIO(), process_group_backend=None)
+        return RendezvousDDPStrategy(checkpoint_io=AtomicCheckpointIO(), process_group_backend=None)
     return cfg.trainer.strategy
 
 

@@ -98,3 +98,41 @@ def load_cpu_adam(accelerator: str) -> str | None:
     causes = [line for line in [*message, *output]  # torch puts the compiler's output in the exception
               if ("error:" in line.lower() or "not found" in line) and not line.startswith("Error building")]
     return (causes[0] if causes else f"{type(error).__name__}: {message[-1]}")[:200]
+
+
+RENDEZVOUS_TIMEOUT_ENV = "ROBERTA_PL_RENDEZVOUS_TIMEOUT"
+
+
+class RendezvousDDPStrategy(DDPStrategy):
+    """Lightning's DDP, whose first rendezvous gives up after ``$ROBERTA_PL_RENDEZVOUS_TIMEOUT`` seconds (set by
+    the Slurm templates; default: torch's 30 minutes) with one line naming the address and port it waited on.
+
+    A rank whose peers never come (an unresolvable ``MASTER_ADDR``, a node that failed to start, a wrong port)
+    would otherwise hang for half an hour. Only the rendezvous gets the short timeout: Lightning's ``timeout``
+    would also bound every collective, such as the barrier around a long checkpoint save. Checked against
+    lightning 2.6.6 (``DDPStrategy.setup_distributed``, ``_timeout``, ``_get_process_group_backend``)."""
+
+    def setup_distributed(self) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        seconds = os.environ.get(RENDEZVOUS_TIMEOUT_ENV)
+        if seconds and not dist.is_initialized():
+            self.set_world_ranks()
+            if self.world_size > 1:
+                env = self.cluster_environment
+                address, port, rank = env.main_address, env.main_port, self.global_rank
+                try:
+                    store = dist.TCPStore(address, port, self.world_size, is_master=rank == 0, wait_for_workers=True,
+                                          timeout=datetime.timedelta(seconds=float(seconds)))
+                except (RuntimeError, TimeoutError) as e:  # DistStoreError, a RuntimeError: no peer in time
+                    raise SystemExit(
+                        f"roberta-pl-train: error: rank {rank} of {self.world_size} waited {float(seconds):g} s for the "
+                        f"rendezvous at {address}:{port} (MASTER_ADDR:MASTER_PORT) and gave up "
+                        f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); check that every node "
+                        f"started and can reach that address, or raise {RENDEZVOUS_TIMEOUT_ENV}") from None
+                store.set_timeout(self._timeout)
+                dist.init_process_group(self._get_process_group_backend(), store=store, rank=rank,
+                                        world_size=self.world_size, timeout=self._timeout)
+        super().setup_distributed()  # Lightning's own, which leaves an existing process group as it is

@@ -27,22 +27,21 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from roberta_pl.config import CONF_DIR, PretrainConfig, check_known_keys, register_configs
-from roberta_pl.callbacks import RequeueOnSignal, TrainingFault
+from roberta_pl.callbacks import RequeueOnSignal, requeue_slurm_job
 from roberta_pl.factory import (
-    ConfigError,
     build_trainer,
     check_free_space,
     check_resume_checkpoint,
     check_vocab,
     checkpoint_bytes,
     describe_resume,
-    read_checkpoint,
     find_resume_checkpoint,
     preflight,
+    read_checkpoint,
 )
+from roberta_pl.harness import pin_multirun_job_for_rank_processes, run_scope
+from roberta_pl.lightning_compat import last_saved_step
 from roberta_pl.loggers import quiet_notices, wandb_run_id
-from roberta_pl.lightning_compat import last_saved_step, wandb_run_started
-from roberta_pl.optim import BatchPlanError
 from roberta_pl.pretrain import MaskedLMModule
 from roberta_pl.safety import check_hydra_targets
 
@@ -52,31 +51,25 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
 
     ``overrides`` are the user's command-line overrides, the only place besides ``conf/`` a ``_target_``
     may come from (default: the ones Hydra recorded; see :mod:`roberta_pl.safety`)."""
-    from data_pipelines.errors import DataError
     from roberta_pl.pretrain_data import build_datamodule, prepare_data
 
-    environ = dict(os.environ)  # restored at the end: W&B and Lightning's launcher both write to it
-    trainer = None
-    try:
-        try:
-            check_known_keys(cfg, PretrainConfig)
-            check_hydra_targets(cfg, overrides)
-            plan = preflight(cfg, out_dir)
-            data = prepare_data(cfg)
-            vocab = check_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size)
-            resolved = OmegaConf.to_container(cfg, resolve=True)
-            model_cfg = {k: v for k, v in resolved["model"].items() if k not in ("name", "compile")} | {"vocab_size": vocab}
-            ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
-            if ckpt:  # refused here, not half-way into fit, and read without running pickled code
-                check_resume_checkpoint(ckpt, model_cfg, data.tokenizer.hash)
-                finished = finished_run(ckpt, cfg.trainer.max_steps, out_dir)
-                if finished is not None:
-                    return finished
-            if not any(int(os.environ.get(v, 0) or 0) for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
-                check_free_space(out_dir, checkpoint_bytes(model_cfg))  # one probe per run, not one per rank
-            trainer = build_trainer(cfg, out_dir, plan, resolved)
-        except (ConfigError, BatchPlanError, DataError) as e:
-            raise SystemExit(f"roberta-pl-train: error: {e}") from None
+    with run_scope("roberta-pl-train") as scope:
+        check_known_keys(cfg, PretrainConfig)
+        check_hydra_targets(cfg, overrides)
+        plan = preflight(cfg, out_dir)
+        data = prepare_data(cfg)
+        vocab = check_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        model_cfg = {k: v for k, v in resolved["model"].items() if k not in ("name", "compile")} | {"vocab_size": vocab}
+        ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
+        if ckpt:  # refused here, not half-way into fit, and read without running pickled code
+            check_resume_checkpoint(ckpt, model_cfg, data.tokenizer.hash)
+            finished = finished_run(ckpt, cfg.trainer.max_steps, out_dir)
+            if finished is not None:
+                return finished
+        if not any(int(os.environ.get(v, 0) or 0) for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
+            check_free_space(out_dir, checkpoint_bytes(model_cfg))  # one probe per run, not one per rank
+        trainer = scope.trainer = build_trainer(cfg, out_dir, plan, resolved)
         pl.seed_everything(cfg.seed, workers=True)
         module = MaskedLMModule(model=model_cfg, optim=resolved["optim"], max_steps=cfg.trainer.max_steps,
                                 seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
@@ -89,18 +82,15 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
             wandb_id = wandb_run_id(out_dir) if cfg.logger.kind == "wandb" else None
             print(describe_resume(ckpt, wandb_id), flush=True)
         datamodule = build_datamodule(cfg, data, plan)
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # no pickled code runs
-        except (TrainingFault, DataError) as e:  # checkpoints written so far are kept
-            raise SystemExit(f"roberta-pl-train: error: {one_line(e)}") from None
-        report_skipped_data(datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # no pickled code runs
+        data_report = report_data(datamodule, trainer.is_global_zero)
         requeue = next(c for c in trainer.callbacks if isinstance(c, RequeueOnSignal))
         if requeue.stopped_at is not None:  # checkpointed at a step boundary; the job resumes from it
+            if requeue.requeue_job:
+                scope.after_end.append(lambda: requeue_slurm_job(requeue.requeue_job))
             return {"run_dir": str(out_dir), "global_step": trainer.global_step, "metrics": {}, "stopped_by_signal": True}
         save_final_checkpoint(trainer)
-        return finish_run(cfg, trainer, module, data.tokenizer, out_dir)
-    finally:
-        end_run(trainer, environ)
+        return finish_run(cfg, trainer, module, data.tokenizer, out_dir, data_report)
 
 
 def describe_model(module: MaskedLMModule, plan) -> str:
@@ -128,22 +118,18 @@ def finished_run(ckpt: Path, max_steps: int, out_dir: Path) -> dict | None:
     return summary
 
 
-def one_line(error: BaseException) -> str:
-    """The message of an error, as one line. An error raised in a DataLoader worker arrives wrapped in
-    the worker's traceback; its last line holds the original message."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        name, sep, message = last.partition(": ")
-        text = message if sep and name.split(".")[-1] == type(error).__name__ else last
-    return " ".join(text.split())
-
-
-def report_skipped_data(datamodule) -> None:
-    """Say, at the end, how many bad shard reads ``data.on_error=skip`` stepped over (each was logged)."""
+def report_data(datamodule, rank_zero: bool) -> dict:
+    """Say, at the end, how many bad shard reads ``data.on_error=skip`` stepped over (each was logged) and how
+    much of each epoch equal steps per rank leave unused; the same figures go to ``summary.json``."""
     counts = {k: v for k, v in datamodule.skipped_shards().items() if v}
-    if counts:
-        print(f"Skipped bad shard reads (data.on_error=skip): {counts}; see the warnings above for which shards")
+    unused = datamodule.unused_per_epoch()
+    if rank_zero:
+        if counts:
+            print(f"Skipped bad shard reads (data.on_error=skip): {counts}; see the warnings above for which shards")
+        tokens = f" ({unused['tokens']:,} of {unused['total_tokens']:,} tokens)" if unused["tokens"] is not None else ""
+        print(f"Data: {'at least ' if not unused['exact'] else ''}{unused['blocks']:,} of {unused['total_blocks']:,} "
+              f"blocks{tokens} left unused per epoch (less than one global batch: ranks take equal steps)")
+    return {"skipped_shards": datamodule.skipped_shards(), "unused_per_epoch": unused}
 
 
 def save_final_checkpoint(trainer: pl.Trainer) -> None:
@@ -154,32 +140,16 @@ def save_final_checkpoint(trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
 
 
-def end_run(trainer: pl.Trainer | None, environ: dict[str, str]) -> None:
-    """Leave the process as the run found it, so the next job of a multirun starts clean: finish W&B runs
-    (their offline files are then complete), destroy the process group, and drop the rank variables
-    (LOCAL_RANK, MASTER_PORT, ...) that Lightning's launcher set, which would make the next Trainer think
-    an external launcher had started it."""
-    import torch.distributed as dist
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in trainer.loggers if trainer is not None else []:
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero and wandb_run_started(logger):
-            logger.experiment.finish()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environ)
-
-
-def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tokenizer, out_dir: Path) -> dict:
+def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tokenizer, out_dir: Path,
+               data_report: dict | None = None) -> dict:
     """After fit, on rank 0: export to HuggingFace, print fill-mask predictions, write ``summary.json``."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/", "data/"))}
-    summary = {"run_dir": str(out_dir), "global_step": trainer.global_step, "metrics": metrics}
+    summary = {"run_dir": str(out_dir), "global_step": trainer.global_step, "metrics": metrics, "data": data_report or {}}
     if not trainer.is_global_zero:
         return summary
-    from roberta_pl.cli.fill_mask import fill_mask, format_predictions
-    from roberta_pl.cli.export import export
+    from roberta_pl.checkpoints import export
     from roberta_pl.hf import save_hf
+    from roberta_pl.inference import fill_mask, format_predictions
 
     if cfg.export_hf:
         hf_dir = out_dir / "hf"
@@ -200,23 +170,6 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tok
     rerun = " Rerun with a larger trainer.max_steps to continue from last.ckpt." if "checkpoints/last.ckpt" in outputs else ""
     print(f"Outputs in {out_dir}: {', '.join(outputs) or 'none'}.{rerun}")
     return summary
-
-
-def pin_multirun_job_for_rank_processes() -> None:
-    """Make Lightning's extra DDP ranks re-run *this* multirun job, not the whole sweep.
-
-    Lightning starts ranks 1..N-1 by re-running ``sys.argv`` with ``hydra.run.dir`` set to the parent's
-    run dir. In a multirun that argv holds ``-m`` and every swept value, and ``run.dir`` is not the job's
-    directory, so each rank would start the sweep again elsewhere. Pin both to the current job.
-    """
-    from hydra.types import RunMode
-    from omegaconf import read_write
-
-    hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
-        sys.argv = [sys.argv[0], *hc.overrides.task]
-        with read_write(hc.run):
-            hc.run.dir = hc.runtime.output_dir
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base="1.3")

@@ -24,6 +24,8 @@ FAULTS = [
                             "gradient accumulation 2"),
     ("kill_random_moments_ddp", "SIGKILL of the whole process group of a 2-rank DDP run at 2 seeded random moments, "
                                 "accumulation 2"),
+    ("kill_random_moments_zero3", "SIGKILL of a 2-rank DeepSpeed ZeRO-3 run (CPU, gloo) at 2 seeded random moments, "
+                                  "accumulation 2"),
     ("sigusr1_stop", "SIGUSR1 (Slurm's pre-timeout warning) in the middle of an accumulation window"),
     ("corrupt_skip", "5 bad train shards at once (truncated tar, random bytes, bad array, other tokenizer, "
                      "missing file), `data.on_error=skip`"),
@@ -35,6 +37,7 @@ FAULTS = [
     ("nonfinite_stop", "NaN loss at step 3, `trainer.nonfinite_loss=stop` (default)"),
     ("nonfinite_skip", "inf loss at step 3, `trainer.nonfinite_loss=skip`"),
     ("nonfinite_ddp", "inf loss on DDP rank 1 only at step 3 (2 gloo processes), `trainer.nonfinite_loss=skip`"),
+    ("rendezvous_timeout", "rank 0 of a 2-rank DDP job whose other rank never starts (`ROBERTA_PL_RENDEZVOUS_TIMEOUT=3`)"),
     ("fp16_collapse", "fp16 (`16-mixed`, real GradScaler) with every step overflowing"),
     ("unwritable_dir", "`run_dir` in a read-only directory"),
     ("full_dir", "`run_dir` that cannot hold a checkpoint (file-size limit, `ulimit -f 256`)"),

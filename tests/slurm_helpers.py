@@ -1,4 +1,4 @@
-"""Drive the real single-node Slurm cluster of `launch/slurm/local_cluster.sh` from pytest.
+"""Drive the real Slurm cluster of `launch/slurm/local_cluster.sh` (one node, or N slurmd on this host) from pytest.
 
 Any test module can reuse the cluster by importing the fixture and the helpers::
 
@@ -10,14 +10,18 @@ Any test module can reuse the cluster by importing the fixture and the helpers::
         info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=60)
 
 Each module that uses the fixture gets its own cluster (own state dir under pytest's tmp dir, own
-free ports), started once for the module and stopped at its teardown. Starting takes about a second
-once the packages are installed, and separate clusters cannot trip over each other when two pytest
-sessions run on one machine.
+free ports, own range of job ids), started once for the module and stopped at its teardown. Starting
+takes about a second once the packages are installed, and separate clusters cannot trip over each other
+when two pytest sessions run on one machine. `start_cluster(dir, nodes=2)` starts a 2-node one.
+
+Waiting is always for an event (a job state, a file a job writes), with timeouts sized for a loaded
+2-core machine; nothing here sleeps for a fixed time and hopes.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shlex
 import socket
@@ -25,8 +29,9 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
+import lightning.pytorch as pl
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +59,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_range(n: int) -> int:
+    """Return the first of `n` consecutive TCP ports that were free a moment ago."""
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        try:
+            for port in range(base + 1, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+def run_seconds(record: dict[str, str]) -> int:
+    """`RunTime` of a `scontrol show job` record (`[D-]HH:MM:SS`) in seconds."""
+    days, _, hms = record["RunTime"].rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def job_log(run_dir: str | os.PathLike, job_name: str, job_id: str) -> Path:
+    """Where the templates write a job's log: `<run_dir>/logs/<job name>-<job id>.out` (all restarts)."""
+    return Path(run_dir) / "logs" / f"{job_name}-{job_id}.out"
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.25) -> T:
@@ -225,6 +258,33 @@ class SlurmCluster:
                 raise
             raise SlurmTimeout(f"{err}\n{self.describe(job_id, seen)}") from None
 
+    def wait_for_files(self, job_id: str, paths: Iterable[str | os.PathLike], timeout: float, what: str,
+                       log: str | os.PathLike | None = None) -> None:
+        """Wait until every file in `paths` exists (files a job writes when it reaches a point).
+
+        Fails at once, with the job's record and log, if the job ends first (e.g. a task crashed at
+        start-up) instead of waiting out the timeout.
+        """
+        paths = [Path(p) for p in paths]
+        record: dict[str, str] = {}
+
+        def arrived():
+            nonlocal record
+            if all(p.exists() for p in paths):
+                return True
+            record = self.job(job_id)
+            if record["JobState"].rstrip("+") in FINAL_STATES:
+                raise SlurmTimeout(f"job {job_id} ended {record['JobState']} before {what}\n"
+                                   f"{self.describe(job_id, record, log)}")
+            return False
+
+        try:
+            wait_until(arrived, timeout, what)
+        except SlurmTimeout as err:
+            if "ended" in str(err):
+                raise
+            raise SlurmTimeout(f"{err}\n{self.describe(job_id, record, log)}") from None
+
     def requeue(self, job_id: str) -> None:
         """`scontrol requeue JOB`: kill the running job and queue it again with the same id.
 
@@ -233,18 +293,37 @@ class SlurmCluster:
         """
         self.run("scontrol", "requeue", job_id)
 
+    def bring_signal_near(self, job_id: str) -> None:
+        """Shorten a running job's time limit so that its `--signal=SIG@90` is sent at slurmctld's next
+        time-limit check (every 30 s; it sends when the end is within sig_time + 30 s): TimeLimit =
+        elapsed + 1..2 min. Call it once the job's tasks handle the signal; until then a long --time
+        keeps the signal away, so it can neither be lost (no step yet) nor kill an unprepared task."""
+        limit = run_seconds(self.job(job_id)) // 60 + 2
+        self.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit}")
+
+    def push_limit_back_after_requeue(self, job_id: str, minutes: int, timeout: float = 120) -> None:
+        """After :meth:`bring_signal_near`: wait for the requeue (Restarts=1; the job then pends for
+        cred_expire, 10 s) and give the restart a long limit again, so the same near limit does not
+        signal the restart while it starts (SIGUSR1 before the trainer's handler kills a task)."""
+        wait_until(lambda: self.job(job_id).get("Restarts", "0") != "0", timeout, f"job {job_id} to be requeued")
+        self.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
+
     def cancel(self, job_id: str) -> None:
         self.run("scancel", job_id, check=False)
 
-    def describe(self, job_id: str, record: dict[str, str] | None = None) -> str:
-        """Everything useful for a failure message about a job: record, output head, daemon logs."""
+    def describe(self, job_id: str, record: dict[str, str] | None = None, log: str | os.PathLike | None = None) -> str:
+        """Everything useful for a failure message about a job: record, output tail, daemon logs.
+
+        Args:
+            log: the job's log when it is not Slurm's StdOut (the templates write `job_log(...)`).
+        """
         record = record or {}
         lines = [f"job {job_id}: " + " ".join(f"{k}={record.get(k)}" for k in
-                 ("JobState", "Reason", "ExitCode", "Restarts", "BatchHost", "StdOut"))]
-        stdout = record.get("StdOut")
-        if stdout and Path(stdout).is_file():
-            lines.append(f"----- {stdout} (last 40 lines) -----")
-            lines += Path(stdout).read_text(errors="replace").splitlines()[-40:]
+                 ("JobState", "Reason", "ExitCode", "Restarts", "BatchHost", "NodeList", "RunTime", "StdOut"))]
+        for out in (record.get("StdOut"), log):
+            if out and Path(out).is_file():
+                lines.append(f"----- {out} (last 60 lines) -----")
+                lines += Path(out).read_text(errors="replace").splitlines()[-60:]
         lines.append(self.logs_tail())
         return "\n".join(lines)
 
@@ -252,6 +331,11 @@ class SlurmCluster:
 
     def node_state(self) -> str:
         return self.run("sinfo", "-h", "-o", "%T").stdout.strip()
+
+    def nodes(self) -> dict[str, str]:
+        """Node name -> state, e.g. `{"vm-n1": "idle", "vm-n2": "idle"}`."""
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %T").stdout
+        return dict(line.split() for line in out.splitlines() if line.strip())
 
     def logs_tail(self, lines: int = 25) -> str:
         """The last lines of the slurmctld, slurmd and munged logs."""
@@ -263,26 +347,31 @@ class SlurmCluster:
 
 
 def start_cluster(state_dir: str | os.PathLike, ctld_port: int | None = None, slurmd_port: int | None = None,
-                  timeout: float = 600) -> SlurmCluster:
+                  timeout: float = 600, nodes: int = 1) -> SlurmCluster:
     """Start (installing Slurm with apt if missing) a local cluster whose state lives in `state_dir`.
 
     Args:
         state_dir: created if needed; `ROBERTA_PL_SLURM_DIR` for the script.
-        ctld_port, slurmd_port: TCP ports; free ones are picked when None.
+        ctld_port, slurmd_port: TCP ports (node i uses slurmd_port + i); free ones are picked when None.
         timeout: seconds for the whole start, apt install included.
+        nodes: slurmd daemons (nodes) on this host; named `<host>-n1..` when more than one.
 
     Returns:
         A handle whose `env` points clients at the cluster.
     """
     state_dir = Path(state_dir)
     ctld_port = ctld_port or free_port()
-    while not slurmd_port or slurmd_port == ctld_port:
-        slurmd_port = free_port()
+    while not slurmd_port or ctld_port in range(slurmd_port, slurmd_port + nodes):
+        slurmd_port = free_port_range(nodes)
     env = {
         **os.environ,
         "ROBERTA_PL_SLURM_DIR": str(state_dir),
         "ROBERTA_PL_SLURMCTLD_PORT": str(ctld_port),
         "ROBERTA_PL_SLURMD_PORT": str(slurmd_port),
+        "ROBERTA_PL_SLURM_NODES": str(nodes),
+        # The templates derive MASTER_PORT from the job id: clusters of concurrent test sessions start
+        # their job ids far apart, so their jobs do not pick the same port.
+        "ROBERTA_PL_SLURM_FIRST_JOB_ID": str(random.randrange(1, 9000) * 1000 + 1),
         "SLURM_CONF": str(state_dir / "slurm.conf"),
     }
     # Variables from an enclosing Slurm job would leak into sbatch/srun and confuse them.
@@ -301,3 +390,35 @@ def slurm_cluster(tmp_path_factory) -> SlurmCluster:
         yield cluster
     finally:
         cluster.stop()
+
+
+class PauseAtStep(pl.Callback):
+    """A test callback for `trainer.callbacks`: on the first run of a Slurm job (no restart yet), every rank
+    stops at optimizer step `step`, writes `<marker>.rank<N>`, and waits until Slurm signals it: SIGTERM
+    (`scontrol requeue`, `scancel`; Lightning's handling then ends the run) or the template's SIGUSR1 (seen
+    as a callback's `signalled` flag, i.e. the trainer's `RequeueOnSignal`). Then training goes on.
+
+    A test waits for the markers and then requeues: the job is provably mid-run, between known steps,
+    however fast or slow the machine is. Restarts (`SLURM_RESTART_COUNT` >= 1) run through.
+    It waits at the start of a batch, outside any collective, so every rank can take its SIGTERM.
+    """
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step = step
+        self.marker = marker
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step < self.step or int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0) > 0:
+            return
+        Path(f"{self.marker}.rank{trainer.global_rank}").write_text(f"{trainer.global_step}\n")
+        while not (trainer.received_sigterm or any(getattr(c, "signalled", False) for c in trainer.callbacks)):
+            time.sleep(0.2)  # (a SIGKILL, KillWait seconds after a SIGTERM that was not seen, also ends it)
+
+
+def pause_override(step: int, marker: str | os.PathLike) -> str:
+    """The Hydra override that adds :class:`PauseAtStep` (the job needs `tests/` on its PYTHONPATH)."""
+    return f"trainer.callbacks=[{{_target_: slurm_helpers.PauseAtStep, step: {step}, marker: '{marker}'}}]"
+
+
+TESTS_DIR = Path(__file__).resolve().parent

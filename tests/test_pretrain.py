@@ -182,6 +182,9 @@ def test_metrics_are_logged_once_per_optimizer_step_under_the_same_step_number_e
     history = json.loads((tmp_path / "metrics_history.json").read_text())
     assert [h["step"] for h in history if "train_loss" in h] == [2, 4, 6]
     assert [h["step"] for h in history if "val_loss" in h] == [3, 6]
+    # The run summary says how much of an epoch equal steps per rank leave unused: under one global batch (8).
+    unused = json.loads((tmp_path / "summary.json").read_text())["data"]["unused_per_epoch"]
+    assert unused["total_blocks"] > 100 and 0 <= unused["blocks"] < 8, unused
     saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
     assert saved and set(saved) <= {f"step-{s:07d}.ckpt" for s in (2, 4, 6)} and saved[-1] == "step-0000006.ckpt"
 

@@ -26,6 +26,7 @@ from data_pipelines.stream import epoch_order, iter_shard
 from data_pipelines.tokenizer import train_tokenizer
 from roberta_pl.checkpoints import load_pretrained
 from roberta_pl.train import run
+from reliability_report import scrub
 from test_pretrain import TINY, compose_cfg
 
 TESTS = Path(__file__).resolve().parent
@@ -204,6 +205,31 @@ def test_nonfinite_loss_on_one_ddp_rank_is_skipped_by_every_rank(tmp_path, shard
                 happened="both ranks agreed to skip step 3 (the flag is reduced across ranks before the update); "
                          "the run finished all 4 steps",
                 kept="finite parameters on every rank; AdamW took 3 updates in 4 steps")
+
+
+def test_a_rank_whose_peers_never_come_gives_up_at_the_rendezvous_timeout(tmp_path, shard_dir, tokenizer_dir,
+                                                                        reliability):
+    """Rank 0 of 2, launched as a cluster would launch it, with no rank 1 ever starting (a node that failed,
+    an address the others cannot reach): one line naming the address and port, after the timeout the Slurm
+    templates export, not torch's 30 minutes."""
+    import socket
+
+    with socket.socket() as sock:  # a free loopback port nobody will join
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [*TINY, *FAST, f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}", "trainer=ddp",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2", f"run_dir={tmp_path}"]
+    env = {**os.environ, "LOCAL_RANK": "0", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "ROBERTA_PL_RENDEZVOUS_TIMEOUT": "3"}
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert last_line.startswith(f"roberta-pl-train: error: rank 0 of 2 waited 3 s for the rendezvous at 127.0.0.1:{port}")
+    assert "ROBERTA_PL_RENDEZVOUS_TIMEOUT" in last_line
+    reliability("rendezvous_timeout",
+                happened=f"rank 0 of 2 with no peer: `{scrub(last_line)[:150]}...` after the 3 s timeout",
+                kept="nothing had been trained or written; the run directory is as it was")
 
 
 def test_fp16_loss_scale_collapse_is_reported(tmp_path, shard_dir, tokenizer_dir, reliability):

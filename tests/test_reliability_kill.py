@@ -236,6 +236,8 @@ def kill_at_random_moments(cmd: list[str], run_dir: Path, kills: int, seed: int,
         os.killpg(proc.pid, signal.SIGKILL) if group else os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_dir():  # DeepSpeed: a directory; the Lightning part is in the model-states file
+            last = next(iter(sorted(last.glob("checkpoint/mp_rank_00_model_states.pt"))), last / "none")
         step = load(last)["global_step"] if last.exists() else None
         seen.append(f"{delay * 1000:.0f} ms after micro-batch {micro} of launch {i}: last.ckpt at step {step}")
     return seen
@@ -331,3 +333,52 @@ def test_sigusr1_checkpoints_at_the_next_step_boundary_and_resumes_exactly(tmp_p
                 happened="SIGUSR1 twice, each inside an accumulation window: the run finished that optimizer step, "
                          "saved last.ckpt and exited 0 (under Slurm it also runs `scontrol requeue`)",
                 kept="every checkpoint on a step boundary; the resumed run equals the uninterrupted one bit for bit")
+
+
+def _deepspeed_state(ckpt_dir: Path) -> dict[str, object]:
+    """Every file of a DeepSpeed checkpoint directory (model states and each rank's optimizer partition)."""
+    return {p.name: torch.load(p, map_location="cpu", weights_only=False)  # our own test files
+            for p in sorted((ckpt_dir / "checkpoint").glob("*.pt"))}
+
+
+def _assert_same_tree(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if k not in ("ds_config", "ds_version"):
+                _assert_same_tree(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tree(x, y, f"{where}[{i}]")
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_two_rank_zero3_run_at_random_moments_resumes_exactly(tmp_path_factory, shard_dir, tokenizer_dir,
+                                                                           reliability):
+    # DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), fp32, accumulation 2: checkpoint directories hold each rank's
+    # partition of the parameters and AdamW moments; the whole process group is killed.
+    zero = ["trainer=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+            "batch.global_batch_size=16"]
+    straight_dir, killed_dir = tmp_path_factory.mktemp("zero-straight"), tmp_path_factory.mktemp("zero-killed")
+    finish(start(random_kill_command(straight_dir, shard_dir, tokenizer_dir, *zero), straight_dir / "log.txt",
+                 new_session=True), straight_dir / "log.txt")
+    cmd = random_kill_command(killed_dir, shard_dir, tokenizer_dir, *zero)
+    seen = kill_at_random_moments(cmd, killed_dir, kills=2, seed=RANDOM_KILL_SEED + 2, group=True)
+    print("kills:", *seen, sep="\n  ")
+    finish(start(cmd, killed_dir / "log.txt", new_session=True), killed_dir / "log.txt")
+    assert_saves_on_step_boundaries(killed_dir)
+    assert (killed_dir / "log.txt").read_text().count("Resuming from") >= 1
+    got, expected = _deepspeed_state(killed_dir / "checkpoints" / "last.ckpt"), _deepspeed_state(
+        straight_dir / "checkpoints" / "last.ckpt")
+    assert len(got) >= 3 and got.keys() == expected.keys()  # model states + one optimizer partition per rank
+    model_states = next(v for k, v in got.items() if k.startswith("mp_rank_00"))
+    assert model_states["global_step"] == RANDOM_STEPS and model_states["MLMDataModule"]["consumed"] == RANDOM_STEPS * 2
+    _assert_same_tree(got, expected)
+    reliability("kill_random_moments_zero3",
+                happened="DeepSpeed ZeRO-3 on 2 CPU ranks (gloo, fp32), accumulation 2: the whole process group "
+                         "SIGKILLed at 2 seeded random moments, then rerun to the end",
+                kept="every checkpoint on an optimizer-step boundary; every rank's parameter and AdamW-moment "
+                     "partition, the step and the data position equal to the uninterrupted run's bit for bit")

@@ -20,6 +20,7 @@ from slurm_helpers import (  # noqa: F401  (slurm_cluster is a fixture, found by
     TEMPLATE_1NODE,
     TEMPLATE_MULTINODE,
     SlurmTimeout,
+    job_log,
     read_env_file,
     slurm_cluster,
     wait_until,
@@ -56,10 +57,10 @@ def test_help_documents_the_commands():
 
 def test_status_and_stop_of_a_cluster_that_is_not_running(tmp_path):
     env = {**os.environ, "ROBERTA_PL_SLURM_DIR": str(tmp_path / "never-started")}
-    # Must answer at once (a Slurm client with no controller would retry for a minute).
-    status = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=10)
+    # Must answer at once (a Slurm client with no controller would retry for a minute; 30 s is slack for load).
+    status = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=30)
     assert status.returncode == 1 and "not running" in status.stderr
-    stop = subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=10)
+    stop = subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=30)
     assert stop.returncode == 0
 
 
@@ -70,7 +71,7 @@ def test_two_task_job_runs_both_ranks(slurm_cluster, tmp_path):
 srun bash -c 'echo "rank=$SLURM_PROCID of $SLURM_NTASKS local=$SLURM_LOCALID" > "rank.$SLURM_PROCID"'
 """)
     job = slurm_cluster.submit(script, "--ntasks=2", "--output=job.out", cwd=tmp_path)
-    info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=60)
+    info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=120)
     assert info["ExitCode"] == "0:0"
     assert info["NumTasks"] == "2"
     ranks = sorted(p.read_text().strip() for p in tmp_path.glob("rank.*"))
@@ -89,14 +90,14 @@ sleep 300
     job = slurm_cluster.submit(script, "--ntasks=1", "--output=job.out", cwd=tmp_path)
     try:
         slurm_cluster.wait_for_state(job, "RUNNING", timeout=60)
-        wait_until(lambda: runs.exists() and runs.read_text(), 30, "the first run to write runs.txt")
+        wait_until(lambda: runs.exists() and runs.read_text(), 60, "the first run to write runs.txt")
 
         slurm_cluster.requeue(job)
         try:
-            wait_until(lambda: len(runs.read_text().splitlines()) >= 2, 90, "the requeued job to run again")
+            wait_until(lambda: len(runs.read_text().splitlines()) >= 2, 120, "the requeued job to run again")
         except SlurmTimeout as err:
             raise SlurmTimeout(f"{err}\n{slurm_cluster.describe(job, slurm_cluster.job(job))}") from None
-        info = slurm_cluster.wait_for_state(job, "RUNNING", timeout=30)
+        info = slurm_cluster.wait_for_state(job, "RUNNING", timeout=60)
     finally:
         slurm_cluster.cancel(job)
 
@@ -121,9 +122,10 @@ def test_a_failing_job_is_reported_failed(slurm_cluster, tmp_path):
 
 # --- the sbatch templates, with a stand-in for roberta-pl-train ------------------------------------
 # The stub records, per rank and per restart, the overrides and environment the template gave it, then
-# acts like Lightning under Slurm: on the first run it waits for the template's SIGUSR1 (sent 90 s before
-# the time limit) and rank 0 requeues the job; on the requeued run it "finishes". What is tested is the
-# template and the cluster (flags, topology, stable run dir, signal, requeue, appended log), not training.
+# acts like the trainer under Slurm: on the first run it installs its SIGUSR1 trap, says so in a `ready`
+# file, and waits for the template's SIGUSR1; rank 0 then requeues the job; on the requeued run it
+# "finishes". What is tested is the template and the cluster (flags, topology, stable run dir, signal,
+# requeue, appended log), not training.
 STUB_TRAINER = r"""#!/bin/bash
 set -euo pipefail
 run_dir=
@@ -138,6 +140,7 @@ if [[ $restart == 0 ]]; then
     trap 'echo "$(date +%s)" > "$run_dir/usr1.rank$SLURM_PROCID"
           [[ $SLURM_PROCID == 0 ]] && scontrol requeue "$SLURM_JOB_ID"
           exit 0' USR1
+    echo "$(date +%s)" > "$run_dir/ready.rank$SLURM_PROCID"
     sleep 600 & wait
 fi
 """
@@ -158,16 +161,28 @@ def read_args(run_dir, rank, restart):
 
 def test_template_cpu_job_requeues_on_sigusr1_and_resumes_in_the_same_run_dir(
         slurm_cluster, tmp_path, stub_trainer_env):
-    # --time=2 with the template's --signal=SIGUSR1@90: the signal comes ~30 s after the start.
-    job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--time=2", "--job-name=stubrun",
+    # Slurm sends --signal's SIGUSR1 from slurmctld's periodic time-limit check (every 30 s, so "up to 60 s
+    # earlier than specified", man sbatch), to the job steps that exist at that moment. With a short
+    # --time the first check could fire before srun had started the tasks (the signal is lost: no
+    # requeue) or before their trap was set (SIGUSR1 kills them: FAILED). So the job starts with a long
+    # limit, the test waits until both tasks have their trap, and only then brings the end near:
+    # TimeLimit = elapsed + 1..2 min puts it within 90 s + 30 s, so the next check sends the template's
+    # SIGUSR1, and at least a minute is left for the requeue.
+    run_dir = tmp_path / "runs" / "stubrun"
+    job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--time=30", "--job-name=stubrun",
                                script_args=["trainer.max_steps=7"], cwd=tmp_path, env=stub_trainer_env)
+    log = job_log(run_dir, "stubrun", job)
     try:
-        info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=100)
+        slurm_cluster.wait_for_files(job, [run_dir / f"ready.rank{r}" for r in (0, 1)], 120,
+                                     "both tasks to install their SIGUSR1 trap", log)
+        assert not list(run_dir.glob("usr1.*"))  # no signal yet: the limit is still 30 min away
+        slurm_cluster.bring_signal_near(job)
+        slurm_cluster.push_limit_back_after_requeue(job, 30)
+        info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=150)
     finally:
         slurm_cluster.cancel(job)
-    run_dir = tmp_path / "runs" / "stubrun"
-    assert info["Restarts"] == "1", slurm_cluster.describe(job, info)
-    # Slurm's SIGUSR1 reached the tasks (not only the batch shell), as Lightning needs.
+    assert info["Restarts"] == "1", slurm_cluster.describe(job, info, log)
+    # Slurm's SIGUSR1 reached every task (not only the batch shell), as the trainer needs.
     assert (run_dir / "usr1.rank0").exists() and (run_dir / "usr1.rank1").exists()
     for restart in (0, 1):
         for rank in (0, 1):
@@ -180,28 +195,42 @@ def test_template_cpu_job_requeues_on_sigusr1_and_resumes_in_the_same_run_dir(
             env = read_env_file(run_dir / f"env.rank{rank}.restart{restart}")
             assert env["SLURM_PROCID"] == str(rank)
             assert env["WANDB_MODE"] == "offline"
-    # One log for both runs: --open-mode=append and a job id that survives the requeue.
-    log = (tmp_path / f"stubrun-{job}.out").read_text()
-    assert f"job {job} restart 0:" in log and f"job {job} restart 1:" in log, log
+            # Rendezvous for Lightning: the node's name (it resolves here), a port from the job id.
+            assert env["MASTER_ADDR"] == socket.gethostname().split(".")[0]
+            assert env["MASTER_PORT"] == str(15000 + int(job) % 10000)
+            assert env["ROBERTA_PL_RENDEZVOUS_TIMEOUT"] == "300"
+    # One log for both runs, under the run dir (not the submit dir): a job id that survives the requeue,
+    # and appending.
+    text = log.read_text()
+    assert f"job {job} restart 0:" in text and f"job {job} restart 1:" in text, text
+    assert text.index(f"job {job} restart 0:") < text.index(f"job {job} restart 1:")
+    assert not list(tmp_path.glob("*.out"))
 
 
 def test_multinode_template_derives_topology_from_the_allocation(slurm_cluster, tmp_path, stub_trainer_env):
-    # Only one node here: --nodes=1 overrides the template's default of 2; the script logic is the same.
-    env = {**stub_trainer_env, "STUB_EXIT": "0", "EXPERIMENT": "quickstart", "RUN_DIR": str(tmp_path / "fixed")}
-    job = slurm_cluster.submit(TEMPLATE_MULTINODE, *CPU_SBATCH_ARGS, "--nodes=1", cwd=tmp_path, env=env)
-    info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=60)
+    # Only one node here: --nodes=1 overrides the template's default of 2; the script logic is the same
+    # (tests/test_slurm_multinode.py runs it on 2 nodes). An explicit --output wins over the run-dir log.
+    env = {**stub_trainer_env, "STUB_EXIT": "0", "EXPERIMENT": "quickstart", "RUN_DIR": str(tmp_path / "fixed"),
+           "MASTER_PORT": "23456"}
+    job = slurm_cluster.submit(TEMPLATE_MULTINODE, *CPU_SBATCH_ARGS, "--nodes=1", "--output=mine.out",
+                               cwd=tmp_path, env=env)
+    info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=120)
     assert info["NumTasks"] == "2"
     args = read_args(tmp_path / "fixed", 0, 0)
     assert "experiment=quickstart" in args and "trainer.num_nodes=1" in args and "trainer.devices=2" in args
+    assert read_env_file(tmp_path / "fixed" / "env.rank1.restart0")["MASTER_PORT"] == "23456"  # user's wins
+    assert f"job {job} restart 0:" in (tmp_path / "mine.out").read_text()
+    assert not (tmp_path / "fixed" / "logs").exists()
 
 
 def test_template_refuses_tasks_that_do_not_match_gpus(slurm_cluster, tmp_path, stub_trainer_env):
     env = {**stub_trainer_env, "STUB_EXIT": "0", "GPUS_PER_NODE": "4"}
     job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--job-name=mismatch", cwd=tmp_path, env=env)
-    info = slurm_cluster.wait_for_state(job, "FAILED", timeout=60)
+    info = slurm_cluster.wait_for_state(job, "FAILED", timeout=120)
     assert info["ExitCode"] == "2:0"
-    assert "one task per GPU" in (tmp_path / f"mismatch-{job}.out").read_text()
-    assert not (tmp_path / "runs" / "mismatch").exists()  # refused before srun
+    run_dir = tmp_path / "runs" / "mismatch"
+    assert "one task per GPU" in job_log(run_dir, "mismatch", job).read_text()
+    assert not list(run_dir.glob("args.*"))  # refused before srun started anything
 
 
 def test_submit_script_sizes_the_job_from_env_vars(slurm_cluster, tmp_path, stub_trainer_env):
@@ -213,6 +242,6 @@ def test_submit_script_sizes_the_job_from_env_vars(slurm_cluster, tmp_path, stub
     env = {**slurm_cluster.env, **stub_trainer_env, "STUB_EXIT": "0", "GPUS_PER_NODE": "0", "JOB_NAME": "viasubmit"}
     out = slurm_cluster.run("bash", str(SUBMIT_SCRIPT), "trainer.max_steps=3", env=env, cwd=tmp_path)
     job = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
-    slurm_cluster.wait_for_state(job, "COMPLETED", timeout=60)
+    slurm_cluster.wait_for_state(job, "COMPLETED", timeout=120)
     args = read_args(tmp_path / "runs" / "viasubmit", 1, 0)
     assert "trainer.accelerator=cpu" in args and args[-1] == "trainer.max_steps=3"

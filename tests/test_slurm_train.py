@@ -1,13 +1,25 @@
 """The project's own sbatch template with the real trainer on a real local Slurm cluster: 2 tasks (CPU,
-gloo), checkpoints, `scontrol requeue`, resume in the same run directory and the same W&B run; and a Hydra
-multirun through the submitit Slurm launcher."""
+gloo), checkpoints, `scontrol requeue` and the template's SIGUSR1 near the time limit, resume in the same
+run directory and the same W&B run; and a Hydra multirun through the submitit Slurm launcher.
 
+The training jobs hold at a known step (`slurm_helpers.PauseAtStep`) until the test has acted, so what
+happens mid-run does not depend on how fast this machine is."""
+
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from slurm_helpers import CPU_SBATCH_ARGS, TEMPLATE_1NODE, slurm_cluster, wait_until  # noqa: F401
+from slurm_helpers import (  # noqa: F401  (slurm_cluster is a fixture, found by name)
+    CPU_SBATCH_ARGS,
+    TEMPLATE_1NODE,
+    TESTS_DIR,
+    job_log,
+    pause_override,
+    slurm_cluster,
+)
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.max_seq_len=64", "batch.seq_len=64",
         "batch.global_batch_size=8", "batch.micro_batch_size=4", "trainer.limit_val_batches=2",
@@ -16,31 +28,103 @@ TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.max_seq_len
 
 @pytest.mark.slow
 def test_template_trains_survives_requeue_and_resumes_same_run(slurm_cluster, tmp_path, shard_dir, tokenizer_dir):
-    run_dir = tmp_path / "run"
+    from wandb_records import history_and_config
+
+    run_dir, marker = tmp_path / "run", tmp_path / "paused"
+    # Checkpoints at 10, 20, ...; the first run stops at step 15 (PauseAtStep) and waits there, so the
+    # requeue below comes mid-run whatever the machine's speed: steps 11-15 are lost and redone.
     overrides = [*TINY, f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}",
-                 f"data.tokenizer={tokenizer_dir}", "trainer.max_steps=400", "trainer.val_every_n_steps=200",
-                 "checkpoint.every_n_steps=10"]
-    job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--time=10", "--job-name=train", cwd=tmp_path,
-                               script_args=overrides, env={"RUN_DIR": str(run_dir)})
+                 f"data.tokenizer={tokenizer_dir}", "trainer.max_steps=40", "trainer.val_every_n_steps=20",
+                 "checkpoint.every_n_steps=10", "trainer.log_every_n_steps=5", pause_override(15, marker)]
+    env = {"RUN_DIR": str(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    # --time=60: far from the limit, so the template's SIGUSR1 (which would requeue the job by itself)
+    # cannot come during the test.
+    job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--time=60", "--job-name=train", cwd=tmp_path,
+                               script_args=overrides, env=env)
+    log = job_log(run_dir, "train", job)
+    last = run_dir / "checkpoints" / "last.ckpt"
     try:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        wait_until(last.exists, 240, "a first checkpoint")
+        slurm_cluster.wait_for_files(job, [f"{marker}.rank{r}" for r in (0, 1)], 300, "both ranks to reach step 15", log)
+        assert torch.load(last, weights_only=True)["global_step"] == 10
         first_id = (run_dir / "wandb_run_id.txt").read_text().strip()
         slurm_cluster.requeue(job)
         info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=400)
     finally:
         slurm_cluster.cancel(job)
-    assert info["Restarts"] == "1", slurm_cluster.describe(job, info)
-    log = (tmp_path / f"train-{job}.out").read_text()
-    assert "Resuming from" in log and f"{run_dir}/checkpoints/" in log, log[-3000:]
+    assert info["Restarts"] == "1", slurm_cluster.describe(job, info, log)
+    text = log.read_text()
+    assert f"Resuming from {run_dir}/checkpoints/last.ckpt" in text, text[-3000:]
+    assert not list(tmp_path.glob("*.out"))  # the log is under the run dir, not in the submit dir
     final = torch.load(last, weights_only=True)
-    assert final["global_step"] == 400
+    assert final["global_step"] == 40
     # Both ranks trained (DDP over 2 Slurm tasks) and the same W&B run continued after the requeue.
-    assert final["MLMDataModule"]["world_size"] == 2 and final["MLMDataModule"]["consumed"] == 400
+    assert final["MLMDataModule"]["world_size"] == 2 and final["MLMDataModule"]["consumed"] == 40
     assert (run_dir / "wandb_run_id.txt").read_text().strip() == first_id
     segments = sorted((run_dir / "wandb").glob(f"offline-run-*-{first_id}"))
     assert len(segments) == 2, segments
+    # The restart's offline segment holds the run from the checkpoint (step 10) on, on the x-axis Lightning
+    # defines for W&B (trainer/global_step, logged every 5 steps); the first segment holds the steps before.
+    # So syncing both segments (README §5) gives one run with the whole history.
+    rows, _ = history_and_config(segments[1] / f"run-{first_id}.wandb")
+    steps = [r["trainer/global_step"] for r in rows if "train/loss" in r]
+    assert steps and 10 <= steps[0] <= 15 and max(steps) >= 35, steps
     assert (run_dir / "hf" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def usr1_run(slurm_cluster, tmp_path_factory, shard_dir, tokenizer_dir):
+    """The whole auto-requeue cycle with the real trainer, run once for the tests below: both ranks hold at
+    step 15 (their SIGUSR1 handler installed long before), the time limit is brought near so that Slurm's
+    own timer sends the template's --signal=SIGUSR1@90, the trainer saves last.ckpt at the next step
+    boundary and requeues, and the restart resumes from it and finishes at step 30."""
+    tmp = tmp_path_factory.mktemp("usr1")
+    run_dir, marker = tmp / "run", tmp / "paused"
+    overrides = [*TINY, f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}",
+                 f"data.tokenizer={tokenizer_dir}", "trainer.max_steps=30", "trainer.val_every_n_steps=20",
+                 "checkpoint.every_n_steps=10", "trainer.log_every_n_steps=5", pause_override(15, marker)]
+    env = {"RUN_DIR": str(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--time=30", "--job-name=usr1", cwd=tmp,
+                               script_args=overrides, env=env)
+    log = job_log(run_dir, "usr1", job)
+    try:
+        slurm_cluster.wait_for_files(job, [f"{marker}.rank{r}" for r in (0, 1)], 300, "both ranks to reach step 15", log)
+        first_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+        slurm_cluster.bring_signal_near(job)  # Slurm's own timer then sends the template's SIGUSR1
+        slurm_cluster.push_limit_back_after_requeue(job, 30)
+        info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=240)
+    finally:
+        slurm_cluster.cancel(job)
+    assert info["Restarts"] == "1", slurm_cluster.describe(job, info, log)
+    return {"job": job, "run_dir": run_dir, "log": log.read_text(), "wandb_id": first_id}
+
+
+@pytest.mark.slow
+def test_template_sigusr1_near_the_time_limit_requeues_at_a_step_and_resumes(usr1_run):
+    run_dir, job, text = usr1_run["run_dir"], usr1_run["job"], usr1_run["log"]
+    # The signal stopped the run at the next optimizer-step boundary (16) and saved there, not mid-step.
+    assert f"Signal SIGUSR1: saved {run_dir}/checkpoints/last.ckpt at step 16; requeueing Slurm job {job}" in text, text
+    assert f"job {job} restart 1:" in text
+    assert f"Resuming from {run_dir}/checkpoints/last.ckpt" in text, text[-3000:]
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == 30 and final["MLMDataModule"]["consumed"] == 30
+    segments = sorted((run_dir / "wandb").glob(f"offline-run-*-{usr1_run['wandb_id']}"))
+    assert len(segments) == 2, segments
+
+
+@pytest.mark.slow
+def test_template_sigusr1_requeue_keeps_the_first_wandb_segment(usr1_run):
+    # The requeue waits until the run has finished its W&B run: a requeue signals every process of the job,
+    # wandb's writer included, which lost the first segment's buffered records when it came first.
+    from wandb_records import read_records
+
+    run_id = usr1_run["wandb_id"]
+    first = sorted((usr1_run["run_dir"] / "wandb").glob(f"offline-run-*-{run_id}"))[0]
+    records = read_records(first / f"run-{run_id}.wandb")
+    kinds = [r.WhichOneof("record_type") for r in records]
+    # Everything the first run logged before the signal is on disk, finished, for `wandb sync` to upload.
+    assert "history" in kinds and kinds[-1] == "exit", f"{first}: {len(records)} records {kinds[-3:]}"
 
 
 @pytest.mark.slow

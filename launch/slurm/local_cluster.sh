@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# local_cluster.sh — a throwaway single-node Slurm cluster on this machine, for tests and development.
+# local_cluster.sh — a throwaway Slurm cluster on this machine, for tests and development.
 #
 # It is a real Slurm (slurmctld + slurmd + munge from the Debian packages), not a mock, so the sbatch
 # templates in this folder can be exercised end to end: submit, multi-task steps, requeue, resume.
+# One node by default; ROBERTA_PL_SLURM_NODES=N starts N slurmd daemons on this host (Debian builds
+# slurmd with MULTIPLE_SLURMD: `slurmd -N <node>`, one port each, all on 127.0.0.1), so multi-node
+# jobs run here too.
 # Everything it writes (config, munge key and socket, state, spool, logs, pid files) lives under one
 # state directory, so it never touches a system-wide Slurm or munge install.
 #
 #   launch/slurm/local_cluster.sh start    # install (apt, only if missing) + start; waits for `idle`
+#   ROBERTA_PL_SLURM_NODES=2 launch/slurm/local_cluster.sh start   # two nodes (two slurmd) on this host
 #   eval "$(launch/slurm/local_cluster.sh env)"   # point sbatch/squeue/... at it (sets SLURM_CONF)
 #   launch/slurm/local_cluster.sh status   # sinfo + squeue
 #   launch/slurm/local_cluster.sh stop     # cancel jobs, stop slurmd, slurmctld, munged
@@ -20,9 +24,10 @@ usage() {
 Usage: $(basename "$0") start|stop|status|env|--help
 
   start    install slurm + munge with apt if missing, write a config, start munged, slurmctld and
-           slurmd, and wait until the node is idle. Idempotent: if the cluster already answers,
-           it only reports.
-  stop     cancel all jobs, then stop slurmd, slurmctld and munged (state dir is kept for its logs).
+           one slurmd per node, and wait until every node is idle. Idempotent: if the cluster
+           already answers, it only reports.
+  stop     cancel all jobs, then stop the slurmd(s), slurmctld and munged (state dir is kept for
+           its logs).
   status   print sinfo and squeue (exit 1 if the controller does not answer).
   env      print 'export SLURM_CONF=...' for eval in a shell.
 
@@ -30,7 +35,13 @@ Environment (all optional):
   ROBERTA_PL_SLURM_DIR            state dir (config, logs, spool)   [/tmp/roberta-pl-slurm]
   ROBERTA_PL_SLURM_TIMEOUT        seconds to wait for the node      [60]
   ROBERTA_PL_SLURMCTLD_PORT       slurmctld port                    [6817]
-  ROBERTA_PL_SLURMD_PORT          slurmd port                       [6818]
+  ROBERTA_PL_SLURMD_PORT          slurmd port; node i of N uses PORT+i-1   [6818]
+  ROBERTA_PL_SLURM_NODES          number of nodes (slurmd daemons)  [1]
+  ROBERTA_PL_SLURM_FIRST_JOB_ID   first job id (templates derive MASTER_PORT from the id)   [1]
+
+With one node, the node is named after this host (\`hostname -s\`). With N > 1 the nodes are
+<host>-n1 .. <host>-nN: names that resolve to nothing, as on a cluster whose node names are not in
+DNS; Slurm reaches each at NodeAddr=127.0.0.1 on its own port.
 
 Clients find the cluster through SLURM_CONF=<state dir>/slurm.conf. sbatch copies the submitting
 environment into the job (--export=ALL is the default), so srun inside a job finds it too.
@@ -41,13 +52,26 @@ STATE_DIR=${ROBERTA_PL_SLURM_DIR:-/tmp/roberta-pl-slurm}
 TIMEOUT=${ROBERTA_PL_SLURM_TIMEOUT:-60}
 CTLD_PORT=${ROBERTA_PL_SLURMCTLD_PORT:-6817}
 SLURMD_PORT=${ROBERTA_PL_SLURMD_PORT:-6818}
+NUM_NODES=${ROBERTA_PL_SLURM_NODES:-1}
+FIRST_JOB_ID=${ROBERTA_PL_SLURM_FIRST_JOB_ID:-1}
 
 CONF="$STATE_DIR/slurm.conf"
 MUNGE_DIR="$STATE_DIR/munge"
 MUNGE_SOCKET="$MUNGE_DIR/munge.socket.2"
 LOG_DIR="$STATE_DIR/log"
 RUN_DIR="$STATE_DIR/run"
-NODE=$(hostname -s)
+HOST=$(hostname -s)
+if [[ ! $NUM_NODES =~ ^[1-9][0-9]*$ ]]; then
+    echo "[local_cluster] ROBERTA_PL_SLURM_NODES=$NUM_NODES: expected a number >= 1" >&2
+    exit 2
+fi
+# NODES: the node names, one slurmd each.
+if ((NUM_NODES == 1)); then
+    NODES=("$HOST")
+else
+    NODES=()
+    for ((i = 1; i <= NUM_NODES; i++)); do NODES+=("$HOST-n$i"); done
+fi
 
 # Every slurm client and daemon started from here reads this config, not /etc/slurm/slurm.conf.
 export SLURM_CONF="$CONF"
@@ -108,8 +132,13 @@ stop_pidfile() {
     rm -f "$file"
 }
 
+# slurmd_pidfile NODE: where that node's slurmd writes its pid (SlurmdPidFile, with %n expanded).
+slurmd_pidfile() {
+    if ((NUM_NODES == 1)); then echo "$RUN_DIR/slurmd.pid"; else echo "$RUN_DIR/slurmd-$1.pid"; fi
+}
+
 # `|| true`: while the controller is still starting sinfo fails, which must not end the script (set -e).
-node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1 || true; }
+node_state() { sinfo -h -n "$1" -o %T 2>/dev/null | head -n1 || true; }
 
 # Print the end of every log, so a failure explains itself in CI output.
 dump_logs() {
@@ -131,8 +160,10 @@ die_with_logs() {
 }
 
 cluster_running() {
-    pid_alive "$MUNGE_DIR/munged.pid" && pid_alive "$RUN_DIR/slurmctld.pid" &&
-        pid_alive "$RUN_DIR/slurmd.pid" && scontrol ping >/dev/null 2>&1
+    local node
+    pid_alive "$MUNGE_DIR/munged.pid" && pid_alive "$RUN_DIR/slurmctld.pid" || return 1
+    for node in "${NODES[@]}"; do pid_alive "$(slurmd_pidfile "$node")" || return 1; done
+    scontrol ping >/dev/null 2>&1
 }
 
 # --- config ----------------------------------------------------------------------------------------
@@ -150,12 +181,34 @@ write_config() {
     # per CPU; a 2-CPU job gets the whole node, and `--mem` works as on a real cluster.
     local def_mem=$((mem / cpus))
 
+    # One node: today's layout. Several: one slurmd per node on this host, each with its own port,
+    # spool, pid and log file (%n = the node name, expanded by each slurmd).
+    local node_lines="" i node per_node_paths
+    if ((NUM_NODES == 1)); then
+        node_lines="NodeName=$HOST NodeAddr=127.0.0.1 NodeHostname=$HOST $hw State=UNKNOWN"
+        per_node_paths="SlurmdSpoolDir=$STATE_DIR/spool
+SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmdLogFile=$LOG_DIR/slurmd.log"
+    else
+        # Every node reports this machine's hardware (they share it); jobs on different nodes share cores.
+        for ((i = 0; i < NUM_NODES; i++)); do
+            node=${NODES[i]}
+            node_lines+="NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$HOST Port=$((SLURMD_PORT + i)) $hw State=UNKNOWN"$'\n'
+        done
+        node_lines=${node_lines%$'\n'}
+        per_node_paths="SlurmdSpoolDir=$STATE_DIR/spool/%n
+SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log"
+    fi
+    local node_list
+    node_list=$(IFS=,; echo "${NODES[*]}")
+
     cat >"$CONF" <<EOF
 # Generated by launch/slurm/local_cluster.sh — do not edit, \`start\` rewrites it.
 ClusterName=roberta-pl-local
-# The node both controls and computes. NodeAddr=127.0.0.1 avoids depending on how (or whether) the
-# hostname resolves on this machine.
-SlurmctldHost=$NODE(127.0.0.1)
+# This host both controls and computes. NodeAddr=127.0.0.1 avoids depending on how (or whether) the
+# node names resolve on this machine.
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -189,21 +242,25 @@ SchedulerParameters=sched_interval=1,bf_interval=1
 JobRequeue=1
 # A node that was DOWN (e.g. slurmd restarted) comes back by itself once slurmd registers.
 ReturnToService=2
+# Job ids start here (default 1). The templates derive MASTER_PORT from the job id, so two test
+# clusters on one machine get different first ids and their jobs do not pick the same port.
+FirstJobId=$FIRST_JOB_ID
+# Seconds between SIGTERM and SIGKILL when a job is cancelled or requeued (default 30): a requeued
+# job restarts this much sooner; real clusters keep the default.
+KillWait=5
 # Keep finished jobs visible to 'scontrol show job' for 10 min (there is no accounting DB for sacct).
 MinJobAge=600
 
 StateSaveLocation=$STATE_DIR/ctld
-SlurmdSpoolDir=$STATE_DIR/spool
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
-SlurmdPidFile=$RUN_DIR/slurmd.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+$per_node_paths
 SlurmctldDebug=info
 MailProg=/bin/true
 SlurmdDebug=info
 
-NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE $hw State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=debug Nodes=$node_list Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -234,8 +291,12 @@ cmd_start() {
     # Something half-started (or stale pid files from a killed run): clean it up first.
     cmd_stop >/dev/null 2>&1 || true
 
-    log "starting a single-node cluster in $STATE_DIR (node $NODE)"
+    log "starting a $NUM_NODES-node cluster in $STATE_DIR (node(s) ${NODES[*]})"
     mkdir -p "$STATE_DIR" "$MUNGE_DIR" "$LOG_DIR" "$RUN_DIR" "$STATE_DIR/ctld" "$STATE_DIR/spool"
+    local node
+    if ((NUM_NODES > 1)); then
+        for node in "${NODES[@]}"; do mkdir -p "$STATE_DIR/spool/$node"; done
+    fi
     chmod 0755 "$MUNGE_DIR"
     # Fresh logs per start, so the tail printed on a failure is about this start.
     rm -f "$LOG_DIR"/*.log
@@ -244,25 +305,30 @@ cmd_start() {
 
     # -c: clean start, forget jobs from an earlier run of this test cluster.
     slurmctld -c -f "$CONF" || die_with_logs "slurmctld failed to start"
-    slurmd -f "$CONF" -N "$NODE" || die_with_logs "slurmd failed to start"
-
-    local deadline=$((SECONDS + TIMEOUT)) state=""
-    while ((SECONDS < deadline)); do
-        state=$(node_state)
-        [[ $state == idle ]] && break
-        # A daemon that died (bad config, port in use) will not come back: fail now, with its log.
-        pid_alive "$RUN_DIR/slurmctld.pid" || { sleep 0.5; pid_alive "$RUN_DIR/slurmctld.pid"; } ||
-            die_with_logs "slurmctld is not running"
-        pid_alive "$RUN_DIR/slurmd.pid" || { sleep 0.5; pid_alive "$RUN_DIR/slurmd.pid"; } ||
-            die_with_logs "slurmd is not running"
-        # A node registered before the controller cleared it can sit in down/drain: bring it back.
-        if [[ $state == down* || $state == drain* ]]; then
-            scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
-        fi
-        sleep 0.5
+    for node in "${NODES[@]}"; do
+        slurmd -f "$CONF" -N "$node" || die_with_logs "slurmd for node $node failed to start"
     done
-    [[ $state == idle ]] || die_with_logs "node $NODE not idle after ${TIMEOUT}s (state: '${state:-no answer}')"
-    log "node $NODE is idle"
+
+    local deadline=$((SECONDS + TIMEOUT)) state="" pidfile
+    for node in "${NODES[@]}"; do
+        pidfile=$(slurmd_pidfile "$node")
+        while ((SECONDS < deadline)); do
+            state=$(node_state "$node")
+            [[ $state == idle ]] && break
+            # A daemon that died (bad config, port in use) will not come back: fail now, with its log.
+            pid_alive "$RUN_DIR/slurmctld.pid" || { sleep 0.5; pid_alive "$RUN_DIR/slurmctld.pid"; } ||
+                die_with_logs "slurmctld is not running"
+            pid_alive "$pidfile" || { sleep 0.5; pid_alive "$pidfile"; } ||
+                die_with_logs "slurmd of node $node is not running"
+            # A node registered before the controller cleared it can sit in down/drain: bring it back.
+            if [[ $state == down* || $state == drain* ]]; then
+                scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
+            fi
+            sleep 0.5
+        done
+        [[ $state == idle ]] || die_with_logs "node $node not idle after ${TIMEOUT}s (state: '${state:-no answer}')"
+    done
+    log "node(s) ${NODES[*]} idle"
     cmd_env
 }
 
@@ -277,7 +343,11 @@ cmd_stop() {
             sleep 0.2
         done
     fi
-    stop_pidfile slurmd "$RUN_DIR/slurmd.pid"
+    local pidfile
+    # Every slurmd this state dir has run, whatever NODES is now (a cluster started with more nodes).
+    for pidfile in "$RUN_DIR"/slurmd.pid "$RUN_DIR"/slurmd-*.pid; do
+        [[ -e $pidfile ]] && stop_pidfile "slurmd ($(basename "$pidfile" .pid))" "$pidfile"
+    done
     stop_pidfile slurmctld "$RUN_DIR/slurmctld.pid"
     stop_pidfile munged "$MUNGE_DIR/munged.pid"
     log "stopped"

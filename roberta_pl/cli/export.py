@@ -4,26 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from roberta_pl.checkpoints import load_pretrained
-from roberta_pl.hf import save_hf
-
-
-def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and the tokenizer files that
-    ``transformers.AutoModelForMaskedLM`` / ``AutoTokenizer`` load.
-
-    Args:
-        checkpoint: a ``.ckpt`` file, a DeepSpeed checkpoint directory or a HF directory.
-        out_dir: output directory.
-        tokenizer: tokenizer directory; default: the one recorded in the checkpoint.
-    """
-    model, recorded = load_pretrained(checkpoint)
-    tok = Path(tokenizer) if tokenizer else recorded
-    if tok is not None and not tok.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {tok} not found; pass --tokenizer")
-    return save_hf(model, out_dir, tokenizer=tok if tok != Path(out_dir) else None)
+from roberta_pl.checkpoints import export
 
 
 def main(argv: list[str] | None = None) -> None:

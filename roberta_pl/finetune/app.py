@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.errors import DataError
 from data_pipelines.tabular import read_sequence_examples, read_token_examples
-from roberta_pl.callbacks import AtomicCheckpointIO, LossScaleMonitor, NonFiniteLossGuard, TrainingFault
+from roberta_pl.callbacks import AtomicCheckpointIO, LossScaleMonitor, NonFiniteLossGuard
 from roberta_pl.config import CONF_DIR
 from roberta_pl.factory import (
     ConfigError,
@@ -46,6 +45,7 @@ from roberta_pl.factory import (
 )
 from roberta_pl.config import check_known_keys
 from roberta_pl.finetune.config import FinetuneConfig, register_configs
+from roberta_pl.harness import pin_multirun_job_for_rank_processes, run_scope
 from roberta_pl.loggers import StepLearningRateMonitor, build_loggers, quiet_notices
 from roberta_pl.finetune.data import (
     Features,
@@ -245,11 +245,8 @@ def write_predictions(path: Path, feats: Features, logits, labels: list[str], ki
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Check → load → encode → fit with early stopping → best checkpoint → predictions → HF export."""
     from roberta_pl.checkpoints import load_encoder
-    from roberta_pl.train import end_run
 
-    environ = dict(os.environ)
-    trainer = None
-    try:
+    with run_scope(PROG) as scope:
         try:
             plan = preflight(cfg, out_dir)
             encoder, recorded_tokenizer = load_encoder(cfg.pretrained)
@@ -267,8 +264,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                                   f"{total} steps this run takes: it would never validate or keep a best checkpoint")
             resolved = OmegaConf.to_container(cfg, resolve=True)
             trainer, best = build_trainer(cfg, out_dir, plan, resolved)
-        except (ConfigError, BatchPlanError, DataError) as e:
-            raise SystemExit(f"{PROG}: error: {e}") from None
+            scope.trainer = trainer
         except (FileNotFoundError, KeyError, ValueError) as e:  # an unreadable model or checkpoint
             raise SystemExit(f"{PROG}: error: pretrained={cfg.pretrained}: {e}") from None
         pl.seed_everything(cfg.seed, workers=True)
@@ -283,10 +279,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         del encoder
         dm = FinetuneDataModule(data.train, data.valid, plan.micro_batch_size, tokenizer.pad_id,
                                 cfg.task.regression, seed=cfg.seed, num_workers=cfg.num_workers)
-        try:
-            trainer.fit(module, datamodule=dm)
-        except TrainingFault as e:  # the best checkpoint so far is kept
-            raise SystemExit(f"{PROG}: error: {e}") from None
+        trainer.fit(module, datamodule=dm)  # a TrainingFault keeps the best checkpoint so far
         # Rank 0 scores the best checkpoint's weights over the exact validation set, on the training device:
         # the same rows, once each, as the predictions file. (Lightning's teardown left the module on CPU.)
         best_path = best.best_model_path
@@ -304,8 +297,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         if trainer.is_global_zero:
             finish(cfg, out_dir, module, data, tokenizer, summary)
         return summary
-    finally:
-        end_run(trainer, environ)
 
 
 def finish(cfg: DictConfig, out_dir: Path, module: FinetuneModule, data: TaskData, tokenizer, summary: dict) -> None:
@@ -334,8 +325,6 @@ def finish(cfg: DictConfig, out_dir: Path, module: FinetuneModule, data: TaskDat
 
 @hydra.main(config_path=str(CONF_DIR), config_name="finetune", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from roberta_pl.train import pin_multirun_job_for_rank_processes
-
     pin_multirun_job_for_rank_processes()
     summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     return summary["metrics"].get(f"val/{cfg.task.metric}")  # what a sweeper optimises
