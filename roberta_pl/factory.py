@@ -128,10 +128,10 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "interm
 def read_checkpoint(ckpt: Path) -> dict:
     """A Lightning checkpoint read with ``weights_only=True`` (no pickled code runs) and memory-mapped (tensors
     are not read until used). DeepSpeed checkpoint directories keep the Lightning part in
-    ``checkpoint/mp_rank_00_model_states.pt``; ``{}`` when that is absent."""
+    ``checkpoint/*mp_rank_00_model_states.pt`` (ZeRO-3 prefixes it with ``zero_pp_rank_0_``); ``{}`` when absent."""
     path = ckpt
     if ckpt.is_dir():
-        path = next(iter(sorted(ckpt.glob("checkpoint/mp_rank_00_model_states.pt"))), None)
+        path = next(iter(sorted(ckpt.glob("checkpoint/*mp_rank_00_model_states.pt"))), None)
         if path is None:
             return {}
     try:

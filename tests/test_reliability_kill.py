@@ -237,7 +237,7 @@ def kill_at_random_moments(cmd: list[str], run_dir: Path, kills: int, seed: int,
         proc.wait()
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_dir():  # DeepSpeed: a directory; the Lightning part is in the model-states file
-            last = next(iter(sorted(last.glob("checkpoint/mp_rank_00_model_states.pt"))), last / "none")
+            last = next(iter(sorted(last.glob("checkpoint/*mp_rank_00_model_states.pt"))), last / "none")
         step = load(last)["global_step"] if last.exists() else None
         seen.append(f"{delay * 1000:.0f} ms after micro-batch {micro} of launch {i}: last.ckpt at step {step}")
     return seen
@@ -347,7 +347,7 @@ def _assert_same_tree(a: object, b: object, where: str = "") -> None:
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for k in a:
-            if k not in ("ds_config", "ds_version"):
+            if k not in ("ds_config", "ds_version", "callbacks"):  # callback states hold the run's own paths
                 _assert_same_tree(a[k], b[k], f"{where}/{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
@@ -374,7 +374,7 @@ def test_sigkill_of_a_two_rank_zero3_run_at_random_moments_resumes_exactly(tmp_p
     got, expected = _deepspeed_state(killed_dir / "checkpoints" / "last.ckpt"), _deepspeed_state(
         straight_dir / "checkpoints" / "last.ckpt")
     assert len(got) >= 3 and got.keys() == expected.keys()  # model states + one optimizer partition per rank
-    model_states = next(v for k, v in got.items() if k.startswith("mp_rank_00"))
+    model_states = next(v for k, v in got.items() if k.endswith("mp_rank_00_model_states.pt"))
     assert model_states["global_step"] == RANDOM_STEPS and model_states["MLMDataModule"]["consumed"] == RANDOM_STEPS * 2
     _assert_same_tree(got, expected)
     reliability("kill_random_moments_zero3",

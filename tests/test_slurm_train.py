@@ -72,6 +72,42 @@ def test_template_trains_survives_requeue_and_resumes_same_run(slurm_cluster, tm
     assert (run_dir / "hf" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_template_with_zero3_survives_requeue_and_resumes_same_run(slurm_cluster, tmp_path, shard_dir, tokenizer_dir):
+    """The same template with `TRAINER=deepspeed_zero3`: 2 CPU tasks shard parameters and optimizer state, each
+    writes its partition of the checkpoint directory, and the requeued job resumes from them."""
+    from roberta_pl.factory import read_checkpoint
+
+    run_dir, marker = tmp_path / "run", tmp_path / "paused"
+    overrides = [*TINY, f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}",
+                 f"data.tokenizer={tokenizer_dir}", "trainer.max_steps=12", "trainer.val_every_n_steps=6",
+                 "checkpoint.every_n_steps=4", "trainer.log_every_n_steps=2", pause_override(6, marker)]
+    env = {"RUN_DIR": str(run_dir), "TRAINER": "deepspeed_zero3",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--time=60", "--job-name=zero3", cwd=tmp_path,
+                               script_args=overrides, env=env)
+    log = job_log(run_dir, "zero3", job)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        slurm_cluster.wait_for_files(job, [f"{marker}.rank{r}" for r in (0, 1)], 400, "both ranks to reach step 6", log)
+        assert last.is_dir() and read_checkpoint(last)["global_step"] == 4
+        first_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+        slurm_cluster.requeue(job)
+        info = slurm_cluster.wait_for_state(job, "COMPLETED", timeout=500)
+    finally:
+        slurm_cluster.cancel(job)
+    assert info["Restarts"] == "1", slurm_cluster.describe(job, info, log)
+    text = log.read_text()
+    assert f"Resuming from {run_dir}/checkpoints/last.ckpt: step 4, data position 4" in text, text[-3000:]
+    final = read_checkpoint(last)
+    assert final["global_step"] == 12
+    assert final["MLMDataModule"]["world_size"] == 2 and final["MLMDataModule"]["consumed"] == 12
+    assert len(list((last / "checkpoint").glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))) == 2
+    assert (run_dir / "wandb_run_id.txt").read_text().strip() == first_id
+    assert (run_dir / "hf" / "model.safetensors").exists()
+
+
 @pytest.fixture(scope="module")
 def usr1_run(slurm_cluster, tmp_path_factory, shard_dir, tokenizer_dir):
     """The whole auto-requeue cycle with the real trainer, run once for the tests below: both ranks hold at
