@@ -52,13 +52,16 @@ log = logging.getLogger("data_pipelines")
 
 
 def ignore_requeue_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGUSR1.
+    """DataLoader ``worker_init_fn``: workers ignore SIGUSR1, SIGTERM and SIGINT; the training process acts.
 
     Slurm's ``--signal=SIGUSR1@90`` goes to every process of the job step, DataLoader workers included, and
-    a forked worker inherits Lightning's requeue handler: it would save a checkpoint from its stale copy of
-    the model and requeue the job. Only the training process may act on it.
+    a forked worker inherits the trainer's handler: it would act on its stale copy of the run. A requeue or
+    ``scancel`` (SIGTERM) and Ctrl-C (SIGINT) also reach every process: a worker that died of them first made
+    the training process fail with a traceback per worker. The training process stops the run and shuts its
+    workers down; if it is killed outright, workers exit when they see their parent gone.
     """
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _batch_key(batch: Any) -> int:

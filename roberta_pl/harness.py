@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from roberta_pl.callbacks import TrainingFault
 from roberta_pl.errors import ConfigError
@@ -39,6 +40,11 @@ def run_scope(prog: str) -> Iterator[SimpleNamespace]:
         yield scope
     except (ConfigError, BatchPlanError, DataError, TrainingFault) as e:
         raise SystemExit(f"{prog}: error: {one_line(e)}") from None
+    except SIGTERMException:  # Lightning's, at the next batch after SIGTERM (a requeue, scancel, preemption)
+        step = scope.trainer.global_step if scope.trainer is not None else 0
+        raise SystemExit(f"{prog}: stopped by SIGTERM at step {step} (a Slurm requeue, scancel or preemption); "
+                         f"the last checkpoint is kept, and rerunning the command (or the requeued job) resumes "
+                         f"from it") from None
     finally:
         end_run(scope.trainer, environ)
         for action in scope.after_end:

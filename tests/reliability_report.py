@@ -26,6 +26,7 @@ FAULTS = [
                                 "accumulation 2"),
     ("kill_random_moments_zero3", "SIGKILL of a 2-rank DeepSpeed ZeRO-3 run (CPU, gloo) at 2 seeded random moments, "
                                   "accumulation 2"),
+    ("sigterm_job", "SIGTERM to every process of a run (trainer and DataLoader worker), as a requeue or `scancel` sends"),
     ("sigusr1_stop", "SIGUSR1 (Slurm's pre-timeout warning) in the middle of an accumulation window"),
     ("corrupt_skip", "5 bad train shards at once (truncated tar, random bytes, bad array, other tokenizer, "
                      "missing file), `data.on_error=skip`"),

@@ -382,3 +382,31 @@ def test_sigkill_of_a_two_rank_zero3_run_at_random_moments_resumes_exactly(tmp_p
                          "SIGKILLed at 2 seeded random moments, then rerun to the end",
                 kept="every checkpoint on an optimizer-step boundary; every rank's parameter and AdamW-moment "
                      "partition, the step and the data position equal to the uninterrupted run's bit for bit")
+
+
+def test_sigterm_to_the_whole_job_is_one_line_and_resumes_exactly(tmp_path, shard_dir, tokenizer_dir,
+                                                                 straight_random, reliability):
+    # What a requeue, scancel or preemption does: SIGTERM to every process of the job, DataLoader workers
+    # included (data.num_workers=1). The run says so in one line, without a traceback per worker. (One worker
+    # is one reader, as the in-process loader of the uninterrupted run is: the same data order.)
+    cmd = [*random_kill_command(tmp_path, shard_dir, tokenizer_dir), "data.num_workers=1"]
+    batches, log = tmp_path / "batches.jsonl", tmp_path / "log.txt"
+    proc = start(cmd, log, new_session=True)
+    assert wait_for_batches(batches, 0, 9, proc) > 0
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 1
+    text = log.read_text()
+    assert "Traceback" not in text and "killed by signal" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1].startswith("roberta-pl-train: stopped by SIGTERM at step"), text[-2000:]
+    finish(start(cmd, log, new_session=True), log)
+    assert_saves_on_step_boundaries(tmp_path)
+    expected, expected_batches = straight_random
+    got = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert got["MLMDataModule"].pop("num_workers") == 1  # the one recorded setting that differs
+    got["MLMDataModule"]["num_workers"] = expected["MLMDataModule"]["num_workers"]
+    assert_same_state(expected, got)
+    assert [b["batch"] for b in surviving_batches(batches).values()] == [b["batch"] for b in expected_batches.values()]
+    reliability("sigterm_job",
+                happened="SIGTERM to the whole process group (trainer and its DataLoader worker) mid-run: one line "
+                         "`stopped by SIGTERM at step N`, no worker tracebacks; the rerun resumed",
+                kept="the last checkpoint; the finished run equals the uninterrupted one bit for bit, same batches")
