@@ -164,7 +164,7 @@ def _jsonl_documents(
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            report.handle(on_error, "bad_json", where, exc.msg)
+            report.handle(on_error, "bad_json", where, f"{exc.msg.removesuffix(' at')} at column {exc.colno}")
             continue
         if not isinstance(record, dict) or text_field not in record:
             report.handle(on_error, "missing_text_field", where, f"no {text_field!r} key")

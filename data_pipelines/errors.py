@@ -61,7 +61,8 @@ class SkipReport:
         """
         message = f"{where}: {reason.replace('_', ' ')}" + (f" ({detail})" if detail else "")
         if on_error == "raise":
-            raise DataError(message + " — fix the input or pass on_error=skip")
+            raise DataError(message + " — fix the input, or skip bad input with --on-error skip (roberta-pl-data) "
+                            "or data.on_error=skip (training)")
         self.counts[reason] += 1
         examples = self.examples.setdefault(reason, [])
         if len(examples) < _MAX_EXAMPLES:

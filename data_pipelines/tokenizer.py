@@ -99,7 +99,19 @@ def train_tokenizer(
         The trained tokenizer, loaded from ``out_dir``.
     """
     out = Path(out_dir)
+    created = not out.exists()  # a directory this call made is removed again if training fails
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(out, inputs, vocab_size, input_sentence_size, text_field, on_error, seed, character_coverage,
+                      max_sentence_chars, num_threads, model_max_length, progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _train(out: Path, inputs, vocab_size, input_sentence_size, text_field, on_error, seed, character_coverage,
+           max_sentence_chars, num_threads, model_max_length, progress) -> "SpmTokenizer":
     report = SkipReport()
     docs = iter_documents(inputs, text_field=text_field, on_error=on_error, report=report)
     sentences = _sentences(docs, max_sentence_chars)
@@ -119,12 +131,18 @@ def train_tokenizer(
                    TimeElapsedColumn(), disable=not progress)
     task = bar.add_task("reading corpus for SentencePiece", total=None)
 
+    raised: list[BaseException] = []  # an error of our reader, which SentencePiece would wrap in its own
+
     def counted(lines: Iterator[str]) -> Iterator[str]:
         n = 0
-        for n, line in enumerate(lines, 1):
-            if n % 10_000 == 0:
-                bar.update(task, completed=n)
-            yield line
+        try:
+            for n, line in enumerate(lines, 1):
+                if n % 10_000 == 0:
+                    bar.update(task, completed=n)
+                yield line
+        except Exception as e:
+            raised.append(e)
+            raise
         bar.update(task, completed=n)
 
     spm.set_random_generator_seed(seed)
@@ -160,6 +178,8 @@ def train_tokenizer(
                 minloglevel=2,
             )
     except RuntimeError as exc:
+        if raised:  # bad input found after the first document: our one-line error, not "INTERNAL: DataError: ..."
+            raise raised[0] from None
         too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(exc))
         if too_small:
             raise DataError(

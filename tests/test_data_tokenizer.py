@@ -85,3 +85,17 @@ def test_too_small_vocab_is_a_clear_error(tmp_path, corpus_file):
 def test_not_a_tokenizer_dir(tmp_path):
     with pytest.raises(DataError, match="not a tokenizer directory"):
         load_tokenizer(tmp_path)
+
+
+def test_bad_input_after_the_first_document_is_our_one_line_error_and_leaves_no_empty_dir(tmp_path):
+    # SentencePiece reads our iterator; an error it meets there used to come back wrapped as
+    # "SentencePiece training failed: INTERNAL: DataError: ...", and the new --out directory stayed behind.
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a first good document"}\n{"text": "broken\n')
+    out = tmp_path / "tok"
+    with pytest.raises(DataError) as err:
+        train_tokenizer(corpus, out, vocab_size=300)
+    message = str(err.value)
+    assert message.startswith(f"{corpus}:2: bad json") and "column" in message and "SentencePiece" not in message
+    assert "\n" not in message and "--on-error skip" in message
+    assert not out.exists()
