@@ -81,9 +81,16 @@ def expand_inputs(
             continue
         path = Path(text).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_supported(p))
+            every = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = [p for p in every if _is_supported(p)]
             if not found:
                 report.handle(on_error, "no_input_files", str(path), f"no {'/'.join(SUFFIXES)} files inside")
+            others = [p for p in every if not _is_supported(p)]
+            if others:  # a README or a .csv beside the text: not read, but counted and said once per directory
+                report.counts["unsupported_suffix"] += len(others)
+                report.examples.setdefault("unsupported_suffix", []).extend(str(o) for o in others[:3])
+                log.warning("%s: %d file(s) without a %s suffix not read, e.g. %s", path, len(others),
+                            "/".join(SUFFIXES), others[0].name)
             files.extend(found)
         elif _GLOB_CHARS.search(text):
             found = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))

@@ -173,3 +173,15 @@ def test_default_corpus_matches_its_reference_hash(caplog):
         corpus_mod.REFERENCE_CORPUS_SHA256 = old
         Path(changed).unlink()
     assert "not the reference" in caplog.text and "figures may differ" in caplog.text
+
+
+def test_files_with_other_suffixes_in_a_directory_are_counted_and_named(tmp_path, caplog):
+    (tmp_path / "a.txt").write_text("one document here\n")
+    (tmp_path / "notes.md").write_text("# not read\n")
+    (tmp_path / "table.csv").write_text("a,b\n")
+    report = SkipReport()
+    with caplog.at_level(logging.WARNING, logger="data_pipelines"):
+        docs = _docs(tmp_path, report=report, on_error="skip")
+    assert docs == ["one document here"]
+    assert report.counts["unsupported_suffix"] == 2
+    assert "2 file(s) without a" in caplog.text and "notes.md" in caplog.text
