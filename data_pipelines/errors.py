@@ -74,13 +74,6 @@ class SkipReport:
         """Number of skipped items over all reasons."""
         return sum(self.counts.values())
 
-    def merge(self, other: "SkipReport") -> None:
-        """Add another report's counts and examples into this one."""
-        self.counts.update(other.counts)
-        for reason, examples in other.examples.items():
-            mine = self.examples.setdefault(reason, [])
-            mine.extend(examples[: max(0, _MAX_EXAMPLES - len(mine))])
-
     def to_dict(self) -> dict:
         """JSON-ready form for the manifest: ``{"total", "counts", "examples"}``."""
         return {"total": self.total, "counts": dict(sorted(self.counts.items())), "examples": self.examples}

@@ -32,7 +32,7 @@ def _frame(body: np.ndarray, seq_len: int, bos: int, eos: int, pad: int) -> np.n
 
 
 def pack_full_sentences(
-    docs: Iterable[np.ndarray], seq_len: int, *, bos: int = 0, eos: int = 2, pad: int = 1
+    docs: Iterable[np.ndarray], seq_len: int, *, bos: int = 0, eos: int = 2
 ) -> Iterator[np.ndarray]:
     """FULL-SENTENCES packing: ``<s>`` + ``seq_len - 2`` stream tokens + ``</s>``, no padding.
 
@@ -41,7 +41,6 @@ def pack_full_sentences(
         seq_len: block length including ``<s>`` and ``</s>`` (>= 3).
         bos: id of ``<s>``.
         eos: id of ``</s>``, also the document separator.
-        pad: id of ``<pad>`` (unused: full blocks have no padding; kept for a uniform signature).
 
     Returns:
         An iterator of int32 arrays of length ``seq_len``. The final partial body is dropped.
@@ -99,7 +98,7 @@ def pack_documents(
 def pack(docs: Iterable[np.ndarray], seq_len: int, mode: PackMode, *, bos: int = 0, eos: int = 2, pad: int = 1) -> Iterator[np.ndarray]:
     """Dispatch to :func:`pack_full_sentences` (``"full"``) or :func:`pack_documents` (``"doc"``)."""
     if mode == "full":
-        return pack_full_sentences(docs, seq_len, bos=bos, eos=eos, pad=pad)
+        return pack_full_sentences(docs, seq_len, bos=bos, eos=eos)
     if mode == "doc":
         return pack_documents(docs, seq_len, bos=bos, eos=eos, pad=pad)
     raise ValueError(f"pack mode must be 'full' or 'doc', got {mode!r}")

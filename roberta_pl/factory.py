@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -176,9 +175,6 @@ def check_resume_checkpoint(ckpt: Path, model: dict, tokenizer_hash: str) -> Non
     diffs = [f"model.{k}={saved[k]} in the checkpoint but {model[k]} here" for k in _SHAPE_FIELDS
              if k in saved and k in model and saved[k] != model[k]]
     saved_hash = hp.get("tokenizer_hash")
-    if saved_hash is None and hp.get("tokenizer"):  # checkpoints from before the hash was recorded
-        meta = Path(hp["tokenizer"]) / "tokenizer_meta.json"
-        saved_hash = json.loads(meta.read_text()).get("hash") if meta.exists() else None
     if saved_hash is not None and saved_hash != tokenizer_hash:
         diffs.append(f"tokenizer {saved_hash} in the checkpoint but {tokenizer_hash} here (data.tokenizer)")
     if diffs:

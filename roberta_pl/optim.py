@@ -58,14 +58,6 @@ def plan_batch(global_batch_size: int, micro_batch_size: int, world_size: int, s
     return BatchPlan(global_batch_size, micro_batch_size, world_size, global_batch_size // per_pass, seq_len)
 
 
-@dataclass(frozen=True)
-class RampPhase:
-    """``global_batch_size`` applies from optimizer step ``start_step`` on."""
-
-    start_step: int
-    global_batch_size: int
-
-
 def plan_ramp(
     ramp: Sequence[tuple[int, int]], final: BatchPlan
 ) -> list[tuple[int, int, int]]:
