@@ -169,3 +169,35 @@ def check_known_keys(cfg: DictConfig, schema: type) -> None:
             walk(value, ref_items[key], f"{path}.")  # free-form values (dict, Any) are not DictConfigs in ref
 
     walk(cfg, OmegaConf.structured(schema), "")
+
+
+def preset_yaml(name: str) -> str:
+    """The text of ``conf/model/<name>.yaml``, generated from :data:`roberta_pl.model.PRESETS`: the one preset
+    table, with a parameter count computed on the meta device (the vocabulary's padding rows excluded, as in an
+    export). ``vocab_size`` is left to the tokenizer."""
+    import dataclasses
+
+    import torch
+
+    from roberta_pl.model import PRESET_SOURCES, PRESETS, RobertaForMaskedLM
+
+    c = PRESETS[name]
+    with torch.device("meta"):
+        params = RobertaForMaskedLM(dataclasses.replace(c, pad_vocab_multiple=1)).num_parameters()
+    lines = [f"# {PRESET_SOURCES[name]}: L={c.num_layers}, H={c.hidden_size}, A={c.num_heads}, "
+             f"FFN {c.intermediate_size}; {params / 1e6:.2f}M parameters with a {c.vocab_size}-token vocabulary.",
+             "# Generated from roberta_pl/model.py PRESETS by `python -m roberta_pl.config`: edit the table, not this file.",
+             f"name: {name}", f"hidden_size: {c.hidden_size}", f"num_layers: {c.num_layers}",
+             f"num_heads: {c.num_heads}", f"intermediate_size: {c.intermediate_size}", f"max_seq_len: {c.max_seq_len}"]
+    if c.pad_vocab_multiple != 1:
+        lines.append(f"pad_vocab_multiple: {c.pad_vocab_multiple}  # tensor-core friendly rows; padding never "
+                     f"reaches the loss or an export")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # rewrite conf/model/*.yaml from the preset table
+    from roberta_pl.model import PRESETS
+
+    for preset in PRESETS:
+        (CONF_DIR / "model" / f"{preset}.yaml").write_text(preset_yaml(preset))
+        print(f"wrote {CONF_DIR / 'model' / f'{preset}.yaml'}")

@@ -89,18 +89,22 @@ class RobertaConfig:
 
 
 PRESETS: dict[str, RobertaConfig] = {
-    # For tests and the CPU quickstart: ~1M parameters with an 8k vocabulary.
     "tiny": RobertaConfig(
         vocab_size=8192, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512, max_seq_len=128
     ),
-    # BERT-small's shape (Turc et al., 2019): 4 layers, 512 hidden, 8 heads.
     "small": RobertaConfig(
         vocab_size=32000, hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048, max_seq_len=512
     ),
-    # RoBERTa paper, Table 9 / BERT-base: L=12, H=768, A=12, FFN 3072, 50265 BPE vocab.
-    "base": RobertaConfig(),
-    # RoBERTa paper / BERT-large: L=24, H=1024, A=16, FFN 4096.
-    "large": RobertaConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+    "base": RobertaConfig(pad_vocab_multiple=64),
+    "large": RobertaConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, pad_vocab_multiple=64),
+}
+# Where each preset's shape comes from; conf/model/<name>.yaml is generated from PRESETS and these lines
+# (roberta_pl.config.preset_yaml), with the parameter count computed, never typed.
+PRESET_SOURCES: dict[str, str] = {
+    "tiny": "For tests and the CPU quickstart",
+    "small": 'BERT-small\'s shape (Turc et al., 2019, "Well-Read Students Learn Better")',
+    "base": "RoBERTa-base (Liu et al., 2019, Table 9; BERT-base shape)",
+    "large": "RoBERTa-large (Liu et al., 2019, Table 9; BERT-large shape)",
 }
 
 

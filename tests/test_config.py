@@ -138,3 +138,11 @@ def test_pretraining_help_lists_every_option_of_its_groups_and_no_finetuning_gro
         options = {o.strip() for o in listed[group].split(",")}
         assert options == {p.stem for p in (CONF_DIR / group).glob("*.yaml")}, group
     assert "task" not in listed  # fine-tuning's group
+
+
+@pytest.mark.parametrize("name", GROUPS["model"])
+def test_model_yaml_is_generated_from_the_one_preset_table(name):
+    from roberta_pl.config import preset_yaml
+
+    assert (CONF_DIR / "model" / f"{name}.yaml").read_text() == preset_yaml(name), \
+        "conf/model/ differs from roberta_pl/model.py PRESETS: run `python -m roberta_pl.config`"
