@@ -265,6 +265,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             resolved = OmegaConf.to_container(cfg, resolve=True)
             trainer, best = build_trainer(cfg, out_dir, plan, resolved)
             scope.trainer = trainer
+        except (ConfigError, BatchPlanError, DataError):
+            raise  # one line from run_scope (they are ValueErrors too: not the model's fault below)
         except (FileNotFoundError, KeyError, ValueError) as e:  # an unreadable model or checkpoint
             raise SystemExit(f"{PROG}: error: pretrained={cfg.pretrained}: {e}") from None
         pl.seed_everything(cfg.seed, workers=True)
