@@ -374,8 +374,12 @@ def start_cluster(state_dir: str | os.PathLike, ctld_port: int | None = None, sl
         "ROBERTA_PL_SLURM_FIRST_JOB_ID": str(random.randrange(1, 9000) * 1000 + 1),
         "SLURM_CONF": str(state_dir / "slurm.conf"),
     }
-    # Variables from an enclosing Slurm job would leak into sbatch/srun and confuse them.
-    for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
+    # Variables from an enclosing Slurm job would leak into sbatch/srun and confuse them; so would a rendezvous
+    # left in this process's environment by an earlier in-process run (the templates honour a MASTER_PORT set
+    # by the user).
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")
+    for key in [k for k in env if (k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF")
+                or k in rendezvous]:
         del env[key]
     cluster = SlurmCluster(state_dir=state_dir, env=env)
     cluster.script("start", timeout=timeout)

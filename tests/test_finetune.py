@@ -142,12 +142,14 @@ def test_token_classification_end_to_end_and_hf_export(tmp_path, pretrained):
     out = tmp_path / "run"
     summary = finetune(out, [f"pretrained={pretrained / 'hf'}", "task=token_classification",
                              f"task.train_file={files['train']}", f"task.valid_file={files['valid']}",
-                             f"task.test_file={files['valid']}", "trainer.max_epochs=20", "optim.lr=3e-3",
+                             f"task.test_file={files['valid']}", "trainer.max_epochs=20", "optim.lr=1e-3",
                              "early_stopping.patience=0"])
     assert summary["labels"] == ["B-CODE", "I-CODE", "O"]
     m = summary["metrics"]
     assert {"val/f1", "val/precision", "val/recall", "val/accuracy"} <= set(m)
-    assert m["val/f1"] > 0.1, m  # always-O scores 0: the tagger found code identifiers
+    # always-O scores 0: the tagger found code identifiers. (lr 1e-3: at 3e-3 this small model collapses to
+    # always-O from some initialisations; 1e-3 gave F1 0.30-0.32 over seeds.)
+    assert m["val/f1"] > 0.1, m
 
     rows = read_jsonl(out / "predictions" / "valid.jsonl")
     assert len(rows) == 60 and (out / "predictions" / "test.jsonl").exists()

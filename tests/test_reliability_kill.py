@@ -277,8 +277,8 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path, shard_dir, tokenize
     assert list(batches) == list(range(got["MLMDataModule"]["consumed"]))
     assert [b["batch"] for b in batches.values()] == [b["batch"] for b in expected_batches.values()]
     reliability("kill_random_moments",
-                happened=f"SIGKILL at 4 seeded random moments (seed {RANDOM_KILL_SEED}; one within 0.3 s of a "
-                         f"resume), accumulation 2, checkpoints every 3 steps, validation every 4",
+                happened=f"SIGKILL at 4 seeded random moments (seed {RANDOM_KILL_SEED}; one within the first "
+                         f"3 micro-batches after a resume), accumulation 2, checkpoints every 3 steps, validation every 4",
                 kept="every checkpoint on an optimizer-step boundary; final parameters, AdamW moments, LR "
                      "schedule, data position and batch order equal to the uninterrupted run's bit for bit")
 

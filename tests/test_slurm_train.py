@@ -26,6 +26,17 @@ TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.max_seq_len
         "trainer.enable_progress_bar=false", "data.num_workers=0", "fill_mask=[]"]
 
 
+def job_setup(run_dir: Path, marker: Path, shard_dir, tokenizer_dir, *, steps: int, val: int, ckpt: int, log: int,
+              pause: int, **env) -> tuple[list[str], dict[str, str]]:
+    """The overrides and environment of a template job on the tiny model that holds at step ``pause``."""
+    overrides = [*TINY, f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}",
+                 f"data.tokenizer={tokenizer_dir}", f"trainer.max_steps={steps}", f"trainer.val_every_n_steps={val}",
+                 f"checkpoint.every_n_steps={ckpt}", f"trainer.log_every_n_steps={log}", pause_override(pause, marker)]
+    env = {"RUN_DIR": str(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])), **env}
+    return overrides, env
+
+
 @pytest.mark.slow
 def test_template_trains_survives_requeue_and_resumes_same_run(slurm_cluster, tmp_path, shard_dir, tokenizer_dir):
     from wandb_records import history_and_config
@@ -33,11 +44,8 @@ def test_template_trains_survives_requeue_and_resumes_same_run(slurm_cluster, tm
     run_dir, marker = tmp_path / "run", tmp_path / "paused"
     # Checkpoints at 10, 20, ...; the first run stops at step 15 (PauseAtStep) and waits there, so the
     # requeue below comes mid-run whatever the machine's speed: steps 11-15 are lost and redone.
-    overrides = [*TINY, f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}",
-                 f"data.tokenizer={tokenizer_dir}", "trainer.max_steps=40", "trainer.val_every_n_steps=20",
-                 "checkpoint.every_n_steps=10", "trainer.log_every_n_steps=5", pause_override(15, marker)]
-    env = {"RUN_DIR": str(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    overrides, env = job_setup(run_dir, marker, shard_dir, tokenizer_dir, steps=40, val=20, ckpt=10, log=5,
+                               pause=15)
     # --time=60: far from the limit, so the template's SIGUSR1 (which would requeue the job by itself)
     # cannot come during the test.
     job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--time=60", "--job-name=train", cwd=tmp_path,
@@ -79,12 +87,8 @@ def test_template_with_zero3_survives_requeue_and_resumes_same_run(slurm_cluster
     from roberta_pl.factory import read_checkpoint
 
     run_dir, marker = tmp_path / "run", tmp_path / "paused"
-    overrides = [*TINY, f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}",
-                 f"data.tokenizer={tokenizer_dir}", "trainer.max_steps=12", "trainer.val_every_n_steps=6",
-                 "checkpoint.every_n_steps=4", "trainer.log_every_n_steps=2", pause_override(6, marker)]
-    env = {"RUN_DIR": str(run_dir), "TRAINER": "deepspeed_zero3",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    overrides, env = job_setup(run_dir, marker, shard_dir, tokenizer_dir, steps=12, val=6, ckpt=4, log=2,
+                               pause=6, TRAINER="deepspeed_zero3")
     job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--time=60", "--job-name=zero3", cwd=tmp_path,
                                script_args=overrides, env=env)
     log = job_log(run_dir, "zero3", job)
@@ -116,11 +120,8 @@ def usr1_run(slurm_cluster, tmp_path_factory, shard_dir, tokenizer_dir):
     boundary and requeues, and the restart resumes from it and finishes at step 30."""
     tmp = tmp_path_factory.mktemp("usr1")
     run_dir, marker = tmp / "run", tmp / "paused"
-    overrides = [*TINY, f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}",
-                 f"data.tokenizer={tokenizer_dir}", "trainer.max_steps=30", "trainer.val_every_n_steps=20",
-                 "checkpoint.every_n_steps=10", "trainer.log_every_n_steps=5", pause_override(15, marker)]
-    env = {"RUN_DIR": str(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    overrides, env = job_setup(run_dir, marker, shard_dir, tokenizer_dir, steps=30, val=20, ckpt=10, log=5,
+                               pause=15)
     job = slurm_cluster.submit(TEMPLATE_1NODE, *CPU_SBATCH_ARGS, "--time=30", "--job-name=usr1", cwd=tmp,
                                script_args=overrides, env=env)
     log = job_log(run_dir, "usr1", job)
