@@ -85,6 +85,19 @@ def check_logger(cfg: DictConfig) -> None:
                           "pip install tensorboard")
 
 
+def _wait_for_a_new_segment_name(wandb_dir: Path, run_id: str) -> None:
+    """W&B names a run's folder ``{offline-,}run-<YYYYmmdd_HHMMSS>-<id>``: a resume of the same run within the
+    second its last start began (a quick rerun, a test) would write into that folder and replace its records.
+    Wait (at most a second) until the name is new."""
+    import time
+
+    for _ in range(20):
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        if not any(wandb_dir.glob(f"*run-{stamp}-{run_id}")):
+            return
+        time.sleep(0.1)
+
+
 def build_loggers(cfg: DictConfig, out_dir: Path, resolved_config: dict) -> list:
     """The ``logger`` group's loggers (none, CSV, TensorBoard or W&B), numbering every record by optimizer step."""
     kind = cfg.logger.kind
@@ -98,8 +111,10 @@ def build_loggers(cfg: DictConfig, out_dir: Path, resolved_config: dict) -> list
         mode = {"dryrun": "offline"}.get(cfg.logger.mode, cfg.logger.mode)  # W&B's legacy name for offline
         if mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logger.mode={cfg.logger.mode}: choose offline, online or disabled")
+        run_id = wandb_run_id(out_dir)
+        _wait_for_a_new_segment_name(out_dir / "wandb", run_id)
         logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.run_name,
-                             save_dir=str(out_dir), id=wandb_run_id(out_dir), offline=mode != "online",
+                             save_dir=str(out_dir), id=run_id, offline=mode != "online",
                              resume="allow", tags=list(cfg.logger.tags), mode=mode)
         logger.log_hyperparams(resolved_config)
         return [logger]

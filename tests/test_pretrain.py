@@ -327,3 +327,17 @@ def test_progress_bar_counts_optimizer_steps_across_a_resume(tmp_path, data_over
     second = capsys.readouterr().out
     assert "Steps" in first and "4/6" in first and "Epoch" not in first
     assert "6/6" in second and "Epoch" not in second
+
+
+def test_a_resume_within_the_same_second_gets_its_own_wandb_folder(tmp_path):
+    # W&B names offline folders by the second a run starts: a quick rerun wrote into the previous segment's
+    # folder (the full suite caught it: one folder where two were expected).
+    import time
+
+    from roberta_pl.loggers import _wait_for_a_new_segment_name
+
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    (tmp_path / f"offline-run-{stamp}-abc123").mkdir()
+    _wait_for_a_new_segment_name(tmp_path, "abc123")
+    assert time.strftime("%Y%m%d_%H%M%S") != stamp
+    _wait_for_a_new_segment_name(tmp_path, "other")  # another run id never waits
