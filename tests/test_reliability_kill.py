@@ -283,18 +283,27 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path, shard_dir, tokenize
                      "schedule, data position and batch order equal to the uninterrupted run's bit for bit")
 
 
+def straight_and_killed_group(tmp_path_factory, name: str, shard_dir: Path, tokenizer_dir: Path, extra: list[str],
+                              seed: int) -> tuple[Path, Path]:
+    """A multi-rank run twice: uninterrupted, and with its whole process group SIGKILLed at 2 seeded random
+    moments and rerun to the end (every checkpoint audited). Returns both run directories."""
+    straight_dir, killed_dir = tmp_path_factory.mktemp(f"{name}-straight"), tmp_path_factory.mktemp(f"{name}-killed")
+    finish(start(random_kill_command(straight_dir, shard_dir, tokenizer_dir, *extra), straight_dir / "log.txt",
+                 new_session=True), straight_dir / "log.txt")
+    cmd = random_kill_command(killed_dir, shard_dir, tokenizer_dir, *extra)
+    seen = kill_at_random_moments(cmd, killed_dir, kills=2, seed=seed, group=True)
+    print("kills:", *seen, sep="\n  ")
+    finish(start(cmd, killed_dir / "log.txt", new_session=True), killed_dir / "log.txt")
+    assert_saves_on_step_boundaries(killed_dir)
+    return straight_dir, killed_dir
+
+
 def test_sigkill_of_two_ddp_ranks_at_random_moments_resumes_exactly(tmp_path_factory, shard_dir, tokenizer_dir,
                                                                    reliability):
     # 2 gloo ranks, accumulation 2 (global 16 = micro 4 x 2 x 2 ranks); the whole process group is killed.
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "batch.global_batch_size=16"]
-    straight_dir, killed_dir = tmp_path_factory.mktemp("ddp-straight"), tmp_path_factory.mktemp("ddp-killed")
-    finish(start(random_kill_command(straight_dir, shard_dir, tokenizer_dir, *ddp), straight_dir / "log.txt"),
-           straight_dir / "log.txt")
-    cmd = random_kill_command(killed_dir, shard_dir, tokenizer_dir, *ddp)
-    seen = kill_at_random_moments(cmd, killed_dir, kills=2, seed=RANDOM_KILL_SEED + 1, group=True)
-    print("kills:", *seen, sep="\n  ")
-    finish(start(cmd, killed_dir / "log.txt", new_session=True), killed_dir / "log.txt")
-    assert_saves_on_step_boundaries(killed_dir)
+    straight_dir, killed_dir = straight_and_killed_group(tmp_path_factory, "ddp", shard_dir, tokenizer_dir, ddp,
+                                                         seed=RANDOM_KILL_SEED + 1)
     got, expected = load(killed_dir / "checkpoints" / "last.ckpt"), load(straight_dir / "checkpoints" / "last.ckpt")
     assert got["global_step"] == RANDOM_STEPS and got["MLMDataModule"]["world_size"] == 2
     assert_same_state(expected, got)
@@ -362,14 +371,8 @@ def test_sigkill_of_a_two_rank_zero3_run_at_random_moments_resumes_exactly(tmp_p
     # partition of the parameters and AdamW moments; the whole process group is killed.
     zero = ["trainer=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
             "batch.global_batch_size=16"]
-    straight_dir, killed_dir = tmp_path_factory.mktemp("zero-straight"), tmp_path_factory.mktemp("zero-killed")
-    finish(start(random_kill_command(straight_dir, shard_dir, tokenizer_dir, *zero), straight_dir / "log.txt",
-                 new_session=True), straight_dir / "log.txt")
-    cmd = random_kill_command(killed_dir, shard_dir, tokenizer_dir, *zero)
-    seen = kill_at_random_moments(cmd, killed_dir, kills=2, seed=RANDOM_KILL_SEED + 2, group=True)
-    print("kills:", *seen, sep="\n  ")
-    finish(start(cmd, killed_dir / "log.txt", new_session=True), killed_dir / "log.txt")
-    assert_saves_on_step_boundaries(killed_dir)
+    straight_dir, killed_dir = straight_and_killed_group(tmp_path_factory, "zero", shard_dir, tokenizer_dir, zero,
+                                                         seed=RANDOM_KILL_SEED + 2)
     assert (killed_dir / "log.txt").read_text().count("Resuming from") >= 1
     got, expected = _deepspeed_state(killed_dir / "checkpoints" / "last.ckpt"), _deepspeed_state(
         straight_dir / "checkpoints" / "last.ckpt")
