@@ -146,9 +146,9 @@ def read_checkpoint_hparams(ckpt: Path) -> dict:
     return dict(read_checkpoint(ckpt).get("hyper_parameters") or {})
 
 
-def describe_resume(ckpt: Path, wandb_id: str | None = None) -> str:
-    """One line saying what a resume continues from: the checkpoint, its step, the data position, the W&B run."""
-    state = read_checkpoint(ckpt)
+def describe_resume(ckpt: Path, state: dict, wandb_id: str | None = None) -> str:
+    """One line saying what a resume continues from: the checkpoint, its step (``state`` is what
+    :func:`read_checkpoint` returned for it), the data position, the W&B run."""
     data = state.get("MLMDataModule") or {}
     parts = [f"step {state.get('global_step', '?')}"]
     if "consumed" in data:

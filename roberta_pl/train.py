@@ -64,7 +64,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
         ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
         if ckpt:  # refused here, not half-way into fit, and read without running pickled code
             check_resume_checkpoint(ckpt, model_cfg, data.tokenizer.hash)
-            finished = finished_run(ckpt, cfg.trainer.max_steps, out_dir)
+            saved = read_checkpoint(ckpt)  # memory-mapped; read once for the finished-run check and the resume line
+            finished = finished_run(ckpt, saved, cfg.trainer.max_steps, out_dir)
             if finished is not None:
                 return finished
         if not any(int(os.environ.get(v, 0) or 0) for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
@@ -80,7 +81,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
             print(describe_model(module, plan), flush=True)
         if ckpt and trainer.is_global_zero:
             wandb_id = wandb_run_id(out_dir) if cfg.logger.kind == "wandb" else None
-            print(describe_resume(ckpt, wandb_id), flush=True)
+            print(describe_resume(ckpt, saved, wandb_id), flush=True)
         datamodule = build_datamodule(cfg, data, plan)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # no pickled code runs
         data_report = report_data(datamodule, trainer.is_global_zero)
@@ -103,11 +104,11 @@ def describe_model(module: MaskedLMModule, plan) -> str:
             f"accumulation {plan.accumulation} x {plan.world_size} rank{'s' if plan.world_size > 1 else ''})")
 
 
-def finished_run(ckpt: Path, max_steps: int, out_dir: Path) -> dict | None:
+def finished_run(ckpt: Path, saved: dict, max_steps: int, out_dir: Path) -> dict | None:
     """The summary of a run that already reached ``max_steps`` (None if it has steps to go). Rerunning a
     finished run keeps every output as it is (summary, export, W&B run); raising ``trainer.max_steps``
     continues it instead."""
-    step = int(read_checkpoint(ckpt).get("global_step", 0))
+    step = int(saved.get("global_step", 0))
     if step < max_steps:
         return None
     summary_path = out_dir / "summary.json"
