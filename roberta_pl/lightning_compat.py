@@ -1,7 +1,7 @@
 """Every access to Lightning internals, in one place.
 
 Lightning exposes no public API for these; each function names the attribute it reads or writes and the
-Lightning version it was checked against. ``tests/test_lightning_compat.py`` exercises each one on a real
+Lightning version it was checked against. ``tests/unit/test_lightning_compat.py`` exercises each one on a real
 Trainer, so a Lightning upgrade that moves one fails there, loudly, not as a silently wrong run.
 """
 

@@ -5,7 +5,7 @@ Lightning's ``DeepSpeedStrategy`` is CUDA-only in three places, although DeepSpe
 :class:`ZeroStrategy` bypasses exactly those three on a CPU accelerator (overrides 1-3) and is Lightning's
 strategy on CUDA, but for one fix that applies on both (override 4: gradient accumulation). Checked against
 lightning 2.6.6 and deepspeed 0.19.8 (``lightning/pytorch/strategies/deepspeed.py``);
-``tests/test_zero_cpu.py`` fails loudly if a newer Lightning moves these points.
+``tests/integration/test_zero_cpu.py`` fails loudly if a newer Lightning moves these points.
 """
 
 from __future__ import annotations

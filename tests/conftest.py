@@ -11,6 +11,12 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# The shared helpers (fixtures, job scripts, fault callbacks) live in tests/helpers, one place for both suites.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+
 from data_fixtures import corpus_docs, corpus_file, shard_dir, tok, tokenizer_dir  # noqa: E402,F401
 
 

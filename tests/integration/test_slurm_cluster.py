@@ -209,7 +209,7 @@ def test_template_cpu_job_requeues_on_sigusr1_and_resumes_in_the_same_run_dir(
 
 def test_multinode_template_derives_topology_from_the_allocation(slurm_cluster, tmp_path, stub_trainer_env):
     # Only one node here: --nodes=1 overrides the template's default of 2; the script logic is the same
-    # (tests/test_slurm_multinode.py runs it on 2 nodes). An explicit --output wins over the run-dir log.
+    # (tests/integration/test_slurm_multinode.py runs it on 2 nodes). An explicit --output wins over the run-dir log.
     env = {**stub_trainer_env, "STUB_EXIT": "0", "EXPERIMENT": "quickstart", "RUN_DIR": str(tmp_path / "fixed"),
            "MASTER_PORT": "23456"}
     job = slurm_cluster.submit(TEMPLATE_MULTINODE, *CPU_SBATCH_ARGS, "--nodes=1", "--output=mine.out",

@@ -21,7 +21,7 @@ import torch
 from reliability_faults import surviving_batches
 from test_pretrain import TINY
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1] / "helpers"  # on PYTHONPATH for subprocess runs
 MAX_STEPS = 12
 KILL_SEED = 8  # the "random" kill steps are drawn from this seed, so a failure can be replayed
 STEP_CKPT = re.compile(r"step-(\d+)\.ckpt$")

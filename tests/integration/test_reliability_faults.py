@@ -29,7 +29,7 @@ from roberta_pl.train import run
 from reliability_report import scrub
 from test_pretrain import TINY, compose_cfg
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1] / "helpers"  # on PYTHONPATH for subprocess runs
 SEED = 1234  # conf/pretrain: the run's seed, which orders the shards
 FAST = ["trainer.val_every_n_steps=1000", "export_hf=false", "logger=csv", "checkpoint.every_n_steps=1"]
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import lightning.pytorch as pl
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO_ROOT / "launch" / "slurm" / "local_cluster.sh"
 TEMPLATE_1NODE = REPO_ROOT / "launch" / "slurm" / "train_1node.sbatch"
 TEMPLATE_MULTINODE = REPO_ROOT / "launch" / "slurm" / "train_multinode.sbatch"
@@ -421,7 +421,7 @@ class PauseAtStep(pl.Callback):
 
 
 def pause_override(step: int, marker: str | os.PathLike) -> str:
-    """The Hydra override that adds :class:`PauseAtStep` (the job needs `tests/` on its PYTHONPATH)."""
+    """The Hydra override that adds :class:`PauseAtStep` (the job needs `tests/helpers/` on its PYTHONPATH)."""
     return f"trainer.callbacks=[{{_target_: slurm_helpers.PauseAtStep, step: {step}, marker: '{marker}'}}]"
 
 

@@ -1,4 +1,4 @@
-"""A real Lightning DDP job for tests/test_ddp.py (run as a script: Lightning re-launches it per rank).
+"""A real Lightning DDP job for tests/integration/test_ddp.py (run as a script: Lightning re-launches it per rank).
 
 Usage: python ddp_equivalence_job.py OUT_DIR DEVICES ACCUMULATION
 

@@ -160,7 +160,7 @@ def test_zero_memory_bench_smoke(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "zero_memory.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "zero_memory.py"
     proc = subprocess.run([sys.executable, str(script), "--quick", "--strategies", "ddp,zero3", "--out-dir",
                            str(tmp_path)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})

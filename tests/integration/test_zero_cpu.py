@@ -26,7 +26,7 @@ from roberta_pl.cli.export import main as export_main
 from roberta_pl.config import CONF_DIR, register_configs
 from roberta_pl.factory import ConfigError, preflight
 
-JOB = Path(__file__).with_name("zero_equivalence_job.py")
+JOB = Path(__file__).resolve().parents[1] / "helpers" / "zero_equivalence_job.py"
 BIN = Path(sys.executable).parent
 register_configs()
 

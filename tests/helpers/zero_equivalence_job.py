@@ -1,10 +1,10 @@
-"""A real 2-rank CPU (gloo) job for tests/test_zero_cpu.py: one tiny MLM training under DDP, ZeRO-2 and ZeRO-3.
+"""A real 2-rank CPU (gloo) job for tests/integration/test_zero_cpu.py: one tiny MLM training under DDP, ZeRO-2 and ZeRO-3.
 
 Usage: python zero_equivalence_job.py OUT_DIR STRATEGY[,STRATEGY...] [PRECISION]   (ddp | zero2 | zero3 | zero3_offload)
 
 The strategies run one after another in the same two processes (Lightning launches rank 1 once; the
 later Trainers find the rank variables and the gloo group already there), from the same initial weights
-(seed 0), on the same pre-masked global batches as tests/ddp_equivalence_job.py. Each rank records its
+(seed 0), on the same pre-masked global batches as tests/helpers/ddp_equivalence_job.py. Each rank records its
 loss at every micro-batch; rank 0 saves the final parameters (gathered from the ZeRO-3 shards) and the
 ZeRO-3 run also writes its DeepSpeed checkpoint directory.
 """

@@ -50,7 +50,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, messa
 
 
 def test_help_lists_subcommands_with_defaults():
-    root = Path(__file__).parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-m", "data_pipelines.cli", "--help"], cwd=root, capture_output=True, text=True, check=True).stdout
     for sub in ("tokenizer", "shards", "inspect"):
         assert sub in out

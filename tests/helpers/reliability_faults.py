@@ -1,7 +1,7 @@
 """Fault-injection and recording callbacks for the reliability tests.
 
 They reach a run the way a user's own callbacks do: ``trainer.callbacks=[{_target_: reliability_faults.X, ...}]``
-on the command line (with ``tests/`` on ``PYTHONPATH`` for subprocess runs). Production code knows nothing
+on the command line (with ``tests/helpers/`` on ``PYTHONPATH`` for subprocess runs). Production code knows nothing
 about them.
 """
 

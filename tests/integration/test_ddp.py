@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-JOB = Path(__file__).with_name("ddp_equivalence_job.py")
+JOB = Path(__file__).resolve().parents[1] / "helpers" / "ddp_equivalence_job.py"
 
 
 def _run(out: Path, devices: int, accumulation: int) -> None:

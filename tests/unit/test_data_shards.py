@@ -88,7 +88,7 @@ def test_interrupted_run_leaves_no_valid_looking_shard_and_resumes(tmp_path, cor
         resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
         write_shards({str(corpus_file)!r}, {str(tokenizer_dir)!r}, {str(out)!r}, docs_per_shard=200, num_workers=0, progress=False)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2], capture_output=True)
     assert proc.returncode != 0
     leftovers = sorted(p.name for p in out.iterdir())
     assert any(n.endswith(".partial") for n in leftovers), leftovers
