@@ -7,7 +7,7 @@ Usage (from the repository root):
     python bench/zero_memory.py --quick         # tiny, 2 steps (the smoke test's setting)
 
 Each strategy runs in its own pair of processes (a real Lightning job: ``ZeroStrategy`` with the project's own
-DeepSpeed config from ``roberta_pl.factory.deepspeed_config``, ``DS_ACCELERATOR=cpu``, gloo; Lightning's DDP for
+DeepSpeed config from ``roberta_pl.trainer.deepspeed_config``, ``DS_ACCELERATOR=cpu``, gloo; Lightning's DDP for
 ``ddp``), from the same seed, on random pre-masked batches. At the last optimizer step, after the backward and
 before the update (``on_before_optimizer_step``: gradients and Adam's m and v all alive), every rank measures:
 
@@ -147,7 +147,7 @@ def run_rank(args) -> None:
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader, Dataset
 
-    from roberta_pl.factory import deepspeed_config
+    from roberta_pl.trainer import deepspeed_config
     from roberta_pl.model import RobertaConfig
     from roberta_pl.optim import plan_batch
     from roberta_pl.pretrain import MaskedLMModule

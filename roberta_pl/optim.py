@@ -7,7 +7,7 @@ micro-batch, world size and accumulation are derived here and checked loudly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -22,7 +22,12 @@ class BatchPlanError(ValueError):
 class BatchPlan:
     """How one optimizer step's global batch is produced.
 
-    ``global_batch_size = micro_batch_size * accumulation * world_size`` exactly.
+    ``global_batch_size = micro_batch_size * accumulation * world_size`` exactly. Computed once per run (by
+    :func:`plan_schedule`, in the run's preflight) and passed to everything that needs a batch figure.
+
+    Attributes:
+        phases: ``(start_step, start_micro_batch, accumulation)`` per phase of a batch-size ramp (see
+            :func:`plan_ramp`); one phase, ``(0, 0, accumulation)``, without a ramp.
     """
 
     global_batch_size: int
@@ -30,10 +35,20 @@ class BatchPlan:
     world_size: int
     accumulation: int
     seq_len: int
+    phases: tuple[tuple[int, int, int], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.phases:
+            object.__setattr__(self, "phases", ((0, 0, self.accumulation),))
 
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_len
+
+    @property
+    def batch_multiple(self) -> int:
+        """Micro-batches per rank that make whole optimizer steps in every phase (an epoch holds a multiple)."""
+        return math.lcm(*(acc for _, _, acc in self.phases))
 
 
 def plan_batch(global_batch_size: int, micro_batch_size: int, world_size: int, seq_len: int) -> BatchPlan:
@@ -56,6 +71,14 @@ def plan_batch(global_batch_size: int, micro_batch_size: int, world_size: int, s
             f"x world_size={world_size} = {per_pass}; choose a global batch that is a multiple of {per_pass}"
         )
     return BatchPlan(global_batch_size, micro_batch_size, world_size, global_batch_size // per_pass, seq_len)
+
+
+def plan_schedule(global_batch_size: int, micro_batch_size: int, world_size: int, seq_len: int,
+                  ramp: Sequence[Sequence[int]] = ()) -> BatchPlan:
+    """The run's batch plan: :func:`plan_batch` for the final global batch, with the ramp's phases
+    (:func:`plan_ramp`) attached. Raises :class:`BatchPlanError` like both."""
+    final = plan_batch(global_batch_size, micro_batch_size, world_size, seq_len)
+    return replace(final, phases=tuple(plan_ramp([(int(u), int(g)) for u, g in ramp], final)))
 
 
 def plan_ramp(
@@ -179,3 +202,69 @@ def build_adamw(model: nn.Module, lr: float, betas: Sequence[float], eps: float,
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+# -- time budgets ------------------------------------------------------------------------------------
+_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(value: str | int | float, field: str = "trainer.max_time") -> float:
+    """Seconds in a wall-clock budget.
+
+    Args:
+        value: ``"DD:HH:MM:SS"`` (Lightning's ``max_time`` form, e.g. ``"00:00:10:00"``), ``"HH:MM:SS"``,
+            unit sums such as ``"2h"``, ``"10m"``, ``"1h30m"``, ``"90s"``, or a number of seconds.
+        field: the config field named in the error.
+    Returns:
+        The budget in seconds (> 0).
+    Raises:
+        ValueError: one line naming the field and the value.
+    """
+    import re
+
+    text = str(value).strip().lower()
+    seconds: float | None = None
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    elif re.fullmatch(r"\d+(:\d+){2,3}", text):
+        parts = [int(p) for p in text.split(":")]
+        seconds = float(sum(p * s for p, s in zip(reversed(parts), (1, 60, 3600, 86400))))
+    elif re.fullmatch(r"(\d+(\.\d+)?[dhms])+", text):
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([dhms])", text))
+    if seconds is None or seconds <= 0:
+        raise ValueError(f"{field}={value!r}: give a positive duration such as \"00:00:10:00\" (DD:HH:MM:SS), "
+                         f"\"2h\", \"10m\", \"1h30m\" or a number of seconds")
+    return seconds
+
+
+def micro_batches_before(phases: Sequence[tuple[int, int, int]], step: int) -> int:
+    """Micro-batches per rank that optimizer steps ``0 .. step - 1`` consume, under the batch plan's phases
+    (``(start_step, start_micro_batch, accumulation)``, see :func:`plan_ramp`)."""
+    start_step, start_micro, acc = [p for p in phases if p[0] <= step][-1]
+    return start_micro + (step - start_step) * acc
+
+
+def budget_max_steps(phases: Sequence[tuple[int, int, int]], step: int, seconds_left: float,
+                     seconds_per_micro_batch: float, cap: int) -> int:
+    """The step count a time budget buys: the last optimizer step whose micro-batches, from ``step`` on,
+    fit in ``seconds_left`` at the measured rate (a batch ramp's longer steps included). At least
+    ``step + 1``; at most ``cap``.
+
+    Args:
+        phases: the batch plan's phases.
+        step: optimizer steps already taken.
+        seconds_left: training time left (validation and the run's end already subtracted).
+        seconds_per_micro_batch: the measured time of one micro-batch, forward + backward + its share of the step.
+        cap: ``trainer.max_steps``, which a budget never exceeds.
+    Returns:
+        The ``max_steps`` to fix.
+    """
+    affordable = micro_batches_before(phases, step) + max(0.0, seconds_left) / max(seconds_per_micro_batch, 1e-9)
+    lo, hi = step + 1, max(cap, step + 1)
+    while lo < hi:  # the largest s in [step + 1, cap] with micro_batches_before(s) <= affordable
+        mid = (lo + hi + 1) // 2
+        if micro_batches_before(phases, mid) <= affordable:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

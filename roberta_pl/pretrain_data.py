@@ -6,17 +6,17 @@ turned into a tokenizer and shards once, under ``data.cache_dir``, and reused by
 
 from __future__ import annotations
 
-import math
+import contextlib
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from data_pipelines.tokenizer import SpmTokenizer, load_tokenizer
-from roberta_pl.factory import file_lock
-from roberta_pl.optim import BatchPlan, plan_ramp
+from roberta_pl.optim import BatchPlan
 
-DEFAULT_DATASET_VERSION = 3  # bump when the default corpus, tokenizer or shard settings change
+DEFAULT_DATASET_VERSION = 5  # bump when the default corpus, tokenizer or shard settings change (4: shard format 2; 5: whitespace pieces)
 
 
 @dataclass
@@ -24,6 +24,18 @@ class PretrainData:
     tokenizer: SpmTokenizer
     train_shards: str
     valid_shards: str | None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock across processes (all Slurm ranks start at once; one builds, the others wait)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _default_dataset(cache_dir: Path, vocab_size: int) -> PretrainData:
@@ -41,7 +53,7 @@ def _default_dataset(cache_dir: Path, vocab_size: int) -> PretrainData:
             train_tokenizer(corpus, tok_dir, vocab_size=vocab_size, input_sentence_size=300_000)
         if not (shard_dir / "manifest.json").exists():
             print(f"Writing default-corpus shards -> {shard_dir}")
-            write_shards(corpus, tok_dir, shard_dir, docs_per_shard=2000, valid_fraction=0.02)
+            write_shards(corpus, tok_dir, shard_dir, valid_fraction=0.02)  # shard count from the corpus size (22)
         manifest = load_manifest(shard_dir / "manifest.json")
     has_valid = manifest["splits"].get("valid", {}).get("num_shards", 0) > 0
     # A shard directory stands for its manifest's train (or valid) split.
@@ -64,13 +76,53 @@ def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
     from data_pipelines.datamodule import MLMDataModule
 
     d = cfg.data
-    # Epochs hold whole optimizer steps: Lightning would otherwise step on a partial accumulation at
-    # each epoch end (a smaller global batch, and a drifting step count).
-    accumulations = [acc for _, _, acc in plan_ramp([tuple(r) for r in cfg.batch.ramp], plan)]
     return MLMDataModule(
         train_shards=data.train_shards, valid_shards=data.valid_shards, tokenizer_dir=str(data.tokenizer.path),
         seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size, mask_prob=d.mask_prob,
         random_prob=d.random_prob, keep_prob=d.keep_prob, whole_word=d.whole_word, span=d.span,
-        pack_mode=_PACK_MODES[d.packing], seed=cfg.seed, num_workers=d.num_workers, shuffle_window=d.shuffle_buffer,
-        on_error=d.on_error, batch_multiple=math.lcm(*accumulations),
+        pack_mode=_PACK_MODES[d.packing], seed=cfg.seed, num_workers=data_workers(cfg, data, plan), shuffle_window=d.shuffle_window,
+        on_error=d.on_error,
+        # Epochs hold whole optimizer steps: Lightning would otherwise step on a partial accumulation at
+        # each epoch end (a smaller global batch, and a drifting step count).
+        batch_multiple=plan.batch_multiple,
+        accumulation=plan.phases,  # each batch carries its step's masked-token count, the loss's denominator
+        mask_schedule=mask_schedule(cfg, plan),
     )
+
+
+def data_workers(cfg: DictConfig, data: PretrainData, plan: BatchPlan) -> int:
+    """``data.num_workers``, or when it is None the most that the rank's CPUs and the train shards allow (logged once)."""
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    import logging
+    import os
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from data_pipelines.shards import available_cpus
+    from data_pipelines.stream import default_num_workers, resolve_shards
+
+    shards = len(resolve_shards(data.train_shards, split="train").shards)
+    ranks_here = max(1, plan.world_size // max(1, int(cfg.trainer.num_nodes)))
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or max(1, available_cpus() // ranks_here)
+    workers = default_num_workers(shards, plan.world_size, cpus)
+    if rank_zero_only.rank == 0:  # once per run, not once per rank
+        logging.getLogger("roberta_pl").info(
+            "data.num_workers unset: %d DataLoader worker(s) per rank, for %d CPU(s) per rank and %d train shard(s) over "
+            "%d rank(s) (at most 4); set data.num_workers to choose", workers, cpus, shards, plan.world_size)
+    return workers
+
+
+def mask_schedule(cfg: DictConfig, plan: BatchPlan):
+    """The training mask-rate schedule of ``data.mask_prob_start`` (None without one), in micro-batches per rank:
+    ``mask_prob_start`` through the LR warm-up, then linear to ``data.mask_prob`` at ``trainer.max_steps``. Under a
+    time budget (``trainer.max_time``) the horizon is fixed during the warm-up by the BudgetPlanner."""
+    from data_pipelines.masking import MaskSchedule
+    from roberta_pl.optim import micro_batches_before
+
+    d, t = cfg.data, cfg.trainer
+    if d.mask_prob_start is None:
+        return None
+    horizon = None if t.max_time is not None else micro_batches_before(plan.phases, t.max_steps)
+    return MaskSchedule(d.mask_prob_start, d.mask_prob, micro_batches_before(plan.phases, cfg.optim.warmup_steps),
+                        horizon)

@@ -56,10 +56,10 @@ def embed(encoder: torch.nn.Module, tokenizer, texts: list[str], pooling: str = 
 
     Args:
         encoder: a :class:`~roberta_pl.model.RobertaModel`.
-        tokenizer: a fine-tuning text tokenizer (:func:`roberta_pl.finetune.data.load_text_tokenizer`).
+        tokenizer: a fine-tuning text tokenizer (:func:`data_pipelines.task_data.load_text_tokenizer`).
         pooling: ``mean`` over real tokens (``<s>`` and ``</s>`` included) or ``cls`` (the ``<s>`` state).
     """
-    from roberta_pl.finetune.data import collate, encode_pair
+    from data_pipelines.task_data import collate, encode_pair
     from roberta_pl.model import pool
 
     max_len = min(max_len or encoder.config.max_seq_len, encoder.config.max_seq_len)
@@ -91,17 +91,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("file", help=".txt (one text per line) or .csv/.tsv/.jsonl (see --column)")
     p.add_argument("-o", "--output", help="output .npy (default: FILE with the suffix .npy)")
     p.add_argument("--column", default="text", help="text column of a CSV/TSV/JSONL file (default: text)")
-    p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="mean of token states or the <s> state")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="mean of token states or the <s> state (default: mean)")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
     p.add_argument("--max-length", type=int, help="tokens per text, <s> and </s> included (default: the model's)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda where available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from roberta_pl.checkpoints import load_encoder
-    from roberta_pl.finetune.data import load_text_tokenizer
+    from data_pipelines.task_data import load_text_tokenizer
 
     src = Path(args.file)
     out = Path(args.output) if args.output else src.with_suffix(".npy")

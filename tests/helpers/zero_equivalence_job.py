@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ddp_equivalence_job import GLOBAL, MICRO, SEQ, STEPS, VOCAB, Data, Module
-from roberta_pl.factory import deepspeed_config
+from roberta_pl.trainer import deepspeed_config
 from roberta_pl.optim import plan_batch
 from roberta_pl.strategies import ZeroStrategy
 

@@ -84,7 +84,7 @@ def test_template_trains_survives_requeue_and_resumes_same_run(slurm_cluster, tm
 def test_template_with_zero3_survives_requeue_and_resumes_same_run(slurm_cluster, tmp_path, shard_dir, tokenizer_dir):
     """The same template with `TRAINER=deepspeed_zero3`: 2 CPU tasks shard parameters and optimizer state, each
     writes its partition of the checkpoint directory, and the requeued job resumes from them."""
-    from roberta_pl.factory import read_checkpoint
+    from roberta_pl.checks import read_checkpoint
 
     run_dir, marker = tmp_path / "run", tmp_path / "paused"
     overrides, env = job_setup(run_dir, marker, shard_dir, tokenizer_dir, steps=12, val=6, ckpt=4, log=2,

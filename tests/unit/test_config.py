@@ -8,7 +8,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from roberta_pl.config import CONF_DIR, register_configs
-from roberta_pl.factory import ConfigError, build_strategy, deepspeed_config, preflight
+from roberta_pl.checks import preflight
+from roberta_pl.errors import ConfigError
+from roberta_pl.trainer import build_strategy, deepspeed_config
 from roberta_pl.optim import BatchPlanError, lr_lambda, plan_batch, plan_ramp
 
 register_configs()

@@ -1,42 +1,24 @@
-"""Turn a composed config into the objects a run needs: checks first, then data, trainer, loggers.
+"""Checks a run passes before any expensive work: the config (preflight), the resume checkpoint, the disk.
 
-Every check that can fail runs before any expensive work (tokenizer training, sharding, model build),
-and fails with one line that names the config field and value.
+Every check fails with one line that names the config field or file and the value, and what would work
+(:class:`~roberta_pl.errors.ConfigError`; the run harness prints it without a traceback). Pretraining and
+fine-tuning both check here; their preflights return the one :class:`~roberta_pl.optim.BatchPlan` the rest of
+the run uses.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
-from roberta_pl.callbacks import (
-    AtomicCheckpointIO,
-    BatchRamp,
-    DataSkipMonitor,
-    LossCurve,
-    LossScaleMonitor,
-    NonFiniteLossGuard,
-    RequeueOnSignal,
-    StepCheckpoint,
-    StepProgressBar,
-    StopAtStep,
-    ThroughputLogger,
-    ValidationSchedule,
-)
 from roberta_pl.errors import ConfigError
-from roberta_pl.lightning_compat import slurm_environment
-from roberta_pl.loggers import StepLearningRateMonitor, build_loggers, check_logger
-from roberta_pl.optim import BatchPlan, plan_batch, plan_ramp
+from roberta_pl.loggers import check_logger
+from roberta_pl.optim import BatchPlan, BatchPlanError, parse_duration, plan_batch, plan_schedule
 
 
-# -- checks ------------------------------------------------------------------------------------------
 def world_size(cfg: DictConfig) -> int:
     """Ranks the run will have: devices per node x nodes (``devices=auto`` counts visible GPUs)."""
     t = cfg.trainer
@@ -51,7 +33,8 @@ def world_size(cfg: DictConfig) -> int:
 
 
 def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
-    """Refuse a config that cannot run, before any work. Returns the batch plan."""
+    """Refuse a pretraining config that cannot run, before any work. Returns the run's batch plan (ramp
+    phases included), the only one computed."""
     t, b = cfg.trainer, cfg.batch
     check_logger(cfg)
     check_model_and_optim(cfg)
@@ -63,8 +46,8 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
     if b.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"batch.seq_len={b.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} "
                           f"(the position table has {cfg.model.max_seq_len + 2} rows)")
-    plan = plan_batch(b.global_batch_size, b.micro_batch_size, world_size(cfg), b.seq_len)
-    plan_ramp([tuple(r) for r in b.ramp], plan)
+    plan = plan_schedule(b.global_batch_size, b.micro_batch_size, world_size(cfg), b.seq_len, b.ramp)
+    check_budget(cfg)
     if b.ramp and t.strategy == "deepspeed":
         raise ConfigError("batch.ramp is not supported with trainer.strategy=deepspeed (DeepSpeed fixes accumulation "
                           "at start-up); drop the ramp or use ddp")
@@ -98,6 +81,66 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
     return plan
 
 
+def check_budget(cfg: DictConfig) -> float | None:
+    """The seconds of ``trainer.max_time`` (None without one), and the settings a time budget or a mask-rate
+    schedule needs; one line naming the field and value otherwise."""
+    t, d = cfg.trainer, cfg.data
+    if d.mask_prob_start is not None and not 0.0 < d.mask_prob_start < 1.0:
+        raise ConfigError(f"data.mask_prob_start={d.mask_prob_start}: a rate in (0, 1), e.g. 0.3 (Ankner et al., 2023)")
+    if t.max_time is None:
+        return None
+    try:
+        seconds = parse_duration(t.max_time)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.optim.warmup_steps < 4:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps}: trainer.max_time measures the step rate inside "
+                          f"the LR warm-up, which needs at least 4 steps")
+    return seconds
+
+
+def preflight_finetune(cfg: DictConfig, out_dir: Path) -> BatchPlan:
+    """Refuse a fine-tuning config that cannot run, before any work. Returns the run's batch plan."""
+    task = cfg.task
+    if cfg.pretrained is None:
+        raise ConfigError("pretrained=PATH is required: a roberta-pl .ckpt, a DeepSpeed checkpoint dir or a HF RoBERTa dir")
+    if not Path(cfg.pretrained).exists():
+        raise ConfigError(f"pretrained={cfg.pretrained}: no such file or directory")
+    if cfg.init not in ("pretrained", "random"):
+        raise ConfigError(f"init={cfg.init}: choose pretrained or random")
+    if task.kind not in ("sequence_classification", "token_classification"):
+        raise ConfigError(f"task.kind={task.kind}: choose sequence_classification or token_classification")
+    for field in ("train_file", "valid_file"):
+        if task.get(field) is None:
+            raise ConfigError(f"task.{field} is required (or task.data_dir=DIR for a preset)")
+    for field in ("train_file", "valid_file", "test_file"):
+        if task.get(field) is not None and not Path(task[field]).is_file():
+            raise ConfigError(f"task.{field}={task[field]}: no such file")
+    from roberta_pl.finetune.module import available_metrics
+
+    metrics = available_metrics(task.kind, task.regression)
+    if task.metric not in metrics:
+        raise ConfigError(f"task.metric={task.metric}: choose one of {', '.join(metrics)} for this task")
+    if task.max_seq_len < 8:
+        raise ConfigError(f"task.max_seq_len={task.max_seq_len} is too short")
+    if cfg.trainer.strategy == "deepspeed":
+        raise ConfigError("trainer.strategy=deepspeed is for pretraining; fine-tune with trainer=gpu or trainer=ddp")
+    if cfg.trainer.max_steps <= 0 and cfg.trainer.max_epochs <= 0:
+        raise ConfigError("set trainer.max_epochs or trainer.max_steps to a positive number")
+    world = world_size(cfg)
+    micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+    try:
+        plan = plan_batch(cfg.batch_size, micro, world, task.max_seq_len)
+    except BatchPlanError:
+        raise ConfigError(f"batch_size={cfg.batch_size} does not split into micro-batches of {micro} on {world} "
+                          f"rank(s); make batch_size a multiple of micro_batch_size x ranks") from None
+    if (out_dir / "checkpoints" / "best.ckpt").exists() and not cfg.overwrite:
+        raise ConfigError(f"run_dir={out_dir} already holds a fine-tuned model (checkpoints/best.ckpt); "
+                          f"choose another run_name or pass overwrite=true")
+    check_writable(out_dir)
+    return plan
+
+
 def check_model_and_optim(cfg: DictConfig) -> None:
     """One line naming the field, the value and what would work, for a model shape or optimizer setting that
     would otherwise fail deep inside model building or train silently wrong (a negative learning rate)."""
@@ -121,7 +164,7 @@ def check_model_and_optim(cfg: DictConfig) -> None:
 
 # Fields that fix parameter shapes or token meaning: a checkpoint must agree on all of them to resume.
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len",
-                 "pad_vocab_multiple", "pad_token_id", "bos_token_id", "eos_token_id")
+                 "pad_vocab_multiple", "pad_token_id", "bos_token_id", "eos_token_id", "pre_layernorm")
 
 
 def read_checkpoint(ckpt: Path) -> dict:
@@ -141,11 +184,6 @@ def read_checkpoint(ckpt: Path) -> dict:
         raise ConfigError(f"resume checkpoint {ckpt} cannot be loaded safely (weights_only=True): {why[:200]}") from None
 
 
-def read_checkpoint_hparams(ckpt: Path) -> dict:
-    """The hyper-parameters saved in a checkpoint (see :func:`read_checkpoint`)."""
-    return dict(read_checkpoint(ckpt).get("hyper_parameters") or {})
-
-
 def describe_resume(ckpt: Path, state: dict, wandb_id: str | None = None) -> str:
     """One line saying what a resume continues from: the checkpoint, its step (``state`` is what
     :func:`read_checkpoint` returned for it), the data position, the W&B run."""
@@ -159,18 +197,19 @@ def describe_resume(ckpt: Path, state: dict, wandb_id: str | None = None) -> str
     return f"Resuming from {ckpt}: {', '.join(parts)}"
 
 
-def check_resume_checkpoint(ckpt: Path, model: dict, tokenizer_hash: str) -> None:
+def check_resume_checkpoint(ckpt: Path, saved: dict, model: dict, tokenizer_hash: str) -> None:
     """Refuse, before training, a resume checkpoint from another model size or tokenizer.
 
     Args:
         ckpt: the checkpoint the run would resume from.
+        saved: what :func:`read_checkpoint` returned for it (read once per run).
         model: this run's model fields (``vocab_size`` resolved).
         tokenizer_hash: the content hash of this run's tokenizer.
 
     Raises:
         ConfigError: one line naming the checkpoint, the field and both values.
     """
-    hp = read_checkpoint_hparams(ckpt)
+    hp = dict(saved.get("hyper_parameters") or {})
     saved = hp.get("model") or {}
     diffs = [f"model.{k}={saved[k]} in the checkpoint but {model[k]} here" for k in _SHAPE_FIELDS
              if k in saved and k in model and saved[k] != model[k]]
@@ -244,123 +283,7 @@ def check_vocab(model_vocab: int | None, tokenizer_vocab: int) -> int:
     return model_vocab
 
 
-# -- data --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock across processes (all Slurm ranks start at once; one builds, the others wait)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-# -- trainer -----------------------------------------------------------------------------------------
 def find_resume_checkpoint(out_dir: Path) -> Path | None:
     """The newest of ``checkpoints/last.ckpt`` and Slurm's ``hpc_ckpt_*.ckpt`` in the run directory."""
     candidates = [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
-def deepspeed_config(cfg: DictConfig, plan: BatchPlan) -> dict[str, Any]:
-    """The DeepSpeed JSON config for ``trainer.deepspeed``; Lightning adds accumulation, clipping, precision."""
-    ds = cfg.trainer.deepspeed
-    zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": True, "contiguous_gradients": True,
-                            "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if ds.offload_parameters:
-        if ds.stage != 3:
-            raise ConfigError(f"trainer.deepspeed.offload_parameters needs stage 3 (stage={ds.stage})")
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    # Iterable loaders have no length for DeepSpeed to infer the micro batch from: give it explicitly.
-    return {"train_micro_batch_size_per_gpu": plan.micro_batch_size, "zero_optimization": zero,
-            "zero_allow_untested_optimizer": True}
-
-
-def build_strategy(cfg: DictConfig, plan: BatchPlan):
-    if cfg.trainer.strategy == "deepspeed":
-        from roberta_pl.strategies import ZeroStrategy
-
-        return ZeroStrategy(config=deepspeed_config(cfg, plan))
-    if cfg.trainer.strategy == "ddp":
-        from roberta_pl.strategies import RendezvousDDPStrategy
-
-        # Lightning's default checkpoint I/O is replaced by the atomic one.
-        return RendezvousDDPStrategy(checkpoint_io=AtomicCheckpointIO(), process_group_backend=None)
-    return cfg.trainer.strategy
-
-
-def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """The user's ``trainer.callbacks`` (``{_target_: module.Class, ...}`` each), instantiated. Call
-    :func:`roberta_pl.safety.check_hydra_targets` on the config first."""
-    from hydra.utils import instantiate
-
-    built = []
-    for i, spec in enumerate(cfg.trainer.callbacks):
-        try:
-            callback = instantiate(spec)
-        except Exception as e:  # an import or argument error in the user's spec
-            cause = e.__cause__ or e
-            raise ConfigError(f"trainer.callbacks.{i}={spec.get('_target_')}: cannot instantiate: "
-                              f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
-        if not isinstance(callback, pl.Callback):
-            raise ConfigError(f"trainer.callbacks.{i}={spec.get('_target_')}: not a Lightning Callback")
-        built.append(callback)
-    return built
-
-
-def precision_setting(t: DictConfig) -> tuple[str | None, list]:
-    """``(precision, plugins)`` for the Trainer. Lightning silently turns ``16-mixed`` into bf16 on CPU;
-    fp16 is honoured there with a real GradScaler instead (so loss-scale faults behave as on GPU)."""
-    if t.precision == "16-mixed" and t.accelerator == "cpu":
-        from lightning.pytorch.plugins import MixedPrecision
-
-        return None, [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]
-    return t.precision, []
-
-
-def build_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict) -> pl.Trainer:
-    t = cfg.trainer
-    checkpoints = StepCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
-        every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=cfg.checkpoint.keep,
-        monitor="step", mode="max",
-    )
-    callbacks = [checkpoints, RequeueOnSignal(out_dir / "checkpoints" / "last.ckpt"), LossCurve(out_dir),
-                 ThroughputLogger(), NonFiniteLossGuard(t.nonfinite_loss),
-                 LossScaleMonitor(t.min_loss_scale), DataSkipMonitor(), *extra_callbacks(cfg)]
-    if t.enable_progress_bar:
-        callbacks.append(StepProgressBar())
-    if t.stop_at_step is not None:
-        callbacks.append(StopAtStep(t.stop_at_step))
-    phases = plan_ramp([tuple(r) for r in cfg.batch.ramp], plan)
-    if cfg.batch.ramp:
-        callbacks.append(BatchRamp(phases))
-    callbacks.append(ValidationSchedule(t.val_every_n_steps, phases))
-    accumulation = phases[0][2]
-    loggers = build_loggers(cfg, out_dir, resolved_config)
-    if loggers:
-        callbacks.append(StepLearningRateMonitor(logging_interval="step"))
-    strategy = build_strategy(cfg, plan)
-    plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) else []
-    precision, precision_plugins = precision_setting(t)
-    plugins += precision_plugins
-    trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
-        precision=precision, max_steps=t.max_steps, accumulate_grad_batches=accumulation,
-        # Validation every N optimizer steps; Lightning counts micro-batches here, and ValidationSchedule
-        # keeps it on step boundaries when a ramp changes the accumulation.
-        val_check_interval=t.val_every_n_steps * plan.accumulation, check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
-        gradient_clip_val=t.gradient_clip_val or None, deterministic=t.deterministic,
-        enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers or False,
-        default_root_dir=out_dir, plugins=plugins, num_sanity_val_steps=0,
-        enable_model_summary=False,  # the run prints its own one-line model summary (Lightning's shows FLOPs 0)
-    )
-    slurm = slurm_environment(trainer)
-    if slurm is not None:  # RequeueOnSignal requeues at a step boundary; Lightning's own would save mid-step
-        slurm.auto_requeue = False
-    return trainer

@@ -1,4 +1,4 @@
-"""Examples → model inputs for fine-tuning: tokenizer adapters, RoBERTa's input format, label maps,
+"""Task files → model inputs for fine-tuning: reading and checking a task's files, tokenizer adapters, RoBERTa's input format, label maps,
 first-sub-token label alignment, truncation with counted warnings, and padded batches.
 
 RoBERTa's formats: ``<s> A </s>`` for one text, ``<s> A </s></s> B </s>`` for a pair (fairseq/HF).
@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_pipelines.errors import DataError
-from data_pipelines.tabular import Example
-from roberta_pl.model import IGNORE_INDEX
+from data_pipelines.masking import IGNORE_INDEX
+from data_pipelines.tabular import Example, read_sequence_examples, read_token_examples
 
 log = logging.getLogger("roberta_pl.finetune")
 
@@ -305,3 +305,67 @@ def make_loader(feats: Features, batch_size: int, pad_id: int, regression: bool,
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(FeatureDataset(feats), batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=num_workers, collate_fn=functools.partial(collate, pad_id=pad_id, regression=regression))
+
+
+@dataclass
+class TaskData:
+    labels: list[str]
+    train: Features
+    valid: Features
+    test: Features | None
+    files: dict[str, Path]
+
+
+def load_task_data(task, tokenizer: TextTokenizer, max_len: int) -> TaskData:
+    """Read, check and encode a task's files.
+
+    Args:
+        task: the task's settings (``kind``, ``*_file``, ``format``, columns, ``labels``, ``regression``), e.g.
+            the ``task`` node of the fine-tuning config.
+        tokenizer: the text tokenizer (:func:`load_text_tokenizer`).
+        max_len: the longest encoded example; longer ones are truncated with a counted warning.
+
+    Returns:
+        The label list (from ``task.labels`` or the training file) and the encoded splits.
+    """
+    token = task.kind == "token_classification"
+    files = {split: Path(task[f"{split}_file"]) for split in ("train", "valid", "test") if task.get(f"{split}_file")}
+
+    def read(path: Path, require_labels: bool):
+        common = dict(fmt=task.format, header=task.header, columns=list(task.columns) if task.columns else None,
+                      require_labels=require_labels)
+        if token:
+            return read_token_examples(path, task.text_column, task.label_column, **common)
+        return read_sequence_examples(path, task.text_column, task.label_column, task.text_pair_column, **common)
+
+    examples = {split: read(path, require_labels=split != "test") for split, path in files.items()}
+    if token:
+        name_tag_ids(examples, list(task.labels or []), files)
+    if task.regression:
+        labels = list(task.labels or ["score"])
+    else:
+        labels = list(task.labels) if task.labels else build_label_list(examples["train"], files["train"], token)
+        for split in examples:
+            check_labels(examples[split], labels, files[split], files["train"])
+    feats = {split: encode_examples(tokenizer, ex, files[split], task.kind, labels, task.regression, max_len)
+             for split, ex in examples.items()}
+    return TaskData(labels, feats["train"], feats["valid"], feats.get("test"), files)
+
+
+def name_tag_ids(examples: dict, names: list[str], files: dict[str, Path]) -> None:
+    """Tags given as integer ids (as HF ``datasets`` exports ``ner_tags``) become their names from
+    ``task.labels``, in place; entity F1 needs BIO names (``B-PER``), so unnamed ids are refused."""
+    tags = {t for ex in examples["train"] for t in ex.label or []}
+    if not tags or not all(t.isdigit() for t in tags):
+        return
+    if not names:
+        raise DataError(f"{files['train']}: the tags are integer ids; name them in order with "
+                        f"task.labels=[O,B-PER,I-PER,...] (entity F1 needs BIO names)")
+    for split, exs in examples.items():
+        for ex in exs:
+            for t in ex.label or []:
+                if not t.isdigit() or int(t) >= len(names):
+                    raise DataError(f"{files[split]}, line {ex.line}: tag {t!r} is not an id of task.labels "
+                                    f"({len(names)} names)")
+            if ex.label is not None:
+                ex.label = [names[int(t)] for t in ex.label]

@@ -1,0 +1,84 @@
+"""What a fine-tuning run leaves behind, on rank 0: predictions files (one JSON object per example, in file
+order), the HuggingFace export, ``summary.json`` and the closing lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from data_pipelines.task_data import Features, TaskData, make_loader
+from roberta_pl.finetune.module import FinetuneModule
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, feats: Features, pad_id: int, batch_size: int = 64) -> torch.Tensor | list:
+    """Logits of every example, in file order: ``[N, C]`` for sequences, a ``[T_i, C]`` list for tokens."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows: list[torch.Tensor] = []
+    unlabelled = Features(feats.input_ids, [None] * len(feats), feats.examples)  # a test file may mix rows with and without labels
+    for batch in make_loader(unlabelled, batch_size, pad_id, regression=False):
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
+        if logits.dim() == 3:  # tokens: each sequence without its padding
+            rows.extend(row[: int(m.sum())] for row, m in zip(logits, batch["attention_mask"]))
+        else:
+            rows.extend(logits)
+    return rows if feats.word_positions else torch.stack(rows)
+
+
+def write_predictions(path: Path, feats: Features, logits, labels: list[str], kind: str, regression: bool) -> None:
+    """One JSON object per example, in file order, written to a temp file then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for i, ex in enumerate(feats.examples):
+            row = {"line": ex.line}
+            if kind == "token_classification":
+                ids = logits[i].argmax(-1).tolist()
+                kept = feats.word_positions[i]  # first-piece position per kept word; -1: a word with no pieces
+                row["tokens"] = ex.text
+                # Words dropped by truncation, or with no pieces, get no prediction: null.
+                row["predictions"] = [labels[ids[p]] if p >= 0 else None for p in kept] + [None] * (len(ex.text) - len(kept))
+                if ex.label is not None:
+                    row["tags"] = ex.label
+            else:
+                row["text"] = ex.text
+                if ex.text_pair is not None:
+                    row["text_pair"] = ex.text_pair
+                if regression:
+                    row["prediction"] = float(logits[i, 0])
+                else:
+                    probs = logits[i].softmax(-1)
+                    row["prediction"] = labels[int(probs.argmax())]
+                    row["probabilities"] = {name: round(float(p), 6) for name, p in zip(labels, probs)}
+                if ex.label is not None:
+                    row["label"] = ex.label
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def finish(cfg: DictConfig, out_dir: Path, module: FinetuneModule, data: TaskData, tokenizer, summary: dict) -> None:
+    """Rank 0: predictions files, HF export, ``summary.json`` and a closing line."""
+    from roberta_pl.hf import save_hf_classifier
+
+    splits = {"valid": data.valid} | ({"test": data.test} if data.test is not None else {})
+    summary["predictions"] = {}
+    for split, feats in splits.items():
+        path = out_dir / "predictions" / f"{split}.jsonl"
+        logits = predict_logits(module.model, feats, tokenizer.pad_id)
+        write_predictions(path, feats, logits, data.labels, cfg.task.kind, cfg.task.regression)
+        summary["predictions"][split] = str(path)
+    if data.test is not None:
+        summary["examples"]["test"] = len(data.test)
+        summary["truncated"]["test"] = len(data.test.truncated)
+    if cfg.export_hf:
+        summary["hf_dir"] = str(save_hf_classifier(module.model.cpu(), out_dir / "hf", data.labels,
+                                                   regression=cfg.task.regression, tokenizer=tokenizer.path))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shown = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in sorted(summary["metrics"].items()))
+    print(f"Done: {cfg.task.name}, {summary['global_step']} steps in {summary['epochs']} epochs; best checkpoint: {shown}")
+    outputs = [p for p in ("checkpoints/best.ckpt", "predictions", "hf", "summary.json") if (out_dir / p).exists()]
+    print(f"Outputs in {out_dir}: {', '.join(outputs)}")

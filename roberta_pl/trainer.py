@@ -1,0 +1,194 @@
+"""Building the ``pl.Trainer`` both entry points use: callbacks, loggers, strategy, precision.
+
+:func:`build_trainer` holds what pretraining and fine-tuning share (the fault guards, the user's
+``trainer.callbacks``, loggers and the LR monitor, precision, atomic checkpoint writes, the common Trainer
+arguments); :func:`pretraining_trainer` and :func:`finetuning_trainer` add what differs (checkpointing,
+schedules, stopping).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+
+from roberta_pl.callbacks import (
+    AtomicCheckpointIO,
+    BatchRamp,
+    BudgetPlanner,
+    DataSkipMonitor,
+    LossCurve,
+    LossScaleMonitor,
+    NonFiniteLossGuard,
+    RequeueOnSignal,
+    StepCheckpoint,
+    StepProgressBar,
+    StopAtStep,
+    ThroughputLogger,
+    ValidationSchedule,
+)
+from roberta_pl.errors import ConfigError
+from roberta_pl.lightning_compat import slurm_environment
+from roberta_pl.loggers import StepLearningRateMonitor, build_loggers
+from roberta_pl.optim import BatchPlan, parse_duration
+from roberta_pl.strategies import WorldSizeResume
+
+
+def deepspeed_config(cfg: DictConfig, plan: BatchPlan) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``trainer.deepspeed``; Lightning adds accumulation, clipping, precision."""
+    ds = cfg.trainer.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_parameters:
+        if ds.stage != 3:
+            raise ConfigError(f"trainer.deepspeed.offload_parameters needs stage 3 (stage={ds.stage})")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    # Iterable loaders have no length for DeepSpeed to infer the micro batch from: give it explicitly.
+    return {"train_micro_batch_size_per_gpu": plan.micro_batch_size, "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True}
+
+
+def build_strategy(cfg: DictConfig, plan: BatchPlan):
+    if cfg.trainer.strategy == "deepspeed":
+        from roberta_pl.strategies import ZeroStrategy
+
+        return ZeroStrategy(config=deepspeed_config(cfg, plan))
+    if cfg.trainer.strategy == "ddp":
+        from roberta_pl.strategies import RendezvousDDPStrategy
+
+        # Lightning's default checkpoint I/O is replaced by the atomic one.
+        return RendezvousDDPStrategy(checkpoint_io=AtomicCheckpointIO(), process_group_backend=None)
+    return cfg.trainer.strategy
+
+
+def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The user's ``trainer.callbacks`` (``{_target_: module.Class, ...}`` each), instantiated. Call
+    :func:`roberta_pl.safety.check_hydra_targets` on the config first."""
+    from hydra.utils import instantiate
+
+    built = []
+    for i, spec in enumerate(cfg.trainer.callbacks):
+        try:
+            callback = instantiate(spec)
+        except Exception as e:  # an import or argument error in the user's spec
+            cause = e.__cause__ or e
+            raise ConfigError(f"trainer.callbacks.{i}={spec.get('_target_')}: cannot instantiate: "
+                              f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
+        if not isinstance(callback, pl.Callback):
+            raise ConfigError(f"trainer.callbacks.{i}={spec.get('_target_')}: not a Lightning Callback")
+        built.append(callback)
+    return built
+
+
+def precision_setting(t: DictConfig) -> tuple[str | None, list]:
+    """``(precision, plugins)`` for the Trainer. Lightning silently turns ``16-mixed`` into bf16 on CPU;
+    fp16 is honoured there with a real GradScaler instead (so loss-scale faults behave as on GPU)."""
+    if t.precision == "16-mixed" and t.accelerator == "cpu":
+        from lightning.pytorch.plugins import MixedPrecision
+
+        return None, [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]
+    return t.precision, []
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, resolved_config: dict, callbacks: list[pl.Callback],
+                  later_callbacks: list[pl.Callback] = (), strategy: Any = None, **arguments: Any) -> pl.Trainer:
+    """The ``pl.Trainer`` of a run.
+
+    Args:
+        cfg: the composed config (``trainer``, ``logger`` and ``trainer.callbacks`` are read).
+        out_dir: the run directory (loggers, Lightning's default root).
+        resolved_config: the config as a plain dict, for the loggers.
+        callbacks, later_callbacks: the entry point's own callbacks, run before and after the shared guards
+            and the user's ``trainer.callbacks``; the LR monitor (with a logger) comes last.
+        strategy: a strategy object or name (default ``cfg.trainer.strategy``).
+        arguments: the ``pl.Trainer`` arguments that differ between entry points (steps or epochs,
+            accumulation, the validation schedule).
+    """
+    t = cfg.trainer
+    # The guards every run has: a NaN/inf loss stops (or skips, trainer.nonfinite_loss) naming the step, and an
+    # fp16 loss-scale collapse is reported; then the user's own trainer.callbacks.
+    callbacks = [*callbacks, NonFiniteLossGuard(t.nonfinite_loss), LossScaleMonitor(t.min_loss_scale),
+                 *extra_callbacks(cfg), *later_callbacks]
+    loggers = build_loggers(cfg, out_dir, resolved_config)
+    if loggers:
+        callbacks.append(StepLearningRateMonitor(logging_interval="step"))
+    strategy = t.strategy if strategy is None else strategy
+    # Checkpoints are written to a temp file and renamed; a strategy object carries its own CheckpointIO.
+    plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) else []
+    precision, precision_plugins = precision_setting(t)
+    trainer = pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+        precision=precision, limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val or None, deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers or False,
+        default_root_dir=out_dir, plugins=[*plugins, *precision_plugins], num_sanity_val_steps=0,
+        enable_model_summary=False,  # each run prints its own one-line model summary (Lightning's shows FLOPs 0)
+        **arguments,
+    )
+    slurm = slurm_environment(trainer)
+    if slurm is not None:  # RequeueOnSignal requeues at a step boundary; Lightning's own would save mid-step
+        slurm.auto_requeue = False
+    return trainer
+
+
+def pretraining_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict) -> pl.Trainer:
+    """The pretraining Trainer: step-boundary checkpoints, SIGUSR1 requeue, loss curve, throughput, the batch
+    ramp and validation on optimizer-step boundaries (``plan.phases``)."""
+    t = cfg.trainer
+    checkpoints = StepCheckpoint(
+        dirpath=out_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=cfg.checkpoint.keep,
+        monitor="step", mode="max",
+    )
+    callbacks = [checkpoints, RequeueOnSignal(out_dir / "checkpoints" / "last.ckpt"), LossCurve(out_dir),
+                 ThroughputLogger(), DataSkipMonitor(), WorldSizeResume()]
+    later: list[pl.Callback] = []
+    if t.enable_progress_bar:
+        later.append(StepProgressBar())
+    if t.stop_at_step is not None:
+        later.append(StopAtStep(t.stop_at_step))
+    if len(plan.phases) > 1:
+        later.append(BatchRamp(list(plan.phases)))
+    later.append(ValidationSchedule(t.val_every_n_steps, list(plan.phases)))
+    if t.max_time is not None:  # a wall-clock budget: max_steps fixed from the rate measured in the warm-up
+        later.append(BudgetPlanner(parse_duration(t.max_time), list(plan.phases), cfg.optim.warmup_steps, t.max_steps,
+                                   t.val_every_n_steps))
+    return build_trainer(
+        cfg, out_dir, resolved_config, callbacks, later, strategy=build_strategy(cfg, plan),
+        max_steps=t.max_steps, accumulate_grad_batches=plan.phases[0][2],
+        # Validation every N optimizer steps; Lightning counts micro-batches here, and ValidationSchedule
+        # keeps it on step boundaries when a ramp changes the accumulation.
+        val_check_interval=t.val_every_n_steps * plan.accumulation, check_val_every_n_epoch=None,
+    )
+
+
+def finetuning_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict):
+    """The fine-tuning Trainer and its best-checkpoint callback: the best validation metric is kept
+    (``checkpoints/best.ckpt``), with early stopping (``early_stopping.patience``), validating every
+    ``trainer.val_every_n_steps`` optimizer steps or once per epoch."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from roberta_pl.finetune.module import metric_mode
+
+    t, monitor = cfg.trainer, f"val/{cfg.task.metric}"
+    mode = metric_mode(cfg.task.metric)
+    best = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor=monitor, mode=mode,
+                           save_top_k=1, save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
+    later: list[pl.Callback] = []
+    if cfg.early_stopping.patience > 0:
+        later.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping.patience,
+                                   min_delta=cfg.early_stopping.min_delta))
+    trainer = build_trainer(
+        cfg, out_dir, resolved_config, [best], later,
+        max_epochs=t.max_epochs if t.max_epochs > 0 else None, max_steps=t.max_steps,
+        accumulate_grad_batches=plan.accumulation,
+        # Validation every N optimizer steps, counted across epochs (Lightning counts micro-batches), or per epoch.
+        val_check_interval=t.val_every_n_steps * plan.accumulation if t.val_every_n_steps else 1.0,
+        check_val_every_n_epoch=None if t.val_every_n_steps else 1,
+    )
+    return trainer, best
