@@ -2,7 +2,9 @@
 
 Our parameter names mirror HF's ``RobertaForMaskedLM``, so conversion is the table below plus two facts:
 the decoder is tied to the word embeddings (HF stores it once), and our embedding table may be padded to a
-multiple of 64 rows (those rows are dropped on save and re-added on load).
+multiple of 64 rows (those rows are dropped on save and re-added on load). A pre-LN model
+(``pre_layernorm=True``) is written as HF's ``roberta-prelayernorm`` type: the same table with the encoder
+under ``roberta_prelayernorm.`` and the LayerNorms where that architecture keeps them.
 
 No ``transformers`` import here: ``config.json`` is written by hand so exporting works on a cluster that has
 only the training dependencies. ``transformers.AutoModelForMaskedLM.from_pretrained(path)`` loads the result.
@@ -27,8 +29,8 @@ from roberta_pl.model import (
     RobertaModel,
 )
 
-# HF key -> our key. "{}" is the layer index. Identity by design; the table is the contract that
-# every key is accounted for (strict count check in ``convert_hf_state_dict``).
+# HF key -> our key, identity by design (pre-LN renames the encoder's prefix only); ``_key_table`` expands the
+# layers, and the table is the contract that every key is accounted for (strict check in ``convert_hf_state_dict``).
 _EMBEDDING_KEYS = {
     "roberta.embeddings.word_embeddings.weight": "roberta.embeddings.word_embeddings.weight",
     "roberta.embeddings.position_embeddings.weight": "roberta.embeddings.position_embeddings.weight",
@@ -36,19 +38,25 @@ _EMBEDDING_KEYS = {
     "roberta.embeddings.LayerNorm.weight": "roberta.embeddings.LayerNorm.weight",
     "roberta.embeddings.LayerNorm.bias": "roberta.embeddings.LayerNorm.bias",
 }
-_LAYER_KEYS = {
-    f"roberta.encoder.layer.{{}}.{name}.{p}": f"roberta.encoder.layer.{{}}.{name}.{p}"
-    for name in (
-        "attention.self.query",
-        "attention.self.key",
-        "attention.self.value",
-        "attention.output.dense",
-        "attention.output.LayerNorm",
-        "intermediate.dense",
-        "output.dense",
-        "output.LayerNorm",
-    )
-    for p in ("weight", "bias")
+_LAYER_MODULES = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "attention.output.LayerNorm",
+    "intermediate.dense",
+    "output.dense",
+    "output.LayerNorm",
+)
+# Pre-LN (HF ``RobertaPreLayerNormModel``): the block's two LayerNorms sit at the branch inputs instead, one more
+# normalises the encoder's output, and the encoder is stored under ``roberta_prelayernorm.``.
+_PRE_LN_LAYER_MODULES = tuple(
+    {"attention.output.LayerNorm": "attention.LayerNorm", "output.LayerNorm": "intermediate.LayerNorm"}.get(m, m)
+    for m in _LAYER_MODULES
+)
+_PRE_LN_FINAL_KEYS = {
+    "roberta.LayerNorm.weight": "roberta.LayerNorm.weight",
+    "roberta.LayerNorm.bias": "roberta.LayerNorm.bias",
 }
 _HEAD_KEYS = {
     "lm_head.dense.weight": "lm_head.dense.weight",
@@ -59,28 +67,49 @@ _HEAD_KEYS = {
 }
 # Present in some HF checkpoints but carrying nothing we need: tied copies, buffers, the NSP-era pooler.
 _IGNORED_HF_KEYS = re.compile(
-    r"^(lm_head\.decoder\.(weight|bias)|roberta\.embeddings\.position_ids|roberta\.pooler\..*)$"
+    r"^(lm_head\.decoder\.(weight|bias)|roberta(_prelayernorm)?\.(embeddings\.position_ids|pooler\..*))$"
 )
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".ckpt", ".pt", ".pth", ".onnx", ".tmp")
 _VOCAB_SIZED = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias")
 
 
-def _encoder_key_table(num_layers: int) -> dict[str, str]:
+def hf_prefix(config: RobertaConfig) -> str:
+    """The attribute HF names the encoder by (its ``base_model_prefix``): ``roberta`` or ``roberta_prelayernorm``."""
+    return "roberta_prelayernorm" if config.pre_layernorm else "roberta"
+
+
+def _encoder_key_table(config: RobertaConfig) -> dict[str, str]:
+    """HF key -> our key for the encoder of ``config`` (its depth and LayerNorm placement)."""
+    modules = _PRE_LN_LAYER_MODULES if config.pre_layernorm else _LAYER_MODULES
     table = dict(_EMBEDDING_KEYS)
-    for i in range(num_layers):
-        table.update({hf.format(i): ours.format(i) for hf, ours in _LAYER_KEYS.items()})
-    return table
+    for i in range(config.num_layers):
+        table.update({f"roberta.encoder.layer.{i}.{m}.{p}": f"roberta.encoder.layer.{i}.{m}.{p}"
+                      for m in modules for p in ("weight", "bias")})
+    if not config.pre_layernorm:
+        return table
+    prefix = hf_prefix(config)
+    return {f"{prefix}.{hf.removeprefix('roberta.')}": ours for hf, ours in (table | _PRE_LN_FINAL_KEYS).items()}
 
 
-def _key_table(num_layers: int) -> dict[str, str]:
-    return _encoder_key_table(num_layers) | _HEAD_KEYS
+def _key_table(config: RobertaConfig) -> dict[str, str]:
+    return _encoder_key_table(config) | _HEAD_KEYS
 
 
 def config_to_hf(config: RobertaConfig, architecture: str = "RobertaForMaskedLM") -> dict:
-    """Our config as a ``transformers`` RobertaConfig dict (what goes in ``config.json``)."""
+    """Our config as a ``transformers`` config dict (what goes in ``config.json``).
+
+    Args:
+        config: our model config; ``pre_layernorm`` selects HF's ``roberta-prelayernorm`` model type.
+        architecture: the post-LN class name (``RobertaForMaskedLM``, ``RobertaForSequenceClassification`` ...);
+            for pre-LN the matching ``RobertaPreLayerNorm...`` class is written.
+    Returns:
+        The ``config.json`` dict.
+    """
+    if config.pre_layernorm:
+        architecture = architecture.replace("Roberta", "RobertaPreLayerNorm", 1)
     return {
         "architectures": [architecture],
-        "model_type": "roberta",
+        "model_type": "roberta-prelayernorm" if config.pre_layernorm else "roberta",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_layers,
@@ -103,9 +132,11 @@ def config_to_hf(config: RobertaConfig, architecture: str = "RobertaForMaskedLM"
 
 
 def config_from_hf(hf: dict) -> RobertaConfig:
-    """Read a ``transformers`` RoBERTa ``config.json`` dict; refuses what our model cannot represent."""
-    if hf.get("model_type", "roberta") not in ("roberta", "xlm-roberta"):
-        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; expected 'roberta'")
+    """Read a ``transformers`` RoBERTa (or RoBERTa-PreLayerNorm) ``config.json`` dict; refuses what our model
+    cannot represent."""
+    model_type = hf.get("model_type", "roberta")
+    if model_type not in ("roberta", "xlm-roberta", "roberta-prelayernorm"):
+        raise ValueError(f"config.json has model_type={model_type!r}; expected 'roberta' or 'roberta-prelayernorm'")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"config.json has hidden_act={hf['hidden_act']!r}; only 'gelu' is supported")
     if hf.get("type_vocab_size", 1) != 1:
@@ -127,6 +158,7 @@ def config_from_hf(hf: dict) -> RobertaConfig:
         pad_token_id=pad,
         bos_token_id=hf.get("bos_token_id", 0),
         eos_token_id=hf.get("eos_token_id", 2),
+        pre_layernorm=model_type == "roberta-prelayernorm",
     )
 
 
@@ -136,11 +168,12 @@ def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], config: RobertaConf
     Raises:
         KeyError: naming the missing or unexpected keys, so a wrong architecture never loads silently.
     """
-    table = _key_table(config.num_layers)
+    table = _key_table(config)
     unexpected = sorted(k for k in hf_state if k not in table and not _IGNORED_HF_KEYS.match(k))
     missing = sorted(k for k in table if k not in hf_state)
     if missing or unexpected:
-        raise KeyError(f"HF state dict does not match a {config.num_layers}-layer RoBERTa MLM: "
+        kind = "RoBERTa-PreLayerNorm" if config.pre_layernorm else "RoBERTa"
+        raise KeyError(f"HF state dict does not match a {config.num_layers}-layer {kind} MLM: "
                        f"missing={missing[:5]}{'...' if len(missing) > 5 else ''} "
                        f"unexpected={unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     return _pad_vocab({table[k]: v for k, v in hf_state.items() if k in table}, config)
@@ -173,7 +206,7 @@ def _export_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def to_hf_state_dict(model: RobertaForMaskedLM) -> dict[str, torch.Tensor]:
     """Our model's weights under HF names, vocab padding dropped, tied decoder stored once."""
-    return _export_tensors(model.state_dict(), _key_table(model.config.num_layers), model.config)
+    return _export_tensors(model.state_dict(), _key_table(model.config), model.config)
 
 
 def save_hf(model: RobertaForMaskedLM, path: str | Path, tokenizer=None) -> Path:
@@ -203,7 +236,7 @@ def save_hf_classifier(model: RobertaForSequenceClassification | RobertaForToken
     """
     config = model.config
     state = model.state_dict()
-    tensors = _export_tensors(state, _encoder_key_table(config.num_layers), config)
+    tensors = _export_tensors(state, _encoder_key_table(config), config)
     tensors |= {k: _export_tensor(v) for k, v in state.items() if k.startswith("classifier.")}
     token = isinstance(model, RobertaForTokenClassification)
     hf_config = config_to_hf(config, "RobertaForTokenClassification" if token else "RobertaForSequenceClassification")
@@ -308,8 +341,8 @@ def load_hf(path: str | Path, **config_overrides) -> RobertaForMaskedLM:
 
 
 def load_hf_encoder(path: str | Path, **config_overrides) -> RobertaModel:
-    """The bare encoder of any HuggingFace RoBERTa directory: a masked-LM, a classifier, or a bare
-    ``RobertaModel`` (whose keys carry no ``roberta.`` prefix). Heads and the pooler are ignored.
+    """The bare encoder of any HuggingFace RoBERTa or RoBERTa-PreLayerNorm directory: a masked-LM, a classifier,
+    or a bare ``RobertaModel`` (whose keys carry no ``roberta.`` prefix). Heads and the pooler are ignored.
 
     Raises:
         FileNotFoundError: no ``config.json``.
@@ -318,9 +351,10 @@ def load_hf_encoder(path: str | Path, **config_overrides) -> RobertaModel:
     path = Path(path)
     config = read_hf_config(path, **config_overrides)
     hf_state = load_hf_state_dict(path)
-    if not any(k.startswith("roberta.") for k in hf_state):  # RobertaModel.save_pretrained drops the prefix
-        hf_state = {f"roberta.{k}": v for k, v in hf_state.items()}
-    table = _encoder_key_table(config.num_layers)
+    prefix = hf_prefix(config)
+    if not any(k.startswith(f"{prefix}.") for k in hf_state):  # RobertaModel.save_pretrained drops the prefix
+        hf_state = {f"{prefix}.{k}": v for k, v in hf_state.items()}
+    table = _encoder_key_table(config)
     missing = sorted(k for k in table if k not in hf_state)
     if missing:
         raise KeyError(f"{path}: not a {config.num_layers}-layer RoBERTa encoder; missing {missing[:5]}")

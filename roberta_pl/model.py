@@ -5,6 +5,13 @@ post-LayerNorm blocks (eps 1e-5), erf-GELU, dropout 0.1 on hidden states and att
 learned absolute positions with the fairseq padding offset (real tokens start at ``pad_token_id + 1``,
 so the table has ``max_seq_len + 2`` rows) and a single token type.
 
+``pre_layernorm=True`` moves each block's LayerNorms in front of its attention and feed-forward (inside the
+residual branch) and adds one LayerNorm after the last layer, the embeddings' LayerNorm staying: exactly
+``transformers``' ``RobertaPreLayerNormForMaskedLM`` (model type ``roberta-prelayernorm``). Pre-LN keeps the
+residual stream's gradients well scaled at depth, so it tolerates a much higher peak LR (Xiong et al., 2020;
+Geiping & Goldstein, 2022, "Cramming"). Our names stay ``roberta.*``; :mod:`roberta_pl.hf` maps them to HF's
+``roberta_prelayernorm.*``.
+
 Parameter names mirror HuggingFace's ``RobertaForMaskedLM`` (``roberta.encoder.layer.{i}.attention.self.query``,
 ``lm_head.dense`` ...), so conversion in :mod:`roberta_pl.hf` is a table, not code.
 
@@ -54,6 +61,7 @@ class RobertaConfig:
     eos_token_id: int = 2
     pad_vocab_multiple: int = 1
     activation_checkpointing: bool = False
+    pre_layernorm: bool = False  # LayerNorm before attention/FFN plus a final one (HF's roberta-prelayernorm)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -172,17 +180,23 @@ class RobertaSelfAttention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, C)
 
 
+def _pre_norm(config: RobertaConfig) -> nn.LayerNorm | None:
+    """The LayerNorm a pre-LN block applies to its input; None for post-LN, whose norm follows the residual."""
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else None
+
+
 class RobertaSelfOutput(nn.Module):
-    """Projection + dropout + residual + post-LayerNorm; HF names it ``attention.output``."""
+    """Projection + dropout + residual (+ post-LayerNorm unless pre-LN); HF names it ``attention.output``."""
 
     def __init__(self, config: RobertaConfig, in_features: int):
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = None if config.pre_layernorm else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+        x = self.dropout(self.dense(h)) + residual
+        return x if self.LayerNorm is None else self.LayerNorm(x)
 
 
 class RobertaAttention(nn.Module):
@@ -190,18 +204,22 @@ class RobertaAttention(nn.Module):
         super().__init__()
         self.self = RobertaSelfAttention(config)
         self.output = RobertaSelfOutput(config, config.hidden_size)
+        self.LayerNorm = _pre_norm(config)  # HF pre-LN: attention.LayerNorm
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, attn_mask), x)
+        h = x if self.LayerNorm is None else self.LayerNorm(x)
+        return self.output(self.self(h, attn_mask), x)
 
 
 class RobertaIntermediate(nn.Module):
     def __init__(self, config: RobertaConfig):
         super().__init__()
+        self.LayerNorm = _pre_norm(config)  # HF pre-LN: intermediate.LayerNorm
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))  # erf GELU, as BERT/RoBERTa (not the tanh approximation)
+        h = x if self.LayerNorm is None else self.LayerNorm(x)
+        return F.gelu(self.dense(h))  # erf GELU, as BERT/RoBERTa (not the tanh approximation)
 
 
 class RobertaLayer(nn.Module):
@@ -239,6 +257,8 @@ class RobertaModel(nn.Module):
         self.config = config
         self.embeddings = RobertaEmbeddings(config)
         self.encoder = RobertaEncoder(config)
+        # Pre-LN's residual stream is never normalised inside the blocks; HF's final ``LayerNorm`` does it once.
+        self.LayerNorm = _pre_norm(config)
 
     def compile(self, *args, **kwargs) -> None:
         """``torch.compile`` in place, region by region: the embeddings and each encoder layer.
@@ -266,7 +286,8 @@ class RobertaModel(nn.Module):
         attn_mask = None
         if attention_mask is not None:
             attn_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]: True = attend to this key
-        return self.encoder(self.embeddings(input_ids), attn_mask)
+        h = self.encoder(self.embeddings(input_ids), attn_mask)
+        return h if self.LayerNorm is None else self.LayerNorm(h)
 
 
 class RobertaLMHead(nn.Module):

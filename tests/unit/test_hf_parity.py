@@ -1,14 +1,21 @@
-"""Parity with HuggingFace transformers: the same weights give the same logits both ways."""
+"""Parity with HuggingFace transformers: the same weights give the same logits both ways, for the post-LN
+model (``RobertaForMaskedLM``) and the pre-LN one (``RobertaPreLayerNormForMaskedLM``)."""
 
 import pytest
 import torch
 import transformers
 
-from roberta_pl.hf import config_to_hf, load_hf, save_hf
-from roberta_pl.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM
+from roberta_pl.hf import config_to_hf, load_hf, load_hf_encoder, save_hf, save_hf_classifier, to_hf_state_dict
+from roberta_pl.model import (
+    IGNORE_INDEX,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaForTokenClassification,
+)
 
 
-def _random_config(seed: int) -> RobertaConfig:
+def _random_config(seed: int, pre_layernorm: bool = False) -> RobertaConfig:
     g = torch.Generator().manual_seed(seed)
     heads = int(torch.randint(1, 4, (1,), generator=g))
     return RobertaConfig(
@@ -18,6 +25,7 @@ def _random_config(seed: int) -> RobertaConfig:
         num_heads=heads,
         intermediate_size=int(torch.randint(32, 128, (1,), generator=g)),
         max_seq_len=40,
+        pre_layernorm=pre_layernorm,
     )
 
 
@@ -33,14 +41,21 @@ def _padded_batch(config: RobertaConfig, seed: int = 0):
     return ids, mask.long()
 
 
-def _hf_model(config: RobertaConfig) -> transformers.RobertaForMaskedLM:
-    hf_config = transformers.RobertaConfig(**{k: v for k, v in config_to_hf(config).items() if k != "architectures"})
-    return transformers.RobertaForMaskedLM(hf_config).eval()
+HF_CLASS = {False: "RobertaForMaskedLM", True: "RobertaPreLayerNormForMaskedLM"}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_hf_to_ours_logits_match(tmp_path, seed):
-    config = _random_config(seed)
+def _hf_model(config: RobertaConfig) -> transformers.PreTrainedModel:
+    """HF's masked LM for ``config``, built from the ``config.json`` we would write (model type included)."""
+    fields = {k: v for k, v in config_to_hf(config).items() if k != "architectures"}
+    hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    hf = transformers.AutoModelForMaskedLM.from_config(hf_config)
+    assert type(hf).__name__ == HF_CLASS[config.pre_layernorm]
+    return hf.eval()
+
+
+@pytest.mark.parametrize("seed,pre_layernorm", [(0, False), (1, False), (2, False), (0, True), (1, True)])
+def test_hf_to_ours_logits_match(tmp_path, seed, pre_layernorm):
+    config = _random_config(seed, pre_layernorm)
     torch.manual_seed(seed)
     hf = _hf_model(config)
     with torch.no_grad():  # non-zero biases and LayerNorm affine, so a swapped key cannot hide
@@ -48,6 +63,7 @@ def test_hf_to_ours_logits_match(tmp_path, seed):
             p.add_(torch.randn_like(p) * 0.05)
     hf.save_pretrained(tmp_path)
     ours = load_hf(tmp_path)
+    assert ours.config.pre_layernorm is pre_layernorm
     ids, mask = _padded_batch(config, seed)
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask).logits
@@ -58,8 +74,9 @@ def test_hf_to_ours_logits_match(tmp_path, seed):
 
 @pytest.mark.parametrize("seed", [3, 4])
 @pytest.mark.parametrize("pad_vocab_multiple", [1, 64])
-def test_ours_to_hf_logits_match_with_no_missing_keys(tmp_path, seed, pad_vocab_multiple):
-    config = _random_config(seed)
+@pytest.mark.parametrize("pre_layernorm", [False, True])
+def test_ours_to_hf_logits_match_with_no_missing_keys(tmp_path, seed, pad_vocab_multiple, pre_layernorm):
+    config = _random_config(seed, pre_layernorm)
     config.pad_vocab_multiple = pad_vocab_multiple
     torch.manual_seed(seed)
     ours = RobertaForMaskedLM(config).eval()
@@ -68,6 +85,7 @@ def test_ours_to_hf_logits_match_with_no_missing_keys(tmp_path, seed, pad_vocab_
             p.add_(torch.randn_like(p) * 0.05)
     save_hf(ours, tmp_path)
     hf, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(hf).__name__ == HF_CLASS[pre_layernorm]
     assert info["missing_keys"] == set() or not info["missing_keys"], info
     assert not info["unexpected_keys"], info
     assert not info["mismatched_keys"], info
@@ -82,10 +100,15 @@ def test_ours_to_hf_logits_match_with_no_missing_keys(tmp_path, seed, pad_vocab_
     again = load_hf(tmp_path, pad_vocab_multiple=pad_vocab_multiple)
     with torch.no_grad():
         torch.testing.assert_close(again(ids, mask).logits, expected, rtol=0, atol=0)
+    # The bare encoder (what fine-tuning and embeddings start from) loads from it too, with the same states.
+    encoder = load_hf_encoder(tmp_path, pad_vocab_multiple=pad_vocab_multiple)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(ids, mask), ours.roberta(ids, mask), rtol=0, atol=0)
 
 
-def test_sparse_head_loss_equals_dense_loss():
-    config = _random_config(5)
+@pytest.mark.parametrize("pre_layernorm", [False, True])
+def test_sparse_head_loss_equals_dense_loss(pre_layernorm):
+    config = _random_config(5, pre_layernorm)
     torch.manual_seed(0)
     model = RobertaForMaskedLM(config).eval()
     ids, mask = _padded_batch(config, 5)
@@ -100,7 +123,10 @@ def test_sparse_head_loss_equals_dense_loss():
     torch.testing.assert_close(sparse.loss, dense_loss, rtol=1e-5, atol=1e-6)
     # Also equal to HF's dense loss on the same weights and labels.
     hf = _hf_model(config)
-    hf.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=False)
+    result = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    # The decoder's weight and bias are HF's tied views of the word embeddings and lm_head.bias.
+    assert sorted(result.missing_keys) == ["lm_head.decoder.bias", "lm_head.decoder.weight"], result
+    assert not result.unexpected_keys, result
     with torch.no_grad():
         hf_loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(sparse.loss, hf_loss, rtol=1e-5, atol=1e-5)
@@ -118,3 +144,62 @@ def test_load_hf_rejects_wrong_architecture(tmp_path):
         load_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("pre_layernorm", [False, True])
+def test_export_fills_masks_in_transformers_pipeline_and_gives_automodel_its_encoder(tmp_path, tokenizer_dir,
+                                                                                       pre_layernorm):
+    """The export with its tokenizer, as a user meets it: ``pipeline("fill-mask")`` ranks tokens by our model's
+    probabilities, and ``AutoModel`` (the bare encoder, for hidden states) loads every weight it has."""
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = RobertaConfig.from_name("tiny", vocab_size=len(tok), num_layers=2, max_seq_len=40,
+                                     pre_layernorm=pre_layernorm)
+    torch.manual_seed(7)
+    ours = RobertaForMaskedLM(config).eval()
+    with torch.no_grad():  # peaked distributions, so the top-5 order is decided by clear margins
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    save_hf(ours, tmp_path, tokenizer=tokenizer_dir)
+    text = "Return the <mask> of the list."
+    filled = transformers.pipeline("fill-mask", model=str(tmp_path), top_k=5)(text)
+    assert type(transformers.AutoModelForMaskedLM.from_pretrained(tmp_path)).__name__ == HF_CLASS[pre_layernorm]
+    enc = tok(text, return_tensors="pt")
+    where = enc["input_ids"][0].tolist().index(tok.mask_token_id)
+    with torch.no_grad():
+        probs = ours(enc["input_ids"]).logits[0, where].softmax(-1)
+    top = probs.topk(5)
+    assert [r["token"] for r in filled] == top.indices.tolist()
+    torch.testing.assert_close(torch.tensor([r["score"] for r in filled]), top.values, rtol=1e-4, atol=1e-6)
+    # RoBERTa's pooler (BERT's NSP leftover) is not part of a masked LM, and writing one would make every
+    # AutoModelForMaskedLM load report it as unexpected; AutoModel takes add_pooling_layer=False instead.
+    encoder, info = transformers.AutoModel.from_pretrained(tmp_path, add_pooling_layer=False, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    assert info["unexpected_keys"] == {k for k in to_hf_state_dict(ours) if k.startswith("lm_head.")}, info
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval()(**enc).last_hidden_state, ours.roberta(enc["input_ids"]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pre_layernorm", [False, True])
+@pytest.mark.parametrize("token", [False, True])
+def test_classifier_export_matches_transformers_auto_class(tmp_path, pre_layernorm, token):
+    """A fine-tuned model's export (sequence or token head, post- or pre-LN) loads in the matching
+    ``transformers`` class with every key used and gives our logits."""
+    config = _random_config(8, pre_layernorm)
+    torch.manual_seed(8)
+    cls = RobertaForTokenClassification if token else RobertaForSequenceClassification
+    ours = cls(config, num_labels=3).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_hf_classifier(ours, tmp_path, labels=["a", "b", "c"])
+    auto = transformers.AutoModelForTokenClassification if token else transformers.AutoModelForSequenceClassification
+    hf, info = auto.from_pretrained(tmp_path, output_loading_info=True)
+    kind = "TokenClassification" if token else "SequenceClassification"
+    assert type(hf).__name__ == f"Roberta{'PreLayerNorm' if pre_layernorm else ''}For{kind}"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids, mask = _padded_batch(config, 8)
+    with torch.no_grad():
+        expected, got = ours(ids, mask), hf.eval()(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool() if token else slice(None)
+    assert (got[real] - expected[real]).abs().max() <= 1e-4

@@ -1,4 +1,6 @@
-"""Shapes, masks, dropout and presets of the plain-PyTorch model."""
+"""Shapes, masks, dropout and presets of the plain-PyTorch model, post-LN and pre-LN."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -6,10 +8,10 @@ import torch
 from roberta_pl.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
 
 
-@pytest.fixture
-def tiny():
+@pytest.fixture(params=[False, True], ids=["post_ln", "pre_ln"])
+def tiny(request):
     torch.manual_seed(0)
-    return RobertaForMaskedLM(RobertaConfig.from_name("tiny", vocab_size=500))
+    return RobertaForMaskedLM(RobertaConfig.from_name("tiny", vocab_size=500, pre_layernorm=request.param))
 
 
 def test_shapes_with_and_without_labels(tiny):
@@ -87,17 +89,47 @@ def test_large_presets_parameter_count_on_meta(name, expected_millions):
     assert model.num_parameters() / 1e6 == pytest.approx(expected_millions, abs=0.5)
 
 
-def test_activation_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("pre_layernorm", [False, True])
+def test_activation_checkpointing_gives_same_gradients(pre_layernorm):
     torch.manual_seed(0)
-    a = RobertaForMaskedLM(RobertaConfig.from_name("tiny", vocab_size=300, dropout=0.0, attention_dropout=0.0))
+    a = RobertaForMaskedLM(RobertaConfig.from_name("tiny", vocab_size=300, dropout=0.0, attention_dropout=0.0,
+                                                   pre_layernorm=pre_layernorm))
     b = RobertaForMaskedLM(RobertaConfig.from_name("tiny", vocab_size=300, dropout=0.0, attention_dropout=0.0,
-                                                   activation_checkpointing=True))
+                                                   pre_layernorm=pre_layernorm, activation_checkpointing=True))
     b.load_state_dict(a.state_dict())
     ids = torch.randint(5, 300, (2, 12))
     a(ids, labels=ids).loss.backward()
     b(ids, labels=ids).loss.backward()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def test_pre_layernorm_normalises_branch_inputs_and_the_encoder_output_only():
+    cfg = RobertaConfig.from_name("tiny", vocab_size=300, pre_layernorm=True)
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(cfg).eval()
+    names = {n for n, _ in model.named_parameters()}
+    # HF RobertaPreLayerNorm's places: attention.LayerNorm and intermediate.LayerNorm in front of the two branches,
+    # one LayerNorm after the encoder, the embeddings' kept; none after a residual sum.
+    for name in ("roberta.embeddings.LayerNorm", "roberta.encoder.layer.1.attention.LayerNorm",
+                 "roberta.encoder.layer.1.intermediate.LayerNorm", "roberta.LayerNorm"):
+        assert f"{name}.weight" in names, name
+    assert not any("output.LayerNorm" in n for n in names)
+    post = RobertaForMaskedLM(dataclasses.replace(cfg, pre_layernorm=False))
+    assert model.num_parameters() == post.num_parameters() + 2 * cfg.hidden_size  # the final LayerNorm
+    # Zero each branch's output projection and every block is the identity on the residual stream, so the
+    # encoder returns the final LayerNorm of the embeddings (a post-LN block would renormalise instead).
+    with torch.no_grad():
+        for layer in model.roberta.encoder.layer:
+            for proj in (layer.attention.output.dense, layer.output.dense):
+                proj.weight.zero_()
+                proj.bias.zero_()
+        model.roberta.LayerNorm.weight.uniform_(0.5, 1.5)
+        model.roberta.LayerNorm.bias.normal_()
+        ids = torch.randint(5, 300, (2, 12))
+        embedded = model.roberta.embeddings(ids)
+        torch.testing.assert_close(model.roberta(ids), model.roberta.LayerNorm(embedded))
+        assert (model.roberta(ids) - embedded).abs().max() > 0.1  # the final LayerNorm did something
 
 
 def test_flops_formula_matches_roberta_base_figures():
