@@ -3,20 +3,35 @@
 Lightning's ``DeepSpeedStrategy`` is CUDA-only in three places, although DeepSpeed itself runs on CPU
 (``DS_ACCELERATOR=cpu``; its CPU accelerator falls back to the gloo backend when oneCCL is absent).
 :class:`ZeroStrategy` bypasses exactly those three on a CPU accelerator (overrides 1-3) and is Lightning's
-strategy on CUDA, but for one fix that applies on both (override 4: gradient accumulation). Checked against
-lightning 2.6.6 and deepspeed 0.19.8 (``lightning/pytorch/strategies/deepspeed.py``);
-``tests/integration/test_zero_cpu.py`` fails loudly if a newer Lightning moves these points.
+strategy on CUDA, but for two fixes that apply on both (override 4: gradient accumulation; override 5: loading a
+checkpoint written by another number of ranks). Checked against lightning 2.6.6 and deepspeed 0.19.8
+(``lightning/pytorch/strategies/deepspeed.py``); ``tests/integration/test_zero_cpu.py`` fails loudly if a newer
+Lightning moves these points.
+
+Resume on another world size (after losing a node, say), for any strategy: a ZeRO checkpoint is converted to DeepSpeed's
+universal checkpoint (:func:`to_universal`; DDP checkpoints are whole already), the DataModule re-deals the rest of the
+interrupted epoch (``MLMDataModule.replan``) and :class:`WorldSizeResume` puts Lightning's micro-batch counters on the
+new plan. See the README's resume section and docs/data.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
+import shutil
+from pathlib import Path
 
+import lightning.pytorch as pl
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
+
+from roberta_pl.lightning_compat import set_resumed_batch_progress
+
+log = logging.getLogger("roberta_pl")
 
 
 class ZeroStrategy(DeepSpeedStrategy):
@@ -58,12 +73,122 @@ class ZeroStrategy(DeepSpeedStrategy):
         )
         return engine, ds_optimizer
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        # 5. (CPU and CUDA) A ZeRO checkpoint holds one optimizer partition per rank, and DeepSpeed refuses to load
+        #    it on another number of ranks. Written by another number: convert it to DeepSpeed's universal format
+        #    (one file per parameter and state) and load that, re-partitioned for this run (see to_universal).
+        path = Path(checkpoint_path)
+        saved = zero_checkpoint_ranks(path)
+        if saved in (None, self.world_size) or (self.load_full_weights and self.zero_stage_3):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        universal = to_universal(path, self.world_size, self.global_rank, self.barrier)
+        engine = self.deepspeed_engine
+        engine._config.load_universal_checkpoint = True  # read by engine.load_checkpoint (deepspeed 0.19.8)
+        try:
+            _, client_state = engine.load_checkpoint(
+                str(universal.parent), tag=universal.name,
+                load_optimizer_states=self.lightning_module.trainer.state.fn == "fit",
+                load_lr_scheduler_states=False, load_module_strict=self.lightning_module.strict_loading)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        self.barrier("universal checkpoint loaded")
+        if self.global_rank == 0:
+            shutil.rmtree(universal.parent, ignore_errors=True)
+            log.info("ZeRO checkpoint %s was written by %d rank(s), this run has %d: converted it to DeepSpeed's universal "
+                     "checkpoint and loaded the parameters and optimizer state (Adam moments, step) re-partitioned "
+                     "for %d rank(s)", path, saved, self.world_size, self.world_size)
+        if client_state is None:
+            raise RuntimeError(f"{path}: DeepSpeed could not load its universal conversion {universal}")
+        return client_state
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None):
+        # 6. (CPU and CUDA) DeepSpeed writes one file per rank into the checkpoint directory and leaves any other
+        #    file there: a save over a checkpoint of more ranks (``last.ckpt`` after a resume on fewer) kept their
+        #    partitions, which fp32 consolidation and conversion then count as ranks of this one. Remove them.
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+        latest = Path(filepath) / "latest"  # rank 0's path, which every rank wrote to; rank 0 writes `latest`
+        if self.global_rank == 0 and latest.is_file():
+            for stale in _stale_rank_files(latest.parent / latest.read_text().strip(), self.world_size):
+                stale.unlink(missing_ok=True)
+
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         # 4. (CPU and CUDA) Lightning already divides the loss by accumulate_grad_batches, and
         #    DeepSpeedEngine.backward divides it again by gradient_accumulation_steps: gradients came out
         #    1/accumulation of DDP's (AdamW's eps and gradient clipping then act on the wrong scale).
         #    DeepSpeed's ``scale_wrt_gas=False`` turns its division off, so ZeRO's update equals DDP's.
         return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
+
+
+_RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_(?:optim|model)_states\.pt$")
+
+
+def zero_checkpoint_ranks(path: Path) -> int | None:
+    """Ranks that wrote a DeepSpeed ZeRO checkpoint directory (its recorded ``dp_world_size``); None if ``path`` is
+    not one (a single-file checkpoint, or no ``latest`` tag). Counting the per-rank files would not do: a
+    checkpoint saved over one written by more ranks kept their files (see :meth:`ZeroStrategy.save_checkpoint`)."""
+    import torch
+
+    latest = path / "latest"
+    if not path.is_dir() or not latest.is_file():
+        return None
+    states = sorted((path / latest.read_text().strip()).glob("*mp_rank_00_model_states.pt"))
+    if not states:
+        return None
+    try:
+        saved = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not loadable without pickled code: let DeepSpeed's own load say what is wrong
+        return None
+    return int(saved["dp_world_size"]) if "dp_world_size" in saved else None
+
+
+def _stale_rank_files(folder: Path, ranks: int) -> list[Path]:
+    """Per-rank ZeRO files in ``folder`` of ranks ``>= ranks``: left by an earlier save of more ranks to the same path."""
+    return [f for f in folder.iterdir() if (m := _RANK_FILE.match(f.name)) and int(m.group(1)) >= ranks]
+
+
+def to_universal(path: Path, world_size: int, rank: int, barrier) -> Path:
+    """Convert a ZeRO checkpoint directory to DeepSpeed's universal checkpoint, for loading on another number of ranks.
+
+    Why universal and not consolidating to fp32: a universal checkpoint keeps, per parameter, the fp32 master
+    weights *and* the optimizer state (Adam's ``exp_avg``, ``exp_avg_sq``, ``step``), and DeepSpeed itself
+    re-partitions them for any number of ranks and either ZeRO stage (``load_universal_checkpoint``); the fp32
+    consolidation (``zero_to_fp32``) keeps the weights only. DeepSpeed's elastic ZeRO-1/2 loading is refused by
+    its engine when the data-parallel size differs. The conversion (``ds_to_universal``) reads files only, so it
+    runs the same on CPU ranks (gloo) as on GPUs.
+
+    Rank 0 converts, in one process (no worker pool inside a training process), into ``.universal/`` beside the
+    checkpoint; the others wait at ``barrier``. The caller removes it once loaded.
+
+    Returns:
+        The universal checkpoint's directory (load it with ``tag=path.name`` from ``path.parent``).
+    """
+    import contextlib
+    import io
+
+    tag = (path / "latest").read_text().strip()
+    out = path.parent / ".universal" / f"{path.name}-for-{world_size}"
+    if rank == 0:
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        shutil.rmtree(out, ignore_errors=True)
+        # The converter reads every per-rank file in its folder: give it those of the ranks that wrote this save.
+        source, stale = path / tag, set(_stale_rank_files(path / tag, zero_checkpoint_ranks(path)))
+        staged = out.with_name(out.name + "-input")
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        for f in source.iterdir():
+            if f not in stale:
+                (staged / f.name).symlink_to(f.resolve())
+        args = argparse.Namespace(input_folder=str(staged), output_folder=str(out), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  # checkpoints written without DeepSpeed's universal-checkpoint metadata (a plain
+                                  # data-parallel model has none to give) get its default
+                                  inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+            ds_to_universal(args)
+        shutil.rmtree(staged)
+    barrier("universal checkpoint written")
+    return out
 
 
 def load_cpu_adam(accelerator: str) -> str | None:
@@ -98,6 +223,31 @@ def load_cpu_adam(accelerator: str) -> str | None:
     causes = [line for line in [*message, *output]  # torch puts the compiler's output in the exception
               if ("error:" in line.lower() or "not found" in line) and not line.startswith("Error building")]
     return (causes[0] if causes else f"{type(error).__name__}: {message[-1]}")[:200]
+
+
+class WorldSizeResume(pl.Callback):
+    """Resume a checkpoint written under another data plan (another number of ranks, DataLoader workers or
+    micro-batch size) with Lightning's micro-batch counters on this run's plan.
+
+    The DataModule re-plans first (``MLMDataModule.replan``, from its ``load_state_dict``, which Lightning calls before
+    this hook): its data position becomes this plan's. Lightning would restore its counters as saved, and its
+    accumulation counts micro-batches within the epoch: a 2-rank checkpoint after 3 steps of accumulation 2 (6
+    micro-batches) resumed on 1 rank with accumulation 4 would step after 2 micro-batches. Here the run has trained
+    ``global_step x accumulation`` micro-batches of this plan, and is at the DataModule's place in its epoch. The step
+    count, the LR schedule and the optimizer state are the checkpoint's, untouched.
+    """
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        datamodule = trainer.datamodule
+        if not getattr(datamodule, "replanned", False):
+            return
+        per_epoch = datamodule.batches_per_epoch_per_rank
+        in_epoch = datamodule.consumed - int(checkpoint["epoch"]) * per_epoch
+        if not 0 <= in_epoch <= per_epoch:
+            raise RuntimeError(f"the re-planned data position {datamodule.consumed} is not in the checkpoint's epoch "
+                               f"{checkpoint['epoch']} ({per_epoch} batches per epoch)")
+        set_resumed_batch_progress(checkpoint, int(checkpoint["global_step"]) * trainer.accumulate_grad_batches,
+                                   in_epoch, {"consumed": datamodule.consumed})
 
 
 RENDEZVOUS_TIMEOUT_ENV = "ROBERTA_PL_RENDEZVOUS_TIMEOUT"
