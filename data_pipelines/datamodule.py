@@ -13,7 +13,10 @@ Resume. The whole data position is one number: ``consumed``, the micro-batches t
 trained on since the start of training. ``state_dict()`` saves it and Lightning stores it in the
 checkpoint; ``load_state_dict()`` restores it, and the next train loader iteration starts at
 epoch ``consumed // len(loader)``, batch ``consumed % len(loader)`` — the same token blocks and
-the same masks (masks are seeded by (seed, step=global micro-batch index, rank)).
+the same masks (masks are seeded by (seed, step=global micro-batch index, rank)). A checkpoint written
+under another plan (world size, workers, micro-batch, accumulation) is re-planned (:meth:`MLMDataModule.replan`):
+the rest of its epoch is dealt to this run's readers as the epoch's last batches, and ``consumed`` becomes
+this plan's position (``epoch * len + first carried batch``), no longer a count of batches trained.
 
 Counting is automatic inside a Lightning ``fit``: the train loader records each batch it hands
 out, and this DataModule's ``on_before_batch_transfer`` hook — which Lightning calls for the batch
@@ -25,25 +28,32 @@ A training module that consumes batches some other way can call :meth:`MLMDataMo
 from __future__ import annotations
 
 import collections
+import dataclasses
+import itertools
 import logging
+import math
 import os
 import signal
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from data_pipelines.errors import DataError, OnError, check_on_error
-from data_pipelines.masking import Masker, MaskingConfig
+from data_pipelines.masking import IGNORE_INDEX, Masker, MaskingConfig, MaskSchedule
 from data_pipelines.packing import PackMode
 from data_pipelines.stream import (
     TRAIN_STREAM,
     VALID_STREAM,
+    Carry,
     MaskedBatchStream,
     StreamConfig,
     keep_as_is,
+    plan_epoch,
     resolve_shards,
+    rest_of_epoch,
     unstack_batch,
 )
 from data_pipelines.tokenizer import load_tokenizer
@@ -82,10 +92,88 @@ class _ValidLoader(DataLoader):
             yield unstack_batch(stacked, self._pin)
 
 
+class StepWindow(NamedTuple):
+    """What a train micro-batch carries about its optimizer step (``batch["step_window"]``).
+
+    The masked-LM objective of a step is the cross-entropy summed over every masked token of the global
+    batch, divided by how many there are (fairseq's). A micro-batch's loss is backpropagated before the
+    step's other micro-batches are seen, so the loader, which can look ahead, counts them: the training
+    module sums ``masked`` over the ranks once per step and divides by it.
+
+    Attributes:
+        masked: tokens to predict in the whole accumulation window on this rank (a 0-d LongTensor, so it
+            travels to the device with the batch, without a sync).
+        position: this micro-batch's place in the window (0-based).
+        size: micro-batches the plan puts in the window (the accumulation; an epoch's end may cut it short,
+            and then ``masked`` counts the micro-batches there are, on which the trainer also steps).
+    """
+
+    masked: torch.Tensor
+    position: int
+    size: int
+
+
+STEP_WINDOW = "step_window"  # the batch key of a :class:`StepWindow`
+
+
+def window_end(accumulation: int | Sequence[Sequence[int]], index: int) -> int:
+    """The index one past the last micro-batch of the accumulation window holding micro-batch ``index``.
+
+    Args:
+        accumulation: micro-batches per optimizer step, or a batch ramp's phases
+            ``(start_step, start_micro_batch, accumulation)`` (``roberta_pl.optim.BatchPlan.phases``), each
+            starting on a whole step of its own accumulation.
+        index: a micro-batch index on this rank, counted from the start of training.
+    Returns:
+        The end of its window (windows are ``start_micro_batch + k * accumulation`` within a phase).
+    """
+    phases = [(0, 0, accumulation)] if isinstance(accumulation, int) else accumulation
+    _, start, acc = [p for p in phases if p[1] <= index][-1]
+    return index + acc - (index - start) % acc
+
+
+def with_step_windows(batches: Iterable[dict], accumulation: int | Sequence[Sequence[int]], start: int = 0,
+                      pin: bool = False) -> Iterator[dict]:
+    """Yield ``batches``, each with ``batch[STEP_WINDOW]``: its accumulation window's masked-token count.
+
+    Reads each window's micro-batches ahead (``accumulation`` of them), counts their ``labels`` other than
+    -100, then yields them one by one. A window that the batches end inside is counted as far as it goes.
+
+    Args:
+        batches: micro-batch dicts with ``labels``, in training order.
+        accumulation: as in :func:`window_end`, the same plan the trainer steps by.
+        start: the index of the first batch, counted from the start of training (a resumed pass).
+        pin: put the count in page-locked memory, as the batch is.
+    Returns:
+        An iterator over the same batch dicts.
+    """
+    it = iter(batches)
+    index = start
+    while True:
+        size = window_end(accumulation, index) - index
+        window = list(itertools.islice(it, size))
+        if not window:
+            return
+        masked = torch.tensor(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window))
+        if pin:
+            masked = masked.pin_memory()
+        for position, batch in enumerate(window):
+            batch[STEP_WINDOW] = StepWindow(masked, position, size)
+            yield batch
+        index += len(window)
+
+
 class _TrainLoader(DataLoader):
-    """A DataLoader that starts each pass where the DataModule says and reports what it yields."""
+    """A DataLoader that starts each pass where the DataModule says, reports what it yields, and tags each
+    batch with its step's masked-token count (:class:`StepWindow`)."""
 
     def __init__(self, datamodule: "MLMDataModule", dataset: MaskedBatchStream, *, pin: bool = False, **kwargs: Any) -> None:
+        # Each window is read whole before its first micro-batch trains: let the workers run a window ahead,
+        # or the device would wait on the part of every window beyond the default prefetch.
+        acc = datamodule.accumulation
+        workers, longest = kwargs.get("num_workers", 0), acc if isinstance(acc, int) else max(p[2] for p in acc)
+        if workers and kwargs.get("prefetch_factor"):
+            kwargs["prefetch_factor"] = max(kwargs["prefetch_factor"], math.ceil(2 * longest / workers))
         super().__init__(dataset, batch_size=None, collate_fn=keep_as_is, **kwargs)
         self._datamodule = datamodule
         self._pin = pin
@@ -97,8 +185,8 @@ class _TrainLoader(DataLoader):
         self.dataset.set_position(epoch, start)
         dm._handed_out.clear()
         index = dm.consumed
-        for stacked in super().__iter__():
-            batch = unstack_batch(stacked, self._pin)
+        batches = (unstack_batch(stacked, self._pin) for stacked in super().__iter__())
+        for batch in with_step_windows(batches, dm.accumulation, start=index, pin=self._pin):
             if dm._lightning_counts:
                 dm._handed_out.append((_batch_key(batch), index))  # counted when Lightning trains on it
             else:
@@ -144,10 +232,16 @@ class MLMDataModule(L.LightningDataModule):
         batch_multiple: round the derived train batches per epoch down to a multiple of this — the
             gradient accumulation — so every optimizer step, epoch ends included, sums the same
             number of micro-batches.
+        accumulation: micro-batches per optimizer step on each rank, or a batch ramp's phases
+            ``(start_step, start_micro_batch, accumulation)`` (``BatchPlan.phases``): the train loader
+            tags each batch with its step's masked-token count (:class:`StepWindow`), so it must be the
+            plan the trainer steps by.
         on_error: ``"raise"`` or ``"skip"`` (counted warning) for bad shards.
         rank: data-parallel rank when no Trainer is attached.
         world_size: data-parallel size when no Trainer is attached.
         pin_memory: pin batches for faster host-to-GPU copies.
+        mask_schedule: a :class:`~data_pipelines.masking.MaskSchedule` for the training mask rate
+            (validation keeps ``mask_prob``).
     """
 
     def __init__(
@@ -172,10 +266,12 @@ class MLMDataModule(L.LightningDataModule):
         shuffle_window: int = 1024,
         batches_per_epoch: int | None = None,
         batch_multiple: int = 1,
+        accumulation: int | Sequence[Sequence[int]] = 1,
         on_error: OnError = "raise",
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
+        mask_schedule: MaskSchedule | None = None,
     ) -> None:
         super().__init__()
         check_on_error(on_error)
@@ -190,16 +286,20 @@ class MLMDataModule(L.LightningDataModule):
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.masking = MaskingConfig(mask_prob, random_prob, keep_prob, whole_word, span, span_p, max_span)
+        self.mask_schedule = mask_schedule
         self.pack_mode = pack_mode
         self.seed = seed
         self.num_workers = num_workers
         self.shuffle_window = shuffle_window
         self.batches_per_epoch = batches_per_epoch
         self.batch_multiple = batch_multiple
+        self.accumulation = accumulation if isinstance(accumulation, int) else [tuple(p) for p in accumulation]
         self.on_error = on_error
         self._rank, self._world_size = rank, world_size
         self.pin_memory = pin_memory
-        self.consumed = 0  # micro-batches trained on by this rank since the start of training
+        self.consumed = 0  # the data position: micro-batches of this rank's plan, epoch * len + batch (see resume)
+        self._carry: Carry | None = None  # the rest of an epoch begun under another plan (see replan)
+        self.replanned = False  # load_state_dict re-planned a checkpoint written under another plan
         self._handed_out: collections.deque = collections.deque()
         self._train: MaskedBatchStream | None = None
         self._valid: MaskedBatchStream | None = None
@@ -232,6 +332,7 @@ class MLMDataModule(L.LightningDataModule):
         masker = Masker(
             tok.vocab_size, tok.special_ids, tok.mask_id, self.masking,
             word_start=tok.word_start_table() if (self.masking.whole_word or self.masking.span) else None,
+            schedule=self.mask_schedule if mask_stream == TRAIN_STREAM else None,
         )
         config = StreamConfig(
             shards=shards, seq_len=self.seq_len, batch_size=self.micro_batch_size, mode=self.pack_mode,
@@ -252,6 +353,7 @@ class MLMDataModule(L.LightningDataModule):
             self._placement = placement
         if self._train is None:
             self._train = self._stream(self.train_shards, "train", TRAIN_STREAM, shuffle=True)
+            self._train.set_carry(self._carry)
         if self.valid_shards is not None and self._valid is None:
             self._valid = self._stream(self.valid_shards, "valid", VALID_STREAM, shuffle=False)
 
@@ -337,7 +439,11 @@ class MLMDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """What Lightning saves in the checkpoint: the consumed count and the settings it assumes."""
+        """What Lightning saves in the checkpoint: the data position, the settings it assumes, and the carried
+        rest of an epoch while this run is still finishing one begun under another plan (``None`` otherwise)."""
+        carry = self._carry
+        if carry is not None and self.consumed >= (carry.epoch + 1) * self.batches_per_epoch_per_rank:
+            carry = None  # that epoch is done
         return {
             "consumed": self.consumed,
             "seed": self.seed,
@@ -346,14 +452,77 @@ class MLMDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "world_size": self.world_size,
             "pack_mode": self.pack_mode,
+            "batch_multiple": self.batch_multiple,
+            "carry": carry.to_dict() if carry is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the data position; warn when settings changed so the resume is not exact."""
-        changed = [
-            k for k in ("seed", "seq_len", "micro_batch_size", "num_workers", "world_size", "pack_mode")
-            if k in state_dict and state_dict[k] != getattr(self, k)
-        ]
+        """Restore the data position. A checkpoint written under another plan (world size, workers, micro-batch
+        size or accumulation) is re-planned: the rest of its epoch is dealt to this run's readers (one INFO
+        line says how; see :meth:`replan`). Other changed settings (seed, seq_len, packing) make different
+        blocks: a warning says the resume continues, but not with the same batches."""
+        consumed = int(state_dict["consumed"])
+        carry = Carry.from_dict(state_dict["carry"]) if state_dict.get("carry") else None
+        self.replanned = False
+        changed = [k for k in ("seed", "seq_len", "pack_mode") if k in state_dict and state_dict[k] != getattr(self, k)]
         if changed:
             log.warning("data settings changed since the checkpoint (%s): resume continues, but not with the same batches", ", ".join(changed))
-        self.consumed = int(state_dict["consumed"])
+            self.consumed, self._carry = consumed, None
+            return
+        # Checkpoints from before batch_multiple was saved: the global batch is the same, so the accumulation
+        # scales inversely with world size x micro-batch.
+        saved_world = int(state_dict.get("world_size", self.world_size))
+        saved_micro = int(state_dict.get("micro_batch_size", self.micro_batch_size))
+        default_multiple = max(1, self.batch_multiple * self.world_size * self.micro_batch_size // (saved_world * saved_micro))
+        saved = {"world_size": saved_world, "num_workers": int(state_dict.get("num_workers", self.num_workers)),
+                 "batch_size": saved_micro, "batch_multiple": int(state_dict.get("batch_multiple", default_multiple))}
+        here = {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.micro_batch_size,
+                "batch_multiple": self.batch_multiple}
+        if saved == here:
+            self.consumed, self._carry = consumed, carry
+            if self._train is not None:
+                self._train.set_carry(carry)
+            return
+        self.replan(consumed, saved, carry)
+
+    def replan(self, consumed: int, saved: dict[str, int], carry: Carry | None = None) -> None:
+        """Continue from data position ``consumed`` reached under another plan: finish its epoch with exactly
+        the blocks that plan's readers had not trained on, dealt to this run's readers in whole optimizer steps
+        (less than one global batch of them may be left over), then follow this run's plan.
+
+        Args:
+            consumed: the saved data position (a rank's micro-batches, ``epoch * len + batch``, under that plan).
+            saved: that plan's ``world_size``, ``num_workers``, ``batch_size`` (micro-batch) and ``batch_multiple``.
+            carry: the carry that plan was itself finishing, if any (from the checkpoint).
+        """
+        if not isinstance(self.accumulation, int) and len(self.accumulation) > 1:
+            raise DataError("batch.ramp: a resume on another world size, worker count or micro-batch size is not "
+                            "supported under a batch ramp (its phases count micro-batches of the old plan); resume "
+                            "with the checkpoint's settings or drop the ramp")
+        self.setup("fit")
+        stream = self._train
+        old = dataclasses.replace(stream.config, rank=0, **saved)
+        rest = rest_of_epoch(old, consumed, carry)
+        first = stream.set_carry(rest)
+        per_epoch = len(stream)
+        epoch = rest.epoch if rest is not None else consumed // plan_epoch(old).batches_per_rank
+        self.consumed, self._carry, self.replanned = epoch * per_epoch + first, rest, True
+        if self.rank != 0:
+            return
+        where = (f"{saved['world_size']} rank(s) x {max(1, saved['num_workers'])} reader(s), micro-batch {saved['batch_size']}, "
+                 f"accumulation {saved['batch_multiple']}")
+        now = (f"{self.world_size} x {max(1, self.num_workers)}, micro-batch {self.micro_batch_size}, accumulation "
+               f"{self.batch_multiple}")
+        if rest is None:
+            log.info("data: re-planned for this run (the checkpoint's plan was %s; now %s): resuming at the start of "
+                     "epoch %d under the new plan", where, now, epoch)
+            return
+        if first == per_epoch:
+            log.info("data: re-planned for this run (the checkpoint's plan was %s; now %s): the %d blocks of epoch %d its "
+                     "readers had not trained on fill no optimizer step on every rank and go unused; resuming at the "
+                     "start of epoch %d under the new plan", where, now, rest.blocks, epoch, epoch + 1)
+            return
+        log.info("data: re-planned for this run (the checkpoint's plan was %s; now %s): the %d blocks of epoch %d its "
+                 "readers had not trained on are re-dealt to this run's readers as batches %d-%d of the epoch on each "
+                 "rank; %d of them (less than one global batch) go unused; later epochs follow the new plan",
+                 where, now, rest.blocks, epoch, first, per_epoch - 1, stream.carry_left)

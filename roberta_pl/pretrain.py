@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from data_pipelines.datamodule import STEP_WINDOW
 from roberta_pl.lightning_compat import completes_step, is_logging_step, micro_batches_started
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
 from roberta_pl.optim import build_adamw, lr_lambda
@@ -49,10 +50,16 @@ class MaskedLMModule(pl.LightningModule):
             self.model.roberta.compile()  # in place: parameter names (and so checkpoints/exports) unchanged
         # Read by ThroughputLogger for MFU; the head runs on mask_prob of the tokens.
         self.flops_per_position = mlm_flops_per_token(self.config, seq_len, mask_prob)
-        self._window: torch.Tensor | None = None  # (loss sum, accuracy sum, micro-batches) of the current step
+        self._window: torch.Tensor | None = None  # (loss, accuracy) of the current step so far
+        self._masked: torch.Tensor | None = None  # masked tokens in the current step's global batch
         self._logged_step = False
 
     # -- steps --------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # A fit starts on a step boundary (checkpoints are taken only there): nothing of a window left
+        # unfinished by an earlier fit of this module carries over.
+        self._window = self._masked = None
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout is a function of (seed, micro-batch index, rank), not of RNG history, so a resumed run
         # draws the same masks as the uninterrupted one. `ready` already counts the current batch.
@@ -60,6 +67,8 @@ class MaskedLMModule(pl.LightningModule):
         torch.manual_seed(step_seed(self.hparams.seed, micro_step, self.global_rank))
 
     def _shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(mean cross-entropy over the masked tokens, their accuracy, the cross-entropy summed over them,
+        how many there are)`` of one batch."""
         labels = batch["labels"]
         # FULL-SENTENCES blocks are never padded: no mask lets SDPA pick the flash kernel, and deciding it
         # from the config (not from the tensor) costs no device sync.
@@ -71,26 +80,54 @@ class MaskedLMModule(pl.LightningModule):
             return zero, zero.detach(), zero, 0
         with torch.no_grad():
             accuracy = (out.logits.argmax(-1) == targets).float().mean()
-        # The objective is the masked-token loss *sum* over the expected number of masked tokens
-        # (mask_prob x real tokens), a constant per micro-batch. Lightning divides by accumulation and DDP
-        # averages over ranks, so every split of a global batch (micro x accumulation x world) gives the
-        # same update: sum / (mask_prob x tokens in the global batch). The logged loss is the true mean.
-        real_tokens = batch["input_ids"].numel() if mask is None else mask.sum()
-        objective = out.loss * targets.numel() / (self.hparams.mask_prob * real_tokens)
-        return out.loss, accuracy, objective, targets.numel()
+        return out.loss, accuracy, out.loss * targets.numel(), targets.numel()
+
+    def _step_denominator(self, batch: dict, masked: int) -> torch.Tensor:
+        """The step's denominator: masked tokens in the global batch (the window's count, summed over ranks).
+
+        Counted on the first micro-batch of each accumulation window and kept for the rest of it. The train
+        loader counted the window ahead (:class:`~data_pipelines.datamodule.StepWindow`); one all-reduce of that
+        count per step makes it global. ``torch.distributed`` directly: Lightning's ``strategy.reduce`` adds a
+        barrier, which on GPUs blocks the host until the device is idle, once per step. Batches without a window
+        count (a plain DataLoader) make each micro-batch its own mean: the step is the mean of the micro-batch
+        means, which equals the objective only when every micro-batch masks as many tokens.
+        """
+        trainer = self.trainer
+        window = batch.get(STEP_WINDOW)
+        if window is None:
+            return torch.tensor(float(max(masked, 1) * trainer.accumulate_grad_batches * trainer.world_size),
+                                device=self.device)
+        if self._masked is None:  # the first micro-batch of an optimizer step
+            if window.position != 0 or window.size != trainer.accumulate_grad_batches:
+                raise RuntimeError(
+                    f"the train loader's accumulation window (micro-batch {window.position} of {window.size}) is not "
+                    f"the trainer's step (accumulation {trainer.accumulate_grad_batches}, micro-batch "
+                    f"{micro_batches_started(trainer) - 1}); give MLMDataModule(accumulation=...) the trainer's plan")
+            count = window.masked.to(device=self.device, dtype=torch.float64, copy=True)
+            if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(count)
+            self._masked = count.clamp(min=1).float()
+        return self._masked
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, accuracy, objective, _ = self._shared_step(batch)
-        # Logged once per optimizer step: the mean over the step's micro-batches (summed on the device, no
-        # sync) and over the ranks (one all-reduce, on logging steps only). Logging every micro-batch would
-        # write each logging step A times and report the last micro-batch's loss of rank 0.
-        window = torch.stack([loss.detach().float(), accuracy.float(), torch.ones((), device=loss.device)])
-        self._window = window if self._window is None else self._window + window
+        _, accuracy, loss_sum, masked = self._shared_step(batch)
+        denominator = self._step_denominator(batch, masked)
+        # The objective of a step is fairseq's: cross-entropy summed over every masked token of the global batch
+        # / their number, whatever the split into micro-batches, accumulation and ranks (and in doc packing, where
+        # micro-batches hold unequal numbers of tokens). Lightning divides what this returns by the accumulation,
+        # and DDP and DeepSpeed average gradients over the ranks: both are multiplied back here.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        objective = loss_sum * scale / denominator
+        # Logged once per optimizer step: this micro-batch's share of the step's loss and accuracy, summed on the
+        # device over the window (no sync) and over the ranks (one all-reduce, on logging steps only): exactly
+        # the objective the step optimized. Logging every micro-batch would write each logging step A times.
+        share = torch.stack([loss_sum.detach().float(), accuracy.float() * masked]) / denominator
+        self._window = share if self._window is None else self._window + share
         if completes_step(self.trainer):
-            total, self._window = self._window, None
+            total, self._window, self._masked = self._window, None, None
             if is_logging_step(self.trainer):
-                self.log("train/loss", total[0] / total[2], prog_bar=True, sync_dist=True)
-                self.log("train/accuracy", total[1] / total[2], sync_dist=True)
+                self.log("train/loss", total[0], prog_bar=True, sync_dist=True, reduce_fx="sum")
+                self.log("train/accuracy", total[1], sync_dist=True, reduce_fx="sum")
                 self._logged_step = True
         return objective
 

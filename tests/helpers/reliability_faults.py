@@ -131,8 +131,8 @@ class Slow(pl.Callback):
 
 
 class RecordLosses(pl.Callback):
-    """Appends the loss of each training micro-batch (the model's own output, read by a forward hook) and the
-    optimizer step it belongs to."""
+    """Appends the loss of each training micro-batch (the model's own output, read by a forward hook: the mean
+    over its masked tokens), how many tokens it masked, and the optimizer step it belongs to."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -142,7 +142,8 @@ class RecordLosses(pl.Callback):
         def hook(module, args, out):
             if module.training and out.loss is not None:
                 with open(self.path, "a") as fh:
-                    fh.write(json.dumps({"step": self._step, "loss": float(out.loss)}) + "\n")
+                    record = {"step": self._step, "loss": float(out.loss), "masked": int(out.targets.numel())}
+                    fh.write(json.dumps(record) + "\n")
 
         pl_module.model.register_forward_hook(hook)
 

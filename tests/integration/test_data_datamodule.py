@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_fixtures import corpus_file, one_thread, shard_dir, tok, tokenizer_dir  # noqa: F401
-from data_pipelines.datamodule import MLMDataModule
+from data_pipelines.datamodule import STEP_WINDOW, MLMDataModule
 from data_pipelines.errors import DataError
 from data_pipelines.masking import IGNORE_INDEX
 
@@ -35,15 +35,23 @@ def _take(dm: MLMDataModule, n: int) -> list[dict]:
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+    keys = ("input_ids", "attention_mask", "labels")
+    return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in keys) for x, y in zip(a, b))
 
 
 def test_batch_contract(shard_dir, tokenizer_dir, tok):
     dm = _dm(shard_dir, tokenizer_dir)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    for v in batch.values():
-        assert v.dtype == torch.long and v.shape == (4, 64)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", STEP_WINDOW}
+    for k in ("input_ids", "attention_mask", "labels"):
+        assert batch[k].dtype == torch.long and batch[k].shape == (4, 64)
+    # The step's masked-token count (the loss's denominator): the whole accumulation window's, read ahead.
+    dm = _dm(shard_dir, tokenizer_dir, accumulation=3)
+    window = list(itertools.islice(iter(dm.train_dataloader()), 6))
+    for start in (0, 3):
+        masked = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window[start:start + 3])
+        assert [tuple(b[STEP_WINDOW][1:]) for b in window[start:start + 3]] == [(0, 3), (1, 3), (2, 3)]
+        assert all(int(b[STEP_WINDOW].masked) == masked for b in window[start:start + 3])
     assert (batch["attention_mask"] == 1).all()  # FULL-SENTENCES: no padding
     doc = _dm(shard_dir, tokenizer_dir, pack_mode="doc")
     batches = list(itertools.islice(iter(doc.train_dataloader()), 20))
@@ -119,7 +127,7 @@ class _Recorder(L.LightningModule):
         self.seen: list[dict] = []
 
     def training_step(self, batch, batch_idx):
-        self.seen.append({k: v.clone() for k, v in batch.items()})
+        self.seen.append({k: v.clone() for k, v in batch.items() if torch.is_tensor(v)})
         return self.emb(batch["input_ids"]).pow(2).mean()
 
     def validation_step(self, batch, batch_idx):

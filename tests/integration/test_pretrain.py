@@ -6,17 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import transformers
 from hydra import compose, initialize_config_dir
-from torch.utils.data import DataLoader
 
 from roberta_pl.checkpoints import load_pretrained
 from roberta_pl.config import CONF_DIR, register_configs
 from roberta_pl.hf import load_hf
-from roberta_pl.pretrain import MaskedLMModule
 from roberta_pl.train import run
 
 register_configs()
@@ -111,38 +108,42 @@ def test_batch_ramp_grows_the_global_batch_on_schedule(tmp_path, data_overrides)
     assert [h["step"] for h in history if "val_loss" in h] == [2, 4, 6, 8]
 
 
-class _FixedBatches(pl.LightningDataModule):
-    """Pre-masked sequences, identical whatever the micro-batch size: isolates the update arithmetic."""
+@pytest.mark.parametrize("data", [dict(pack_mode="full", whole_word=True), dict(pack_mode="doc", span=True)],
+                         ids=["full_sentences-whole_word", "doc-span"])
+def test_accumulation_splits_take_the_same_steps_on_the_mean_masked_token_loss(tmp_path, shard_dir, tokenizer_dir, data):
+    # The same 16 real sequences per step as 1 x 16, 2 x 8 and 4 x 4 micro-batches (tests/integration/test_ddp.py
+    # adds ranks). The step's gradient is that of the cross-entropy averaged over every masked token of the
+    # global batch (the denominator was mask_prob x tokens, specials included: 2-6% off, and split-dependent
+    # in doc packing), and every split takes the same steps.
+    from ddp_equivalence_job import main, masked_rows, mean_ce_gradient
 
-    def __init__(self, micro: int, n: int = 64 * 3, seq: int = 32, vocab: int = 300):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(5, vocab, (n, seq), generator=g)
-        self.labels = torch.where(torch.rand(n, seq, generator=g) < 0.15, self.ids, -100)
-        self.micro = micro
-
-    def train_dataloader(self):
-        rows = [{"input_ids": i, "labels": l} for i, l in zip(self.ids, self.labels)]
-        return DataLoader(rows, batch_size=self.micro, shuffle=False)
-
-
-@pytest.mark.parametrize("splits", [((8, 8), (16, 4))])
-def test_gradient_accumulation_split_gives_same_update(splits):
-    states = []
+    torch.save(masked_rows(shard_dir, tokenizer_dir, seq_len=32, **data), tmp_path / "rows.pt")
+    rows = torch.load(tmp_path / "rows.pt", weights_only=True)
+    splits = [(16, 1), (8, 2), (4, 4)]
     for micro, accumulation in splits:
-        torch.manual_seed(0)
-        module = MaskedLMModule(
-            model=dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                       max_seq_len=32, dropout=0.0, attention_dropout=0.0),
-            optim=dict(lr=1e-3, betas=[0.9, 0.98], eps=1e-6, weight_decay=0.01, warmup_steps=0, decay="linear"),
-            max_steps=3, seq_len=32, micro_batch_size=micro)
-        trainer = pl.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=accumulation, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, datamodule=_FixedBatches(micro))
-        assert trainer.global_step == 3
-        states.append(module.model.state_dict())
-    for k in states[0]:
-        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
+        main(str(tmp_path / f"{micro}x{accumulation}"), 1, accumulation, micro, str(tmp_path / "rows.pt"))
+    init = torch.load(tmp_path / "16x1" / "init.pt", weights_only=True)
+    expected = mean_ce_gradient(init, rows)
+    final = {s: torch.load(tmp_path / f"{s[0]}x{s[1]}" / "final.pt", weights_only=True) for s in splits}
+    for split in splits:
+        gradient = torch.load(tmp_path / f"{split[0]}x{split[1]}" / "first_gradient.pt", weights_only=True)
+        for k, v in expected.items():
+            torch.testing.assert_close(gradient[k], v, rtol=1e-4, atol=1e-7, msg=f"{split}: {k}")
+        for k, v in final[splits[0]].items():
+            torch.testing.assert_close(final[split][k], v, rtol=1e-5, atol=1e-6, msg=f"{split}: {k}")
+
+
+def test_batches_without_a_step_window_give_the_mean_of_micro_batch_means(tmp_path):
+    # A plain DataLoader (no look-ahead count): each micro-batch is its own mean, and the step averages them.
+    from ddp_equivalence_job import main, mean_ce_gradient, random_rows
+
+    main(str(tmp_path), 1, 4, 4, None, windows=False)
+    init = torch.load(tmp_path / "init.pt", weights_only=True)
+    gradient = torch.load(tmp_path / "first_gradient.pt", weights_only=True)
+    expected, pooled = mean_ce_gradient(init, random_rows(), parts=4), mean_ce_gradient(init, random_rows())
+    for k, v in expected.items():
+        torch.testing.assert_close(gradient[k], v, rtol=1e-4, atol=1e-7, msg=k)
+    assert any(not torch.allclose(pooled[k], v, rtol=1e-3) for k, v in expected.items())  # the two are told apart
 
 
 def test_wandb_offline_run_files_hold_metrics_and_resume_same_run(tmp_path, data_overrides):
@@ -189,22 +190,30 @@ def test_metrics_are_logged_once_per_optimizer_step_under_the_same_step_number_e
     assert saved and set(saved) <= {f"step-{s:07d}.ckpt" for s in (2, 4, 6)} and saved[-1] == "step-0000006.ckpt"
 
 
-def test_train_loss_is_the_mean_over_the_accumulation_window(tmp_path, data_overrides):
-    # The logged loss of a step is the mean of its micro-batch losses (as the model computed them during
-    # training, read by a forward hook), not the last micro-batch's.
+def test_train_loss_is_the_mean_over_the_masked_tokens_of_each_step(tmp_path, data_overrides):
+    # The logged loss of a step is the objective it optimized: the cross-entropy averaged over every masked token
+    # of its micro-batches (each micro-batch's mean loss and masked count as the model computed them, read by a
+    # forward hook), not the last micro-batch's, nor a plain mean of micro-batch means. Doc packing with span
+    # masking (micro-batches mask unequal numbers of tokens) and a batch ramp (accumulation 1, then 2), so the
+    # loader's look-ahead windows must follow the trainer's steps.
     import csv
 
     record = tmp_path / "losses.jsonl"
     cb = f"trainer.callbacks=[{{_target_:reliability_faults.RecordLosses,path:'{record}'}}]"
-    run(compose_cfg([*TINY, *data_overrides, "trainer.max_steps=3", cb]), tmp_path, overrides=[cb])
+    overrides = [*TINY, *data_overrides, "data.packing=doc", "data.span=true", "batch.ramp=[[2,4]]",
+                 "trainer.max_steps=4", cb]
+    run(compose_cfg(overrides), tmp_path, overrides=[cb])
     rows = list(csv.DictReader(open(next((tmp_path / "csv").glob("version_*/metrics.csv")))))
     logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
     losses = [json.loads(x) for x in record.read_text().splitlines()]
-    for step in (1, 2, 3):
-        window = [x["loss"] for x in losses if x["step"] == step]
-        assert len(window) == 2
-        assert abs(logged[step] - sum(window) / 2) < 1e-5, (step, logged[step], window)
-        assert abs(logged[step] - window[-1]) > 1e-6  # not simply the last micro-batch's
+    plain_means = []
+    for step in (1, 2, 3, 4):
+        window = [x for x in losses if x["step"] == step]
+        assert len(window) == (1 if step <= 2 else 2)
+        mean = sum(x["loss"] * x["masked"] for x in window) / sum(x["masked"] for x in window)
+        assert abs(logged[step] - mean) < 1e-5, (step, logged[step], window)
+        plain_means.append(abs(logged[step] - sum(x["loss"] for x in window) / len(window)))
+    assert max(plain_means) > 1e-4  # the masked counts differed: the test tells the two means apart
 
 
 def test_tokens_per_second_counts_real_tokens_not_padding(tmp_path, data_overrides):
