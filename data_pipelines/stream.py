@@ -27,10 +27,17 @@ DataLoader round-robins over workers). To restart at batch ``k``, worker ``w`` t
 mode seeks by token arithmetic to the right shard and only reads that one shard's documents up
 to the cursor (O(one shard)), in its own stream or in the one it borrows from; ``doc`` mode, or
 shards without counts, replay the reader's blocks without masking them (O(blocks skipped)).
+
+Resume on another plan (world size, workers, micro-batch size). :func:`rest_of_epoch` lists, from the old plan
+and the saved position, the blocks the old readers had not consumed (a :class:`Carry`: ranges of their shuffled
+epoch streams); :meth:`MaskedBatchStream.set_carry` deals them to the new readers in whole batches as the epoch's
+last batches (:func:`deal_carry`), read from the old readers' streams. No block of the epoch is used twice or
+lost, but for less than one global batch of the new plan; later epochs follow the new plan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -47,12 +54,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from data_pipelines.errors import DataError, OnError, SkipReport
 from data_pipelines.masking import Masker, mask_generator
 from data_pipelines.packing import PackMode, block_count_lower_bound, pack
-from data_pipelines.shards import HEADER_KEY, MANIFEST, ext_dtype, load_manifest
-from data_pipelines.tarstream import iter_tar_members
+from data_pipelines.shards import MANIFEST, decode_sample, load_manifest
 
 log = logging.getLogger("data_pipelines")
 
@@ -144,7 +151,7 @@ def partition_shards(shards: Sequence[ShardInfo], num_readers: int, seed: int) -
     if len(shards) < num_readers:
         raise DataError(
             f"{len(shards)} shards cannot feed {num_readers} readers (world_size × num_workers); "
-            "write more shards (smaller --docs-per-shard) or use fewer DataLoader workers"
+            "write more shards (roberta-pl-data shards --num-shards) or use fewer DataLoader workers"
         )
     rng = np.random.default_rng([seed, 0x5A4D])
     tiebreak = rng.permutation(len(shards))
@@ -158,6 +165,27 @@ def partition_shards(shards: Sequence[ShardInfo], num_readers: int, seed: int) -
         owned[reader].append(i)
         loads[reader] += weight[i]
     return [sorted(o) for o in owned]
+
+
+MAX_AUTO_WORKERS = 4  # ~4M tokens/s each (bench/data_throughput.py): far more than one GPU trains on
+
+
+def default_num_workers(num_shards: int, world_size: int, cpus_per_rank: int) -> int:
+    """DataLoader workers per rank that fit the machine and the shards, for ``num_workers`` left unset.
+
+    At most :data:`MAX_AUTO_WORKERS`; at most the rank's CPUs less one (the training process needs one); and
+    at most ``num_shards // world_size``, so that every reader owns whole shards instead of scanning all of
+    them (0, reading in the training process, when even that is not possible).
+
+    Args:
+        num_shards: shards of the train split.
+        world_size: data-parallel ranks.
+        cpus_per_rank: CPUs each rank may use.
+
+    Returns:
+        The number of workers, >= 0.
+    """
+    return max(0, min(MAX_AUTO_WORKERS, cpus_per_rank - 1, num_shards // max(1, world_size)))
 
 
 def epoch_order(owned: Sequence[int], seed: int, epoch: int, reader: int, cycle: int = 0) -> list[int]:
@@ -297,6 +325,138 @@ def plan_epoch(config: "StreamConfig") -> EpochPlan:
 
 
 # ---------------------------------------------------------------------------------------------
+# The rest of an epoch, after a resume on another world size or worker count
+# ---------------------------------------------------------------------------------------------
+
+
+def batches_before(position: int, role: int, workers: int) -> int:
+    """Batches worker role ``role`` yields before batch ``position`` of an epoch (batch ``g`` is role ``g % workers``'s)."""
+    return max(0, -(-(position - role) // workers))
+
+
+Piece = tuple[int, int, int]  # (reader of the source plan, first block of its epoch stream, count)
+
+
+def _take(pieces: Sequence[Piece], n: int) -> tuple[list[Piece], list[Piece]]:
+    """Split ``pieces`` after their first ``n`` blocks: ``(those n, the rest)``."""
+    head: list[Piece] = []
+    rest = list(pieces)
+    while n and rest:
+        reader, first, count = rest.pop(0)
+        take = min(n, count)
+        head.append((reader, first, take))
+        if take < count:
+            rest.insert(0, (reader, first + take, count - take))
+        n -= take
+    return head, rest
+
+
+@dataclass(frozen=True)
+class Carry:
+    """The blocks of an interrupted epoch not yet trained on, to be dealt to readers of another plan.
+
+    A resume on another ``world_size`` (or ``num_workers``, or micro-batch size) re-plans the stream. The epoch
+    it resumes in is finished with exactly the blocks the old readers had not consumed: they are read from the
+    old readers' own streams (the *source* plan: its shard partition, shard order and shuffle windows, all
+    functions of the seed and the epoch), in whole batches of the new plan; see :meth:`MaskedBatchStream.set_carry`.
+
+    Attributes:
+        epoch: the interrupted epoch.
+        world_size, num_workers, batch_size, batch_multiple: the source plan's settings.
+        pieces: the blocks left, in order: ``(source reader, first block, count)`` ranges of the source readers'
+            epoch streams (block ``i`` of a reader is the ``i``-th block it yields in that epoch, shuffle included).
+    """
+
+    epoch: int
+    world_size: int
+    num_workers: int
+    batch_size: int
+    batch_multiple: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def blocks(self) -> int:
+        """Blocks left."""
+        return sum(count for _, _, count in self.pieces)
+
+    def source_config(self, config: "StreamConfig") -> "StreamConfig":
+        """``config`` with the source plan's settings: the stream whose readers the pieces are read from."""
+        return dataclasses.replace(config, world_size=self.world_size, num_workers=self.num_workers,
+                                   batch_size=self.batch_size, batch_multiple=self.batch_multiple)
+
+    def to_dict(self) -> dict:
+        """Plain ints and lists, for a checkpoint."""
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "pieces": [list(p) for p in self.pieces]}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Carry":
+        """The inverse of :meth:`to_dict`."""
+        return cls(**{**state, "pieces": tuple(tuple(int(x) for x in p) for p in state["pieces"])})
+
+
+def deal_carry(carry: Carry, plan: EpochPlan, batch_size: int, batch_multiple: int) -> tuple[int, list[list[Piece]], list[Piece]]:
+    """Deal ``carry`` to the readers of ``plan`` as the last batches of the epoch, in whole optimizer steps.
+
+    Each rank takes ``R`` batches: as many as the carried blocks fill on every rank, in multiples of
+    ``batch_multiple``, at most one epoch. They are batches ``first .. len - 1`` of the epoch (batch ``g`` read by
+    worker role ``g % workers``, as always), so batches ``0 .. first - 1`` count as done. Readers take the pieces in
+    order, reader ``rank * workers + role`` after reader ``rank * workers + role - 1``.
+
+    Returns:
+        ``(first, per reader of plan its pieces, the pieces left over)``; the leftover is less than one global
+        batch of the new plan (``world_size x batch_size x batch_multiple`` blocks) unless the carry holds more
+        than an epoch.
+    """
+    per_rank, workers = plan.batches_per_rank, len(plan.role_batches)
+    readers = len(plan.own)
+    world = readers // workers
+    carried = min(per_rank, carry.blocks // (world * batch_size))
+    first = min(per_rank, -(-(per_rank - carried) // batch_multiple) * batch_multiple)  # whole steps done before
+    rest = list(carry.pieces)
+    dealt = []
+    for reader in range(readers):
+        role = reader % workers
+        quota = (batches_before(per_rank, role, workers) - batches_before(first, role, workers)) * batch_size
+        taken, rest = _take(rest, quota)
+        dealt.append(taken)
+    return first, dealt, rest
+
+
+def rest_of_epoch(config: "StreamConfig", consumed: int, carry: Carry | None = None) -> Carry | None:
+    """The blocks of the epoch holding data position ``consumed`` that are not yet trained on.
+
+    Args:
+        config: the stream settings the position was reached with (world size, workers, batch size...).
+        consumed: a rank's data position: ``epoch * len + batch`` under ``config``'s plan.
+        carry: the carry that plan was finishing when it is still in that epoch (else ignored).
+
+    Returns:
+        A :class:`Carry` (the source is ``carry``'s when there is one, else ``config``'s plan), or None at an
+        epoch boundary (nothing of the epoch is left to deal).
+    """
+    plan = plan_epoch(config)
+    epoch, position = divmod(consumed, plan.batches_per_rank)
+    workers = len(plan.role_batches)
+    if carry is not None and carry.epoch == epoch:
+        first, dealt, left = deal_carry(carry, plan, config.batch_size, config.batch_multiple)
+        pieces = []
+        for reader, own in enumerate(dealt):
+            role = reader % workers
+            done = batches_before(position, role, workers) - batches_before(first, role, workers)
+            pieces += _take(own, max(0, done) * config.batch_size)[1]
+        return dataclasses.replace(carry, pieces=tuple(pieces + left))
+    if position == 0:
+        return None
+    pieces = []
+    for reader in range(len(plan.own)):
+        role = reader % workers
+        first, end = batches_before(position, role, workers) * config.batch_size, plan.role_batches[role] * config.batch_size
+        if end > first:
+            pieces.append((reader, first, end - first))
+    return Carry(epoch, config.world_size, config.num_workers, config.batch_size, config.batch_multiple, tuple(pieces))
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading one shard
 # ---------------------------------------------------------------------------------------------
 
@@ -310,7 +470,11 @@ def _open_shard(url: str):
 def iter_shard(
     url: str, *, expected_hash: str | None, vocab_size: int | None, on_error: OnError, report: SkipReport
 ) -> Iterator[np.ndarray]:
-    """Yield the token arrays of one shard, checking its header, ids and completeness.
+    """Yield the documents of one shard, checking every sample and that the shard is complete.
+
+    The tar is read with webdataset's own iteration (``tar_file_iterator`` + ``group_by_keys``, as
+    ``webdataset.WebDataset`` does); each sample is checked by :func:`data_pipelines.shards.decode_sample`
+    (format, tokenizer hash, dtype, CRC of the ids, offsets, id range, its place in the shard).
 
     Args:
         url: local path or ``pipe:`` command.
@@ -321,43 +485,35 @@ def iter_shard(
         report: where skips are counted.
 
     Returns:
-        An iterator of 1-D integer arrays, one per document.
+        An iterator of 1-D integer arrays (read-only views), one per document.
     """
-    header = None
-    seen = 0
+    samples = 0
+    total = None
     try:
         with _open_shard(url) as stream:
-            for name, data in iter_tar_members(stream):
-                key, _, ext = name.rpartition("/")[2].partition(".")
-                if header is None:
-                    if key != HEADER_KEY or ext != "json":
-                        raise DataError(f"{url}: not a roberta-pl shard (no {HEADER_KEY}.json header first)")
-                    header = json.loads(data)
-                    if expected_hash is not None and header.get("tokenizer_hash") != expected_hash:
-                        raise DataError(
-                            f"{url}: written with tokenizer {header.get('tokenizer_hash')}, but the tokenizer/manifest is "
-                            f"{expected_hash}; rewrite the shards with this tokenizer"
-                        )
-                    want = header["dtype"]
-                    dtype = ext_dtype(want)
-                    continue
-                if ext != want or not data or len(data) % dtype.itemsize:
-                    raise DataError(f"{url}: sample {key} has no valid {want} token array")
-                ids = np.frombuffer(data, dtype=dtype)
-                if vocab_size is not None and (int(ids.max()) >= vocab_size or (dtype.kind == "i" and int(ids.min()) < 0)):
-                    raise DataError(f"{url}: sample {key} has ids outside [0, {vocab_size})")
-                seen += 1
-                yield ids
-        if header is None:
+            members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
+            for sample in group_by_keys(members):
+                meta, ids, offsets = decode_sample(sample, url=url, index=samples, expected_hash=expected_hash, vocab_size=vocab_size)
+                total = meta["samples"]
+                samples += 1
+                bounds = offsets.tolist()
+                for a, b in zip(bounds[:-1], bounds[1:]):
+                    yield ids[a:b]
+        if total is None:
             raise DataError(f"{url}: empty or unreadable shard")
-        if seen != header["num_docs"]:
-            raise DataError(f"{url}: truncated shard ({seen} of {header['num_docs']} documents)")
+        if samples != total:
+            # A tar cut between members, or a corrupt member header (tarfile then stops as if at the end).
+            raise DataError(f"{url}: truncated or corrupt shard ({samples} of {total} samples readable)")
     except DataError as exc:
         if on_error == "raise":
             raise
         report.handle("skip", "bad_shard", url, str(exc).split(": ", 1)[-1])
     except Exception as exc:  # tarfile/gzip/OS errors from a truncated or corrupt tar, a failed pipe
-        message = f"{url}: corrupt or unreadable shard ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        # webdataset appends " @ <the file object>" (and more args) to errors it passes on: the url says it already.
+        first = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc))
+        detail = first.splitlines()[0].split(" @ ")[0] if first else ""
+        message = f"{url}: corrupt or unreadable shard ({type(exc).__name__}: {detail})"
         if on_error == "raise":
             raise DataError(message) from None
         report.handle("skip", "bad_shard", url, message.split(": ", 1)[-1])
@@ -458,9 +614,10 @@ class MaskedBatchStream(IterableDataset):
     Args:
         config: the :class:`StreamConfig`.
         masker: the :class:`~data_pipelines.masking.Masker` to apply.
+        log_plan: log the epoch plan at INFO (rank 0 of a derived plan).
     """
 
-    def __init__(self, config: StreamConfig, masker: Masker) -> None:
+    def __init__(self, config: StreamConfig, masker: Masker, *, log_plan: bool = True) -> None:
         super().__init__()
         self.config = config
         self.masker = masker
@@ -471,9 +628,14 @@ class MaskedBatchStream(IterableDataset):
             readers = len(self.partition)
             log.warning("%d shards for %d readers: each reader scans all shards and keeps 1/%d of the documents",
                         len(config.shards.shards), readers, readers)
-        self._log_plan()
+        if log_plan:
+            self._log_plan()
         self.epoch = 0
         self.start_batch = 0  # batches of this epoch already consumed (resume)
+        self.carry: Carry | None = None  # the rest of an epoch begun under another plan (see set_carry)
+        self._carry_first = self.carry_left = 0
+        self._carry_dealt: list[list[Piece]] = []
+        self._carry_source: MaskedBatchStream | None = None
         self.report = SkipReport()
         # Skips counted in shared memory, so those made in DataLoader workers (which hold copies of this
         # object and of `report`) reach the training process's logs and metrics.
@@ -517,7 +679,46 @@ class MaskedBatchStream(IterableDataset):
         """
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} outside [0, {len(self)}]")
+        if self.carry is not None and epoch == self.carry.epoch and start_batch < self._carry_first:
+            raise ValueError(f"start_batch {start_batch} of epoch {epoch}: its batches before {self._carry_first} "
+                             f"were trained under the plan the carried rest of the epoch comes from")
         self.epoch, self.start_batch = epoch, start_batch
+
+    def set_carry(self, carry: Carry | None) -> int:
+        """Finish ``carry.epoch`` with the carried blocks instead of this plan's own (a resume on another plan).
+
+        The carried blocks are dealt in whole batches to this plan's readers as the epoch's last batches (see
+        :func:`deal_carry`): batches ``first .. len - 1`` of the epoch read them, in the order of the pieces,
+        and batches before ``first`` count as done. Later epochs follow this plan.
+
+        Args:
+            carry: from :func:`rest_of_epoch` under the old plan; None: no carry.
+
+        Returns:
+            ``first``: the epoch's first batch that reads carried blocks (``len(self)`` when they fill no batch).
+        """
+        self.carry, self._carry_source = carry, None
+        if carry is None:
+            self._carry_first, self._carry_dealt, self.carry_left = 0, [], 0
+            return 0
+        self._carry_first, self._carry_dealt, left = deal_carry(carry, self.plan, self.config.batch_size,
+                                                                self.config.batch_multiple)
+        self.carry_left = sum(count for _, _, count in left)  # carried blocks no batch reads
+        return self._carry_first
+
+    def _carried_blocks(self, reader: int, skip_blocks: int) -> Iterator[np.ndarray]:
+        """The carried blocks dealt to ``reader``, from block ``skip_blocks`` of its share on."""
+        carry = self.carry
+        if self._carry_source is None:
+            # The old readers' streams: the same shards, shard order and shuffle windows they had.
+            self._carry_source = MaskedBatchStream(carry.source_config(self.config), self.masker, log_plan=False)
+            self._carry_source.report, self._carry_source._skips = self.report, self._skips
+        source = self._carry_source
+        source.epoch = carry.epoch
+        source_workers = source.config.readers_per_rank
+        for src, first, count in _take(self._carry_dealt[reader], skip_blocks)[1]:
+            quota = source.plan.role_batches[src % source_workers] * source.config.batch_size
+            yield from itertools.islice(source._blocks(src, first, quota), count)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -630,10 +831,14 @@ class MaskedBatchStream(IterableDataset):
             torch.set_num_threads(1)  # one core per worker; masking is vectorised, not threaded
         start = self.start_batch
         role = (worker + start) % workers  # see the module docstring: batch g comes from role g % W
-        done = max(0, -(-(start - role) // workers))  # batches of this role before `start`
+        done = batches_before(start, role, workers)
         reader = cfg.rank * workers + role
         batches = self.plan.role_batches[role]
-        blocks = self._blocks(reader, done * cfg.batch_size, batches * cfg.batch_size)
+        if self.carry is not None and self.carry.epoch == self.epoch:  # finishing an epoch begun under another plan
+            before = batches_before(self._carry_first, role, workers)  # this role's batches that count as done
+            blocks = self._carried_blocks(reader, (done - before) * cfg.batch_size)
+        else:
+            blocks = self._blocks(reader, done * cfg.batch_size, batches * cfg.batch_size)
         steps_per_epoch = len(self)
         for local in range(done, batches):
             rows = [next(blocks) for _ in range(cfg.batch_size)]
@@ -644,7 +849,7 @@ class MaskedBatchStream(IterableDataset):
             else:
                 step = batch_index  # validation masks never change
             generator = mask_generator(cfg.seed, step, cfg.rank, cfg.mask_stream)
-            masked, labels = self.masker(input_ids, generator)
+            masked, labels = self.masker(input_ids, generator, step)  # step: a mask-rate schedule's clock
             attention_mask = (input_ids != cfg.pad_id).long()
             if cfg.stacked:
                 yield torch.stack((masked, attention_mask, labels)).numpy()

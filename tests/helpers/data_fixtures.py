@@ -71,11 +71,11 @@ def tok(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def shard_dir(tmp_path_factory, corpus_file, tokenizer_dir) -> Path:
-    """Shards of the corpus: ~9 train shards of 100 docs and a 5% valid split."""
+    """Shards of the corpus: 9 train shards (~120 docs each, globally shuffled) and a 5% valid split."""
     base = tmp_path_factory.getbasetemp()
 
     def build(path: Path) -> Path:
-        write_shards(corpus_file, tokenizer_dir, path, docs_per_shard=100, valid_fraction=0.05, num_workers=2, progress=False)
+        write_shards(corpus_file, tokenizer_dir, path, num_shards=9, valid_fraction=0.05, num_workers=2, progress=False)
         return path
 
     return _once("shards", base, build)

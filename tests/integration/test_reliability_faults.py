@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch
 import webdataset as wds
 
 from data_pipelines.errors import DataError, SkipReport
-from data_pipelines.shards import HEADER_KEY, write_shards
+from data_pipelines.shards import write_shards
 from data_pipelines.stream import epoch_order, iter_shard
 from data_pipelines.tokenizer import train_tokenizer
 from roberta_pl.checkpoints import load_pretrained
@@ -64,21 +66,20 @@ def load(path: Path) -> dict:
 def small_shards(tmp_path_factory, corpus_docs, tokenizer_dir) -> Path:
     """8 train shards of 15 documents: small enough that one epoch reads every shard."""
     out = tmp_path_factory.mktemp("small") / "shards"
-    write_shards(None, tokenizer_dir, out, documents=corpus_docs[:120], docs_per_shard=15, num_workers=0, progress=False)
+    write_shards(None, tokenizer_dir, out, documents=corpus_docs[:120], num_shards=8, num_workers=0, progress=False)
     return out
 
 
-def _rewrite(path: Path, header=lambda h: h, sample=lambda key, ext, data: (ext, data)) -> None:
-    with tarfile.open(path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+def _rewrite(path: Path, meta=lambda m: m, ids=lambda key, data: ("ids.npy", data)) -> None:
+    """Rewrite a shard, changing its first sample's ``.json`` (``meta``) or its ids member (``ids``)."""
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
     with open(path, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=0) as writer:
-        for i, (name, data) in enumerate(members):
-            key, ext = name.split(".", 1)
+        for i, sample in enumerate(samples):
             if i == 0:
-                writer.write({"__key__": key, "json": json.dumps(header(json.loads(data))).encode()})
-            else:
-                ext, data = sample(key, ext, data) if i == 2 else (ext, data)
-                writer.write({"__key__": key, ext: data})
+                sample["json"] = json.dumps(meta(json.loads(sample["json"]))).encode()
+                ext, data = ids(sample["__key__"], sample.pop("ids.npy"))
+                sample[ext] = data
+            writer.write(sample)  # (the writer leaves out __url__ and the like)
 
 
 def truncated(path: Path) -> None:
@@ -93,11 +94,15 @@ def random_bytes(path: Path) -> None:
 
 
 def bad_array(path: Path) -> None:
-    _rewrite(path, sample=lambda key, ext, data: (ext, np.full(10, 65000, dtype="<u2").tobytes()))
+    # Ids beyond the vocabulary, with a matching CRC: what a writer bug (not bit rot) would leave.
+    ids = np.full(len(next(iter(wds.WebDataset(str(path), shardshuffle=False).decode()))["ids.npy"]), 65000, dtype="<u2")
+    buf = io.BytesIO()
+    np.save(buf, ids, allow_pickle=False)
+    _rewrite(path, meta=lambda m: m | {"crc32": zlib.crc32(ids.tobytes())}, ids=lambda key, data: ("ids.npy", buf.getvalue()))
 
 
 def other_tokenizer(path: Path) -> None:
-    _rewrite(path, header=lambda h: h | {"tokenizer_hash": "0123456789abcdef"})
+    _rewrite(path, meta=lambda m: m | {"tokenizer_hash": "0123456789abcdef"})
 
 
 def missing(path: Path) -> None:
@@ -116,7 +121,7 @@ def shard_order(shards: Path) -> list[Path]:
 
 def data_args(shards: Path, tokenizer_dir: Path, on_error: str) -> list[str]:
     return [f"data.train_shards={shards}", f"data.tokenizer={tokenizer_dir}", f"data.on_error={on_error}",
-            "batch.global_batch_size=4", "trainer.max_steps=20", "data.shuffle_buffer=4"]  # read lazily
+            "batch.global_batch_size=4", "trainer.max_steps=20", "data.shuffle_window=4"]  # read lazily
 
 
 def test_bad_shards_are_skipped_counted_in_logs_and_metrics(tmp_path, small_shards, tokenizer_dir, caplog, reliability):
@@ -355,21 +360,21 @@ def test_shards_hold_no_pickles_and_a_pickle_member_is_refused(tmp_path, shard_d
         for path in sorted(shards.glob("*.tar")):
             with tarfile.open(path) as tar:
                 exts = {m.name.split(".", 1)[1] for m in tar.getmembers()}
-            assert exts in ({"json", "u16"}, {"json", "i32"}), (path, exts)
+            assert exts == {"json", "ids.npy", "offsets.npy"}, (path, exts)  # .npy is read with allow_pickle=False
     marker = tmp_path / "pwned"
     victim = tmp_path / "train-000000.tar"
     shutil.copy(sorted(small_shards.glob("train-*.tar"))[0], victim)
     import pickle
 
     payload = pickle.dumps(_Evil(marker))
-    _rewrite(victim, sample=lambda key, ext, data: ("pyd", payload))
-    with pytest.raises(DataError, match=f"{victim.name}: sample .* has no valid u16 token array"):
+    _rewrite(victim, ids=lambda key, data: ("pyd", payload))
+    with pytest.raises(DataError, match=f"{victim.name}: sample .*: ids.npy is missing"):
         list(iter_shard(str(victim), expected_hash=tok.hash, vocab_size=tok.vocab_size, on_error="raise", report=SkipReport()))
     assert not marker.exists()
     reliability("shard_pickle_member",
-                happened="shards written by the pipeline hold only `_shard.json` and raw `u16`/`i32` arrays; a "
-                         "`.pyd` member is refused: `<shard>: sample <key> has no valid u16 token array`",
-                kept="no code ran: members are read as raw bytes, never unpickled")
+                happened="shards written by the pipeline hold only a `.json` and two `.npy` arrays per sample; a "
+                         "`.pyd` member in place of the ids is refused: `<shard>: sample <key>: ids.npy is missing`",
+                kept="no code ran: members are read as raw bytes and `.npy` headers, never unpickled")
 
 
 def _external_experiment(tmp_path: Path, marker: Path) -> Path:

@@ -243,3 +243,88 @@ def test_at_most_one_global_batch_is_left_unused_and_no_block_is_used_twice(shar
     assert 0 <= unused < world * batch * batch_multiple, (unused, sum(available.values()))
     assert stream.plan.unused_blocks == unused
     assert stream.plan.unused_tokens == sum(s.num_tokens + s.num_docs for s in shards.shards) - sum(used.values()) * (seq_len - 2)
+
+
+SEQ, BATCH = 64, 8  # the world-size test: 8 x 62 tokens a batch
+
+
+def _epoch_rows(tok, shards, world, workers, multiple, epoch, start=0, carry=None) -> tuple[list[tuple], int, int]:
+    """The unmasked token rows every rank of a ``world x workers`` plan trains on in ``epoch`` from batch ``start``
+    on (all ranks at the same position), with the plan's batches per rank and, under ``carry``, its first batch."""
+    rows, first, length = [], 0, 0
+    for rank in range(world):
+        stream = _stream(tok, shards, rank=rank, world_size=world, num_workers=workers, seq_len=SEQ, batch_size=BATCH,
+                         batch_multiple=multiple, shuffle_window=8)
+        first = stream.set_carry(carry)
+        stream.set_position(epoch, max(start, first))
+        batches = list(DataLoader(stream, batch_size=None, num_workers=workers))
+        assert len(batches) == len(stream) - max(start, first)
+        rows += [tuple(r) for b in batches for r in _original(b)[:, 1:-1].tolist()]
+        length = len(stream)
+    return rows, first, length
+
+
+@pytest.mark.parametrize("plans", [[(2, 1, 1), (1, 1, 2)], [(1, 1, 2), (2, 1, 1)], [(2, 2, 1), (1, 3, 2), (2, 2, 1)]],
+                         ids=["2to1", "1to2", "2x2workers-to-1x3-to-2x2"])
+def test_a_new_world_size_finishes_the_epoch_with_exactly_the_blocks_not_yet_trained_on(shard_dir, tok, plans):
+    """Resume mid-epoch under another (world_size, num_workers, batch_multiple): the blocks trained on before and
+    after each change, within the epoch, are the epoch's blocks under the first plan, each once, but for less than
+    one global batch of the new plan left over (the first plan's own per-epoch leftover is not of the epoch)."""
+    from data_pipelines.stream import rest_of_epoch
+
+    shards, epoch = resolve_shards(shard_dir), 1
+    world, workers, multiple = plans[0]
+    epoch_blocks, _, length = _epoch_rows(tok, shards, world, workers, multiple, epoch)
+    trained: Counter = Counter()
+    carry = None
+    for (world, workers, multiple), (new_world, new_workers, new_multiple) in zip(plans, plans[1:]):
+        # Train the old plan to a step boundary about a third of the way into what is left of the epoch.
+        rows, first, length = _epoch_rows(tok, shards, world, workers, multiple, epoch, carry=carry)
+        start = first + (length - first) // 3 // multiple * multiple
+        done = Counter(r for rank in range(world) for r in rows[rank * len(rows) // world:][:(start - first) * BATCH])
+        trained += done
+        config = _stream(tok, shards, world_size=world, num_workers=workers, seq_len=SEQ, batch_size=BATCH,
+                         batch_multiple=multiple, shuffle_window=8).config
+        carry = rest_of_epoch(config, epoch * length + start, carry)
+        assert carry.epoch == epoch and carry.blocks + sum(trained.values()) <= len(epoch_blocks)
+    rows, first, length = _epoch_rows(tok, shards, new_world, new_workers, new_multiple, epoch, carry=carry)
+    trained += Counter(rows)
+    assert not trained - Counter(epoch_blocks), "a block trained on twice, or one not of the epoch"
+    left = len(epoch_blocks) - sum(trained.values())
+    assert 0 <= left < new_world * BATCH * new_multiple, (left, len(epoch_blocks))
+    assert first > 0 and (length - first) % new_multiple == 0 and first % new_multiple == 0
+    # Exact resume inside the carried part under the same plan: the same batches as without the interruption.
+    tail, _, _ = _epoch_rows(tok, shards, new_world, new_workers, new_multiple, epoch, start=first + new_multiple,
+                             carry=carry)
+    per_rank = (length - first) * BATCH
+    assert tail == [r for rank in range(new_world) for r in rows[rank * per_rank:][new_multiple * BATCH:per_rank]]
+
+
+def test_a_corpus_sorted_by_source_gives_batches_mixing_both_from_the_first_step(tmp_path, tok, corpus_docs):
+    # Issue 15: shards used to be written in corpus order, so a reader trained on one source at a time. Now
+    # documents are dealt to shards at random and shuffled within each shard when written.
+    from data_pipelines.shards import write_shards
+
+    half = len(corpus_docs) // 2
+    docs = [d.lower() for d in corpus_docs[:half]] + [d.upper() for d in corpus_docs[half:]]  # source A, then B
+    write_shards(None, tok.path, tmp_path / "s", documents=docs, num_shards=8, num_workers=0, progress=False)
+    for world, workers in ((1, 0), (2, 2)):
+        texts = []  # the first optimizer step: the first batch of every rank
+        for rank in range(world):
+            # No block shuffle in the stream: whatever mixing there is comes from the shards themselves.
+            stream = _stream(tok, resolve_shards(tmp_path / "s"), rank=rank, world_size=world, num_workers=workers,
+                             seq_len=64, batch_size=32, shuffle_window=1)
+            first = next(iter(DataLoader(stream, batch_size=None, num_workers=workers)))
+            texts += [tok.decode(row.tolist()) for row in _original(first)]
+        upper_rows = sum(sum(c.isupper() for c in t) > sum(c.islower() for c in t) for t in texts)
+        assert 2 <= upper_rows <= len(texts) - 2, (world, upper_rows, len(texts))  # rows of both sources
+
+
+def test_default_num_workers_fit_the_cpus_and_the_shards():
+    from data_pipelines.stream import default_num_workers
+
+    assert default_num_workers(num_shards=9, world_size=1, cpus_per_rank=2) == 1  # the 2-core box: one core trains
+    assert default_num_workers(num_shards=9, world_size=1, cpus_per_rank=1) == 0
+    assert default_num_workers(num_shards=64, world_size=8, cpus_per_rank=16) == 4  # at most 4
+    assert default_num_workers(num_shards=9, world_size=4, cpus_per_rank=16) == 2  # readers own whole shards
+    assert default_num_workers(num_shards=3, world_size=4, cpus_per_rank=16) == 0
