@@ -26,11 +26,14 @@ same masks.
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from data_pipelines.tokenizer import ENDS_WORD, STARTS_WORD
 
@@ -89,6 +92,7 @@ def mask_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Ge
     return torch.Generator().manual_seed(mask_seed(seed, step, rank, stream))
 
 
+@functools.lru_cache(maxsize=4096)  # a mask-rate schedule asks for a new rate every micro-batch
 def span_start_rate(mask_prob: float, span_p: float, max_span: int) -> float:
     """The per-word span start probability that covers ``mask_prob`` of the words of a ring.
 
@@ -108,6 +112,67 @@ def span_start_rate(mask_prob: float, span_p: float, max_span: int) -> float:
         else:
             high = rate
     return (low + high) / 2
+
+
+class MaskSchedule:
+    """A mask rate that falls during training (Ankner et al., 2023, "Dynamic Masking Rate Schedules for MLM
+    Pretraining": 30% -> 15% linearly beat a constant 15%), as a function of the training micro-batch index
+    only, so a resumed run masks exactly as the uninterrupted one.
+
+    The rate is ``start`` for micro-batches ``< hold`` (the LR warm-up), then falls linearly to ``end`` at
+    micro-batch ``horizon`` (the end of training) and stays there. A time-budgeted run learns its horizon
+    only after it has measured its step rate, inside the warm-up: the horizon lives in shared memory, so
+    DataLoader workers started before it was fixed see it, and a worker that reaches ``hold`` before the
+    trainer has published it waits for it rather than guess (every batch past ``hold`` is masked with the
+    fixed horizon, whenever the workers were started).
+
+    Args:
+        start: the rate at the start (Ankner et al.: 0.3).
+        end: the rate at ``horizon`` (0.15, RoBERTa's; validation always masks at this rate).
+        hold: micro-batches per rank at ``start`` (the warm-up); the horizon must be fixed before them.
+        horizon: micro-batches per rank at which ``end`` is reached; None: fixed later (:meth:`set_horizon`).
+        wait_seconds: how long a worker waits for the horizon before it stops with an error.
+    """
+
+    def __init__(self, start: float, end: float, hold: int, horizon: int | None = None,
+                 wait_seconds: float = 1800.0) -> None:
+        for name, rate in (("start", start), ("end", end)):
+            if not 0.0 < rate < 1.0:
+                raise ValueError(f"mask schedule {name}={rate}: must be in (0, 1)")
+        if hold < 0:
+            raise ValueError(f"mask schedule hold={hold}: must be >= 0")
+        self.start, self.end, self.hold, self.wait_seconds = start, end, hold, wait_seconds
+        # Shared memory: written by the trainer's process, read by the DataLoader workers (fork or spawn).
+        self._horizon = torch.zeros(1, dtype=torch.int64).share_memory_()
+        if horizon is not None:
+            self.set_horizon(horizon)
+
+    @property
+    def horizon(self) -> int | None:
+        """Micro-batches per rank at which the rate reaches ``end``; None until fixed."""
+        value = int(self._horizon[0])
+        return value if value > 0 else None
+
+    def set_horizon(self, micro_batches: int) -> None:
+        """Fix the horizon (once a time budget has fixed ``max_steps``, or from a resumed checkpoint)."""
+        self._horizon[0] = max(int(micro_batches), self.hold + 1)
+
+    def rate(self, step: int) -> float:
+        """The mask rate of training micro-batch ``step`` (0-based, per rank)."""
+        if step < self.hold:
+            return self.start
+        horizon, deadline = self.horizon, time.monotonic() + self.wait_seconds
+        if horizon is None and get_worker_info() is None:  # the trainer's own process: no one to wait for
+            raise RuntimeError(f"mask schedule: micro-batch {step} is past the warm-up ({self.hold} micro-batches) "
+                               f"but the schedule's horizon was not fixed; a time budget fixes it inside the warm-up")
+        while horizon is None:  # a budget run measures its rate inside the warm-up: only a worker ahead waits
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mask schedule: micro-batch {step} needs the schedule's horizon, which the trainer "
+                                   f"had not fixed after {self.wait_seconds:.0f} s; lengthen optim.warmup_steps")
+            time.sleep(0.01)
+            horizon = self.horizon
+        progress = min(1.0, (step - self.hold) / max(1, horizon - self.hold))
+        return self.start + (self.end - self.start) * progress
 
 
 class Masker:
@@ -130,8 +195,10 @@ class Masker:
         mask_id: int,
         config: MaskingConfig = MaskingConfig(),
         word_start: np.ndarray | None = None,
+        schedule: MaskSchedule | None = None,
     ) -> None:
         self.config = config
+        self.schedule = schedule
         self.mask_id = mask_id
         special = torch.zeros(vocab_size, dtype=torch.bool)
         special[list(special_ids)] = True
@@ -154,23 +221,26 @@ class Masker:
             # Truncated geometric lengths by inverse CDF: L = 1 + floor(log(1 - u * F(k)) / log(1 - p)).
             self._span_cdf_max = 1.0 - (1.0 - p) ** k
             self._span_log_q = math.log1p(-p) if p < 1.0 else -math.inf
-            self.span_rate = span_start_rate(config.mask_prob, p, k)
 
-    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator,
+                 step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask a batch.
 
         Args:
             input_ids: LongTensor ``[B, T]`` of original ids (padding included).
             generator: the only source of randomness.
+            step: the training micro-batch index, which a :class:`MaskSchedule` maps to the rate (None, or
+                no schedule: ``config.mask_prob``).
 
         Returns:
             ``(masked_input_ids, labels)``: both ``[B, T]`` LongTensors; labels hold the original
             id where a token was selected and ``-100`` elsewhere.
         """
         cfg = self.config
+        rate = self.schedule.rate(step) if self.schedule is not None and step is not None else cfg.mask_prob
         maskable = ~self.special[input_ids]
         if cfg.span:
-            selected = self._select_spans(input_ids, maskable, generator)
+            selected = self._select_spans(input_ids, maskable, generator, rate)
             # One uniform draw per span (a maximal run of selected pieces) decides <mask> / random / keep.
             run_start = selected.clone()
             run_start[:, 1:] &= ~selected[:, :-1]
@@ -178,9 +248,9 @@ class Masker:
             action = torch.rand(input_ids.shape, generator=generator).gather(1, run)
         else:
             if cfg.whole_word:
-                selected = self._select_words(input_ids, maskable, generator)
+                selected = self._select_words(input_ids, maskable, generator, rate)
             else:
-                selected = (torch.rand(input_ids.shape, generator=generator) < cfg.mask_prob) & maskable
+                selected = (torch.rand(input_ids.shape, generator=generator) < rate) & maskable
             # One uniform draw per position decides <mask> / random / keep for the selected ones.
             action = torch.rand(input_ids.shape, generator=generator)
         labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
@@ -204,29 +274,32 @@ class Masker:
         starts = self._word_starts(input_ids)
         return starts, torch.cumsum(starts, dim=1) - 1
 
-    def _select_words(self, input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _select_words(self, input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator,
+                      rate: float) -> torch.Tensor:
         starts, word = self._word_index(input_ids)
-        chosen_start = starts & maskable & (torch.rand(input_ids.shape, generator=generator) < self.config.mask_prob)
+        chosen_start = starts & maskable & (torch.rand(input_ids.shape, generator=generator) < rate)
         # Spread each word's decision (made at its first piece) to all its pieces.
         chosen_word = torch.zeros(input_ids.shape, dtype=torch.int32)
         chosen_word.scatter_add_(1, word, chosen_start.to(torch.int32))
         return (chosen_word.gather(1, word) > 0) & maskable
 
-    def _select_spans(self, input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _select_spans(self, input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator,
+                      rate: float) -> torch.Tensor:
         """SpanBERT spans: each maskable word starts a span with probability ``span_rate``.
 
         Spans are laid out over the row's maskable words only (a special is skipped, never counted
         in a span's length nor started on), and a span that runs off the end of the row continues
         at its first maskable word. On that ring every word is covered with the same probability,
         ``1 - prod_k (1 - span_rate * P(len > k))``, which ``span_rate`` is solved for, so the
-        expected masked fraction is ``mask_prob`` on every row — no loss at row ends or specials.
+        expected masked fraction is ``rate`` on every row — no loss at row ends or specials.
         """
         shape = input_ids.shape
+        span_rate = span_start_rate(rate, self.config.span_p, self.config.max_span)
         starts = self._word_starts(input_ids) & maskable
         word = torch.cumsum(starts, dim=1) - 1  # index among the row's maskable words
         num_words = word[:, -1:] + 1
         word.clamp_(min=0)  # a special before the first word; masked out below
-        begin = starts & (torch.rand(shape, generator=generator) < self.span_rate)
+        begin = starts & (torch.rand(shape, generator=generator) < span_rate)
         u = torch.rand(shape, generator=generator)
         # Truncated geometric length in words by inverse CDF (span_p = 1: log_q = -inf, length 1).
         span_len = torch.floor_(torch.log1p(u.mul_(-self._span_cdf_max)).div_(self._span_log_q)).clamp_(max=self.config.max_span - 1)

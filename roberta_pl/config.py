@@ -62,13 +62,18 @@ class DataConf:
     cache_dir: str = "${oc.env:ROBERTA_PL_CACHE,${oc.env:HOME}/.cache/roberta-pl}"
     default_vocab_size: int = 8192  # tokenizer size when the default corpus is built
     packing: str = "full_sentences"  # full_sentences | doc
-    mask_prob: float = 0.15
+    mask_prob: float = 0.15  # the rate validation masks at, and where a mask-rate schedule ends
+    # Mask-rate schedule: start here, hold through the LR warm-up, fall linearly to mask_prob at the last step
+    # (Ankner et al., 2023: 0.3 -> 0.15). None: mask_prob throughout.
+    mask_prob_start: Optional[float] = None
     random_prob: float = 0.1
     keep_prob: float = 0.1
     whole_word: bool = False
     span: bool = False
-    num_workers: int = 1
-    shuffle_buffer: int = 1000
+    # DataLoader workers per rank. None: as many as the rank's CPUs (less one) and the train shards per rank
+    # allow, at most 4 (data_pipelines.stream.default_num_workers); the choice is logged once.
+    num_workers: Optional[int] = None
+    shuffle_window: int = 1000  # blocks shuffled together per reader (a window, permuted whole; exact resume keeps it)
     on_error: str = "raise"  # raise | skip
 
 
@@ -87,6 +92,9 @@ class TrainerConf:
     strategy: str = "auto"  # auto | ddp | deepspeed
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     max_steps: int = 1000  # optimizer steps; also the length of the LR schedule
+    # A wall-clock budget ("00:00:10:00", "2h", "10m"): max_steps is fixed from the step rate measured in the
+    # warm-up (never above max_steps), saved in the checkpoint and reused on resume. None: max_steps decides.
+    max_time: Optional[str] = None
     stop_at_step: Optional[int] = None  # end this job early (checkpointed); resume=auto continues the schedule
     val_every_n_steps: int = 200
     limit_val_batches: int = 20

@@ -36,8 +36,9 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 
+from data_pipelines.cli import DefaultsHelpFormatter
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
-from roberta_pl.optim import BatchPlanError, plan_batch
+from roberta_pl.optim import BatchPlanError, parse_duration, plan_batch
 
 GIB = 1024**3
 STAGE_NAMES = {0: "DDP (ZeRO-0)", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
@@ -240,6 +241,19 @@ def estimate(model: str, seq_len: int | None, global_batch: int, micro_batch: in
                        tokens_per_sec_per_gpu is not None, a, stages)
 
 
+def budget_buys(e: JobEstimate, seconds: float) -> tuple[int, int]:
+    """What a wall-clock budget buys at the estimate's step time (the inverse of ``--steps``).
+
+    Args:
+        e: the job's estimate (its ``step_seconds``: the time model, or a measured throughput).
+        seconds: the training budget.
+    Returns:
+        ``(optimizer steps, tokens)``; ``trainer.max_time`` fixes the real count from the rate the run measures.
+    """
+    steps = int(seconds // e.step_seconds) if e.step_seconds > 0 else 0
+    return steps, steps * e.tokens_per_step
+
+
 def _size(gib: float) -> str:
     """GiB with two decimals, or MiB below 1 GiB (tiny models would print 0.00)."""
     return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
@@ -260,18 +274,18 @@ def main(argv: list[str] | None = None) -> None:
         description="Size a pretraining job: micro batch, accumulation, tokens per step, memory per GPU under DDP and "
                     "each ZeRO stage, and time to N steps. Example (RoBERTa-base's recipe on 8 nodes of 8 GPUs): "
                     "roberta-pl-plan --model base --global-batch 8192 --micro-batch 32 --nodes 8 --gpus-per-node 8",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="base", choices=["tiny", "small", "base", "large"])
+    p.add_argument("--model", default="base", choices=["tiny", "small", "base", "large"], help="model preset")
     p.add_argument("--seq-len", type=int, help=f"default: {DEFAULT_SEQ_LEN}, or the preset's max_seq_len if shorter")
     p.add_argument("--global-batch", type=int, default=8192, help="sequences per optimizer step")
     p.add_argument("--micro-batch", type=int, default=32, help="sequences per forward pass per GPU")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1, help="nodes in the job")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs on each node")
     p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (0 = DDP)")
     p.add_argument("--offload", action="store_true", help="offload optimizer state (and stage-3 weights) to CPU")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in the backward")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="training precision")
     p.add_argument("--vocab-size", type=int, help="default: the preset's (50265 for base/large)")
     p.add_argument("--tokens-per-sec-per-gpu", type=float, help="measured throughput (default: the time model)")
     p.add_argument("--mfu", type=float, default=d.mfu, help="assumed model FLOPs utilisation of the compute")
@@ -280,9 +294,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inter-node-bw", type=float, default=d.inter_node_gbps, help="GB/s per GPU between nodes")
     p.add_argument("--pcie-bw", type=float, default=d.pcie_gbps, help="GB/s per GPU host<->device (offload)")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="warn above this")
-    p.add_argument("--steps", type=int, default=500_000)
+    p.add_argument("--steps", type=int, default=500_000, help="optimizer steps to time")
+    p.add_argument("--budget", help="a wall-clock budget (2h, 10m, 00:01:30:00): print the steps and tokens it buys")
     a = p.parse_args(argv)
     try:
+        budget = None if a.budget is None else parse_duration(a.budget, "--budget")
         e = estimate(a.model, a.seq_len, a.global_batch, a.micro_batch, a.nodes, a.gpus_per_node, a.zero,
                      a.offload, a.activation_checkpointing, a.tokens_per_sec_per_gpu, a.mfu, a.peak_tflops,
                      a.steps, a.vocab_size, a.intra_node_bw, a.inter_node_bw, a.pcie_bw, a.precision)
@@ -319,6 +335,12 @@ def main(argv: list[str] | None = None) -> None:
                                                          s.total_gib))
         comm = f"{s.comm_bytes / 1e9:.2f} GB" if s.comm_bytes >= 1e8 else f"{s.comm_bytes / 1e6:.1f} MB"
         print(f"  {s.name:<22} {sizes}  {comm:>9}  {tps:>12,.0f}{mark}")
+    if budget is not None:
+        steps, tokens = budget_buys(e, budget)
+        short = f"{tokens / 1e9:.2f}B" if tokens >= 1e9 else f"{tokens / 1e6:.1f}M"
+        print(f"budget {a.budget} buys {steps:,} steps = {tokens:,} tokens ({short}) at {e.step_seconds:.3g} s/step "
+              f"({chosen.name}); roberta-pl-train trainer.max_time={a.budget} fixes the exact count from the rate it "
+              f"measures in its warm-up")
     if e.total_gib > a.gpu_memory_gib:
         print(f"warning: {e.total_gib:.1f} GiB exceeds {a.gpu_memory_gib:.0f} GiB per GPU: lower --micro-batch "
               f"(accumulation grows), add --activation-checkpointing or a higher --zero stage")

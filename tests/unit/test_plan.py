@@ -169,3 +169,16 @@ def test_zero_memory_bench_smoke(tmp_path):
     assert rows["ddp"]["measured_state_bytes"] == pytest.approx(rows["ddp"]["predicted_state_bytes"], rel=0.01)
     assert rows["zero3"]["measured_state_bytes"] < 0.8 * rows["ddp"]["measured_state_bytes"]
     assert all(r["allocator_peak_bytes"] >= r["measured_state_bytes"] for r in rows.values())
+
+
+def test_a_budget_buys_the_steps_and_tokens_that_fit(capsys):
+    from roberta_pl.cli.plan import budget_buys
+
+    e = estimate("base", 512, 8192, 32, 8, 8, tokens_per_sec_per_gpu=100_000)
+    steps, tokens = budget_buys(e, 2 * 3600)
+    assert steps == int(7200 // e.step_seconds) and tokens == steps * 4_194_304
+    assert (steps + 1) * e.step_seconds > 7200 >= steps * e.step_seconds  # the most whole steps that fit
+    main(["--model", "base", "--nodes", "8", "--tokens-per-sec-per-gpu", "100000", "--budget", "2h"])
+    assert f"budget 2h buys {steps:,} steps = {tokens:,} tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--budget='two hours'"):
+        main(["--budget", "two hours"])

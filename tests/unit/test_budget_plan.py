@@ -1,0 +1,115 @@
+"""Time budgets and the mask-rate schedule: durations, the step count a budget buys, the schedule's rates."""
+
+import re
+
+import pytest
+import torch
+
+from data_fixtures import corpus_file, tok, tokenizer_dir  # noqa: F401
+from data_pipelines.masking import Masker, MaskingConfig, MaskSchedule, mask_generator
+from roberta_pl.optim import budget_max_steps, micro_batches_before, parse_duration
+
+
+@pytest.mark.parametrize("text, seconds", [("00:00:10:00", 600), ("01:02:03:04", 93784), ("00:10:00", 600),
+                                           ("2h", 7200), ("10m", 600), ("1h30m", 5400), ("90s", 90), ("1.5h", 5400),
+                                           ("45", 45), (30, 30)])
+def test_durations_in_every_accepted_form(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["ten minutes", "10x", "", "0m", "-5", "1:2", "h"])
+def test_a_bad_duration_is_one_line_naming_the_field_and_value(text):
+    with pytest.raises(ValueError, match=r"^trainer\.max_time=.*DD:HH:MM:SS") as err:
+        parse_duration(text)
+    assert "\n" not in str(err.value) and repr(text) in str(err.value)
+
+
+def test_budget_buys_the_steps_that_fit_and_a_ramp_makes_later_steps_dearer():
+    flat = [(0, 0, 2)]  # accumulation 2 throughout
+    # 10 s left at 0.1 s a micro-batch = 100 micro-batches = 50 more steps after step 10.
+    assert budget_max_steps(flat, 10, 10.0, 0.1, cap=10_000) == 60
+    assert budget_max_steps(flat, 10, 10.0, 0.1, cap=30) == 30  # never past trainer.max_steps
+    assert budget_max_steps(flat, 10, -5.0, 0.1, cap=10_000) == 11  # an exhausted budget still ends on a step
+    ramp = [(0, 0, 1), (20, 20, 4)]  # 1 micro-batch a step until step 20, then 4
+    assert micro_batches_before(ramp, 20) == 20 and micro_batches_before(ramp, 25) == 40
+    # From step 10: 10 cheap steps (10 micro-batches), then 90 micro-batches buy 22 steps of 4 (88).
+    assert budget_max_steps(ramp, 10, 10.0, 0.1, cap=10_000) == 42
+
+
+def test_mask_schedule_holds_through_warmup_then_falls_linearly_to_the_end_rate():
+    s = MaskSchedule(0.3, 0.15, hold=10, horizon=110)
+    assert s.rate(0) == s.rate(9) == 0.3
+    assert s.rate(10) == pytest.approx(0.3)
+    assert s.rate(60) == pytest.approx(0.225)
+    assert s.rate(110) == pytest.approx(0.15) and s.rate(10_000) == pytest.approx(0.15)
+
+
+def test_an_unfixed_horizon_is_fine_in_the_warmup_and_an_error_past_it_in_the_trainers_process():
+    s = MaskSchedule(0.3, 0.15, hold=10)
+    assert s.horizon is None and s.rate(9) == 0.3
+    with pytest.raises(RuntimeError, match="horizon was not fixed"):
+        s.rate(10)
+    s.set_horizon(20)
+    assert s.horizon == 20 and s.rate(15) == pytest.approx(0.225)
+
+
+@pytest.mark.parametrize("unit", ["token", "whole_word", "span"])
+def test_masker_follows_the_schedule_and_is_a_function_of_the_step(unit, tok):
+    config = MaskingConfig(0.15, whole_word=unit == "whole_word", span=unit == "span")
+    word_start = tok.word_start_table() if unit != "token" else None
+    schedule = MaskSchedule(0.3, 0.15, hold=2, horizon=100)
+    scheduled = Masker(tok.vocab_size, tok.special_ids, tok.mask_id, config, word_start, schedule=schedule)
+    plain = Masker(tok.vocab_size, tok.special_ids, tok.mask_id, config, word_start)
+    ids = torch.randint(5, tok.vocab_size, (64, 128), generator=torch.Generator().manual_seed(0))
+
+    def rate(masker, step):
+        return (masker(ids, mask_generator(1, step, 0), step)[1] != -100).float().mean().item()
+
+    assert rate(scheduled, 0) == pytest.approx(0.3, abs=0.03)
+    assert rate(scheduled, 100) == pytest.approx(0.15, abs=0.02)
+    assert rate(plain, 0) == pytest.approx(0.15, abs=0.02)  # no schedule: mask_prob at every step
+    a = scheduled(ids, mask_generator(1, 50, 0), 50)
+    b = scheduled(ids, mask_generator(1, 50, 0), 50)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_time=ten", "trainer.max_time='ten': give a positive duration"),
+    ("data.mask_prob_start=1.5", "data.mask_prob_start=1.5: a rate in (0, 1)"),
+])
+def test_preflight_names_a_bad_budget_or_mask_schedule_in_one_line(override, message):
+    from hydra import compose, initialize_config_dir
+
+    from roberta_pl.checks import check_budget
+    from roberta_pl.config import CONF_DIR, register_configs
+    from roberta_pl.errors import ConfigError
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=[override])
+        short_warmup = compose(config_name="pretrain", overrides=["trainer.max_time=10m", "optim.warmup_steps=2"])
+        ok = compose(config_name="pretrain", overrides=["experiment=budget_cpu"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_budget(cfg)
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps=2: trainer.max_time measures the step rate"):
+        check_budget(short_warmup)
+    assert check_budget(ok) == 600
+
+
+class _Rates(torch.utils.data.IterableDataset):
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def __iter__(self):
+        return iter([self.schedule.rate(step) for step in range(4)])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_horizon_fixed_after_the_workers_started_reaches_them(context):
+    # A budget run's DataLoader workers start before the horizon is known; one that reaches the end of the hold
+    # waits for it, and sees the value the trainer's process writes afterwards.
+    schedule = MaskSchedule(0.3, 0.15, hold=2, wait_seconds=30)  # unshared memory: an error, not a hang
+    loader = torch.utils.data.DataLoader(_Rates(schedule), batch_size=None, num_workers=1, multiprocessing_context=context)
+    batches = iter(loader)
+    schedule.set_horizon(6)  # the worker is started; it masks steps 2 and 3 only once this is visible to it
+    assert [float(r) for r in batches] == pytest.approx([0.3, 0.3, 0.3, 0.2625])
