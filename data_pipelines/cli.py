@@ -4,6 +4,7 @@ Examples::
 
     roberta-pl-data tokenizer --out data/tokenizer --vocab-size 32000 corpus/*.jsonl.gz
     roberta-pl-data shards --tokenizer data/tokenizer --out data/shards --valid-fraction 0.01 corpus/
+    sbatch --array=0-15 launch/slurm/prepare_data.sbatch --tokenizer data/tokenizer --out data/shards corpus/
     roberta-pl-data inspect data/shards
 
 With no inputs, ``tokenizer`` and ``shards`` use the embedded default corpus (docstrings of the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +29,19 @@ from data_pipelines.errors import DataError
 log = logging.getLogger("data_pipelines")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` with each option's default, once: appended only where the help does not already say it
+    (``argparse.ArgumentDefaultsHelpFormatter`` printed "(default: 160) (default: None)"), and never for a
+    default of None (unset: the help says what happens then), a flag's False or a required option."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.required or action.default is None or action.default is argparse.SUPPRESS
+                or action.nargs == 0 or not action.option_strings):  # nargs 0: a flag (store_true, ...)
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="*", default=argparse.SUPPRESS, help=f"files, directories or globs of {', '.join(SUFFIXES)} (default: the embedded corpus, {DEFAULT_CORPUS})")
     p.add_argument("--text-field", default="text", help="JSON key holding the text in .jsonl inputs")
@@ -35,10 +50,10 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed so tests and docs can render ``--help``)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="roberta-pl-data", description="Prepare data for roberta-pl: tokenizer, shards, inspection.", formatter_class=fmt)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,shards,inspect,demo-task}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,shards,merge-manifests,inspect,demo-task}")
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer with RoBERTa special ids", formatter_class=fmt,
                        description="Train a SentencePiece BPE tokenizer (byte fallback, <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4) and write HuggingFace files next to it.")
@@ -48,16 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-sentence-size", type=int, default=2_000_000, help="lines sampled for training (bounds memory and time)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--model-max-length", type=int, default=512, help="model_max_length written for HuggingFace")
+    p.add_argument("--no-whitespace-pieces", dest="whitespace_pieces", action="store_false",
+                   help="one token per space, as tokenizers before whitespace pieces (default: runs of spaces such as "
+                        "code indentation are learned as pieces of their own, one or two tokens a run)")
 
     p = sub.add_parser("shards", help="tokenize a corpus into WebDataset tar shards with a manifest", formatter_class=fmt,
-                       description="Tokenize in parallel and write train/valid WebDataset shards (one document per sample) and manifest.json. Rerun to resume.")
+                       description="Tokenize in parallel and write globally shuffled train/valid WebDataset shards (~1 MiB of "
+                                   "token ids per sample, ~2 bytes a token) and manifest.json. As a Slurm job array, each "
+                                   "task writes its share (see launch/slurm/prepare_data.sbatch). Rerun to resume.")
     _add_input_args(p)
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--docs-per-shard", type=int, default=10_000, help="documents per shard")
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="train shards in all; unset: chosen from the input size (shards of at most 128 MiB, and up to 64 "
+                        "shards of at least 128 KiB for smaller corpora), logged. Want at least GPUs x DataLoader workers")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="fraction of documents for the valid split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores; 0 = in process)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split, the shuffle and the deal of files to tasks")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (unset: the CPUs this process may use; 0 = in process)")
+    p.add_argument("--num-tasks", type=int, default=None,
+                   help="tasks sharing the work (unset: $SLURM_ARRAY_TASK_COUNT, else 1); every task must be given the same")
+    p.add_argument("--task-index", type=int, default=None,
+                   help="the task to run, 0-based (unset: in a job array, the task's place in it, or $SLURM_ARRAY_TASK_ID "
+                        "itself when --num-tasks is given; else every task, one after the other); the last task to "
+                        "finish writes manifest.json")
+
+    p = sub.add_parser("merge-manifests", help="merge the tasks' records of a shard directory into manifest.json", formatter_class=fmt,
+                       description="Write manifest.json from what every task of `roberta-pl-data shards --num-tasks K` wrote. "
+                                   "The last task to finish does this itself; run it by hand if none could (e.g. a task "
+                                   "was rerun alone on a filesystem that showed it the others' records late).")
+    p.add_argument("out", type=Path, help="the shard directory")
 
     p = sub.add_parser("inspect", help="print counts, a length histogram and a decoded sample of shards", formatter_class=fmt,
                        description="Summarise a shard directory: counts per split, a document-length histogram and decoded samples.")
@@ -135,7 +169,8 @@ def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samp
 
     Returns:
         ``{"splits": counts per split, "skipped", "histogram": [(lo, hi, count)], "samples": [text],
-        "epoch_plan": the train split's unused blocks and tokens per epoch}``.
+        "whitespace": the share of the tokens read that are whitespace only ("▁", "▁▁▁▁", newline, tab) and of
+        bare "▁" pieces, "epoch_plan": the train split's unused blocks and tokens per epoch}``.
     """
     from data_pipelines.shards import load_manifest
     from data_pipelines.stream import iter_shard
@@ -147,10 +182,13 @@ def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samp
     if split not in manifest["splits"]:
         raise DataError(f"{shard_dir}: no {split!r} split (has {sorted(manifest['splits'])})")
     lengths, decoded = [], []
+    whitespace, bare = tok.whitespace_table(), tok.piece_to_id("\u2581")
+    counts = np.zeros(3, dtype=np.int64)  # tokens, whitespace-only tokens, bare "▁" tokens
     for shard in manifest["splits"][split]["shards"][:max_shards]:
         for ids in iter_shard(str(Path(manifest["root"]) / shard["name"]), expected_hash=tok.hash, vocab_size=tok.vocab_size,
                               on_error="raise", report=SkipReport()):
             lengths.append(len(ids))
+            counts += (len(ids), int(whitespace[ids].sum()), int((ids == bare).sum()))
             if len(decoded) < samples:
                 decoded.append(tok.decode(ids.tolist()))
     lengths_arr = np.asarray(lengths)
@@ -161,6 +199,8 @@ def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samp
         "lengths": {"docs_read": len(lengths), "mean": float(lengths_arr.mean()), "median": float(np.median(lengths_arr)), "max": int(lengths_arr.max())},
         "histogram": _histogram(lengths_arr),
         "samples": decoded,
+        "whitespace": {"tokens_read": int(counts[0]), "whitespace_share": float(counts[1] / max(counts[0], 1)),
+                       "bare_space_share": float(counts[2] / max(counts[0], 1))},
         "epoch_plan": epoch_plan_summary(shard_dir, **(plan or {})) if "train" in manifest["splits"] else None,
     }
 
@@ -183,6 +223,13 @@ def _print_inspection(summary: dict) -> None:
     peak = max(c for _, _, c in summary["histogram"]) or 1
     for lo, hi, count in summary["histogram"]:
         console.print(f"  {lo:>7}–{hi - 1:<7} {count:>8,} {'█' * round(40 * count / peak)}")
+    ws = summary["whitespace"]
+    console.print(f"whitespace-only tokens: {ws['whitespace_share']:.1%} of {ws['tokens_read']:,} read "
+                  f"(a bare \"\u2581\": {ws['bare_space_share']:.1%})", markup=False, highlight=False)
+    if ws["bare_space_share"] > 0.1:  # a tokenizer trained without whitespace pieces, on text with runs of spaces
+        console.print("  runs of spaces cost a token per space here: a tokenizer trained with whitespace pieces (the "
+                      "default of `roberta-pl-data tokenizer`) makes each run one or two tokens", markup=False,
+                      highlight=False, soft_wrap=True)
     plan = summary.get("epoch_plan")
     if plan is not None:
         given = ", ".join(f"{k} {v}" for k, v in plan["settings"].items())
@@ -198,6 +245,37 @@ def _print_inspection(summary: dict) -> None:
         console.print(text[:1000], markup=False, highlight=False)
 
 
+def _task_arguments(num_tasks: int | None, task_index: int | None) -> tuple[int, int | None]:
+    """``--num-tasks`` / ``--task-index``, defaulting from a Slurm job array's variables.
+
+    In an array of K tasks (``--array=0-15`` or ``1-16``) task I is the I-th of the array. With ``--num-tasks``
+    given, the array task id *is* the task index (``--array=7 --num-tasks 16`` reruns task 7 alone).
+    """
+    env = os.environ
+    in_array = "SLURM_ARRAY_TASK_ID" in env
+    if task_index is None and in_array:
+        if num_tasks is None:
+            task_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        else:
+            task_index = int(env["SLURM_ARRAY_TASK_ID"])
+    if num_tasks is None:
+        num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if task_index is not None and not 0 <= task_index < num_tasks:
+        if in_array:
+            raise DataError(f"array task {env['SLURM_ARRAY_TASK_ID']} is not one of {num_tasks} tasks numbered from "
+                            f"{env.get('SLURM_ARRAY_TASK_MIN', 0)}: submit a plain range, --array=0-{num_tasks - 1}")
+        raise DataError(f"--task-index {task_index} is not one of --num-tasks {num_tasks} (0 to {num_tasks - 1})")
+    return num_tasks, task_index
+
+
+def _print_manifest(manifest: dict, out: Path) -> None:
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['num_shards']} shards, {info['num_docs']:,} docs, {info['num_tokens']:,} tokens, "
+              f"{info['bytes_per_token']:.2f} bytes/token → {out}/{info['pattern']}")
+    if manifest["skipped"]["total"]:
+        print(f"skipped {manifest['skipped']['total']} bad inputs: {manifest['skipped']['counts']} (see manifest.json)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``roberta-pl-data``; returns the exit code (2 for user errors)."""
     args = build_parser().parse_args(argv)
@@ -208,18 +286,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             tok = train_tokenizer(_inputs(args), args.out, args.vocab_size, input_sentence_size=args.input_sentence_size,
                                   text_field=args.text_field, on_error=args.on_error, seed=args.seed, model_max_length=args.model_max_length,
+                                  whitespace_pieces=args.whitespace_pieces,
                                   progress=not args.quiet)
             print(f"tokenizer written to {args.out} (vocab {tok.vocab_size}, hash {tok.hash})")
         elif args.command == "shards":
             from data_pipelines.shards import write_shards
 
-            manifest = write_shards(_inputs(args), args.tokenizer, args.out, docs_per_shard=args.docs_per_shard,
+            num_tasks, task_index = _task_arguments(args.num_tasks, args.task_index)
+            manifest = write_shards(_inputs(args), args.tokenizer, args.out, num_shards=args.num_shards,
                                     valid_fraction=args.valid_fraction, seed=args.seed, text_field=args.text_field,
-                                    on_error=args.on_error, num_workers=args.workers, progress=not args.quiet)
-            for split, info in manifest["splits"].items():
-                print(f"{split}: {info['num_shards']} shards, {info['num_docs']:,} docs, {info['num_tokens']:,} tokens → {args.out}/{info['pattern']}")
-            if manifest["skipped"]["total"]:
-                print(f"skipped {manifest['skipped']['total']} bad inputs: {manifest['skipped']['counts']} (see manifest.json)")
+                                    on_error=args.on_error, num_workers=args.workers, num_tasks=num_tasks,
+                                    task_index=task_index, progress=not args.quiet)
+            if "task" in manifest:  # this task is done, others are not yet
+                written = ", ".join(f"{len(v)} {k}" for k, v in manifest["splits"].items())
+                print(f"task {manifest['task']} of {num_tasks}: wrote its shards ({written}) to {args.out}; manifest.json is "
+                      f"written when all {num_tasks} tasks are done (by the last one, or `roberta-pl-data merge-manifests {args.out}`)")
+            else:
+                _print_manifest(manifest, args.out)
+        elif args.command == "merge-manifests":
+            from data_pipelines.shards import merge_manifests
+
+            _print_manifest(merge_manifests(args.out), args.out)
         elif args.command == "demo-task":
             from data_pipelines.demo_tasks import tagging_task, two_source_task
 
