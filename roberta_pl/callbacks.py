@@ -4,10 +4,12 @@ and the fault monitors (non-finite loss, fp16 loss-scale collapse, skipped data)
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,19 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from rich.progress import ProgressColumn, Task
+from rich.text import Text
 
 from roberta_pl.lightning_compat import (
     is_logging_step,
+    is_rich_time_column,
     last_saved_step,
     micro_batches_started,
+    set_max_steps,
     set_progress,
     set_val_check_batch,
 )
+from roberta_pl.optim import budget_max_steps, micro_batches_before
 
 _PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                     "16-true": torch.float16}
@@ -345,6 +352,7 @@ class ValidationSchedule(pl.Callback):
     def __init__(self, every_n_steps: int, phases: list[tuple[int, int, int]]) -> None:
         self.every_n_steps = every_n_steps
         self.phases = phases
+        self.final_step: int | None = None  # also validate after this step (a time budget's last one)
 
     def step_completed_by(self, micro: int) -> int | None:
         """The optimizer step that micro-batch ``micro`` (0-based) completes, None if it is not a step's last."""
@@ -355,7 +363,7 @@ class ValidationSchedule(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         micro = micro_batches_started(trainer) - 1
         step = self.step_completed_by(micro)
-        due = step is not None and step % self.every_n_steps == 0
+        due = step is not None and (step % self.every_n_steps == 0 or step == self.final_step)
         # Lightning validates after micro-batch m when (m + 1) % val_check_batch == 0.
         set_val_check_batch(trainer, micro + 1 if due else micro + 2)
 
@@ -371,6 +379,148 @@ class StopAtStep(pl.Callback):
                            batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class BudgetPlanner(StepBoundary):
+    """Trains for a wall-clock budget (``trainer.max_time``) by fixing ``max_steps`` once, early in the run.
+
+    Over the LR warm-up it times the training micro-batches of this process (validation excluded), then, at
+    ``fix_step`` (or once 5% of the budget went into measuring, if sooner), fixes ``max_steps`` so that the rest
+    of the budget holds the remaining steps, the validations due until then and one more for the end (the last
+    step always validates). From then on the run is a step-count run: the LR decays to the fixed step (the
+    module's ``hparams.max_steps``, which the schedule reads), the mask-rate schedule's horizon is that step,
+    and the figure is saved in the checkpoint (``state_dict``). A resume
+    reuses it and does not measure again: it trains to the same step whatever time is left, exactly as the
+    uninterrupted run. A run stopped before the figure was fixed measures afresh, with the budget it had
+    not yet spent.
+
+    The clock starts when the planner is built (with the Trainer: after data preparation, before the model is
+    built and any checkpoint is loaded); the export after fit is not inside the budget.
+
+    Args:
+        seconds: the budget.
+        phases: the batch plan's ``(start_step, start_micro_batch, accumulation)`` (a batch ramp's steps grow).
+        warmup_steps: ``optim.warmup_steps``; the figure is fixed within it, so the LR and mask rates of the
+            warm-up never depend on it (the scheduler computes step ``s + 1``'s LR at the end of step ``s``,
+            and a step's batches are masked ahead of it).
+        cap: ``trainer.max_steps``, which the budget never exceeds.
+        val_every_n_steps: the validation interval, whose validations the budget must also hold.
+    """
+
+    def __init__(self, seconds: float, phases: list[tuple[int, int, int]], warmup_steps: int, cap: int,
+                 val_every_n_steps: int) -> None:
+        super().__init__()
+        if warmup_steps < 4:
+            raise ValueError(f"optim.warmup_steps={warmup_steps}: a time budget (trainer.max_time) measures the step "
+                             f"rate inside the warm-up, which needs at least 4 steps")
+        self.seconds = seconds
+        self.phases = [tuple(p) for p in phases]
+        self.cap = cap
+        self.val_every_n_steps = val_every_n_steps
+        # Fixed at step `fix_step`, at most warmup - 2: the batch prefetched at that point is still in the warm-up.
+        self.fix_step = min(warmup_steps // 2, 100)
+        self.measure_from = min(max(1, self.fix_step // 4), 5)  # the first steps pay for allocation, compilation
+        self.max_steps: int | None = None  # the fixed figure (in the checkpoint)
+        self.spent = 0.0  # budget seconds spent by earlier jobs of this run before the figure was fixed
+        self.measured: dict[str, float] = {}
+        self._clock = time.monotonic()
+        self._mark: tuple[float, int, float, int] | None = None  # (time, micro-batch, validation s, step)
+        self._val_seconds = 0.0
+        self._val_batches = 0
+        self._val_start: float | None = None
+
+    def elapsed(self) -> float:
+        """Budget seconds spent so far, earlier jobs of this run included."""
+        return self.spent + time.monotonic() - self._clock
+
+    # validation time is measured apart: it is not part of a training step's rate
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.monotonic()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._val_batches += 1
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._val_start is not None:
+            self._val_seconds += time.monotonic() - self._val_start
+            self._val_start = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.max_steps is not None:  # resumed after the figure was fixed: the same run from here on
+            self._apply(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.max_steps is not None or not self.at_boundary:
+            return
+        step, now = trainer.global_step, time.monotonic()
+        if self._mark is None:
+            if step >= self.measure_from:
+                self._mark = (now, micro_batches_started(trainer), self._val_seconds, step)
+            return
+        t0, micro0, val0, step0 = self._mark
+        # At fix_step, or earlier once 5% of the budget went into measuring (a short budget on a slow machine).
+        if step < self.fix_step and (step == step0 or now - t0 < 0.05 * self.seconds):
+            return
+        micro = micro_batches_started(trainer)
+        per_micro = max(now - t0 - (self._val_seconds - val0), 1e-9) / max(1, micro - micro0)
+        # A validation batch is a forward pass only: about a third of a training micro-batch, until one is timed.
+        per_val = self._val_seconds / self._val_batches if self._val_batches else per_micro / 3
+        batches = sum(trainer.num_val_batches) if trainer.val_dataloaders is not None else 0
+        per_validation = per_val * (batches if math.isfinite(batches) else 0)
+        left = self.seconds - self.elapsed()
+        max_steps = budget_max_steps(self.phases, step, left - per_validation, per_micro, self.cap)
+        for _ in range(2):  # the validations due before the last step take their share of the budget
+            validations = max_steps // self.val_every_n_steps - step // self.val_every_n_steps
+            max_steps = budget_max_steps(self.phases, step, left - (validations + 1) * per_validation, per_micro,
+                                         self.cap)
+        if trainer.world_size > 1:  # every rank must stop at the same step: rank 0's measurement decides
+            max_steps = int(trainer.strategy.broadcast(max_steps, src=0))
+        self.max_steps = max_steps
+        self.measured = {"seconds_per_micro_batch": per_micro, "seconds_per_validation": per_validation,
+                         "measured_from_step": step0, "fixed_at_step": step, "seconds_left": left}
+        self._apply(trainer, pl_module)
+        if trainer.is_global_zero:
+            print(f"Time budget {_clock(self.seconds)}: {per_micro * 1e3:.1f} ms a micro-batch over steps {step0}-{step}, "
+                  f"{_clock(left)} left -> trainer.max_steps fixed at {max_steps:,} (the LR decays to it; a resume "
+                  f"trains to it)", flush=True)
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Make the run a step-count run of ``self.max_steps``: the loop, the LR schedule, the mask-rate
+        schedule (shared with the DataLoader workers) and the final validation."""
+        set_max_steps(trainer, self.max_steps)
+        if "max_steps" in pl_module.hparams:  # what MaskedLMModule's LR schedule reads at every step
+            pl_module.hparams.max_steps = self.max_steps
+        schedule = getattr(trainer.datamodule, "mask_schedule", None)
+        if schedule is not None:
+            schedule.set_horizon(micro_batches_before(self.phases, self.max_steps))
+        for callback in trainer.callbacks:
+            if isinstance(callback, ValidationSchedule):
+                callback.final_step = self.max_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        spent = self.elapsed() if self.max_steps is None else self.spent
+        return {"max_steps": self.max_steps, "seconds": self.seconds, "spent": spent, "measured": dict(self.measured)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("max_steps")
+        self.max_steps = None if saved is None else int(saved)
+        self.spent = float(state_dict.get("spent", 0.0))
+        self.measured = dict(state_dict.get("measured") or {})
+
+
+def fixed_max_steps(checkpoint: dict) -> int | None:
+    """The ``max_steps`` a time-budgeted run fixed, from its checkpoint (None: not a budget run, or not fixed yet)."""
+    state = (checkpoint.get("callbacks") or {}).get(BudgetPlanner.__qualname__) or {}
+    return None if state.get("max_steps") is None else int(state["max_steps"])
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # -- faults ------------------------------------------------------------------------------------------
@@ -503,7 +653,33 @@ class StepProgressBar(RichProgressBar):
 
     Pretraining streams shards with no fixed epoch: Lightning's per-epoch micro-batch bar would show an
     epoch count of "-2" (``max_epochs=-1``) and a batch total the stream cannot know exactly.
+
+    Elapsed time is this process's training time, from the start of fit (after a resume, from the resume:
+    like the steps it shows, it counts what this process did), and the time left is the steps left at this
+    process's step rate. Lightning's time column timed the train task from its last (re)start, which is
+    every epoch: a 5-minute run of short stream epochs showed 0:00:34.
     """
+
+    train_started: float | None = None  # time.monotonic() when this process began training
+    steps_before: int = 0  # optimizer steps done before this process began (a resume's step)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.train_started, self.steps_before = time.monotonic(), trainer.global_step
+
+    def configure_columns(self, trainer: pl.Trainer) -> list:
+        return [_RunTimeColumn(self, column) if is_rich_time_column(column) else column
+                for column in super().configure_columns(trainer)]
+
+    def run_times(self) -> tuple[float, float | None] | None:
+        """(elapsed, remaining) seconds of this process's training, None before it starts; remaining is None
+        until a step is done or without a step total."""
+        if self.train_started is None:
+            return None
+        elapsed = time.monotonic() - self.train_started
+        done, total = self.trainer.global_step - self.steps_before, self.total_train_batches
+        left = None if done <= 0 or not math.isfinite(total) else (total - self.trainer.global_step) * elapsed / done
+        return elapsed, left
 
     @property
     def total_train_batches(self) -> int | float:
@@ -527,3 +703,21 @@ class StepProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # the logger's version number is not a training metric
         return metrics
+
+
+class _RunTimeColumn(ProgressColumn):
+    """Lightning's "elapsed • remaining" column, with the train task timed by :meth:`StepProgressBar.run_times`
+    (validation bars keep their own times)."""
+
+    max_refresh = 0.5  # as Lightning's: twice a second, without jitter
+
+    def __init__(self, bar: StepProgressBar, column: ProgressColumn) -> None:
+        super().__init__()
+        self.bar, self.column = bar, column
+
+    def render(self, task: Task) -> Text:
+        times = self.bar.run_times() if task.id == self.bar.train_progress_bar_id else None
+        if times is None:
+            return self.column.render(task)
+        shown = [str(timedelta(seconds=int(t))) if t is not None else "-:--:--" for t in times]
+        return Text(" • ".join(shown), style=self.column.style)

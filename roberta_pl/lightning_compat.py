@@ -46,6 +46,14 @@ def set_val_check_batch(trainer: pl.Trainer, interval: int) -> None:
     trainer.val_check_batch = interval
 
 
+def set_max_steps(trainer: pl.Trainer, max_steps: int) -> None:
+    """Change ``trainer.max_steps`` during fit (a time budget fixes it after measuring the step rate).
+
+    Lightning 2.6.6: ``trainer.fit_loop.epoch_loop.max_steps``, which ``trainer.max_steps`` returns and the
+    loop's ``done`` reads at every step."""
+    trainer.fit_loop.epoch_loop.max_steps = max_steps
+
+
 def last_saved_step(trainer: pl.Trainer) -> int | None:
     """The optimizer step of the last checkpoint the checkpoint callback wrote in this process (0 before any),
     None without a checkpoint callback.
@@ -69,6 +77,16 @@ def set_progress(bar: Any, task_id: Any, completed: float) -> None:
     bar._update(task_id, completed)
 
 
+def is_rich_time_column(column: Any) -> bool:
+    """Whether ``column`` is the "elapsed • remaining" column of ``RichProgressBar.configure_columns``, which
+    times each task from its (re)start: the train task restarts at every epoch.
+
+    Lightning 2.6.6: ``lightning.pytorch.callbacks.progress.rich_progress.CustomTimeColumn``."""
+    from lightning.pytorch.callbacks.progress.rich_progress import CustomTimeColumn
+
+    return isinstance(column, CustomTimeColumn)
+
+
 def slurm_environment(trainer: pl.Trainer) -> SLURMEnvironment | None:
     """The run's Slurm cluster environment, if Lightning detected one (also for a single-task job, where the
     strategy holds none).
@@ -84,3 +102,20 @@ def drop_wandb_init_setting(logger: Any, key: str) -> None:
 
     Lightning 2.6.6: ``WandbLogger._wandb_init``."""
     logger._wandb_init.pop(key, None)
+
+
+def set_resumed_batch_progress(checkpoint: dict, total: int, in_epoch: int, loader_state: dict | None = None) -> None:
+    """Make a loaded checkpoint resume as if ``total`` training micro-batches had run, ``in_epoch`` of them in its
+    epoch (call before Lightning restores its loops, e.g. from ``Callback.on_load_checkpoint``). ``loader_state``
+    replaces the saved state of a stateful train loader, which Lightning restores after the DataModule's.
+
+    Lightning 2.6.6: ``checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]`` (``total`` and ``current``, each
+    ``ready``/``started``/``processed``/``completed``; the accumulation reads ``current.ready``, micro-batch counts and
+    the validation schedule ``total.ready``) and ``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]``."""
+    fit = checkpoint["loops"]["fit_loop"]
+    progress = fit["epoch_loop.batch_progress"]
+    for part, ready in (("total", total), ("current", in_epoch)):
+        shift = ready - progress[part]["ready"]
+        progress[part] = {field: max(0, count + shift) for field, count in progress[part].items()}
+    if loader_state is not None and fit.get("state_dict", {}).get("combined_loader"):
+        fit["state_dict"]["combined_loader"] = [loader_state]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -107,3 +107,40 @@ def test_val_check_batch_is_read_before_each_check(tmp_path):
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(model)
     assert model.seen == [3, 6]
+
+
+def test_max_steps_changed_during_fit_ends_the_run_there(tmp_path):
+    class Shorten(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                compat.set_max_steps(trainer, 5)
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=100, callbacks=[Shorten()], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Tiny())
+    assert trainer.global_step == 5 and trainer.max_steps == 5
+
+
+def test_progress_bar_elapsed_counts_the_whole_fit_not_the_epoch(tmp_path):
+    """Lightning's time column timed the train task from its restart at each epoch (a 5-minute run showed
+    0:00:34). StepProgressBar times this process's fit: 300 s moved into the past at the second epoch's
+    start still show at the end of the third, and the column it replaces is the one compat names."""
+
+    class Shift(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                bar.train_started -= 300  # as if the first epoch had taken 5 minutes
+
+        def on_train_end(self, trainer, pl_module):
+            task = bar.progress.tasks[bar.train_progress_bar_id]
+            (column,) = [c for c in bar.progress.columns if type(c).__name__ == "_RunTimeColumn"]
+            shown.append((str(column.render(task)), task.completed))
+
+    bar, shown = StepProgressBar(), []
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, max_epochs=3, limit_train_batches=2, callbacks=[bar, Shift()],
+                         logger=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    assert any(compat.is_rich_time_column(c) for c in RichProgressBar().configure_columns(trainer))
+    trainer.fit(Tiny())
+    ((text, completed),) = shown
+    elapsed, remaining = text.split(" • ")
+    assert completed == 6 and elapsed.startswith("0:05:") and remaining == "0:00:00", text
