@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank")
     g.add_argument("--batch-multiple", type=int, default=1, help="gradient accumulation (batches per rank per epoch are a multiple of it)")
-    g.add_argument("--pack-mode", choices=("full", "doc"), default="full", help="FULL-SENTENCES or doc packing")
+    g.add_argument("--pack-mode", choices=("full_sentences", "doc"), default="full_sentences", help="FULL-SENTENCES or doc packing")
     g.add_argument("--seed", type=int, default=0, help="the run's seed (assigns shards to readers)")
 
     p = sub.add_parser("demo-task", help="write a small fine-tuning task built from standard-library docstrings",
@@ -133,7 +133,7 @@ def _histogram(lengths: np.ndarray, bins: int = 10) -> list[tuple[int, int, int]
 
 
 def epoch_plan_summary(shard_dir: Path, *, seq_len: int = 512, micro_batch_size: int = 16, world_size: int = 1, num_workers: int = 0,
-                       batch_multiple: int = 1, pack_mode: str = "full", seed: int = 0) -> dict:
+                       batch_multiple: int = 1, pack_mode: str = "full_sentences", seed: int = 0) -> dict:
     """How the train split's blocks are used each epoch under these training settings.
 
     Returns:

@@ -223,7 +223,7 @@ class MLMDataModule(L.LightningDataModule):
         span: SpanBERT span masking (geometric lengths of whole words).
         span_p: geometric parameter of span lengths.
         max_span: longest span, in words.
-        pack_mode: ``"full"`` (FULL-SENTENCES, crosses documents, no padding) or ``"doc"``.
+        pack_mode: ``"full_sentences"`` (FULL-SENTENCES, crosses documents, no padding) or ``"doc"``.
         seed: seed of shard assignment, order, shuffle and masks.
         num_workers: DataLoader workers per rank (0 reads in the main process).
         shuffle_window: blocks shuffled together in the train stream.
@@ -260,7 +260,7 @@ class MLMDataModule(L.LightningDataModule):
         span: bool = False,
         span_p: float = 0.2,
         max_span: int = 10,
-        pack_mode: PackMode = "full",
+        pack_mode: PackMode = "full_sentences",
         seed: int = 0,
         num_workers: int = 0,
         shuffle_window: int = 1024,
@@ -275,8 +275,8 @@ class MLMDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_on_error(on_error)
-        if pack_mode not in ("full", "doc"):
-            raise DataError(f"pack_mode must be 'full' or 'doc', got {pack_mode!r}")
+        if pack_mode not in ("full_sentences", "doc"):
+            raise DataError(f"pack_mode must be 'full_sentences' or 'doc', got {pack_mode!r}")
         if seq_len < 3 or micro_batch_size < 1 or num_workers < 0:
             raise DataError(f"need seq_len >= 3, micro_batch_size >= 1, num_workers >= 0; got {seq_len}, {micro_batch_size}, {num_workers}")
         self.train_shards = train_shards

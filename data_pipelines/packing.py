@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-PackMode = Literal["full", "doc"]
+PackMode = Literal["full_sentences", "doc"]
 BLOCK_DTYPE = np.int32  # blocks stay compact until the batch is built
 
 
@@ -96,12 +96,12 @@ def pack_documents(
 
 
 def pack(docs: Iterable[np.ndarray], seq_len: int, mode: PackMode, *, bos: int = 0, eos: int = 2, pad: int = 1) -> Iterator[np.ndarray]:
-    """Dispatch to :func:`pack_full_sentences` (``"full"``) or :func:`pack_documents` (``"doc"``)."""
-    if mode == "full":
+    """Dispatch to :func:`pack_full_sentences` (``"full_sentences"``) or :func:`pack_documents` (``"doc"``)."""
+    if mode == "full_sentences":
         return pack_full_sentences(docs, seq_len, bos=bos, eos=eos)
     if mode == "doc":
         return pack_documents(docs, seq_len, bos=bos, eos=eos, pad=pad)
-    raise ValueError(f"pack mode must be 'full' or 'doc', got {mode!r}")
+    raise ValueError(f"pack mode must be 'full_sentences' or 'doc', got {mode!r}")
 
 
 def block_count_lower_bound(num_docs: int, num_tokens: int, seq_len: int, mode: PackMode) -> int:
@@ -115,12 +115,12 @@ def block_count_lower_bound(num_docs: int, num_tokens: int, seq_len: int, mode: 
         num_docs: documents in the run.
         num_tokens: tokens in the run (no separators).
         seq_len: block length.
-        mode: ``"full"`` or ``"doc"``.
+        mode: ``"full_sentences"`` or ``"doc"``.
 
     Returns:
         The number of blocks (a lower bound in ``doc`` mode).
     """
     body = seq_len - 2
-    if mode == "full":
+    if mode == "full_sentences":
         return (num_tokens + num_docs) // body
     return max(num_docs, -(-num_tokens // body))

@@ -68,9 +68,6 @@ def prepare_data(cfg: DictConfig) -> PretrainData:
     return PretrainData(load_tokenizer(d.tokenizer), str(d.train_shards), str(d.valid_shards) if d.valid_shards else None)
 
 
-_PACK_MODES = {"full_sentences": "full", "doc": "doc"}
-
-
 def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
     """The streaming MLM DataModule for this config and batch plan."""
     from data_pipelines.datamodule import MLMDataModule
@@ -80,7 +77,7 @@ def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
         train_shards=data.train_shards, valid_shards=data.valid_shards, tokenizer_dir=str(data.tokenizer.path),
         seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size, mask_prob=d.mask_prob,
         random_prob=d.random_prob, keep_prob=d.keep_prob, whole_word=d.whole_word, span=d.span,
-        pack_mode=_PACK_MODES[d.packing], seed=cfg.seed, num_workers=data_workers(cfg, data, plan), shuffle_window=d.shuffle_window,
+        pack_mode=d.packing, seed=cfg.seed, num_workers=data_workers(cfg, data, plan), shuffle_window=d.shuffle_window,
         on_error=d.on_error,
         # Epochs hold whole optimizer steps: Lightning would otherwise step on a partial accumulation at
         # each epoch end (a smaller global batch, and a drifting step count).

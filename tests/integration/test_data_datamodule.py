@@ -62,9 +62,9 @@ def test_batch_contract(shard_dir, tokenizer_dir, tok):
     assert (labels[mask == 0] == IGNORE_INDEX).all()
 
 
-@pytest.mark.parametrize("num_workers, pack_mode", [(0, "full"), (2, "full"), (2, "doc")])
+@pytest.mark.parametrize("num_workers, pack_mode", [(0, "full_sentences"), (2, "full_sentences"), (2, "doc")])
 def test_exact_resume_from_state_dict(shard_dir, tokenizer_dir, num_workers, pack_mode):
-    def _dm(*args, **kw):  # "doc" mode resumes by replaying; "full" seeks by token counts
+    def _dm(*args, **kw):  # "doc" mode resumes by replaying; "full_sentences" seeks by token counts
         return globals()["_dm"](*args, pack_mode=pack_mode, **kw)
 
     reference = _dm(shard_dir, tokenizer_dir, num_workers=num_workers)

@@ -24,7 +24,7 @@ def test_full_sentences_is_lossless_and_unpadded(docs, seq_len):
     assert not (blocks == PAD).any()  # no padding waste
     stream = np.concatenate([np.append(d, EOS) for d in docs])
     body = seq_len - 2
-    assert len(blocks) == len(stream) // body == block_count_lower_bound(len(docs), sum(map(len, docs)), seq_len, "full")
+    assert len(blocks) == len(stream) // body == block_count_lower_bound(len(docs), sum(map(len, docs)), seq_len, "full_sentences")
     # The bodies, concatenated, are the documents with their separators, in order.
     np.testing.assert_array_equal(blocks[:, 1:-1].reshape(-1), stream[: len(blocks) * body])
     # Blocks do cross documents (the point of FULL-SENTENCES).
