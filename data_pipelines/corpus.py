@@ -84,7 +84,8 @@ def expand_inputs(
             every = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             found = [p for p in every if _is_supported(p)]
             if not found:
-                report.handle(on_error, "no_input_files", str(path), f"no {'/'.join(SUFFIXES)} files inside")
+                report.handle(on_error, "no_input_files", str(path), f"no {'/'.join(SUFFIXES)} files inside",
+                              fix=f"only files named *{', *'.join(SUFFIXES)} are read: rename the text files")
             others = [p for p in every if not _is_supported(p)]
             if others:  # a README or a .csv beside the text: not read, but counted and said once per directory
                 report.counts["unsupported_suffix"] += len(others)

@@ -50,7 +50,7 @@ class SkipReport:
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
-    def handle(self, on_error: OnError, reason: str, where: str, detail: str = "") -> None:
+    def handle(self, on_error: OnError, reason: str, where: str, detail: str = "", fix: str | None = None) -> None:
         """Raise a :class:`DataError`, or count and log the skip.
 
         Args:
@@ -58,11 +58,12 @@ class SkipReport:
             reason: short stable tag, e.g. ``"invalid_utf8"``; the manifest groups by it.
             where: the file (and ``:line``) or shard the problem is in.
             detail: extra words for the message.
+            fix: what would fix it, when skipping cannot (default: fix the input or skip it).
         """
         message = f"{where}: {reason.replace('_', ' ')}" + (f" ({detail})" if detail else "")
         if on_error == "raise":
-            raise DataError(message + " — fix the input, or skip bad input with --on-error skip (roberta-pl-data) "
-                            "or data.on_error=skip (training)")
+            raise DataError(message + " — " + (fix or "fix the input, or skip bad input with --on-error skip "
+                                                      "(roberta-pl-data) or data.on_error=skip (training)"))
         self.counts[reason] += 1
         examples = self.examples.setdefault(reason, [])
         if len(examples) < _MAX_EXAMPLES:

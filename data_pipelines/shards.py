@@ -765,9 +765,9 @@ def _log_shard_choice(train_shards: int, tokens: float, itemsize: int) -> None:
     log.info("train split: %d shards of ~%s each, chosen from the input size (~%s tokens); --num-shards sets the count",
              train_shards, _human_bytes(size), f"{tokens:,.0f}")
     if train_shards < FEW_SHARDS:
-        log.warning("only %d train shards: a run with more readers (GPUs x DataLoader workers) than shards makes every "
-                    "reader scan every shard; pass --num-shards N (N >= GPUs x workers) to write more, smaller shards",
-                    train_shards)
+        log.warning("the input is small, so only %d train shard%s (at least 128 KiB each): a run with more readers "
+                    "(GPUs x DataLoader workers) than shards makes every reader scan every shard; pass --num-shards N "
+                    "(N >= GPUs x workers) for more, smaller shards", train_shards, "" if train_shards == 1 else "s")
 
 
 def _human_bytes(n: float) -> str:

@@ -136,12 +136,19 @@ def quiet_notices() -> None:
     - the ``srun`` hint (a plain run on a machine that has Slurm installed is not a Slurm run);
     - the LitLogger advertisement;
     - ``IterableDataset has __len__`` (our stream's length is already split per worker) and an internal
-      pytree deprecation.
+      pytree deprecation;
+    - the device inventory, "Seed set to", the ``limit_val_batches=1.0`` notices and the logging-interval
+      warning of a short epoch.
     """
     import warnings
 
     warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")  # a short fine-tuning epoch
+    # Lightning's start-up lines: the device inventory (the run's own lines say what it uses), and the notices
+    # that limit_val_batches=1.0 / val_check_interval=1.0 mean "all" and "each epoch", which is what they say.
+    notices = _DropNotice("litlogger", "GPU available: ", "TPU available: ", "HPU available: ", "was configured so")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropNotice("litlogger"))
+        logging.getLogger(name).addFilter(notices)
+    logging.getLogger("lightning.fabric.utilities.seed").addFilter(_DropNotice("Seed set to"))  # the config records it

@@ -185,3 +185,16 @@ def test_files_with_other_suffixes_in_a_directory_are_counted_and_named(tmp_path
     assert docs == ["one document here"]
     assert report.counts["unsupported_suffix"] == 2
     assert "2 file(s) without a" in caplog.text and "notes.md" in caplog.text
+
+
+def test_a_directory_of_files_without_a_suffix_says_to_rename_them(tmp_path):
+    # Licence texts and manuals often have no suffix: skipping (--on-error skip) cannot help, renaming does.
+    from data_pipelines.corpus import expand_inputs
+    from data_pipelines.errors import DataError
+
+    (tmp_path / "COPYING").write_text("GNU GENERAL PUBLIC LICENSE\n")
+    with pytest.raises(DataError) as e:
+        expand_inputs(str(tmp_path))
+    message = str(e.value)
+    assert str(tmp_path) in message and "rename" in message and "*.txt" in message
+    assert "--on-error" not in message and "\n" not in message

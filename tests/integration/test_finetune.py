@@ -307,7 +307,8 @@ def test_long_texts_are_truncated_with_a_counted_warning(tmp_path, pretrained, c
 
 def test_early_stopping_stops_when_the_metric_stalls(tmp_path, pretrained, source_task):
     overrides = [o for o in source_overrides(pretrained, source_task) if not o.startswith(("trainer.max_epochs", "early"))]
-    summary = finetune(tmp_path / "run", [*overrides, "optim.lr=0", "trainer.max_epochs=20", "early_stopping.patience=2",
+    # lr 1e-12: the weights (and so the metric) do not move; lr=0 is refused as a config error
+    summary = finetune(tmp_path / "run", [*overrides, "optim.lr=1e-12", "trainer.max_epochs=20", "early_stopping.patience=2",
                                           "export_hf=false"])
     assert summary["epochs"] == 3  # validation after epochs 1, 2, 3 never improves on the first: stop
 

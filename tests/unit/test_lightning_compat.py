@@ -144,3 +144,25 @@ def test_progress_bar_elapsed_counts_the_whole_fit_not_the_epoch(tmp_path):
     ((text, completed),) = shown
     elapsed, remaining = text.split(" • ")
     assert completed == 6 and elapsed.startswith("0:05:") and remaining == "0:00:00", text
+
+
+def test_quiet_notices_drops_lightnings_start_up_lines_and_keeps_warnings():
+    # Checked on Lightning's own wording (a changed message shows up here): the device inventory, "Seed set to"
+    # and the limit_val_batches/val_check_interval notices are dropped; a real warning still gets through.
+    import subprocess
+    import sys
+
+    script = ("import warnings, lightning.pytorch as pl\n"
+              "from roberta_pl.loggers import quiet_notices\n"
+              "{quiet}\n"
+              "pl.seed_everything(3)\n"
+              "pl.Trainer(accelerator='cpu', logger=False, enable_checkpointing=False, limit_val_batches=1.0,\n"
+              "           val_check_interval=1.0, enable_progress_bar=False)\n"
+              "warnings.warn('a real warning')\n")
+    noise = ("GPU available: ", "TPU available: ", "Seed set to", "was configured so")
+    loud = subprocess.run([sys.executable, "-c", script.format(quiet="")], capture_output=True, text=True, timeout=120)
+    quiet = subprocess.run([sys.executable, "-c", script.format(quiet="quiet_notices()")], capture_output=True,
+                           text=True, timeout=120)
+    assert all(n in loud.stdout + loud.stderr for n in noise)  # the lines exist without it
+    assert not [n for n in noise if n in quiet.stdout + quiet.stderr], quiet.stdout + quiet.stderr
+    assert "a real warning" in quiet.stderr
