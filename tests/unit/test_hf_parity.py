@@ -176,8 +176,9 @@ def test_export_fills_masks_in_transformers_pipeline_and_gives_automodel_its_enc
     assert not info["missing_keys"] and not info["mismatched_keys"], info
     assert info["unexpected_keys"] == {k for k in to_hf_state_dict(ours) if k.startswith("lm_head.")}, info
     with torch.no_grad():
+        # The README's parity bound (1e-4): two fp32 kernels sum in different orders (1.4e-5 seen on one element).
         torch.testing.assert_close(encoder.eval()(**enc).last_hidden_state, ours.roberta(enc["input_ids"]),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("pre_layernorm", [False, True])
