@@ -79,3 +79,14 @@ def shard_dir(tmp_path_factory, corpus_file, tokenizer_dir) -> Path:
         return path
 
     return _once("shards", base, build)
+
+
+def write_corpus_dir(tmp_path: Path, docs: list[str], files: int = 4) -> Path:
+    """``docs`` split over ``files`` text files in ``tmp_path/corpus`` (documents separated by a blank line):
+    a corpus the sharding tasks can divide by file."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    per = -(-len(docs) // files)
+    for i in range(files):
+        (d / f"part-{i}.txt").write_text("\n\n".join(docs[i * per : (i + 1) * per]) + "\n")
+    return d

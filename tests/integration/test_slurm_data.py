@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from slurm_helpers import REPO_ROOT, slurm_cluster, wait_until  # noqa: F401  (slurm_cluster is a fixture)
 
-from data_fixtures import corpus_docs, corpus_file, tok, tokenizer_dir  # noqa: F401
+from data_fixtures import corpus_docs, corpus_file, tok, tokenizer_dir, write_corpus_dir  # noqa: F401
 from data_pipelines.cli import main
 from data_pipelines.errors import SkipReport
 from data_pipelines.shards import TASKS_DIR, load_manifest, task_record_name
@@ -30,14 +30,6 @@ TEMPLATE = REPO_ROOT / "launch" / "slurm" / "prepare_data.sbatch"
 # The local node has the CPUs of this machine (2 on CI) and no GPUs: one CPU and a little memory per array task.
 SMALL = ("--cpus-per-task=1", "--mem=2G", "--time=10")
 
-
-def _corpus(tmp_path: Path, docs: list[str], files: int = 4) -> Path:
-    d = tmp_path / "corpus"
-    d.mkdir()
-    per = -(-len(docs) // files)
-    for i in range(files):
-        (d / f"part-{i}.txt").write_text("\n\n".join(docs[i * per : (i + 1) * per]) + "\n")
-    return d
 
 
 def _documents(directory: Path, split: str) -> Counter:
@@ -75,7 +67,7 @@ def _task_ids(array: str | None) -> list[int]:
 
 
 def test_job_array_writes_what_one_process_writes(slurm_cluster, tmp_path, corpus_docs, tokenizer_dir):
-    corpus = _corpus(tmp_path, corpus_docs)
+    corpus = write_corpus_dir(tmp_path, corpus_docs)
     common = ["--tokenizer", str(tokenizer_dir), "--num-shards", "6", "--valid-fraction", "0.1", "--workers", "1", str(corpus)]
     array = tmp_path / "array"
     logs = _submit(slurm_cluster, tmp_path, "0-1", ["--out", str(array), *common])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_fixtures import corpus_docs, corpus_file, shard_dir, tok, tokenizer_dir  # noqa: F401
+from data_fixtures import corpus_docs, corpus_file, shard_dir, tok, tokenizer_dir, write_corpus_dir  # noqa: F401
 from data_pipelines import shards as shards_mod
 from data_pipelines.errors import DataError, SkipReport
 from data_pipelines.shards import (
@@ -207,17 +207,9 @@ def test_parallel_and_serial_writers_agree(tmp_path, corpus_file, tokenizer_dir)
     assert _tars(tmp_path / "a") == _tars(tmp_path / "b")
 
 
-def _corpus_dir(tmp_path: Path, docs: list[str], files: int = 4) -> Path:
-    d = tmp_path / "corpus"
-    d.mkdir()
-    per = -(-len(docs) // files)
-    for i in range(files):
-        (d / f"part-{i}.txt").write_text("\n\n".join(docs[i * per : (i + 1) * per]) + "\n")
-    return d
-
 
 def test_tasks_write_what_one_process_writes_and_a_failed_task_reruns_alone(tmp_path, corpus_docs, tokenizer_dir, tok):
-    corpus = _corpus_dir(tmp_path, corpus_docs)
+    corpus = write_corpus_dir(tmp_path, corpus_docs)
     kw = dict(num_shards=6, valid_fraction=0.1, num_workers=0, progress=False)
     # The job array's way: each task on its own (here one after the other), the last one merges.
     array = tmp_path / "array"
