@@ -648,7 +648,43 @@ class DataSkipMonitor(StepBoundary):
                                sync_dist=True, reduce_fx="sum")
 
 
-class StepProgressBar(RichProgressBar):
+class RunProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar without the logger's version number (``v_num``): the base of both entry
+    points' bars."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version number is not a training metric
+        return metrics
+
+
+class EpochProgressBar(RunProgressBar):
+    """Fine-tuning's progress bar: one bar per pass over the training set, read as "Epoch 2/3" (counted from one;
+    Lightning's own read "Epoch 1/2" there), with the validation metric that picks the best checkpoint shown even
+    when the module does not put it on the bar (``val/mcc``, ``val/spearman``).
+
+    Args:
+        monitor: the monitored metric, e.g. ``val/f1``.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        super().__init__()
+        self.monitor = monitor
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        epochs = self.trainer.max_epochs  # -1 (or None) when trainer.max_steps alone bounds the run
+        text = f"Epoch {current_epoch + 1}" + (f"/{epochs}" if epochs is not None and epochs > 0 else "")
+        return f"{text:{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None:
+            metrics.setdefault(self.monitor, float(value))
+        return metrics
+
+
+class StepProgressBar(RunProgressBar):
     """Rich progress over the whole run in optimizer steps (``step 420/2000``).
 
     Pretraining streams shards with no fixed epoch: Lightning's per-epoch micro-batch bar would show an
@@ -698,11 +734,6 @@ class StepProgressBar(RichProgressBar):
             self._initialize_train_progress_bar_id()
         set_progress(self, self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)  # the logger's version number is not a training metric
-        return metrics
 
 
 class _RunTimeColumn(ProgressColumn):

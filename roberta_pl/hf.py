@@ -4,7 +4,10 @@ Our parameter names mirror HF's ``RobertaForMaskedLM``, so conversion is the tab
 the decoder is tied to the word embeddings (HF stores it once), and our embedding table may be padded to a
 multiple of 64 rows (those rows are dropped on save and re-added on load). A pre-LN model
 (``pre_layernorm=True``) is written as HF's ``roberta-prelayernorm`` type: the same table with the encoder
-under ``roberta_prelayernorm.`` and the LayerNorms where that architecture keeps them.
+under ``roberta_prelayernorm.`` and the LayerNorms where that architecture keeps them. No pooler is written (a
+masked LM has none): ``AutoModelForMaskedLM``, the fill-mask pipeline and the classifier classes then load every
+key without a report, and ``AutoModel`` reports its pooler MISSING (the README says where hidden states load
+silently).
 
 No ``transformers`` import here: ``config.json`` is written by hand so exporting works on a cluster that has
 only the training dependencies. ``transformers.AutoModelForMaskedLM.from_pretrained(path)`` loads the result.

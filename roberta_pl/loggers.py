@@ -41,9 +41,25 @@ class TensorBoardLogger(_OptimizerStep, _TensorBoardLogger):
 
 
 class WandbLogger(_OptimizerStep, _WandbLogger):
+    """Lightning's W&B logger, without wandb's end-of-run "Run history:" / "Run summary:" block (sparklines and
+    final values of every metric): the run has just printed its own summary, and ``summary.json`` holds it.
+    wandb's offline files, its ``wandb sync`` line and its log location stay as they were."""
+
     def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("settings", _no_end_of_run_tables())
         super().__init__(**kwargs)
         drop_wandb_init_setting(self, "anonymous")  # wandb only warns that it has no effect
+
+
+def _no_end_of_run_tables():
+    """``wandb.Settings`` showing no history or summary rows when a run finishes; None on a wandb without those
+    settings (it prints its block)."""
+    import wandb
+
+    try:
+        return wandb.Settings(max_end_of_run_history_metrics=0, max_end_of_run_summary_metrics=0)
+    except (TypeError, ValueError):  # an older wandb: unknown settings (pydantic's ValidationError is a ValueError)
+        return None
 
 
 class StepLearningRateMonitor(LearningRateMonitor):

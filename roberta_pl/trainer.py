@@ -20,6 +20,7 @@ from roberta_pl.callbacks import (
     BatchRamp,
     BudgetPlanner,
     DataSkipMonitor,
+    EpochProgressBar,
     LossCurve,
     LossScaleMonitor,
     NonFiniteLossGuard,
@@ -179,7 +180,7 @@ def finetuning_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved
     mode = metric_mode(cfg.task.metric)
     best = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor=monitor, mode=mode,
                            save_top_k=1, save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
-    later: list[pl.Callback] = []
+    later: list[pl.Callback] = [EpochProgressBar(monitor)] if t.enable_progress_bar else []
     if cfg.early_stopping.patience > 0:
         later.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping.patience,
                                    min_delta=cfg.early_stopping.min_delta))

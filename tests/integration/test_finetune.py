@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -305,12 +304,18 @@ def test_long_texts_are_truncated_with_a_counted_warning(tmp_path, pretrained, c
     assert any("2 of 16 texts were cut to fit max_seq_len=64 (first at line 4)" in r.getMessage() for r in caplog.records)
 
 
-def test_early_stopping_stops_when_the_metric_stalls(tmp_path, pretrained, source_task):
+def test_early_stopping_stops_when_the_metric_stalls(tmp_path, pretrained, source_task, capsys):
     overrides = [o for o in source_overrides(pretrained, source_task) if not o.startswith(("trainer.max_epochs", "early"))]
     # lr 1e-12: the weights (and so the metric) do not move; lr=0 is refused as a config error
-    summary = finetune(tmp_path / "run", [*overrides, "optim.lr=1e-12", "trainer.max_epochs=20", "early_stopping.patience=2",
-                                          "export_hf=false"])
+    fast = [o for o in FAST if "progress_bar" not in o]
+    summary = run(compose_cfg("finetune", [*fast, *overrides, "optim.lr=1e-12", "trainer.max_epochs=20",
+                                           "early_stopping.patience=2", "export_hf=false", "task.metric=mcc",
+                                           "trainer.enable_progress_bar=true"]), tmp_path / "run")
     assert summary["epochs"] == 3  # validation after epochs 1, 2, 3 never improves on the first: stop
+    # The bar counts epochs from one out of max_epochs (Lightning's read "Epoch 2/19" here), shows the monitored
+    # metric though the module keeps mcc off the bar, and no logger version (v_num).
+    bar = capsys.readouterr().out
+    assert "Epoch 3/20" in bar and "Epoch 0" not in bar and "val/mcc" in bar and "v_num" not in bar, bar[-2000:]
 
 
 def test_rerun_refuses_to_overwrite_a_finished_finetuning(tmp_path, pretrained, source_task):

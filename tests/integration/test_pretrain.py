@@ -307,8 +307,10 @@ def test_cli_bad_config_is_one_line_error(tmp_path, override, message, shard_dir
 
 def test_cli_prints_no_notices_that_do_not_apply(tmp_path, data_overrides):
     # What a user sees before the first step: our model line, not Lightning's srun hint (Slurm is installed
-    # on this machine), its LitLogger advert or a model summary claiming 0 FLOPs, nor wandb's "anonymous" warning.
-    env = dict(os.environ, WANDB_MODE="offline")
+    # on this machine), its LitLogger advert or a model summary claiming 0 FLOPs, nor wandb's "anonymous" warning;
+    # and after the run's own summary, not wandb's history/summary block (its sync line stays). wandb as a user
+    # has it: not silenced as the rest of the suite is (WANDB_SILENT).
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"} | {"WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-m", "roberta_pl.train", *TINY, *data_overrides, "logger=wandb",
                            "trainer.max_steps=2", "export_hf=false", f"run_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=300, env=env)

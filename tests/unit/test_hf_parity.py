@@ -1,6 +1,11 @@
 """Parity with HuggingFace transformers: the same weights give the same logits both ways, for the post-LN
 model (``RobertaForMaskedLM``) and the pre-LN one (``RobertaPreLayerNormForMaskedLM``)."""
 
+import contextlib
+import io
+import logging
+import re
+
 import pytest
 import torch
 import transformers
@@ -42,6 +47,19 @@ def _padded_batch(config: RobertaConfig, seed: int = 0):
 
 
 HF_CLASS = {False: "RobertaForMaskedLM", True: "RobertaPreLayerNormForMaskedLM"}
+
+
+@contextlib.contextmanager
+def transformers_log():
+    """What ``transformers`` logs meanwhile (its load reports list MISSING/UNEXPECTED weights as warnings)."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        yield out
+    finally:
+        root.removeHandler(handler)
 
 
 def _hf_model(config: RobertaConfig) -> transformers.PreTrainedModel:
@@ -161,8 +179,11 @@ def test_export_fills_masks_in_transformers_pipeline_and_gives_automodel_its_enc
             p.add_(torch.randn_like(p) * 0.3)
     save_hf(ours, tmp_path, tokenizer=tokenizer_dir)
     text = "Return the <mask> of the list."
-    filled = transformers.pipeline("fill-mask", model=str(tmp_path), top_k=5)(text)
-    assert type(transformers.AutoModelForMaskedLM.from_pretrained(tmp_path)).__name__ == HF_CLASS[pre_layernorm]
+    with transformers_log() as log:
+        filled = transformers.pipeline("fill-mask", model=str(tmp_path), top_k=5)(text)
+        masked_lm = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert type(masked_lm).__name__ == HF_CLASS[pre_layernorm]
+    assert "LOAD REPORT" not in log.getvalue() and "MISSING" not in log.getvalue(), log.getvalue()  # every weight used
     enc = tok(text, return_tensors="pt")
     where = enc["input_ids"][0].tolist().index(tok.mask_token_id)
     with torch.no_grad():
@@ -170,15 +191,22 @@ def test_export_fills_masks_in_transformers_pipeline_and_gives_automodel_its_enc
     top = probs.topk(5)
     assert [r["token"] for r in filled] == top.indices.tolist()
     torch.testing.assert_close(torch.tensor([r["score"] for r in filled]), top.values, rtol=1e-4, atol=1e-6)
-    # RoBERTa's pooler (BERT's NSP leftover) is not part of a masked LM, and writing one would make every
-    # AutoModelForMaskedLM load report it as unexpected; AutoModel takes add_pooling_layer=False instead.
-    encoder, info = transformers.AutoModel.from_pretrained(tmp_path, add_pooling_layer=False, output_loading_info=True)
-    assert not info["missing_keys"] and not info["mismatched_keys"], info
-    assert info["unexpected_keys"] == {k for k in to_hf_state_dict(ours) if k.startswith("lm_head.")}, info
+    # Hidden states, as the README says: the masked LM's encoder (`.base_model`) loads silently (checked above).
+    # AutoModel loads them too, with transformers' report of the two things a bare encoder and a masked LM do not
+    # share: the MLM head (UNEXPECTED, as for roberta-base's files) and the pooler, BERT's next-sentence leftover
+    # (MISSING, drawn at random). Writing a pooler would only move the report onto AutoModelForMaskedLM, the
+    # fill-mask pipeline and every fine-tuning start, which would then call it UNEXPECTED.
+    head = {k for k in to_hf_state_dict(ours) if k.startswith("lm_head.")}
+    with transformers_log() as log:
+        auto, info = transformers.AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["unexpected_keys"] == head and info["missing_keys"] == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert not info["mismatched_keys"], info
+    assert "lm_head" in log.getvalue() and "pooler.dense.weight" in log.getvalue()  # what the README describes
     with torch.no_grad():
         # The README's parity bound (1e-4): two fp32 kernels sum in different orders (1.4e-5 seen on one element).
-        torch.testing.assert_close(encoder.eval()(**enc).last_hidden_state, ours.roberta(enc["input_ids"]),
-                                   rtol=1e-4, atol=1e-4)
+        expected = ours.roberta(enc["input_ids"])
+        for encoder in (masked_lm.base_model, auto):
+            torch.testing.assert_close(encoder.eval()(**enc).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("pre_layernorm", [False, True])
@@ -195,12 +223,38 @@ def test_classifier_export_matches_transformers_auto_class(tmp_path, pre_layerno
             p.add_(torch.randn_like(p) * 0.05)
     save_hf_classifier(ours, tmp_path, labels=["a", "b", "c"])
     auto = transformers.AutoModelForTokenClassification if token else transformers.AutoModelForSequenceClassification
-    hf, info = auto.from_pretrained(tmp_path, output_loading_info=True)
+    with transformers_log() as log:
+        hf, info = auto.from_pretrained(tmp_path, output_loading_info=True)
     kind = "TokenClassification" if token else "SequenceClassification"
     assert type(hf).__name__ == f"Roberta{'PreLayerNorm' if pre_layernorm else ''}For{kind}"
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert "LOAD REPORT" not in log.getvalue(), log.getvalue()
     ids, mask = _padded_batch(config, 8)
     with torch.no_grad():
         expected, got = ours(ids, mask), hf.eval()(input_ids=ids, attention_mask=mask).logits
     real = mask.bool() if token else slice(None)
     assert (got[real] - expected[real]).abs().max() <= 1e-4
+
+
+def test_fill_mask_shows_what_byte_and_whitespace_pieces_stand_for(tmp_path, tokenizer_dir, tok, capsys):
+    """``roberta-pl-fill-mask`` prints a predicted newline as '\\n', not its byte piece ``<0x0A>``; whitespace
+    pieces as their spaces; a lone non-ASCII byte as its piece. ``transformers``' pipeline decodes the newline too."""
+    from roberta_pl.cli import fill_mask
+
+    config = RobertaConfig.from_name("tiny", vocab_size=tok.vocab_size, num_layers=1, max_seq_len=40)
+    torch.manual_seed(9)
+    ours = RobertaForMaskedLM(config).eval()
+    ranked = ["<0x0A>", "\u2581\u2581\u2581\u2581", "<0x09>", "<0xE2>", "\u2581the"]
+    ids = [tok.piece_to_id(p) for p in ranked]
+    assert tok.unk_id not in ids
+    with torch.no_grad():  # biases far above the logits' spread fix the top 5 in this order
+        for rank, i in enumerate(ids):
+            ours.lm_head.bias[i] = 50.0 - 2 * rank
+    save_hf(ours, tmp_path, tokenizer=tokenizer_dir)
+    fill_mask.main([str(tmp_path), "Return the <mask> of the list."])
+    out = capsys.readouterr().out
+    assert re.sub(r" [01]\.\d{3}", "", out.splitlines()[1]) == "  <mask> #1: '\\n', '    ', '\\t', '<0xE2>', 'the'", out
+    assert "<0x0A>" not in out and "\u2581" not in out, out
+    filled = transformers.pipeline("fill-mask", model=str(tmp_path), top_k=5)("Return the <mask> of the list.")
+    assert [r["token"] for r in filled] == ids
+    assert filled[0]["token_str"] == "\n" and filled[2]["token_str"] == "\t"

@@ -12,7 +12,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch.utils.data import DataLoader, TensorDataset
 
 from roberta_pl import lightning_compat as compat
-from roberta_pl.callbacks import StepProgressBar
+from roberta_pl.callbacks import EpochProgressBar, StepProgressBar
 
 
 class Tiny(pl.LightningModule):
@@ -144,6 +144,34 @@ def test_progress_bar_elapsed_counts_the_whole_fit_not_the_epoch(tmp_path):
     ((text, completed),) = shown
     elapsed, remaining = text.split(" • ")
     assert completed == 6 and elapsed.startswith("0:05:") and remaining == "0:00:00", text
+
+
+def test_fine_tuning_bar_counts_epochs_from_one_and_shows_the_monitored_metric_without_v_num(tmp_path):
+    """Lightning's bar read "Epoch 1/1" in the second of two epochs, with the logger's ``v_num``; the fine-tuning bar
+    reads "Epoch 2/2" and shows the metric that picks the best checkpoint, though the module keeps it off the bar."""
+
+    class Scored(Tiny):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/mcc", 0.25)  # not prog_bar, as the fine-tuning module logs mcc
+
+        def val_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=4)
+
+    class Look(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # the last one's values stay
+            seen.update(description=bar.progress.tasks[bar.train_progress_bar_id].description,
+                        metrics=bar.get_metrics(trainer, pl_module),
+                        lightning=(RichProgressBar._get_train_description(bar, trainer.current_epoch),
+                                   RichProgressBar.get_metrics(bar, trainer, pl_module)))
+
+    bar, seen = EpochProgressBar("val/mcc"), {}
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=2, callbacks=[bar, Look()],
+                         logger=pl.loggers.CSVLogger(tmp_path), enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(Scored())
+    assert seen["lightning"][0].strip() == "Epoch 1/1" and "v_num" in seen["lightning"][1]  # what the issue saw
+    assert seen["description"].strip() == "Epoch 2/2"  # our override of Lightning's private description is used
+    assert seen["metrics"] == {"val/mcc": 0.25}, seen["metrics"]
 
 
 def test_quiet_notices_drops_lightnings_start_up_lines_and_keeps_warnings():
