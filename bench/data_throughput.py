@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from data_pipelines.datamodule import MLMDataModule  # noqa: E402
+from data_pipelines.datamodule import DataSettings, MLMDataModule  # noqa: E402
 from data_pipelines.masking import Masker, MaskingConfig, mask_generator  # noqa: E402
 from data_pipelines.packing import pack_full_sentences  # noqa: E402
 from data_pipelines.shards import load_manifest, write_shards  # noqa: E402
@@ -98,8 +98,8 @@ def bench_masking(tok_dir: Path, blocks: torch.Tensor, batch: int, seconds: floa
 
 def bench_end_to_end(tok_dir: Path, shard_dir: Path, workers: int, seq_len: int, batch: int, seconds: float) -> dict:
     torch.set_num_threads(1)
-    dm = MLMDataModule(shard_dir, tok_dir, seq_len=seq_len, micro_batch_size=batch, num_workers=workers, whole_word=True,
-                       shuffle_window=1024)
+    dm = MLMDataModule(shard_dir, tok_dir, masking=MaskingConfig(whole_word=True),
+                       settings=DataSettings(num_workers=workers, shuffle_window=1024)).connect(seq_len, batch)
     tokens = 0
     start = None
     deadline = None
@@ -199,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         tok_dir, shard_dir = build_data(Path(tmp), args.vocab_size)
         build_s = time.perf_counter() - t0
-        tok = load_tokenizer(tok_dir)
         shards = resolve_shards(shard_dir)
         docs = [d for s in shards.shards[:8] for d in iter_shard(s.url, expected_hash=None, vocab_size=None, on_error="raise", report=SkipReport())]
         blocks = torch.from_numpy(np.stack(list(pack_full_sentences(docs, args.seq_len))).astype(np.int64))

@@ -2,9 +2,15 @@
 
 Usage::
 
-    dm = MLMDataModule(train_shards="data/shards", tokenizer_dir="data/tokenizer",
-                       seq_len=512, micro_batch_size=16, num_workers=4)
+    dm = MLMDataModule("data/shards", "data/tokenizer", valid_shards="data/shards",
+                       masking=MaskingConfig(whole_word=True), settings=DataSettings(num_workers=4))
+    dm.connect(seq_len=512, micro_batch_size=16, accumulation=4)  # the trainer's batch plan, given once
     trainer.fit(module, datamodule=dm)
+
+What is read and how it is masked come as objects (:class:`DataSettings`, :class:`~data_pipelines.masking.MaskingConfig`,
+built once from a run's config); the batch shape and the trainer's accumulation come once, through :meth:`MLMDataModule.connect`
+(litgpt's ``data.connect(tokenizer, batch_size, max_seq_length)``), and everything the data side derives from them
+(the epoch rounded to whole optimizer steps, the step windows) follows from that one call.
 
 Batches are ``{"input_ids", "attention_mask", "labels"}`` LongTensors ``[B, T]`` (see
 :mod:`data_pipelines.stream`).
@@ -34,6 +40,7 @@ import logging
 import math
 import os
 import signal
+import typing
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -205,98 +212,91 @@ class _TrainLoader(DataLoader):
         self._datamodule.set_consumed(state_dict["consumed"])
 
 
+PACK_MODES = typing.get_args(PackMode)  # ("full_sentences", "doc")
+_LEGACY_PACK_MODES = {"full": "full_sentences"}  # checkpoints from before the stream took the YAML's name
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """How the streams are read: everything but the masking (:class:`~data_pipelines.masking.MaskingConfig`) and the
+    batch shape (:meth:`MLMDataModule.connect`). Built once from a run's config.
+
+    Attributes:
+        pack_mode: ``"full_sentences"`` (FULL-SENTENCES, crosses documents, no padding) or ``"doc"``.
+        seed: seed of shard assignment, order, shuffle and masks.
+        num_workers: DataLoader workers per rank (0 reads in the main process).
+        shuffle_window: blocks shuffled together in the train stream.
+        on_error: ``"raise"`` or ``"skip"`` (counted warning) for bad shards.
+        pin_memory: pin batches for faster host-to-GPU copies.
+        batches_per_epoch: train batches per rank per epoch; ``None`` (default) derives the exact equal count
+            from the manifest.
+    """
+
+    pack_mode: PackMode = "full_sentences"
+    seed: int = 0
+    num_workers: int = 0
+    shuffle_window: int = 1024
+    on_error: OnError = "raise"
+    pin_memory: bool = False
+    batches_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        check_on_error(self.on_error)
+        if self.pack_mode not in PACK_MODES:
+            raise DataError(f"pack_mode must be 'full_sentences' or 'doc', got {self.pack_mode!r}")
+        if self.num_workers < 0:
+            raise DataError(f"need num_workers >= 0, got {self.num_workers}")
+
+
+def batch_multiple(accumulation: int | Sequence[Sequence[int]]) -> int:
+    """Micro-batches per rank that make whole optimizer steps in every phase of ``accumulation`` (as in
+    :func:`window_end`): an epoch holding a multiple of it never ends on a partial step."""
+    phases = [(0, 0, accumulation)] if isinstance(accumulation, int) else accumulation
+    return math.lcm(*(int(p[2]) for p in phases))
+
+
 class MLMDataModule(L.LightningDataModule):
     """Streams masked-LM batches from WebDataset shards.
 
     Args:
         train_shards: shard directory, ``manifest.json``, brace pattern, ``pipe:`` URL or a list.
         tokenizer_dir: directory written by ``roberta-pl-data tokenizer``.
-        seq_len: tokens per sequence, including ``<s>`` and ``</s>``.
-        micro_batch_size: sequences per batch on each rank.
         valid_shards: like ``train_shards``, for validation (``None``: no validation loader).
             A directory means its manifest's ``valid`` split.
         manifest: manifest giving counts/hash for shards passed as patterns or ``pipe:`` URLs.
-        mask_prob: fraction of tokens to predict.
-        random_prob: fraction of predicted tokens replaced by a random token.
-        keep_prob: fraction of predicted tokens left unchanged.
-        whole_word: mask whole words (see docs/data.md for what a word is).
-        span: SpanBERT span masking (geometric lengths of whole words).
-        span_p: geometric parameter of span lengths.
-        max_span: longest span, in words.
-        pack_mode: ``"full_sentences"`` (FULL-SENTENCES, crosses documents, no padding) or ``"doc"``.
-        seed: seed of shard assignment, order, shuffle and masks.
-        num_workers: DataLoader workers per rank (0 reads in the main process).
-        shuffle_window: blocks shuffled together in the train stream.
-        batches_per_epoch: train batches per rank per epoch; ``None`` (default) derives the
-            exact equal count from the manifest.
-        batch_multiple: round the derived train batches per epoch down to a multiple of this — the
-            gradient accumulation — so every optimizer step, epoch ends included, sums the same
-            number of micro-batches.
-        accumulation: micro-batches per optimizer step on each rank, or a batch ramp's phases
-            ``(start_step, start_micro_batch, accumulation)`` (``BatchPlan.phases``): the train loader
-            tags each batch with its step's masked-token count (:class:`StepWindow`), so it must be the
-            plan the trainer steps by.
-        on_error: ``"raise"`` or ``"skip"`` (counted warning) for bad shards.
+        masking: how batches are masked (validation always at ``masking.mask_prob``).
+        settings: how the streams are read (packing, seed, workers, shuffle window, bad shards).
+        mask_schedule: a :class:`~data_pipelines.masking.MaskSchedule` for the training mask rate
+            (validation keeps ``masking.mask_prob``).
         rank: data-parallel rank when no Trainer is attached.
         world_size: data-parallel size when no Trainer is attached.
-        pin_memory: pin batches for faster host-to-GPU copies.
-        mask_schedule: a :class:`~data_pipelines.masking.MaskSchedule` for the training mask rate
-            (validation keeps ``mask_prob``).
+
+    The batch shape and the trainer's accumulation are given once, by :meth:`connect`, before the first loader.
     """
 
     def __init__(
         self,
         train_shards: str | os.PathLike | Sequence[str],
         tokenizer_dir: str | os.PathLike,
-        seq_len: int = 512,
-        micro_batch_size: int = 16,
         *,
         valid_shards: str | os.PathLike | Sequence[str] | None = None,
         manifest: str | os.PathLike | None = None,
-        mask_prob: float = 0.15,
-        random_prob: float = 0.1,
-        keep_prob: float = 0.1,
-        whole_word: bool = False,
-        span: bool = False,
-        span_p: float = 0.2,
-        max_span: int = 10,
-        pack_mode: PackMode = "full_sentences",
-        seed: int = 0,
-        num_workers: int = 0,
-        shuffle_window: int = 1024,
-        batches_per_epoch: int | None = None,
-        batch_multiple: int = 1,
-        accumulation: int | Sequence[Sequence[int]] = 1,
-        on_error: OnError = "raise",
+        masking: MaskingConfig = MaskingConfig(),
+        settings: DataSettings = DataSettings(),
+        mask_schedule: MaskSchedule | None = None,
         rank: int = 0,
         world_size: int = 1,
-        pin_memory: bool = False,
-        mask_schedule: MaskSchedule | None = None,
     ) -> None:
         super().__init__()
-        check_on_error(on_error)
-        if pack_mode not in ("full_sentences", "doc"):
-            raise DataError(f"pack_mode must be 'full_sentences' or 'doc', got {pack_mode!r}")
-        if seq_len < 3 or micro_batch_size < 1 or num_workers < 0:
-            raise DataError(f"need seq_len >= 3, micro_batch_size >= 1, num_workers >= 0; got {seq_len}, {micro_batch_size}, {num_workers}")
         self.train_shards = train_shards
         self.valid_shards = valid_shards
         self.manifest = manifest
         self.tokenizer_dir = tokenizer_dir
-        self.seq_len = seq_len
-        self.micro_batch_size = micro_batch_size
-        self.masking = MaskingConfig(mask_prob, random_prob, keep_prob, whole_word, span, span_p, max_span)
+        self.masking = masking
+        self.settings = settings
         self.mask_schedule = mask_schedule
-        self.pack_mode = pack_mode
-        self.seed = seed
-        self.num_workers = num_workers
-        self.shuffle_window = shuffle_window
-        self.batches_per_epoch = batches_per_epoch
-        self.batch_multiple = batch_multiple
-        self.accumulation = accumulation if isinstance(accumulation, int) else [tuple(p) for p in accumulation]
-        self.on_error = on_error
         self._rank, self._world_size = rank, world_size
-        self.pin_memory = pin_memory
+        self._shape: tuple[int, int, int | list[tuple[int, int, int]]] | None = None  # see connect
         self.consumed = 0  # the data position: micro-batches of this rank's plan, epoch * len + batch (see resume)
         self._carry: Carry | None = None  # the rest of an epoch begun under another plan (see replan)
         self.replanned = False  # load_state_dict re-planned a checkpoint written under another plan
@@ -304,6 +304,56 @@ class MLMDataModule(L.LightningDataModule):
         self._train: MaskedBatchStream | None = None
         self._valid: MaskedBatchStream | None = None
         self._placement: tuple[int, int] | None = None
+
+    def connect(self, seq_len: int, micro_batch_size: int,
+                accumulation: int | Sequence[Sequence[int]] = 1) -> "MLMDataModule":
+        """Give the data side the trainer's batch plan, once, before the first loader (litgpt's ``connect``).
+
+        Args:
+            seq_len: tokens per sequence, including ``<s>`` and ``</s>``.
+            micro_batch_size: sequences per batch on each rank.
+            accumulation: micro-batches per optimizer step on each rank, or a batch ramp's phases
+                ``(start_step, start_micro_batch, accumulation)`` (``roberta_pl.optim.BatchPlan.phases``). The train
+                loader tags each batch with its step's masked-token count (:class:`StepWindow`), and each epoch
+                holds whole optimizer steps (:func:`batch_multiple`), so every optimizer step, epoch ends included,
+                sums the same number of micro-batches; it must be the plan the trainer steps by.
+        Returns:
+            This DataModule, so that building and connecting can be one expression.
+        """
+        acc = accumulation if isinstance(accumulation, int) else [tuple(int(x) for x in p) for p in accumulation]
+        phases = [(0, 0, acc)] if isinstance(acc, int) else acc
+        if seq_len < 3 or micro_batch_size < 1 or not phases or min(p[2] for p in phases) < 1:
+            raise DataError(f"need seq_len >= 3, micro_batch_size >= 1, accumulation >= 1; got {seq_len}, "
+                            f"{micro_batch_size}, {accumulation}")
+        self._shape = (int(seq_len), int(micro_batch_size), acc)
+        self._train = self._valid = None  # planned again with this shape
+        return self
+
+    def _connected(self) -> tuple[int, int, int | list[tuple[int, int, int]]]:
+        if self._shape is None:
+            raise DataError("MLMDataModule has no batch shape: call connect(seq_len, micro_batch_size, accumulation) "
+                            "before its loaders are used")
+        return self._shape
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence (from :meth:`connect`)."""
+        return self._connected()[0]
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per batch on each rank (from :meth:`connect`)."""
+        return self._connected()[1]
+
+    @property
+    def accumulation(self) -> int | list[tuple[int, int, int]]:
+        """Micro-batches per optimizer step on each rank, or the ramp's phases (from :meth:`connect`)."""
+        return self._connected()[2]
+
+    @property
+    def batch_multiple(self) -> int:
+        """Train batches per epoch are a multiple of this: whole optimizer steps in every phase of the accumulation."""
+        return batch_multiple(self.accumulation)
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -334,14 +384,15 @@ class MLMDataModule(L.LightningDataModule):
             word_start=tok.word_start_table() if (self.masking.whole_word or self.masking.span) else None,
             schedule=self.mask_schedule if mask_stream == TRAIN_STREAM else None,
         )
+        d, train = self.settings, mask_stream == TRAIN_STREAM
         config = StreamConfig(
-            shards=shards, seq_len=self.seq_len, batch_size=self.micro_batch_size, mode=self.pack_mode,
-            seed=self.seed, rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
-            shuffle_window=self.shuffle_window if shuffle else 1, shuffle_shards=shuffle,
-            batches_per_epoch=self.batches_per_epoch if mask_stream == TRAIN_STREAM else None,
-            batch_multiple=self.batch_multiple if mask_stream == TRAIN_STREAM else 1,
+            shards=shards, seq_len=self.seq_len, batch_size=self.micro_batch_size, mode=d.pack_mode,
+            seed=d.seed, rank=self.rank, world_size=self.world_size, num_workers=d.num_workers,
+            shuffle_window=d.shuffle_window if shuffle else 1, shuffle_shards=shuffle,
+            batches_per_epoch=d.batches_per_epoch if train else None,
+            batch_multiple=self.batch_multiple if train else 1,
             mask_stream=mask_stream, expected_hash=tok.hash, vocab_size=tok.vocab_size,
-            bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, on_error=self.on_error, stacked=True,
+            bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, on_error=d.on_error, stacked=True,
         )
         return MaskedBatchStream(config, masker)
 
@@ -358,13 +409,14 @@ class MLMDataModule(L.LightningDataModule):
             self._valid = self._stream(self.valid_shards, "valid", VALID_STREAM, shuffle=False)
 
     def _loader_kwargs(self) -> dict:
+        workers = self.settings.num_workers
         return {
-            "num_workers": self.num_workers,
+            "num_workers": workers,
             # Batches arrive as numpy (see StreamConfig.stacked); pinning happens when unstacking.
-            "pin": self.pin_memory,
+            "pin": self.settings.pin_memory,
             "persistent_workers": False,  # each pass re-forks so workers see the new epoch/cursor
-            "prefetch_factor": 4 if self.num_workers else None,
-            "worker_init_fn": ignore_requeue_signals if self.num_workers else None,
+            "prefetch_factor": 4 if workers else None,
+            "worker_init_fn": ignore_requeue_signals if workers else None,
         }
 
     def train_dataloader(self) -> DataLoader:
@@ -446,12 +498,12 @@ class MLMDataModule(L.LightningDataModule):
             carry = None  # that epoch is done
         return {
             "consumed": self.consumed,
-            "seed": self.seed,
+            "seed": self.settings.seed,
             "seq_len": self.seq_len,
             "micro_batch_size": self.micro_batch_size,
-            "num_workers": self.num_workers,
+            "num_workers": self.settings.num_workers,
             "world_size": self.world_size,
-            "pack_mode": self.pack_mode,
+            "pack_mode": self.settings.pack_mode,
             "batch_multiple": self.batch_multiple,
             "carry": carry.to_dict() if carry is not None else None,
         }
@@ -464,7 +516,11 @@ class MLMDataModule(L.LightningDataModule):
         consumed = int(state_dict["consumed"])
         carry = Carry.from_dict(state_dict["carry"]) if state_dict.get("carry") else None
         self.replanned = False
-        changed = [k for k in ("seed", "seq_len", "pack_mode") if k in state_dict and state_dict[k] != getattr(self, k)]
+        blocks = {"seed": self.settings.seed, "seq_len": self.seq_len, "pack_mode": self.settings.pack_mode}
+        written = dict(state_dict)
+        if "pack_mode" in written:
+            written["pack_mode"] = _LEGACY_PACK_MODES.get(written["pack_mode"], written["pack_mode"])
+        changed = [k for k, v in blocks.items() if k in written and written[k] != v]
         if changed:
             log.warning("data settings changed since the checkpoint (%s): resume continues, but not with the same batches", ", ".join(changed))
             self.consumed, self._carry = consumed, None
@@ -474,9 +530,10 @@ class MLMDataModule(L.LightningDataModule):
         saved_world = int(state_dict.get("world_size", self.world_size))
         saved_micro = int(state_dict.get("micro_batch_size", self.micro_batch_size))
         default_multiple = max(1, self.batch_multiple * self.world_size * self.micro_batch_size // (saved_world * saved_micro))
-        saved = {"world_size": saved_world, "num_workers": int(state_dict.get("num_workers", self.num_workers)),
+        workers = self.settings.num_workers
+        saved = {"world_size": saved_world, "num_workers": int(state_dict.get("num_workers", workers)),
                  "batch_size": saved_micro, "batch_multiple": int(state_dict.get("batch_multiple", default_multiple))}
-        here = {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.micro_batch_size,
+        here = {"world_size": self.world_size, "num_workers": workers, "batch_size": self.micro_batch_size,
                 "batch_multiple": self.batch_multiple}
         if saved == here:
             self.consumed, self._carry = consumed, carry
@@ -511,7 +568,7 @@ class MLMDataModule(L.LightningDataModule):
             return
         where = (f"{saved['world_size']} rank(s) x {max(1, saved['num_workers'])} reader(s), micro-batch {saved['batch_size']}, "
                  f"accumulation {saved['batch_multiple']}")
-        now = (f"{self.world_size} x {max(1, self.num_workers)}, micro-batch {self.micro_batch_size}, accumulation "
+        now = (f"{self.world_size} x {max(1, self.settings.num_workers)}, micro-batch {self.micro_batch_size}, accumulation "
                f"{self.batch_multiple}")
         if rest is None:
             log.info("data: re-planned for this run (the checkpoint's plan was %s; now %s): resuming at the start of "

@@ -1,5 +1,6 @@
-"""Callbacks and checkpoint I/O for pretraining: throughput/MFU, the loss curve, atomic checkpoint writes,
-and the fault monitors (non-finite loss, fp16 loss-scale collapse, skipped data)."""
+"""Callbacks and checkpoint I/O for pretraining: throughput/MFU, the loss curve, atomic checkpoint writes, the
+batch and validation schedules, resume on another data plan, and the fault monitors (non-finite loss, fp16
+loss-scale collapse, skipped data)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ from roberta_pl.lightning_compat import (
     micro_batches_started,
     set_max_steps,
     set_progress,
+    set_resumed_batch_progress,
     set_val_check_batch,
 )
+from roberta_pl.model import IGNORE_INDEX
 from roberta_pl.optim import budget_max_steps, micro_batches_before
 
 _PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
@@ -68,14 +71,18 @@ class ThroughputLogger(StepBoundary):
     device (no sync) and synchronises only when it logs. Tokens are real tokens (padding of doc-mode batches
     excluded), summed over every rank with one all-reduce: ``perf/tokens_per_sec`` is the run's,
     ``perf/tokens_per_sec_per_device`` that over the ranks, ``perf/tokens_trained`` the running total (saved
-    in checkpoints; it counts up to the last logged step). MFU = model FLOPs per second per device over all
-    positions computed (padding costs FLOPs too) / the device's peak for the training precision (None on CPU).
+    in checkpoints; it counts up to the last logged step). MFU = model FLOPs per second per device / the device's
+    peak for the training precision (None on CPU): the module's ``flops_per_position`` for every position computed
+    (padding costs FLOPs too) plus its ``flops_per_prediction`` for every position the batch's labels predict (the
+    sparse MLM head runs on those only), counted on the device like the tokens: the masking is the batch's, not a
+    setting the module is told.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._real: torch.Tensor | int = 0  # real tokens since the last log (a device tensor in doc mode)
         self._positions = 0  # positions computed since the last log, padding included
+        self._predicted: torch.Tensor | int = 0  # positions predicted (labels other than -100) since the last log
         self.tokens_trained = 0  # real tokens over all ranks up to the last logged step (kept across resumes)
         self._t0: float | None = None
         self._peak: float | None = None
@@ -91,23 +98,27 @@ class ThroughputLogger(StepBoundary):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         self._positions += ids.numel()  # from the shape: free
         self._real = self._real + (mask.sum() if mask is not None else ids.numel())  # on the device: no sync
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor):
+            self._predicted = self._predicted + (labels != IGNORE_INDEX).sum()
         if not self.logs_now(trainer):
             return
         counts = torch.stack([torch.as_tensor(self._real, device=ids.device).to(torch.float64),
-                              torch.tensor(float(self._positions), dtype=torch.float64, device=ids.device)])
-        self._real, self._positions = 0, 0
+                              torch.tensor(float(self._positions), dtype=torch.float64, device=ids.device),
+                              torch.as_tensor(self._predicted, device=ids.device).to(torch.float64)])
+        self._real, self._positions, self._predicted = 0, 0, 0
         if trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        tokens, positions = (float(x) for x in counts.cpu())  # the sync, once per logged step
+        tokens, positions, predicted = (float(x) for x in counts.cpu())  # the sync, once per logged step
         now = time.perf_counter()
         elapsed, self._t0 = max(now - self._t0, 1e-9), now
         self.tokens_trained += int(tokens)
         metrics = {"perf/tokens_per_sec": tokens / elapsed,
                    "perf/tokens_per_sec_per_device": tokens / elapsed / trainer.world_size,
                    "perf/tokens_trained": float(self.tokens_trained)}
-        flops_per_position = getattr(pl_module, "flops_per_position", 0.0)
-        if self._peak and flops_per_position:
-            metrics["perf/mfu"] = positions / elapsed / trainer.world_size * flops_per_position / self._peak
+        flops = model_flops(pl_module, positions, predicted)
+        if self._peak and flops:
+            metrics["perf/mfu"] = flops / elapsed / trainer.world_size / self._peak
         pl_module.log_dict(metrics)
 
     def state_dict(self) -> dict[str, Any]:
@@ -115,6 +126,13 @@ class ThroughputLogger(StepBoundary):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_trained = int(state_dict.get("tokens_trained", 0))
+
+
+def model_flops(pl_module: pl.LightningModule, positions: float, predicted: float) -> float:
+    """Training FLOPs of ``positions`` computed positions of which ``predicted`` were predicted, by the module's own
+    figures (``flops_per_position``, ``flops_per_prediction``; 0 for a module that has none)."""
+    return (positions * getattr(pl_module, "flops_per_position", 0.0)
+            + predicted * getattr(pl_module, "flops_per_prediction", 0.0))
 
 
 class LossCurve(StepBoundary):
@@ -379,6 +397,31 @@ class StopAtStep(pl.Callback):
                            batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class WorldSizeResume(pl.Callback):
+    """Resume a checkpoint written under another data plan (another number of ranks, DataLoader workers or
+    micro-batch size) with Lightning's micro-batch counters on this run's plan.
+
+    The DataModule re-plans first (``MLMDataModule.replan``, from its ``load_state_dict``, which Lightning calls before
+    this hook): its data position becomes this plan's. Lightning would restore its counters as saved, and its
+    accumulation counts micro-batches within the epoch: a 2-rank checkpoint after 3 steps of accumulation 2 (6
+    micro-batches) resumed on 1 rank with accumulation 4 would step after 2 micro-batches. Here the run has trained
+    ``global_step x accumulation`` micro-batches of this plan, and is at the DataModule's place in its epoch. The step
+    count, the LR schedule and the optimizer state are the checkpoint's, untouched.
+    """
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        datamodule = trainer.datamodule
+        if not getattr(datamodule, "replanned", False):
+            return
+        per_epoch = datamodule.batches_per_epoch_per_rank
+        in_epoch = datamodule.consumed - int(checkpoint["epoch"]) * per_epoch
+        if not 0 <= in_epoch <= per_epoch:
+            raise RuntimeError(f"the re-planned data position {datamodule.consumed} is not in the checkpoint's epoch "
+                               f"{checkpoint['epoch']} ({per_epoch} batches per epoch)")
+        set_resumed_batch_progress(checkpoint, int(checkpoint["global_step"]) * trainer.accumulate_grad_batches,
+                                   in_epoch, {"consumed": datamodule.consumed})
 
 
 class BudgetPlanner(StepBoundary):

@@ -61,7 +61,7 @@ class DataConf:
     tokenizer: Optional[str] = None  # tokenizer dir; required with train_shards
     cache_dir: str = "${oc.env:ROBERTA_PL_CACHE,${oc.env:HOME}/.cache/roberta-pl}"
     default_vocab_size: int = 8192  # tokenizer size when the default corpus is built
-    packing: str = "full_sentences"  # full_sentences | doc
+    packing: str = "full_sentences"  # full_sentences | doc (the data side's DataSettings.pack_mode)
     mask_prob: float = 0.15  # the rate validation masks at, and where a mask-rate schedule ends
     # Mask-rate schedule: start here, hold through the LR warm-up, fall linearly to mask_prob at the last step
     # (Ankner et al., 2023: 0.3 -> 0.15). None: mask_prob throughout.

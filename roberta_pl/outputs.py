@@ -21,7 +21,8 @@ def describe_model(module: MaskedLMModule, plan) -> str:
     c = module.config
     params = sum(p.numel() for p in module.model.parameters())  # the tied decoder counted once
     return (f"Model: {params / 1e6:.2f}M parameters ({c.num_layers} layers x {c.hidden_size}, {c.num_heads} heads, "
-            f"vocab {c.vocab_size}), {module.flops_per_position / 1e6:.1f} MFLOPs a token; a step trains "
+            f"vocab {c.vocab_size}), {module.flops_per_position / 1e6:.1f} MFLOPs a token + "
+            f"{module.flops_per_prediction / 1e6:.1f} a masked one; a step trains "
             f"{plan.global_batch_size} sequences x {plan.seq_len} tokens (micro-batch {plan.micro_batch_size} x "
             f"accumulation {plan.accumulation} x {plan.world_size} rank{'s' if plan.world_size > 1 else ''})")
 

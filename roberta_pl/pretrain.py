@@ -6,6 +6,7 @@ this module only says what one step computes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -24,35 +25,59 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+# Constructor arguments of earlier versions, still in old checkpoints' hyper-parameters: accepted and ignored. The
+# mask rate set the FLOPs figure (ThroughputLogger now counts the masked positions each batch carries) and `packed`
+# dropped the attention mask (now dropped whenever the batch's mask is all ones, see transfer_batch_to_device).
+_RETIRED_HPARAMS = frozenset({"mask_prob", "packed"})
+
+
 class MaskedLMModule(pl.LightningModule):
     """RoBERTa masked-LM pretraining.
+
+    What the data side decided (masking, packing) reaches this module only through the batch: the labels say
+    which positions to predict, the attention mask which are padding.
 
     Args:
         model: fields of :class:`~roberta_pl.model.RobertaConfig` (``vocab_size`` resolved).
         optim: ``lr, betas, eps, weight_decay, warmup_steps, decay, power, end_lr_ratio``.
         max_steps: optimizer steps, the length of the LR schedule.
-        seq_len, micro_batch_size, mask_prob: used for the FLOPs-per-batch figure behind MFU.
+        seq_len: the sequence length, for the encoder's FLOPs per position behind MFU (attention grows with it).
+        micro_batch_size: sequences per micro-batch (recorded with the run).
         seed: base of the per-step dropout seed.
         compile: ``torch.compile`` the encoder.
         tokenizer: the tokenizer directory, recorded so export and fill-mask find it from the checkpoint.
         tokenizer_hash: the tokenizer's content hash, recorded so a resume with another tokenizer is refused.
-        packed: batches are FULL-SENTENCES blocks with no padding, so the attention mask can be skipped.
     """
 
     def __init__(self, model: dict[str, Any], optim: dict[str, Any], max_steps: int, seq_len: int,
-                 micro_batch_size: int, mask_prob: float = 0.15, seed: int = 0, compile: bool = False,
-                 tokenizer: str | None = None, packed: bool = True, tokenizer_hash: str | None = None):
+                 micro_batch_size: int, seed: int = 0, compile: bool = False, tokenizer: str | None = None,
+                 tokenizer_hash: str | None = None, **retired: Any):
+        unknown = sorted(set(retired) - _RETIRED_HPARAMS)
+        if unknown:
+            raise TypeError(f"MaskedLMModule got unexpected keyword argument(s) {', '.join(unknown)}")
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=sorted(retired))
         self.config = RobertaConfig(**model)
         self.model = RobertaForMaskedLM(self.config)
         if compile:
             self.model.roberta.compile()  # in place: parameter names (and so checkpoints/exports) unchanged
-        # Read by ThroughputLogger for MFU; the head runs on mask_prob of the tokens.
-        self.flops_per_position = mlm_flops_per_token(self.config, seq_len, mask_prob)
+        # Read by ThroughputLogger for MFU: the encoder runs on every position, the sparse head only on the
+        # positions a batch masks (its labels other than -100), so the two are counted apart.
+        self.flops_per_position = mlm_flops_per_token(self.config, seq_len, mask_prob=0.0)
+        self.flops_per_prediction = mlm_flops_per_token(dataclasses.replace(self.config, num_layers=0), seq_len,
+                                                        mask_prob=1.0)
         self._window: torch.Tensor | None = None  # (loss, accuracy) of the current step so far
         self._masked: torch.Tensor | None = None  # masked tokens in the current step's global batch
         self._logged_step = False
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # A batch with nothing padded (FULL-SENTENCES blocks always) goes without its attention mask, which lets SDPA
+        # pick the flash kernel. Decided here, while the batch is still in host memory: no device sync.
+        if isinstance(batch, dict):
+            mask = batch.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and bool(mask.all()):
+                batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # -- steps --------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -70,10 +95,7 @@ class MaskedLMModule(pl.LightningModule):
         """``(mean cross-entropy over the masked tokens, their accuracy, the cross-entropy summed over them,
         how many there are)`` of one batch."""
         labels = batch["labels"]
-        # FULL-SENTENCES blocks are never padded: no mask lets SDPA pick the flash kernel, and deciding it
-        # from the config (not from the tensor) costs no device sync.
-        mask = None if self.hparams.packed else batch.get("attention_mask")
-        out = self.model(batch["input_ids"], mask, labels)
+        out = self.model(batch["input_ids"], batch.get("attention_mask"), labels)  # None: nothing padded
         targets = out.targets  # the model's own gather of the masked labels: no second one here
         if targets.numel() == 0:  # nothing masked (tiny batches): a zero loss that keeps the graph
             zero = out.logits.sum() * 0.0
@@ -102,7 +124,8 @@ class MaskedLMModule(pl.LightningModule):
                 raise RuntimeError(
                     f"the train loader's accumulation window (micro-batch {window.position} of {window.size}) is not "
                     f"the trainer's step (accumulation {trainer.accumulate_grad_batches}, micro-batch "
-                    f"{micro_batches_started(trainer) - 1}); give MLMDataModule(accumulation=...) the trainer's plan")
+                    f"{micro_batches_started(trainer) - 1}); connect the DataModule to the trainer's plan "
+                    f"(MLMDataModule.connect(..., accumulation=...))")
             count = window.masked.to(device=self.device, dtype=torch.float64, copy=True)
             if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(count)
@@ -161,7 +184,10 @@ class MaskedLMModule(pl.LightningModule):
 
     def _offloads_optimizer(self) -> bool:
         """ZeRO-Offload: DeepSpeed steps the optimizer on CPU and accepts only its own CPU Adam there."""
-        if not self._trainer or not self._uses_deepspeed():
+        try:
+            if not self._uses_deepspeed():
+                return False
+        except RuntimeError:  # not attached to a Trainer (Lightning's `trainer` property says so by raising)
             return False
         return bool((self.trainer.strategy.config or {}).get("zero_optimization", {}).get("offload_optimizer"))
 

@@ -69,22 +69,38 @@ def prepare_data(cfg: DictConfig) -> PretrainData:
 
 
 def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
-    """The streaming MLM DataModule for this config and batch plan."""
+    """The streaming MLM DataModule for this config, connected to the run's batch plan.
+
+    ``cfg.data`` becomes two objects, the masking recipe and the stream settings, built once here; the batch plan
+    is given once, through ``connect``: the sequence length, the micro-batch and the accumulation phases, from
+    which the data side derives both the step windows (each batch carries its step's masked-token count, the
+    loss's denominator) and epochs of whole optimizer steps (Lightning would otherwise step on a partial
+    accumulation at each epoch end: a smaller global batch, and a drifting step count)."""
     from data_pipelines.datamodule import MLMDataModule
 
+    dm = MLMDataModule(data.train_shards, str(data.tokenizer.path), valid_shards=data.valid_shards,
+                       masking=masking_config(cfg), settings=data_settings(cfg, data, plan),
+                       mask_schedule=mask_schedule(cfg, plan))
+    return dm.connect(plan.seq_len, plan.micro_batch_size, accumulation=plan.phases)
+
+
+def masking_config(cfg: DictConfig):
+    """The masking recipe of ``cfg.data`` (the rate validation masks at; a schedule moves the training rate)."""
+    from data_pipelines.masking import MaskingConfig
+
     d = cfg.data
-    return MLMDataModule(
-        train_shards=data.train_shards, valid_shards=data.valid_shards, tokenizer_dir=str(data.tokenizer.path),
-        seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size, mask_prob=d.mask_prob,
-        random_prob=d.random_prob, keep_prob=d.keep_prob, whole_word=d.whole_word, span=d.span,
-        pack_mode=d.packing, seed=cfg.seed, num_workers=data_workers(cfg, data, plan), shuffle_window=d.shuffle_window,
-        on_error=d.on_error,
-        # Epochs hold whole optimizer steps: Lightning would otherwise step on a partial accumulation at
-        # each epoch end (a smaller global batch, and a drifting step count).
-        batch_multiple=plan.batch_multiple,
-        accumulation=plan.phases,  # each batch carries its step's masked-token count, the loss's denominator
-        mask_schedule=mask_schedule(cfg, plan),
-    )
+    return MaskingConfig(mask_prob=d.mask_prob, random_prob=d.random_prob, keep_prob=d.keep_prob,
+                         whole_word=d.whole_word, span=d.span)
+
+
+def data_settings(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
+    """How the streams of ``cfg.data`` are read: packing, the run's seed, workers (chosen when unset), shuffle
+    window, bad shards."""
+    from data_pipelines.datamodule import DataSettings
+
+    d = cfg.data
+    return DataSettings(pack_mode=d.packing, seed=cfg.seed, num_workers=data_workers(cfg, data, plan),
+                        shuffle_window=d.shuffle_window, on_error=d.on_error)
 
 
 def data_workers(cfg: DictConfig, data: PretrainData, plan: BatchPlan) -> int:

@@ -10,7 +10,7 @@ Lightning moves these points.
 
 Resume on another world size (after losing a node, say), for any strategy: a ZeRO checkpoint is converted to DeepSpeed's
 universal checkpoint (:func:`to_universal`; DDP checkpoints are whole already), the DataModule re-deals the rest of the
-interrupted epoch (``MLMDataModule.replan``) and :class:`WorldSizeResume` puts Lightning's micro-batch counters on the
+interrupted epoch (``MLMDataModule.replan``) and ``roberta_pl.callbacks.WorldSizeResume`` puts Lightning's micro-batch counters on the
 new plan. See the README's resume section and docs/data.md.
 """
 
@@ -23,13 +23,10 @@ import re
 import shutil
 from pathlib import Path
 
-import lightning.pytorch as pl
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
-
-from roberta_pl.lightning_compat import set_resumed_batch_progress
 
 log = logging.getLogger("roberta_pl")
 
@@ -223,31 +220,6 @@ def load_cpu_adam(accelerator: str) -> str | None:
     causes = [line for line in [*message, *output]  # torch puts the compiler's output in the exception
               if ("error:" in line.lower() or "not found" in line) and not line.startswith("Error building")]
     return (causes[0] if causes else f"{type(error).__name__}: {message[-1]}")[:200]
-
-
-class WorldSizeResume(pl.Callback):
-    """Resume a checkpoint written under another data plan (another number of ranks, DataLoader workers or
-    micro-batch size) with Lightning's micro-batch counters on this run's plan.
-
-    The DataModule re-plans first (``MLMDataModule.replan``, from its ``load_state_dict``, which Lightning calls before
-    this hook): its data position becomes this plan's. Lightning would restore its counters as saved, and its
-    accumulation counts micro-batches within the epoch: a 2-rank checkpoint after 3 steps of accumulation 2 (6
-    micro-batches) resumed on 1 rank with accumulation 4 would step after 2 micro-batches. Here the run has trained
-    ``global_step x accumulation`` micro-batches of this plan, and is at the DataModule's place in its epoch. The step
-    count, the LR schedule and the optimizer state are the checkpoint's, untouched.
-    """
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        datamodule = trainer.datamodule
-        if not getattr(datamodule, "replanned", False):
-            return
-        per_epoch = datamodule.batches_per_epoch_per_rank
-        in_epoch = datamodule.consumed - int(checkpoint["epoch"]) * per_epoch
-        if not 0 <= in_epoch <= per_epoch:
-            raise RuntimeError(f"the re-planned data position {datamodule.consumed} is not in the checkpoint's epoch "
-                               f"{checkpoint['epoch']} ({per_epoch} batches per epoch)")
-        set_resumed_batch_progress(checkpoint, int(checkpoint["global_step"]) * trainer.accumulate_grad_batches,
-                                   in_epoch, {"consumed": datamodule.consumed})
 
 
 RENDEZVOUS_TIMEOUT_ENV = "ROBERTA_PL_RENDEZVOUS_TIMEOUT"

@@ -72,9 +72,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
         trainer = scope.trainer = pretraining_trainer(cfg, out_dir, plan, resolved)
         pl.seed_everything(cfg.seed, workers=True)
         module = MaskedLMModule(model=model_cfg, optim=resolved["optim"], max_steps=cfg.trainer.max_steps,
-                                seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
-                                mask_prob=cfg.data.mask_prob, seed=cfg.seed, compile=cfg.model.compile,
-                                tokenizer=str(data.tokenizer.path), packed=cfg.data.packing == "full_sentences",
+                                seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size, seed=cfg.seed,
+                                compile=cfg.model.compile, tokenizer=str(data.tokenizer.path),
                                 tokenizer_hash=data.tokenizer.hash)
         if trainer.is_global_zero:
             print(describe_model(module, plan), flush=True)

@@ -90,3 +90,21 @@ def write_corpus_dir(tmp_path: Path, docs: list[str], files: int = 4) -> Path:
     for i in range(files):
         (d / f"part-{i}.txt").write_text("\n\n".join(docs[i * per : (i + 1) * per]) + "\n")
     return d
+
+
+def mlm_datamodule(train_shards, tokenizer_dir, *, seq_len: int, micro_batch_size: int, accumulation=1, **options):
+    """A connected :class:`~data_pipelines.datamodule.MLMDataModule` from flat keyword options, for tests: each option
+    goes to the :class:`~data_pipelines.masking.MaskingConfig` or
+    :class:`~data_pipelines.datamodule.DataSettings` field of its name, the rest (``valid_shards``, ``rank``,
+    ``world_size``, ...) to the DataModule itself."""
+    import dataclasses
+
+    from data_pipelines.datamodule import DataSettings, MLMDataModule
+    from data_pipelines.masking import MaskingConfig
+
+    parts = {}
+    for cls in (MaskingConfig, DataSettings):
+        names = {f.name for f in dataclasses.fields(cls)}
+        parts[cls] = cls(**{k: options.pop(k) for k in list(options) if k in names})
+    dm = MLMDataModule(train_shards, tokenizer_dir, masking=parts[MaskingConfig], settings=parts[DataSettings], **options)
+    return dm.connect(seq_len, micro_batch_size, accumulation=accumulation)

@@ -35,12 +35,13 @@ def random_rows() -> dict[str, torch.Tensor]:
 
 
 def masked_rows(shard_dir, tokenizer_dir, seq_len: int, **data) -> dict[str, torch.Tensor]:
-    """``GLOBAL * STEPS`` rows as the real pipeline makes them (``MLMDataModule(**data)``: packing, masking):
-    ``input_ids``, ``attention_mask``, ``labels`` and the tokenizer's ``vocab`` size."""
-    from data_pipelines.datamodule import MLMDataModule
+    """``GLOBAL * STEPS`` rows as the real pipeline makes them (``data``: packing and masking options, as
+    :func:`data_fixtures.mlm_datamodule` takes them): ``input_ids``, ``attention_mask``, ``labels`` and the
+    tokenizer's ``vocab`` size."""
+    from data_fixtures import mlm_datamodule
     from data_pipelines.tokenizer import load_tokenizer
 
-    dm = MLMDataModule(shard_dir, tokenizer_dir, seq_len=seq_len, micro_batch_size=GLOBAL * STEPS, **data)
+    dm = mlm_datamodule(shard_dir, tokenizer_dir, seq_len=seq_len, micro_batch_size=GLOBAL * STEPS, **data)
     batch = next(iter(dm.train_dataloader()))
     return {k: batch[k].clone() for k in ("input_ids", "attention_mask", "labels")} | {
         "vocab": torch.tensor(load_tokenizer(tokenizer_dir).vocab_size)}
@@ -57,8 +58,7 @@ def build_module(rows: dict, micro: int = MICRO) -> "Module":
     torch.manual_seed(0)
     return Module(model=model_config(rows),
                   optim=dict(lr=1e-3, betas=[0.9, 0.98], eps=1e-6, weight_decay=0.01, warmup_steps=0, decay="linear"),
-                  max_steps=STEPS, seq_len=rows["input_ids"].shape[1], micro_batch_size=micro,
-                  packed="attention_mask" not in rows)
+                  max_steps=STEPS, seq_len=rows["input_ids"].shape[1], micro_batch_size=micro)
 
 
 def mean_ce_gradient(init: dict[str, torch.Tensor], rows: dict, parts: int = 1) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from data_fixtures import corpus_file, one_thread, shard_dir, tok, tokenizer_dir  # noqa: F401
-from data_pipelines.datamodule import STEP_WINDOW, MLMDataModule
+from data_fixtures import corpus_file, mlm_datamodule, one_thread, shard_dir, tok, tokenizer_dir  # noqa: F401
+from data_pipelines.datamodule import STEP_WINDOW, DataSettings, MLMDataModule
 from data_pipelines.errors import DataError
 from data_pipelines.masking import IGNORE_INDEX
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _dm(shard_dir, tokenizer_dir, **kw) -> MLMDataModule:
     args = dict(seq_len=64, micro_batch_size=4, valid_shards=shard_dir, whole_word=True, shuffle_window=8, seed=3)
     args.update(kw)
-    return MLMDataModule(shard_dir, tokenizer_dir, **args)
+    return mlm_datamodule(shard_dir, tokenizer_dir, **args)
 
 
 def _take(dm: MLMDataModule, n: int) -> list[dict]:
@@ -115,6 +115,36 @@ def test_tokenizer_mismatch_is_refused(shard_dir, tmp_path, corpus_file):
         _dm(shard_dir, other.path).setup("fit")
 
 
+def test_the_batch_plan_is_connected_once_and_the_epoch_follows_the_accumulation(shard_dir, tokenizer_dir):
+    dm = MLMDataModule(shard_dir, tokenizer_dir, settings=DataSettings(seed=3))
+    with pytest.raises(DataError, match=r"call connect\(seq_len, micro_batch_size, accumulation\)"):
+        dm.train_dataloader()
+    raw = dm.connect(64, 4).batches_per_epoch_per_rank
+    # A batch ramp of accumulation 2, then 3: epochs hold whole steps of both (a multiple of 6), derived from the
+    # phases the step windows follow, so the two cannot disagree.
+    ramp = dm.connect(64, 4, accumulation=[(0, 0, 2), (4, 8, 3)])
+    assert ramp is dm and dm.batch_multiple == 6 and dm.state_dict()["batch_multiple"] == 6
+    assert dm.batches_per_epoch_per_rank % 6 == 0 and raw - dm.batches_per_epoch_per_rank < 6
+    with pytest.raises(DataError, match="micro_batch_size >= 1"):
+        dm.connect(64, 0)
+    with pytest.raises(DataError, match="pack_mode must be 'full_sentences' or 'doc', got 'full'"):
+        DataSettings(pack_mode="full")
+    with pytest.raises(DataError, match="num_workers >= 0"):
+        DataSettings(num_workers=-1)
+
+
+def test_a_checkpoint_of_the_old_packing_name_resumes_without_a_warning(shard_dir, tokenizer_dir, caplog):
+    # Checkpoints written before the stream took the YAML's name saved pack_mode "full" (FULL-SENTENCES).
+    old = _dm(shard_dir, tokenizer_dir).state_dict() | {"consumed": 5, "pack_mode": "full"}
+    with caplog.at_level(logging.WARNING, logger="data_pipelines"):
+        resumed = _dm(shard_dir, tokenizer_dir)
+        resumed.load_state_dict(old)
+    assert resumed.consumed == 5 and not resumed.replanned and "data settings changed" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="data_pipelines"):
+        _dm(shard_dir, tokenizer_dir, pack_mode="doc").load_state_dict(old)  # a real change still says so
+    assert "data settings changed since the checkpoint (pack_mode)" in caplog.text
+
+
 # -- a real Lightning Trainer ------------------------------------------------------------------
 
 
@@ -202,7 +232,7 @@ def test_ddp_ranks_take_equal_steps_on_different_data(shard_dir, tokenizer_dir, 
 def test_unused_data_per_epoch_is_reported_and_logged(shard_dir, tokenizer_dir, caplog):
     # Issue 13, finding 6: the run summary prints what each epoch leaves unused; at most one global batch.
     with caplog.at_level(logging.INFO, logger="data_pipelines"):
-        dm = _dm(shard_dir, tokenizer_dir, num_workers=2, world_size=2, batch_multiple=2)
+        dm = _dm(shard_dir, tokenizer_dir, num_workers=2, world_size=2, accumulation=2)
         unused = dm.unused_per_epoch()
     assert unused["exact"] and 0 <= unused["blocks"] < 2 * 4 * 2  # world × micro-batch × accumulation
     assert unused["total_blocks"] > 1000

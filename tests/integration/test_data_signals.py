@@ -6,7 +6,7 @@ import time
 
 import psutil
 
-from data_pipelines.datamodule import MLMDataModule
+from data_pipelines.datamodule import DataSettings, MLMDataModule
 
 
 def test_workers_ignore_sigusr1_the_main_process_handles_it(tmp_path, shard_dir, tokenizer_dir):
@@ -18,7 +18,7 @@ def test_workers_ignore_sigusr1_the_main_process_handles_it(tmp_path, shard_dir,
 
     old = signal.signal(signal.SIGUSR1, handler)
     try:
-        dm = MLMDataModule(shard_dir, tokenizer_dir, seq_len=64, micro_batch_size=4, num_workers=1)
+        dm = MLMDataModule(shard_dir, tokenizer_dir, settings=DataSettings(num_workers=1)).connect(64, 4)
         dm.setup()
         loader = iter(dm.train_dataloader())
         next(loader)

@@ -82,10 +82,9 @@ def test_epoch_ends_never_step_on_a_partial_accumulation(tmp_path, data_override
     from data_pipelines.datamodule import MLMDataModule
 
     shards, tokenizer = data_overrides[0].split("=", 1)[1], data_overrides[2].split("=", 1)[1]
-    raw = MLMDataModule(shards, tokenizer, seq_len=64, micro_batch_size=4).batches_per_epoch_per_rank
+    raw = MLMDataModule(shards, tokenizer).connect(64, 4).batches_per_epoch_per_rank
     accumulation = next(a for a in range(2, 12) if raw % a)  # an epoch that does not end on a whole step
-    per_epoch = MLMDataModule(shards, tokenizer, seq_len=64, micro_batch_size=4,
-                              batch_multiple=accumulation).batches_per_epoch_per_rank
+    per_epoch = MLMDataModule(shards, tokenizer).connect(64, 4, accumulation=accumulation).batches_per_epoch_per_rank
     assert per_epoch % accumulation == 0 and raw - per_epoch < accumulation
     steps = per_epoch // accumulation + 4
     train(tmp_path, [*data_overrides, f"batch.global_batch_size={4 * accumulation}", f"trainer.max_steps={steps}",
@@ -316,8 +315,10 @@ def test_cli_prints_no_notices_that_do_not_apply(tmp_path, data_overrides):
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
-    for noise in ("srun", "litlogger", "anonymous setting", "Total FLOPs", "hp_metric", "Traceback"):
+    for noise in ("srun", "litlogger", "anonymous setting", "Total FLOPs", "hp_metric", "Traceback", "Run history:",
+                  "Run summary:"):
         assert noise not in text, (noise, text[-3000:])
+    assert "wandb sync " in text, text[-3000:]
     assert "Model: 0.05M parameters (2 layers x 32, 2 heads" in proc.stdout
 
 

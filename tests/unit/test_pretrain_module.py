@@ -1,0 +1,109 @@
+"""MaskedLMModule knows of the masking and packing only what each batch carries: the attention mask is dropped
+when nothing is padded, and the MFU figure counts the positions the batch's labels predict."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from roberta_pl.callbacks import ThroughputLogger, model_flops
+from roberta_pl.model import IGNORE_INDEX, RobertaConfig, mlm_flops_per_token
+from roberta_pl.pretrain import MaskedLMModule
+
+MODEL = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=32,
+             dropout=0.0, attention_dropout=0.0)
+OPTIM = dict(lr=1e-3, betas=[0.9, 0.98], eps=1e-6, weight_decay=0.01, warmup_steps=0, decay="linear")
+
+
+def module(**kw) -> MaskedLMModule:
+    return MaskedLMModule(model=MODEL, optim=OPTIM, max_steps=3, seq_len=32, micro_batch_size=4, **kw)
+
+
+def rows(n: int, padded: bool) -> list[dict[str, torch.Tensor]]:
+    """``n`` rows of 32 tokens with about 15% to predict; ``padded``: every other row ends in 10 pads."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 300, (n, 32), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[::2, -10:] = 0
+        ids[mask == 0] = 1
+    labels = torch.where((torch.rand(ids.shape, generator=g) < 0.15) & (mask == 1), ids, IGNORE_INDEX)
+    return [{"input_ids": i, "attention_mask": m, "labels": lab} for i, m, lab in zip(ids, mask, labels)]
+
+
+def test_the_attention_mask_follows_the_batch():
+    m = module()
+    packed = next(iter(DataLoader(rows(4, padded=False), batch_size=4)))
+    padded = next(iter(DataLoader(rows(4, padded=True), batch_size=4)))
+    moved = m.transfer_batch_to_device(packed, torch.device("cpu"), 0)
+    assert "attention_mask" not in moved and torch.equal(moved["labels"], packed["labels"])  # nothing padded
+    assert torch.equal(m.transfer_batch_to_device(padded, torch.device("cpu"), 0)["attention_mask"],
+                       padded["attention_mask"])
+    # An all-ones mask changes nothing but the kernel SDPA may pick.
+    with torch.no_grad():
+        a = m.model(packed["input_ids"], packed["attention_mask"], packed["labels"]).loss
+        b = m.model(moved["input_ids"], None, moved["labels"]).loss
+    torch.testing.assert_close(a, b)
+
+
+def test_checkpoints_that_recorded_the_mask_rate_and_packing_still_load():
+    old = module(mask_prob=0.15, packed=True)  # hyper-parameters of a checkpoint from before: ignored
+    assert "mask_prob" not in old.hparams and "packed" not in old.hparams
+    assert dict(old.hparams) == dict(module().hparams)
+    with pytest.raises(TypeError, match="mask_probability"):
+        module(mask_probability=0.15)
+
+
+def test_model_flops_count_the_head_on_predicted_positions_only():
+    m = module()
+    config = RobertaConfig(**MODEL)
+    # At the rate the old fixed figure assumed, the count agrees with it.
+    assert model_flops(m, 1000, 150) == pytest.approx(1000 * mlm_flops_per_token(config, 32, 0.15))
+    assert model_flops(m, 1000, 300) - model_flops(m, 1000, 150) == pytest.approx(150 * m.flops_per_prediction)
+    assert model_flops(torch.nn.Module(), 1000, 150) == 0  # a module without figures: no MFU
+
+
+class _Peak(ThroughputLogger):
+    """A ThroughputLogger with a peak on CPU (it has one only on CUDA), recording each window's batches."""
+
+    PEAK = 1e12
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.window: list[dict] = []
+        self.logged: list[tuple[float, float, int, int, int]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._peak = self.PEAK
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.window.append(batch)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.logs_now(trainer):
+            metrics = trainer.callback_metrics
+            positions = sum(b["input_ids"].numel() for b in self.window)
+            predicted = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in self.window)
+            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                         for b in self.window)
+            self.logged.append((float(metrics["perf/mfu"]), float(metrics["perf/tokens_per_sec_per_device"]),
+                                positions, predicted, tokens))
+            self.window = []
+
+
+def test_mfu_counts_the_positions_each_batch_predicts(tmp_path):
+    # Tokens/s and MFU share the window's elapsed time, so their ratio is the FLOPs per real token over the peak:
+    # exact, whatever the machine's speed. Padded rows: the FLOPs count every position, the tokens the real ones.
+    logger = _Peak()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1,
+                         logger=pl.loggers.CSVLogger(tmp_path), callbacks=[logger], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    m = module()
+    trainer.fit(m, DataLoader(rows(24, padded=True), batch_size=4))
+    assert len(logger.logged) == 3
+    for mfu, tokens_per_sec, positions, predicted, tokens in logger.logged:
+        assert tokens < positions and predicted > 0
+        flops = positions * m.flops_per_position + predicted * m.flops_per_prediction
+        assert mfu / tokens_per_sec == pytest.approx(flops / tokens / _Peak.PEAK, rel=1e-9)
