@@ -282,13 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.command == "tokenizer":
-            from data_pipelines.tokenizer import train_tokenizer
+            from data_pipelines.tokenizer import META_FILE, train_tokenizer
 
             tok = train_tokenizer(_inputs(args), args.out, args.vocab_size, input_sentence_size=args.input_sentence_size,
                                   text_field=args.text_field, on_error=args.on_error, seed=args.seed, model_max_length=args.model_max_length,
                                   whitespace_pieces=args.whitespace_pieces,
                                   progress=not args.quiet)
             print(f"tokenizer written to {args.out} (vocab {tok.vocab_size}, hash {tok.hash})")
+            meta = json.loads((Path(args.out) / META_FILE).read_text())
+            limit = f"at most --input-sentence-size {args.input_sentence_size:,}" if args.input_sentence_size > 0 else "all"
+            print(f"sampled {meta['lines_sampled']:,} of {meta['lines_read']:,} lines for training ({limit})")
         elif args.command == "shards":
             from data_pipelines.shards import write_shards
 

@@ -4,9 +4,11 @@ Who reads what. Readers are the ``world_size × num_workers`` DataLoader workers
 reader ``rank * num_workers + worker`` owns a fixed subset of shards, chosen once per ``seed``
 by a balanced greedy partition on token counts (so every reader holds about the same number of
 tokens). Each epoch, a reader visits its shards in an order drawn from (seed, epoch, reader),
-packs its documents into blocks, shuffles blocks in windows of ``shuffle_window`` with an RNG
-drawn from (seed, epoch, reader, window), batches them and masks each batch with a generator
-seeded from (seed, step, rank).
+reading ``interleave_shards`` consecutive shards of that order at once (a document from each in
+turn, then the next group: a shard written by one task of a job array holds only that task's
+files, and the mix should not wait for the next shard), packs its documents into blocks, shuffles
+blocks in windows of ``shuffle_window`` with an RNG drawn from (seed, epoch, reader, window),
+batches them and masks each batch with a generator seeded from (seed, step, rank).
 
 Equal batches everywhere, and (almost) every block used. From the manifest's counts each
 reader's block count is known exactly (``full`` packing) or bounded below (``doc``). Every rank
@@ -24,9 +26,10 @@ epoch is used once. If a reader runs short anyway (a shard skipped as corrupt wi
 Exact resume. Batch ``g`` of an epoch is produced by the reader with role ``g % num_workers`` (the
 DataLoader round-robins over workers). To restart at batch ``k``, worker ``w`` takes role
 ``(w + k) % num_workers`` and skips the blocks its role already produced: with counts, ``full``
-mode seeks by token arithmetic to the right shard and only reads that one shard's documents up
-to the cursor (O(one shard)), in its own stream or in the one it borrows from; ``doc`` mode, or
-shards without counts, replay the reader's blocks without masking them (O(blocks skipped)).
+mode seeks by token arithmetic to the right group of shards and only reads that group's documents
+up to the cursor (O(``interleave_shards`` shards)), in its own stream or in the one it borrows from;
+``doc`` mode, or shards without counts, replay the reader's blocks without masking them (O(blocks
+skipped)).
 
 Resume on another plan (world size, workers, micro-batch size). :func:`rest_of_epoch` lists, from the old plan
 and the saved position, the blocks the old readers had not consumed (a :class:`Carry`: ranges of their shuffled
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import multiprocessing
@@ -547,6 +549,10 @@ class StreamConfig:
         vocab_size: ids must be below it.
         bos_id, eos_id, pad_id: special ids used for framing and padding.
         on_error: ``"raise"`` or ``"skip"`` for bad shards.
+        interleave_shards: shards a reader reads at once, taking a document from each in turn (consecutive
+            shards of its epoch order; 1: one shard after another). A shard of a job array's task holds only
+            that task's files, so this mixes several tasks' documents from the first block; it costs one open
+            shard (about 1 MiB of ids) each, and a resume reads up to this many shards to its cursor.
         stacked: yield one int64 numpy array ``[3, B, T]`` instead of a dict of tensors (see
             :func:`unstack_batch`). A DataLoader worker sends tensors through a fresh
             shared-memory segment each (~10M tokens/s at best on one core) but numpy arrays by
@@ -574,6 +580,7 @@ class StreamConfig:
     eos_id: int = 2
     pad_id: int = 1
     on_error: OnError = "raise"
+    interleave_shards: int = 4
 
     @property
     def readers_per_rank(self) -> int:
@@ -621,6 +628,8 @@ class MaskedBatchStream(IterableDataset):
         super().__init__()
         self.config = config
         self.masker = masker
+        if config.interleave_shards < 1:
+            raise DataError(f"interleave_shards must be at least 1, got {config.interleave_shards}")
         self.plan = plan_epoch(config)
         self.strided = self.plan.strided
         self.partition = [list(owned) for owned in self.plan.partition]
@@ -725,33 +734,32 @@ class MaskedBatchStream(IterableDataset):
     def reader_documents(self, reader: int, cycle: int = 0, skip_tokens: int = 0) -> Iterator[np.ndarray]:
         """Documents of one reader for one pass over its shards, in this epoch's order.
 
+        The shards are read in groups of ``config.interleave_shards`` consecutive shards of the order,
+        one document from each open shard of the group in turn (see :meth:`_group_documents`).
+
         Args:
             reader: global reader index, ``rank * workers + worker``.
             cycle: pass number within the epoch (> 0 only when data ran short).
             skip_tokens: start this many tokens into the reader's packed stream (documents plus
-                one separator each); whole shards are skipped using the manifest counts.
+                one separator each); whole groups of shards are skipped using the manifest counts.
 
         Returns:
             An iterator of token arrays (the first one possibly a suffix of a document).
         """
         cfg = self.config
         owned = self.partition[reader]
-        readers = len(self.partition)
         # Strided readers share one shard order so that "every readers-th document" is a partition.
         order_key = 0 if self.strided else reader
         order = epoch_order(owned, cfg.seed, self.epoch, order_key, cycle) if cfg.shuffle_shards else list(owned)
-        for i in order:
-            shard = cfg.shards.shards[i]
-            if skip_tokens and shard.num_tokens is not None:
-                size = shard.num_tokens + shard.num_docs  # a separator follows every document
-                if skip_tokens >= size:
-                    skip_tokens -= size
-                    continue  # seek past the whole shard without opening it
-            skipped_before = self.report.total
-            for j, ids in enumerate(iter_shard(shard.url, expected_hash=cfg.expected_hash, vocab_size=cfg.vocab_size,
-                                               on_error=cfg.on_error, report=self.report)):
-                if self.strided and (i + j) % readers != reader:
-                    continue
+        size = cfg.interleave_shards
+        for group in (order[g : g + size] for g in range(0, len(order), size)):
+            shards = [cfg.shards.shards[i] for i in group]
+            if skip_tokens and all(s.num_tokens is not None for s in shards):
+                tokens = sum(s.num_tokens + s.num_docs for s in shards)  # a separator follows every document
+                if skip_tokens >= tokens:
+                    skip_tokens -= tokens
+                    continue  # seek past the whole group without opening its shards
+            for ids in self._group_documents(group, reader):
                 if skip_tokens:
                     if skip_tokens > len(ids):
                         skip_tokens -= len(ids) + 1
@@ -760,9 +768,37 @@ class MaskedBatchStream(IterableDataset):
                     # (An empty suffix is fine: it packs to exactly the separator that is left.)
                     ids, skip_tokens = ids[skip_tokens:], 0
                 yield ids
-            if self.report.total > skipped_before:  # the shard was cut short and skipped
+
+    def _group_documents(self, group: Sequence[int], reader: int) -> Iterator[np.ndarray]:
+        """The documents of a group of shards, one from each open shard in turn until all are read.
+
+        Round-robin over the group's shards in order: the ``n``-th document taken from every shard
+        comes before the ``n + 1``-th of any, and a shard that ends (or is cut short and skipped)
+        drops out. Strided readers take document ``j`` of shard ``i`` only when
+        ``(i + j) % readers == reader``, so they still partition every shard's documents.
+        """
+        cfg, report = self.config, self.report
+        readers = len(self.partition)
+        open_shards = []
+        for i in group:
+            docs = iter_shard(cfg.shards.shards[i].url, expected_hash=cfg.expected_hash, vocab_size=cfg.vocab_size,
+                              on_error=cfg.on_error, report=report)
+            if self.strided:
+                docs = itertools.islice(docs, (reader - i) % readers, None, readers)
+            open_shards.append(docs)
+        counted = report.total
+        turns: Iterator = iter(open_shards)
+        for still_open in range(len(open_shards), 0, -1):
+            # itertools' roundrobin recipe: the turns run in C, and map stops at the first shard that ends;
+            # the turns then go on from the shard after it, without it.
+            turns = itertools.cycle(itertools.islice(turns, still_open))
+            yield from map(next, turns)
+            # A shard that is cut short records its skip in the call that ends it, so counting at each
+            # shard's end counts that shard's skips and no other's.
+            if report.total > counted:
                 with self._skips.get_lock():
-                    self._skips.value += self.report.total - skipped_before
+                    self._skips.value += report.total - counted
+                counted = report.total
 
     def _raw_blocks(self, reader: int, skip_blocks: int) -> Iterator[np.ndarray]:
         """Unshuffled blocks of a reader from block ``skip_blocks`` on, cycling if data runs short."""

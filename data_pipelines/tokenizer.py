@@ -19,7 +19,7 @@ decode still returns it exactly, indentation included.
 Output directory layout (what :func:`load_tokenizer` reads)::
 
     spm.model               the SentencePiece model
-    tokenizer_meta.json     vocab size, special ids, content hash, training settings
+    tokenizer_meta.json     vocab size, special ids, content hash, training settings, lines read and sampled
     tokenizer.json          HuggingFace fast-tokenizer file (written without transformers)
     tokenizer_config.json   so AutoTokenizer adds <s> … </s> and knows <mask>
     special_tokens_map.json
@@ -87,7 +87,8 @@ def train_tokenizer(
 
     Memory and time are bounded on any corpus size: SentencePiece keeps a uniform reservoir sample
     of ``input_sentence_size`` lines (``shuffle_input_sentence``), so a 10 GB corpus costs one
-    streaming read plus training on the sample.
+    streaming read plus training on the sample. ``tokenizer_meta.json`` records how many lines were
+    read (``lines_read``) and sampled (``lines_sampled``).
 
     Args:
         inputs: files, directories, globs or ``"@default"`` (see :mod:`data_pipelines.corpus`).
@@ -142,18 +143,19 @@ def _train(out: Path, inputs, vocab_size, input_sentence_size, text_field, on_er
     task = bar.add_task("reading corpus for SentencePiece", total=None)
 
     raised: list[BaseException] = []  # an error of our reader, which SentencePiece would wrap in its own
+    lines_read = 0  # lines handed to SentencePiece: it reads them all, keeping a reservoir sample
 
     def counted(lines: Iterator[str]) -> Iterator[str]:
-        n = 0
+        nonlocal lines_read
         try:
-            for n, line in enumerate(lines, 1):
-                if n % 10_000 == 0:
-                    bar.update(task, completed=n)
+            for lines_read, line in enumerate(lines, 1):
+                if lines_read % 10_000 == 0:
+                    bar.update(task, completed=lines_read)
                 yield line
         except Exception as e:
             raised.append(e)
             raise
-        bar.update(task, completed=n)
+        bar.update(task, completed=lines_read)
 
     spm.set_random_generator_seed(seed)
     # Written to memory, not a temp dir: the model proto records model_prefix, and a random temp
@@ -198,6 +200,9 @@ def _train(out: Path, inputs, vocab_size, input_sentence_size, text_field, on_er
                 f"{too_small[2]} ids; raise vocab_size or lower character_coverage"
             ) from None
         raise DataError(f"SentencePiece training failed: {exc}".splitlines()[0]) from None
+    # SentencePiece samples min(lines, input_sentence_size) lines ("Sampled N sentences from M sentences" in its
+    # log), all of them when input_sentence_size is 0; it drops no line of ours as too long (clipped above).
+    lines_sampled = min(lines_read, input_sentence_size) if input_sentence_size > 0 else lines_read
     model_bytes = buffer.getvalue()
     (out / MODEL_FILE).write_bytes(model_bytes)
     tok = SpmTokenizer(out)
@@ -213,12 +218,15 @@ def _train(out: Path, inputs, vocab_size, input_sentence_size, text_field, on_er
         "whitespace_pieces": whitespace_pieces,
         "requested_vocab_size": vocab_size,
         "input_sentence_size": input_sentence_size,
+        "lines_read": lines_read,
+        "lines_sampled": lines_sampled,
         "seed": seed,
         "skipped_inputs": report.to_dict(),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     write_hf_files(tok, out, model_max_length=model_max_length)
-    log.info("trained tokenizer %s: vocab %d, hash %s", out, tok.vocab_size, tok.hash)
+    log.info("trained tokenizer %s: vocab %d, hash %s, on %d sampled of %d lines", out, tok.vocab_size, tok.hash,
+             lines_sampled, lines_read)
     return tok
 
 

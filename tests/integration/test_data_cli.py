@@ -20,7 +20,11 @@ from data_pipelines.cli import main
 def test_tokenizer_shards_inspect_end_to_end(tmp_path, corpus_file, capsys):
     tok_dir, shard_dir = tmp_path / "tok", tmp_path / "shards"
     assert main(["-q", "tokenizer", "--out", str(tok_dir), "--vocab-size", "500", "--input-sentence-size", "20000", str(corpus_file)]) == 0
-    assert "vocab 500" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "vocab 500" in out
+    meta = json.loads((tok_dir / "tokenizer_meta.json").read_text())
+    assert 0 < meta["lines_sampled"] == meta["lines_read"] <= 20_000  # a small corpus: every line is sampled
+    assert f"sampled {meta['lines_read']:,} of {meta['lines_read']:,} lines for training (at most --input-sentence-size 20,000)" in out
     assert main(["-q", "shards", "--tokenizer", str(tok_dir), "--out", str(shard_dir), "--num-shards", "3",
                  "--valid-fraction", "0.1", "--workers", "0", str(corpus_file)]) == 0
     out = capsys.readouterr().out

@@ -24,7 +24,7 @@ import webdataset as wds
 
 from data_pipelines.errors import DataError, SkipReport
 from data_pipelines.shards import write_shards
-from data_pipelines.stream import epoch_order, iter_shard
+from data_pipelines.stream import StreamConfig, epoch_order, iter_shard
 from data_pipelines.tokenizer import train_tokenizer
 from roberta_pl.checkpoints import load_pretrained
 from roberta_pl.train import run
@@ -114,7 +114,8 @@ DAMAGE = {"truncated": truncated, "random_bytes": random_bytes, "bad_array": bad
 
 
 def shard_order(shards: Path) -> list[Path]:
-    """Train shards in the order the (single) reader visits them in epoch 0."""
+    """Train shards in the order the (single) reader visits them in epoch 0 (``StreamConfig.interleave_shards`` at a
+    time: the first group's shards are all opened before any batch is made)."""
     names = sorted(shards.glob("train-*.tar"))
     return [names[i] for i in epoch_order(list(range(len(names))), SEED, 0, 0)]
 
@@ -155,7 +156,7 @@ def csv_rows(run_dir: Path) -> list[dict]:
 def test_bad_shard_with_raise_stops_with_one_line_naming_it(tmp_path, small_shards, tokenizer_dir, kind, reliability):
     shards = tmp_path / "shards"
     shutil.copytree(small_shards, shards)
-    victim = shard_order(shards)[1]  # the second shard read: the first one's steps train first
+    victim = shard_order(shards)[StreamConfig.interleave_shards]  # opened after the first group's steps train
     DAMAGE[kind](victim)
     message = fails(tmp_path / "run", [*data_args(shards, tokenizer_dir, "raise"), "trainer.max_steps=500"])
     assert victim.name in message, message

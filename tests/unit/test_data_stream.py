@@ -132,8 +132,10 @@ def test_seeking_by_counts_matches_replaying(shard_dir, tok):
     no_counts = ShardSet(tuple(ShardInfo(s.url) for s in shards.shards), shards.tokenizer_hash)
     seq_len = 7
     body = seq_len - 2
-    seek = _stream(tok, shards, seq_len=seq_len, num_workers=2, shuffle_window=1)
-    replay = _stream(tok, no_counts, seq_len=seq_len, num_workers=2, shuffle_window=1, batches_per_epoch=2)
+    # Reader 1 owns 4 shards: read 2 at a time, they form 2 groups, so one group is skipped whole by counts.
+    seek = _stream(tok, shards, seq_len=seq_len, num_workers=2, shuffle_window=1, interleave_shards=2)
+    replay = _stream(tok, no_counts, seq_len=seq_len, num_workers=2, shuffle_window=1, batches_per_epoch=2,
+                     interleave_shards=2)
     replay.partition = seek.partition  # same reader → shards assignment for the comparison
     for epoch in (0, 3):
         seek.set_position(epoch)
@@ -141,18 +143,44 @@ def test_seeking_by_counts_matches_replaying(shard_dir, tok):
         docs = list(seek.reader_documents(1))
         stream = np.concatenate([np.append(d, tok.eos_id) for d in docs])
         full = list(itertools.islice(seek._raw_blocks(1, 0), len(stream) // body))
-        # The tricky cursors: on a separator, right after one (a document start), and the first
-        # block of each shard (whole shards skipped by counts).
+        # The tricky cursors: on a separator, right after one (a document start), and the blocks
+        # around each group's start (whole groups of shards skipped by counts).
         on_sep = [m for m in range(1, len(full)) if stream[m * body] == tok.eos_id][:6]
         after_sep = [m for m in range(1, len(full)) if stream[m * body - 1] == tok.eos_id][:6]
         order = epoch_order(seek.partition[1], seek.config.seed, epoch, 1)
-        edges = np.cumsum([shards.shards[i].num_tokens + shards.shards[i].num_docs for i in order])[:-1]
-        shard_starts = [int(e) // body + 1 for e in edges]
-        assert on_sep and after_sep and shard_starts
-        for skip in [0, 1, 2, len(full) - 1] + on_sep + after_sep + shard_starts:
+        assert len(order) == 4
+        edges = np.cumsum([sum(shards.shards[i].num_tokens + shards.shards[i].num_docs for i in order[g : g + 2])
+                           for g in (0, 2)])[:-1]
+        group_starts = [int(e) // body + d for e in edges for d in (0, 1)]
+        assert on_sep and after_sep and group_starts
+        for skip in [0, 1, 2, len(full) - 1] + on_sep + after_sep + group_starts:
             got = next(seek._raw_blocks(1, skip))
             np.testing.assert_array_equal(got, full[skip], err_msg=f"skip={skip}")
             np.testing.assert_array_equal(next(replay._raw_blocks(1, skip)), got, err_msg=f"skip={skip}")
+
+
+def test_a_reader_interleaves_its_shards_four_at_a_time_from_its_first_batch(shard_dir, tok):
+    # Issue 15: a job array task's shards hold only that task's files, so a reader that read one shard after
+    # another trained on one task's files a whole shard at a time. It now reads 4 shards of its order at once.
+    shards = resolve_shards(shard_dir)
+    stream = _stream(tok, shards, shuffle_window=1)  # one reader owning all 9 shards: groups of 4, 4 and 1
+    stream.set_position(epoch=2)
+    read = [list(iter_shard(s.url, expected_hash=None, vocab_size=None, on_error="raise", report=SkipReport()))
+            for s in shards.shards]
+    order = epoch_order(stream.partition[0], stream.config.seed, 2, 0)
+    expected = []  # (shard, document): round-robin over each group of 4 consecutive shards of the order
+    for group in (order[:4], order[4:8], order[8:]):
+        expected += [(i, j) for j in range(max(len(read[i]) for i in group)) for i in group if j < len(read[i])]
+    docs = list(stream.reader_documents(0))
+    assert len(docs) == len(expected) == sum(s.num_docs for s in shards.shards)
+    assert all(np.array_equal(doc, read[i][j]) for doc, (i, j) in zip(docs, expected))
+    # The first batch (4 blocks, unshuffled) holds the start of that stream: documents of several shards.
+    first = _original(next(iter(stream)))[:, 1:-1].reshape(-1).numpy()
+    np.testing.assert_array_equal(first, np.concatenate([np.append(d, tok.eos_id) for d in docs])[: len(first)])
+    starts = np.cumsum([0] + [len(d) + 1 for d in docs])
+    assert len({expected[k][0] for k in range(len(docs)) if starts[k] < len(first)}) >= 2
+    with pytest.raises(DataError, match="interleave_shards must be at least 1, got 0"):
+        _stream(tok, shards, interleave_shards=0)
 
 
 def test_shuffle_window_permutes_within_windows(shard_dir, tok):
@@ -206,7 +234,9 @@ def test_corrupt_shard_mid_stream_is_skipped_and_counted_but_batches_stay_equal(
     lenient = _stream(tok, shards, on_error="skip")
     batches = list(lenient)
     assert len(batches) == len(lenient)  # the reader refilled from its other shards
-    assert lenient.report.counts == {"bad_shard": 1}
+    # Counted once per read of the bad shard: the first pass, and here the refilling second pass that opens it
+    # again in its first group of interleaved shards.
+    assert lenient.report.counts == {"bad_shard": 2} and lenient.skipped_shards == 2
 
 
 @pytest.mark.parametrize("world, workers, batch_multiple", [(2, 2, 1), (1, 3, 2), (3, 2, 4)])

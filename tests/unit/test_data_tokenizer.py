@@ -44,14 +44,22 @@ def test_metadata_and_hash(tok, tokenizer_dir):
     assert load_tokenizer(tokenizer_dir).hash == tok.hash
 
 
-def test_training_is_deterministic_and_sampled(tmp_path, corpus_file, tok):
+def test_training_is_deterministic_and_sampled(tmp_path, corpus_file, corpus_docs, tok, tokenizer_dir):
     # A tiny sentence budget still trains (bounded memory on a large corpus) and the same
     # settings give the same model, hence the same hash that tags shards.
-    a = train_tokenizer(corpus_file, tmp_path / "a", vocab_size=400, input_sentence_size=2000, seed=1)
-    b = train_tokenizer(corpus_file, tmp_path / "b", vocab_size=400, input_sentence_size=2000, seed=1)
+    a = train_tokenizer(corpus_file, tmp_path / "a", vocab_size=400, input_sentence_size=1000, seed=1)
+    b = train_tokenizer(corpus_file, tmp_path / "b", vocab_size=400, input_sentence_size=1000, seed=1)
     assert a.hash == b.hash
     assert a.hash != tok.hash
     assert a.vocab_size == 400
+    # The meta file says how many lines were read (the corpus's non-blank lines) and how many sampled: the budget,
+    # or every line when the corpus has fewer (the fixture's budget of 50,000).
+    lines = sum(1 for doc in corpus_docs for line in doc.split("\n") if line.strip())
+    assert 1000 < lines < 50_000
+    meta = json.loads((tmp_path / "a" / META_FILE).read_text())
+    assert (meta["lines_read"], meta["lines_sampled"]) == (lines, 1000)
+    meta = json.loads((tokenizer_dir / META_FILE).read_text())
+    assert (meta["lines_read"], meta["lines_sampled"]) == (lines, lines)
 
 
 def test_hf_autotokenizer_parity_on_real_text(tok, tokenizer_dir, corpus_docs):
