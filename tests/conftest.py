@@ -3,8 +3,15 @@ and the real data assets (corpus, tokenizer, shards) built once per session."""
 
 import os
 
-import pytest
-import torch
+# One torch thread per test process (before torch is imported): the suite's models are tiny, so a second thread
+# buys nothing, and on a 2-core machine running a 2-rank job (or anything else) the threads of two processes
+# wait on each other; a tiny model's step measured 6x slower. Subprocesses and Slurm jobs inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Never reach a W&B server, and keep runs out of the user's home.
 os.environ["WANDB_MODE"] = "offline"

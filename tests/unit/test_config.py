@@ -1,6 +1,5 @@
 """Every config group and experiment composes against the schema; typos and impossible batches fail early."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
