@@ -145,7 +145,7 @@ def epoch_plan_summary(shard_dir: Path, *, seq_len: int = 512, micro_batch_size:
 
     settings = {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "world_size": world_size, "num_workers": num_workers,
                 "batch_multiple": batch_multiple, "pack_mode": pack_mode, "seed": seed}
-    config = StreamConfig(shards=resolve_shards(shard_dir, split="train"), seq_len=seq_len, batch_size=micro_batch_size, mode=pack_mode,
+    config = StreamConfig(shards=resolve_shards(shard_dir, split="train"), seq_len=seq_len, batch_size=micro_batch_size, pack_mode=pack_mode,
                           seed=seed, world_size=world_size, num_workers=num_workers, batch_multiple=batch_multiple)
     try:
         plan = plan_epoch(config)

@@ -386,7 +386,7 @@ class MLMDataModule(L.LightningDataModule):
         )
         d, train = self.settings, mask_stream == TRAIN_STREAM
         config = StreamConfig(
-            shards=shards, seq_len=self.seq_len, batch_size=self.micro_batch_size, mode=d.pack_mode,
+            shards=shards, seq_len=self.seq_len, batch_size=self.micro_batch_size, pack_mode=d.pack_mode,
             seed=d.seed, rank=self.rank, world_size=self.world_size, num_workers=d.num_workers,
             shuffle_window=d.shuffle_window if shuffle else 1, shuffle_shards=shuffle,
             batches_per_epoch=d.batches_per_epoch if train else None,

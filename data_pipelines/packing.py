@@ -107,7 +107,7 @@ def pack(docs: Iterable[np.ndarray], seq_len: int, mode: PackMode, *, bos: int =
 def block_count_lower_bound(num_docs: int, num_tokens: int, seq_len: int, mode: PackMode) -> int:
     """Blocks a run of documents yields at least, from its counts alone.
 
-    ``full`` mode is exact for a contiguous stream: ``floor((tokens + docs) / (seq_len - 2))``
+    ``full_sentences`` mode is exact for a contiguous stream: ``floor((tokens + docs) / (seq_len - 2))``
     (one separator per document). ``doc`` mode depends on each document's length, so this returns
     the bound ``max(docs, ceil(tokens / (seq_len - 2)))``.
 

@@ -269,7 +269,7 @@ def plan_epoch(config: "StreamConfig") -> EpochPlan:
         quota = per_worker * batch
         blocks = [0] * readers
         if cfg.shards.has_counts:
-            blocks = [block_count_lower_bound(sum(shards[i].num_docs for i in o), sum(shards[i].num_tokens for i in o), cfg.seq_len, cfg.mode)
+            blocks = [block_count_lower_bound(sum(shards[i].num_docs for i in o), sum(shards[i].num_tokens for i in o), cfg.seq_len, cfg.pack_mode)
                       for o in partition]
         return EpochPlan(tuple(map(tuple, partition)), strided, (per_worker,) * workers, tuple(blocks), (quota,) * readers,
                          ((),) * readers, max(0, sum(blocks) - quota * readers), total_tokens, None)
@@ -278,9 +278,9 @@ def plan_epoch(config: "StreamConfig") -> EpochPlan:
     if strided:
         # Documents are dealt round-robin, so a reader's share is only known on average; plan
         # for 90% of it, and a reader that still runs short refills by cycling.
-        whole = block_count_lower_bound(sum(s.num_docs for s in shards), sum(s.num_tokens for s in shards), cfg.seq_len, cfg.mode)
+        whole = block_count_lower_bound(sum(s.num_docs for s in shards), sum(s.num_tokens for s in shards), cfg.seq_len, cfg.pack_mode)
         blocks = [whole * 9 // (10 * readers)] * readers
-    elif cfg.mode == "full_sentences":
+    elif cfg.pack_mode == "full_sentences":
         # Exact: a reader's shards form one contiguous packed stream.
         blocks = [block_count_lower_bound(sum(shards[i].num_docs for i in o), sum(shards[i].num_tokens for i in o), cfg.seq_len, "full_sentences")
                   for o in partition]
@@ -321,7 +321,7 @@ def plan_epoch(config: "StreamConfig") -> EpochPlan:
                 if not source[2]:
                     spare.pop(0)
     used = sum(quotas)
-    unused_tokens = total_tokens - used * body if (cfg.mode == "full_sentences" and not strided) else None
+    unused_tokens = total_tokens - used * body if (cfg.pack_mode == "full_sentences" and not strided) else None
     return EpochPlan(tuple(map(tuple, partition)), strided, role_batches, tuple(blocks), tuple(own),
                      tuple(map(tuple, borrowed)), sum(blocks) - used, total_tokens, unused_tokens)
 
@@ -534,7 +534,7 @@ class StreamConfig:
         shards: the split's shards.
         seq_len: block length (incl. ``<s>``/``</s>``).
         batch_size: blocks per batch (the micro-batch).
-        mode: ``"full_sentences"`` (FULL-SENTENCES) or ``"doc"``.
+        pack_mode: ``"full_sentences"`` (FULL-SENTENCES) or ``"doc"``.
         seed: the run's seed.
         rank: this process's data-parallel rank.
         world_size: number of data-parallel ranks.
@@ -563,7 +563,7 @@ class StreamConfig:
     shards: ShardSet
     seq_len: int
     batch_size: int
-    mode: PackMode = "full_sentences"
+    pack_mode: PackMode = "full_sentences"
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -803,13 +803,13 @@ class MaskedBatchStream(IterableDataset):
     def _raw_blocks(self, reader: int, skip_blocks: int) -> Iterator[np.ndarray]:
         """Unshuffled blocks of a reader from block ``skip_blocks`` on, cycling if data runs short."""
         cfg = self.config
-        seekable = cfg.mode == "full_sentences" and cfg.shards.has_counts and not self.strided
+        seekable = cfg.pack_mode == "full_sentences" and cfg.shards.has_counts and not self.strided
         skip_tokens = skip_blocks * (cfg.seq_len - 2) if seekable else 0
         replay = 0 if seekable else skip_blocks
         cycle = 0
         while True:
             produced = 0
-            blocks = pack(self.reader_documents(reader, cycle, skip_tokens), cfg.seq_len, cfg.mode,
+            blocks = pack(self.reader_documents(reader, cycle, skip_tokens), cfg.seq_len, cfg.pack_mode,
                           bos=cfg.bos_id, eos=cfg.eos_id, pad=cfg.pad_id)
             for block in blocks:
                 produced += 1

@@ -1,10 +1,9 @@
-"""Callbacks and checkpoint I/O for pretraining: throughput/MFU, the loss curve, atomic checkpoint writes, the
-batch and validation schedules, resume on another data plan, and the fault monitors (non-finite loss, fp16
-loss-scale collapse, skipped data)."""
+"""Callbacks for pretraining: throughput/MFU, the loss history, step-boundary checkpoints, the batch and validation
+schedules, resume on another data plan, the fault monitors (non-finite loss, fp16 loss-scale collapse, skipped
+data) and the progress bars."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -17,24 +16,28 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
 from roberta_pl.lightning_compat import (
+    DescribedProgressBar,
     is_logging_step,
     is_rich_time_column,
     last_saved_step,
     micro_batches_started,
+    refresh_progress_metrics,
     set_max_steps,
     set_progress,
     set_resumed_batch_progress,
     set_val_check_batch,
+    start_train_progress,
 )
+from roberta_pl.errors import TrainingFault
 from roberta_pl.model import IGNORE_INDEX
 from roberta_pl.optim import budget_max_steps, micro_batches_before
+from roberta_pl.outputs import write_loss_curve
 
 _PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                     "16-true": torch.float16}
@@ -171,59 +174,6 @@ class LossCurve(StepBoundary):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.history:
             write_loss_curve(self.history, self.out_dir)
-
-
-def write_loss_curve(history: list[dict[str, float]], out_dir: Path) -> Path:
-    """Write ``metrics_history.json`` and ``loss_curve.png`` (train and validation loss by step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics_history.json").write_text(json.dumps(history, indent=1))
-    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("masked-LM cross-entropy")
-    ax.set_title("roberta-pl pretraining")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = out_dir / "loss_curve.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it, so a kill mid-save leaves the previous
-    checkpoint (and ``last.ckpt``) intact and loadable.
-
-    ``torch.save`` streams straight into the temporary file (Lightning's default serialises the whole
-    checkpoint into memory first, a second copy of it at peak), and the file is fsynced before the rename,
-    so after a crash the name holds either the old checkpoint or the complete new one."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (got {storage_options!r})")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
 
 class StepCheckpoint(ModelCheckpoint, StepBoundary):
@@ -567,10 +517,6 @@ def _clock(seconds: float) -> str:
 
 
 # -- faults ------------------------------------------------------------------------------------------
-class TrainingFault(RuntimeError):
-    """A fault the run detected and stopped on; ``str(err)`` is one line naming the step."""
-
-
 def _scaler(trainer: pl.Trainer):
     """The fp16 GradScaler of a 16-mixed run, None otherwise (bf16 and fp32 need none)."""
     return getattr(trainer.precision_plugin, "scaler", None)
@@ -691,7 +637,7 @@ class DataSkipMonitor(StepBoundary):
                                sync_dist=True, reduce_fx="sum")
 
 
-class RunProgressBar(RichProgressBar):
+class RunProgressBar(DescribedProgressBar):
     """Lightning's Rich progress bar without the logger's version number (``v_num``): the base of both entry
     points' bars."""
 
@@ -714,7 +660,7 @@ class EpochProgressBar(RunProgressBar):
         super().__init__()
         self.monitor = monitor
 
-    def _get_train_description(self, current_epoch: int) -> str:
+    def train_description(self, current_epoch: int) -> str:
         epochs = self.trainer.max_epochs  # -1 (or None) when trainer.max_steps alone bounds the run
         text = f"Epoch {current_epoch + 1}" + (f"/{epochs}" if epochs is not None and epochs > 0 else "")
         return f"{text:{len(self.validation_description)}}"
@@ -764,7 +710,7 @@ class StepProgressBar(RunProgressBar):
     def total_train_batches(self) -> int | float:
         return self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
 
-    def _get_train_description(self, current_epoch: int) -> str:
+    def train_description(self, current_epoch: int) -> str:
         return f"{'Steps':{len(self.validation_description)}}"
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -774,9 +720,9 @@ class StepProgressBar(RunProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self.is_disabled and self.train_progress_bar_id is None:  # resumed mid-epoch
-            self._initialize_train_progress_bar_id()
+            start_train_progress(self)
         set_progress(self, self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
+        refresh_progress_metrics(self, trainer, pl_module)
 
 
 class _RunTimeColumn(ProgressColumn):

@@ -1,4 +1,5 @@
-"""Load our masked-LM model from any of the places a trained model lives.
+"""Load our masked-LM model from any of the places a trained model lives, and write Lightning checkpoints
+atomically (:class:`AtomicCheckpointIO`).
 
 - a HuggingFace directory (``config.json`` + ``model.safetensors``), e.g. what ``roberta-pl-export`` writes;
 - a Lightning ``.ckpt`` file written by ``roberta-pl-train``;
@@ -9,10 +10,13 @@ Lightning checkpoints are read with ``torch.load(weights_only=True)``: no pickle
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from roberta_pl.hf import load_hf, load_hf_encoder
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, RobertaModel
@@ -88,3 +92,28 @@ def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | 
     if tok is not None and not tok.is_dir():
         raise FileNotFoundError(f"tokenizer directory {tok} not found; pass --tokenizer")
     return save_hf(model, out_dir, tokenizer=tok if tok != Path(out_dir) else None)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it, so a kill mid-save leaves the previous
+    checkpoint (and ``last.ckpt``) intact and loadable.
+
+    ``torch.save`` streams straight into the temporary file (Lightning's default serialises the whole
+    checkpoint into memory first, a second copy of it at peak), and the file is fsynced before the rename,
+    so after a crash the name holds either the old checkpoint or the complete new one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (got {storage_options!r})")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

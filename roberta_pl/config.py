@@ -7,7 +7,7 @@ where each paper value comes from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +30,17 @@ class ModelConf(RobertaConfig):
 
     def __post_init__(self) -> None:
         pass  # checked when the RobertaConfig is built from it (the vocabulary is only known then)
+
+
+def model_settings(model: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The :class:`~roberta_pl.model.RobertaConfig` fields of a resolved model group, with the vocabulary the
+    tokenizer fixed: what the module and its checkpoints carry (the preset ``name`` and ``compile`` are the run's).
+
+    Args:
+        model: the resolved ``model`` group (``OmegaConf.to_container(cfg.model, resolve=True)``).
+        vocab_size: the checked vocabulary size.
+    """
+    return {f.name: model[f.name] for f in fields(RobertaConfig) if f.name in model} | {"vocab_size": vocab_size}
 
 
 @dataclass

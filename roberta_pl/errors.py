@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and value."""
+
+
+class TrainingFault(RuntimeError):
+    """A fault the run detected and stopped on; ``str(err)`` is one line naming the step."""

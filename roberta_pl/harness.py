@@ -18,8 +18,7 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from roberta_pl.callbacks import TrainingFault
-from roberta_pl.errors import ConfigError
+from roberta_pl.errors import ConfigError, TrainingFault
 from roberta_pl.lightning_compat import wandb_run_started
 from roberta_pl.optim import BatchPlanError
 

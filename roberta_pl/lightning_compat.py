@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 CHECKED_AGAINST = "2.6.6"
@@ -75,6 +76,35 @@ def set_progress(bar: Any, task_id: Any, completed: float) -> None:
 
     Lightning 2.6.6: ``RichProgressBar._update(progress_bar_id, current)``."""
     bar._update(task_id, completed)
+
+
+def start_train_progress(bar: RichProgressBar) -> None:
+    """Create a ``RichProgressBar``'s train task now (a resume mid-epoch skips the epoch start that creates it).
+
+    Lightning 2.6.6: ``RichProgressBar._initialize_train_progress_bar_id()``."""
+    bar._initialize_train_progress_bar_id()
+
+
+def refresh_progress_metrics(bar: RichProgressBar, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Redraw the metrics a ``RichProgressBar`` shows beside its bars from ``bar.get_metrics``.
+
+    Lightning 2.6.6: ``RichProgressBar._update_metrics(trainer, pl_module)``."""
+    bar._update_metrics(trainer, pl_module)
+
+
+class DescribedProgressBar(RichProgressBar):
+    """A ``RichProgressBar`` whose train task is labelled by the public :meth:`train_description`, which
+    subclasses override (Lightning's label is "Epoch 0/1", counted from zero).
+
+    Lightning 2.6.6: ``RichProgressBar._get_train_description(current_epoch)``, called when the train task is
+    created and at each training epoch's start."""
+
+    def train_description(self, current_epoch: int) -> str:
+        """The train task's label in epoch ``current_epoch`` (0-based); Lightning's own by default."""
+        return super()._get_train_description(current_epoch)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return self.train_description(current_epoch)
 
 
 def is_rich_time_column(column: Any) -> bool:

@@ -36,7 +36,7 @@ from roberta_pl.checks import (
     preflight,
     read_checkpoint,
 )
-from roberta_pl.config import CONF_DIR, PretrainConfig, check_known_keys, register_configs
+from roberta_pl.config import CONF_DIR, PretrainConfig, check_known_keys, model_settings, register_configs
 from roberta_pl.harness import pin_multirun_job_for_rank_processes, run_scope
 from roberta_pl.loggers import quiet_notices, wandb_run_id
 from roberta_pl.outputs import describe_model, finish_run, finished_run, report_data, save_final_checkpoint
@@ -58,7 +58,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
         data = prepare_data(cfg)
         vocab = check_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size)
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        model_cfg = {k: v for k, v in resolved["model"].items() if k not in ("name", "compile")} | {"vocab_size": vocab}
+        model_cfg = model_settings(resolved["model"], vocab)
         ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
         if ckpt:  # refused here, not half-way into fit, and read without running pickled code
             saved = read_checkpoint(ckpt)  # memory-mapped, read once: the fit check, finished-run check, resume line

@@ -17,7 +17,6 @@ import torch
 from omegaconf import DictConfig
 
 from roberta_pl.callbacks import (
-    AtomicCheckpointIO,
     BatchRamp,
     BudgetPlanner,
     DataSkipMonitor,
@@ -32,6 +31,7 @@ from roberta_pl.callbacks import (
     ThroughputLogger,
     ValidationSchedule,
 )
+from roberta_pl.checkpoints import AtomicCheckpointIO
 from roberta_pl.errors import ConfigError
 from roberta_pl.lightning_compat import slurm_environment
 from roberta_pl.loggers import StepLearningRateMonitor, build_loggers

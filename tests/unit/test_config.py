@@ -51,6 +51,18 @@ def test_paper_recipes():
     assert plan_batch(8192, 32, 64, 512).tokens_per_step == 4_194_304
 
 
+def test_model_settings_are_the_model_config_without_the_runs_settings():
+    from omegaconf import OmegaConf
+
+    from roberta_pl.config import model_settings
+    from roberta_pl.model import RobertaConfig
+
+    model = OmegaConf.to_container(_compose(["model=small", "model.compile=true"]).model, resolve=True)
+    settings = model_settings(model, 1000)
+    assert "name" not in settings and "compile" not in settings and settings["vocab_size"] == 1000
+    assert RobertaConfig(**settings).hidden_size == model["hidden_size"]  # every field a RobertaConfig takes, no more
+
+
 def test_typo_fails_at_compose_time():
     with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)):
         _compose(["model.hiden_size=64"])

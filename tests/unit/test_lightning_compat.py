@@ -64,6 +64,96 @@ def test_progress_bar_update(tmp_path):
     compat.set_progress(bar, bar.train_progress_bar_id, 3)  # raises if the private method moved
 
 
+def test_rich_progress_bar_private_hooks_the_bars_use(tmp_path):
+    """StepProgressBar re-creates the train task after a mid-epoch resume and redraws the metrics itself, and
+    both bars label the train task through DescribedProgressBar: fail here, by name, if Lightning moves these."""
+    import inspect
+
+    assert list(inspect.signature(RichProgressBar._initialize_train_progress_bar_id).parameters) == ["self"]
+    assert list(inspect.signature(RichProgressBar._update_metrics).parameters) == ["self", "trainer", "pl_module"]
+    assert list(inspect.signature(RichProgressBar._get_train_description).parameters) == ["self", "current_epoch"]
+    assert "self._get_train_description(" in inspect.getsource(RichProgressBar._initialize_train_progress_bar_id)
+
+    class Counted(StepProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            self.metric_reads += 1
+            return super().get_metrics(trainer, pl_module)
+
+    class Restart(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                before, reads = bar.train_progress_bar_id, bar.metric_reads
+                compat.start_train_progress(bar)
+                compat.refresh_progress_metrics(bar, trainer, pl_module)
+                seen.update(new_task=bar.train_progress_bar_id != before, reads=bar.metric_reads - reads,
+                            description=bar.progress.tasks[bar.train_progress_bar_id].description)
+
+    bar, seen = Counted(), {}
+    bar.metric_reads = 0
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, callbacks=[bar, Restart()], logger=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(Tiny())
+    assert seen["new_task"] and seen["reads"] == 1 and seen["description"].strip() == "Steps", seen
+
+
+def test_completes_step_marks_the_last_micro_batch_of_each_accumulation_window(tmp_path):
+    class Record(Tiny):
+        def training_step(self, batch, batch_idx):
+            flags.append(compat.completes_step(self.trainer))
+            return super().training_step(batch, batch_idx)
+
+    flags: list[bool] = []
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=3, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(Record())
+    assert flags == [False, False, True] * 3
+
+
+def test_resumed_batch_progress_moves_the_micro_batch_counters_and_the_loader_state(tmp_path):
+    class Remembering(DataLoader):  # a stateful loader, so Lightning saves and restores its state
+        def state_dict(self):
+            return {"at": 0}
+
+        def load_state_dict(self, state):
+            loaded.append(state)
+
+    class Streamed(Tiny):
+        def train_dataloader(self):
+            return Remembering(TensorDataset(torch.randn(64, 4)), batch_size=4)
+
+    class First(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not first:
+                first.append((compat.micro_batches_started(trainer), trainer.global_step))
+
+    loaded: list[dict] = []
+    first: list[tuple[int, int]] = []
+    quiet = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                 default_root_dir=tmp_path)
+    pl.Trainer(max_steps=2, callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="two")], **quiet).fit(Streamed())
+    checkpoint = torch.load(tmp_path / "two.ckpt", weights_only=False)
+    compat.set_resumed_batch_progress(checkpoint, total=10, in_epoch=3, loader_state={"at": 7})
+    torch.save(checkpoint, tmp_path / "moved.ckpt")
+    pl.Trainer(max_steps=4, callbacks=[First()], enable_checkpointing=False, **quiet).fit(
+        Streamed(), ckpt_path=tmp_path / "moved.ckpt")
+    assert first == [(11, 2)]  # 10 micro-batches done, this one is the 11th; optimizer steps are not moved
+    assert loaded == [{"at": 7}]
+
+
+def test_drop_wandb_init_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="compat")
+    assert "anonymous" in logger._wandb_init  # what Lightning always passes to wandb.init
+    compat.drop_wandb_init_setting(logger, "anonymous")
+    compat.drop_wandb_init_setting(logger, "not-a-setting")  # absent keys are fine
+    assert "anonymous" not in logger._wandb_init and logger._wandb_init["project"] == "compat"
+    assert logger.experiment.project == "compat"  # wandb.init still gets the rest
+    logger.experiment.finish()
+
+
 def test_slurm_environment_and_auto_requeue(monkeypatch):
     for k, v in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
                  "SLURM_NODEID": "0", "SLURM_JOB_ID": "7", "SLURM_NODELIST": "localhost"}.items():
@@ -84,7 +174,6 @@ def test_wandb_run_started(tmp_path, monkeypatch):
     logger.experiment  # noqa: B018  (creates the run)
     assert compat.wandb_run_started(logger)
     logger.experiment.finish()
-
 
 
 def test_val_check_batch_is_read_before_each_check(tmp_path):
