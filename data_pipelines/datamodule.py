@@ -504,6 +504,7 @@ class MLMDataModule(L.LightningDataModule):
             "num_workers": self.settings.num_workers,
             "world_size": self.world_size,
             "pack_mode": self.settings.pack_mode,
+            "interleave_shards": StreamConfig.interleave_shards,
             "batch_multiple": self.batch_multiple,
             "carry": carry.to_dict() if carry is not None else None,
         }
@@ -516,8 +517,10 @@ class MLMDataModule(L.LightningDataModule):
         consumed = int(state_dict["consumed"])
         carry = Carry.from_dict(state_dict["carry"]) if state_dict.get("carry") else None
         self.replanned = False
-        blocks = {"seed": self.settings.seed, "seq_len": self.seq_len, "pack_mode": self.settings.pack_mode}
+        blocks = {"seed": self.settings.seed, "seq_len": self.seq_len, "pack_mode": self.settings.pack_mode,
+                  "interleave_shards": StreamConfig.interleave_shards}
         written = dict(state_dict)
+        written.setdefault("interleave_shards", 1)  # checkpoints from before readers interleaved shards read one at a time
         if "pack_mode" in written:
             written["pack_mode"] = _LEGACY_PACK_MODES.get(written["pack_mode"], written["pack_mode"])
         changed = [k for k, v in blocks.items() if k in written and written[k] != v]

@@ -143,6 +143,13 @@ def test_a_checkpoint_of_the_old_packing_name_resumes_without_a_warning(shard_di
     with caplog.at_level(logging.WARNING, logger="data_pipelines"):
         _dm(shard_dir, tokenizer_dir, pack_mode="doc").load_state_dict(old)  # a real change still says so
     assert "data settings changed since the checkpoint (pack_mode)" in caplog.text
+    # Before readers interleaved shards, checkpoints saved no interleave_shards: they read one shard at a time,
+    # so the rest of their epoch comes in another order, and the resume says so.
+    caplog.clear()
+    before_interleaving = {k: v for k, v in old.items() if k != "interleave_shards"}
+    with caplog.at_level(logging.WARNING, logger="data_pipelines"):
+        _dm(shard_dir, tokenizer_dir).load_state_dict(before_interleaving)
+    assert "data settings changed since the checkpoint (interleave_shards)" in caplog.text
 
 
 # -- a real Lightning Trainer ------------------------------------------------------------------
