@@ -262,7 +262,7 @@ class RequeueOnSignal(StepBoundary):
             signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
         if not signalled:
             return
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # a full, resumable checkpoint
         self.stopped_at = trainer.global_step
         trainer.should_stop = True
         job = os.environ.get("SLURM_JOB_ID")

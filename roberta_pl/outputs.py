@@ -27,18 +27,21 @@ def describe_model(module: MaskedLMModule, plan) -> str:
             f"accumulation {plan.accumulation} x {plan.world_size} rank{'s' if plan.world_size > 1 else ''})")
 
 
-def finished_run(ckpt: Path, saved: dict, max_steps: int, out_dir: Path) -> dict | None:
+def finished_run(ckpt: Path, saved: dict, max_steps: int, out_dir: Path, budgeted: bool = False) -> dict | None:
     """The summary of a run that already reached ``max_steps`` (None if it has steps to go). Rerunning a
     finished run keeps every output as it is (summary, export, W&B run); raising ``trainer.max_steps``
-    continues it instead."""
+    continues it instead, except in a time-budgeted run (``budgeted``), whose step count its budget fixed."""
     step = int(saved.get("global_step", 0))
     if step < max_steps:
         return None
     summary_path = out_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"run_dir": str(out_dir), "metrics": {}}
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)) or 0) == 0:
-        print(f"{out_dir} already finished: {ckpt.name} is at step {step}, trainer.max_steps={max_steps}. Nothing "
-              f"was changed. Raise trainer.max_steps to train further, or use another run_name for a new run.")
+        more = ("Its time budget fixed that step count, which a resume keeps; use another run_name (or resume=never) "
+                "for a new run." if budgeted else "Raise trainer.max_steps to train further, or use another run_name for "
+                "a new run.")
+        limit = "the steps its budget bought" if budgeted else f"trainer.max_steps={max_steps}"
+        print(f"{out_dir} already finished: {ckpt.name} is at step {step}, {limit}. Nothing was changed. {more}")
     return summary
 
 
@@ -61,7 +64,7 @@ def save_final_checkpoint(trainer: pl.Trainer) -> None:
     is not a multiple of N would otherwise lose its final steps (and a rerun would repeat them)."""
     callback = trainer.checkpoint_callback
     if callback is not None and last_saved_step(trainer) != trainer.global_step:
-        trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
+        trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt", weights_only=False)  # a full, resumable checkpoint
 
 
 def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tokenizer, out_dir: Path,
@@ -91,7 +94,8 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tok
     print(f"Done: {trainer.global_step} steps in {out_dir}"
           + (f"; validation masked-token accuracy {acc:.3f}, loss {metrics['val/loss']:.3f}" if acc is not None else ""))
     outputs = [p for p in ("checkpoints/last.ckpt", "loss_curve.png", "hf", "summary.json") if (out_dir / p).exists()]
-    rerun = " Rerun with a larger trainer.max_steps to continue from last.ckpt." if "checkpoints/last.ckpt" in outputs else ""
+    resumable = "checkpoints/last.ckpt" in outputs and cfg.trainer.max_time is None  # a budget fixed the steps
+    rerun = " Rerun with a larger trainer.max_steps to continue from last.ckpt." if resumable else ""
     print(f"Outputs in {out_dir}: {', '.join(outputs) or 'none'}.{rerun}")
     return summary
 

@@ -55,8 +55,11 @@ def test_a_budget_run_ends_at_the_step_it_fixed_with_validation_checkpoint_and_e
     history = json.loads((tmp_path / "metrics_history.json").read_text())
     assert [h["step"] for h in history if "val_loss" in h][-1] == fixed  # the last step validates
     assert (tmp_path / "hf" / "model.safetensors").exists()
+    capsys.readouterr()
     again = run(compose_cfg(budget), tmp_path)  # finished: the fixed figure, not the cap, says so
-    assert again["global_step"] == fixed and "already finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert again["global_step"] == fixed and "already finished" in out and "the steps its budget bought" in out
+    assert "Raise trainer.max_steps" not in out  # the cap is not what stopped it; raising it changes nothing
 
 
 def test_a_stopped_budget_run_resumes_to_its_fixed_step_as_the_step_run_of_that_many_steps(tmp_path, data):

@@ -307,6 +307,7 @@ def test_cli_bad_config_is_one_line_error(tmp_path, override, message, shard_dir
 def test_cli_prints_no_notices_that_do_not_apply(tmp_path, data_overrides):
     # What a user sees before the first step: our model line, not Lightning's srun hint (Slurm is installed
     # on this machine), its LitLogger advert or a model summary claiming 0 FLOPs, nor wandb's "anonymous" warning;
+    # nor Lightning's `weights_only` notice when the final checkpoint is saved;
     # and after the run's own summary, not wandb's history/summary block (its sync line stays). wandb as a user
     # has it: not silenced as the rest of the suite is (WANDB_SILENT).
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"} | {"WANDB_MODE": "offline"}
@@ -316,7 +317,7 @@ def test_cli_prints_no_notices_that_do_not_apply(tmp_path, data_overrides):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
     for noise in ("srun", "litlogger", "anonymous setting", "Total FLOPs", "hp_metric", "Traceback", "Run history:",
-                  "Run summary:"):
+                  "Run summary:", "`weights_only` was not set"):
         assert noise not in text, (noise, text[-3000:])
     assert "wandb sync " in text, text[-3000:]
     assert "Model: 0.05M parameters (2 layers x 32, 2 heads" in proc.stdout
