@@ -434,7 +434,12 @@ def mlm_flops_per_token(config: RobertaConfig, seq_len: int, mask_prob: float = 
     plus 4*T*H for attention scores and values. The head: 2*H^2 (dense) + 2*H*V (decoder), applied
     to ``mask_prob`` of the tokens when sparse. For base at T=512: ≈ 0.60 GFLOP sparse, 0.80 dense.
     """
-    H, F_, L, V = config.hidden_size, config.intermediate_size, config.num_layers, config.vocab_size
+    H, F_, L = config.hidden_size, config.intermediate_size, config.num_layers
     per_layer = 2 * (4 * H * H + 2 * H * F_) + 4 * seq_len * H
-    head = 2 * H * H + 2 * H * V
-    return 3.0 * (L * per_layer + (mask_prob if sparse else 1.0) * head)
+    return 3.0 * L * per_layer + (mask_prob if sparse else 1.0) * mlm_head_flops(config)
+
+
+def mlm_head_flops(config: RobertaConfig) -> float:
+    """Training FLOPs of the MLM head for one predicted position: 2*H^2 (dense) + 2*H*V (decoder), x3."""
+    H, V = config.hidden_size, config.vocab_size
+    return 3.0 * (2 * H * H + 2 * H * V)

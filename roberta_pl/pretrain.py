@@ -6,7 +6,6 @@ this module only says what one step computes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 
 from data_pipelines.datamodule import STEP_WINDOW
 from roberta_pl.lightning_compat import completes_step, is_logging_step, micro_batches_started
-from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
+from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token, mlm_head_flops
 from roberta_pl.optim import build_adamw, lr_lambda
 
 
@@ -64,8 +63,7 @@ class MaskedLMModule(pl.LightningModule):
         # Read by ThroughputLogger for MFU: the encoder runs on every position, the sparse head only on the
         # positions a batch masks (its labels other than -100), so the two are counted apart.
         self.flops_per_position = mlm_flops_per_token(self.config, seq_len, mask_prob=0.0)
-        self.flops_per_prediction = mlm_flops_per_token(dataclasses.replace(self.config, num_layers=0), seq_len,
-                                                        mask_prob=1.0)
+        self.flops_per_prediction = mlm_head_flops(self.config)
         self._window: torch.Tensor | None = None  # (loss, accuracy) of the current step so far
         self._masked: torch.Tensor | None = None  # masked tokens in the current step's global batch
         self._logged_step = False

@@ -30,13 +30,13 @@ from roberta_pl.callbacks import (
     StopAtStep,
     ThroughputLogger,
     ValidationSchedule,
+    WorldSizeResume,
 )
 from roberta_pl.checkpoints import AtomicCheckpointIO
 from roberta_pl.errors import ConfigError
 from roberta_pl.lightning_compat import slurm_environment
 from roberta_pl.loggers import StepLearningRateMonitor, build_loggers
 from roberta_pl.optim import BatchPlan, parse_duration
-from roberta_pl.callbacks import WorldSizeResume
 
 
 def deepspeed_config(cfg: DictConfig, plan: BatchPlan) -> dict[str, Any]:
