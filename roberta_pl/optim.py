@@ -45,11 +45,6 @@ class BatchPlan:
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_len
 
-    @property
-    def batch_multiple(self) -> int:
-        """Micro-batches per rank that make whole optimizer steps in every phase (an epoch holds a multiple)."""
-        return math.lcm(*(acc for _, _, acc in self.phases))
-
 
 def plan_batch(global_batch_size: int, micro_batch_size: int, world_size: int, seq_len: int) -> BatchPlan:
     """Derive gradient accumulation from the global batch.
