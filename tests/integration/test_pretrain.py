@@ -317,7 +317,7 @@ def test_cli_prints_no_notices_that_do_not_apply(tmp_path, data_overrides):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
     for noise in ("srun", "litlogger", "anonymous setting", "Total FLOPs", "hp_metric", "Traceback", "Run history:",
-                  "Run summary:", "`weights_only` was not set"):
+                  "Run summary:", "`weights_only` was not set", "have overridden `transfer_batch_to_device`"):
         assert noise not in text, (noise, text[-3000:])
     assert "wandb sync " in text, text[-3000:]
     assert "Model: 0.05M parameters (2 layers x 32, 2 heads" in proc.stdout
