@@ -187,15 +187,17 @@ def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, decay: str = "l
 
 def build_adamw(model: nn.Module, lr: float, betas: Sequence[float], eps: float, weight_decay: float,
                 fused: bool | None = None, cpu_adam: bool = False) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`; the fused CUDA kernel whenever all parameters are on CUDA.
-    ``cpu_adam``: DeepSpeed's CPU AdamW kernel instead, which ZeRO-Offload requires (the same update)."""
+    """AdamW over :func:`param_groups`; torch's fused kernel whenever every parameter is a float tensor on CUDA or
+    on the CPU (one kernel for all tensors; on CPU 0.9 ms a step for the tiny model against 6.3 ms for the
+    per-tensor loop). ``cpu_adam``: DeepSpeed's CPU AdamW kernel instead, which ZeRO-Offload requires (the same
+    update)."""
     groups = param_groups(model, weight_decay)
     if cpu_adam:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adamw_mode=True)
     if fused is None:
-        fused = all(p.is_cuda for g in groups for p in g["params"])
+        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 

@@ -133,6 +133,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, resolved_config: dict, callbac
         **arguments,
     )
     share_cpu_threads(trainer)
+    keep_freed_memory(trainer)
     slurm = slurm_environment(trainer)
     if slurm is not None:  # RequeueOnSignal requeues at a step boundary; Lightning's own would save mid-step
         slurm.auto_requeue = False
@@ -159,6 +160,39 @@ def share_cpu_threads(trainer: pl.Trainer) -> int | None:
     threads = max(1, available_cpus() // trainer.num_devices)
     torch.set_num_threads(threads)
     return threads
+
+
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_GLIBC_KEEP_BYTES = 512 << 20
+
+
+def keep_freed_memory(trainer: pl.Trainer) -> bool:
+    """On CPU with glibc, let freed blocks of up to 512 MiB be reused instead of handed back to the kernel.
+
+    glibc serves a block over its mmap threshold (128 KiB to 32 MiB, adapting) with a fresh mapping and returns it
+    on free, and trims the heap top past 128 KiB, so a step's large tensors (the masked positions' logits, the
+    activations) come back every step as new zeroed pages: a page fault each 4 KiB. On the quickstart's model that
+    was 6,000 faults and 13 ms of kernel time a 72 ms step; with both thresholds raised, 200 faults and 1 ms (what
+    jemalloc or tcmalloc would also buy). The process keeps up to 512 MiB it freed for its next step.
+
+    Nothing is changed off CPU, off glibc, or when the user set glibc's own ``MALLOC_*_`` variables or preloads an
+    allocator (``LD_PRELOAD``). Returns whether the thresholds were set.
+    """
+    import ctypes
+    import platform
+
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    if (not isinstance(trainer.accelerator, CPUAccelerator) or platform.libc_ver()[0] != "glibc"
+            or any(k in os.environ for k in _MALLOC_ENV) or os.environ.get("LD_PRELOAD")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    kept = [libc.mallopt(option, _GLIBC_KEEP_BYTES) for option in (m_mmap_threshold, m_trim_threshold)]
+    return all(kept)
 
 
 def pretraining_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict) -> pl.Trainer:

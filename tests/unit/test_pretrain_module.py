@@ -107,3 +107,42 @@ def test_mfu_counts_the_positions_each_batch_predicts(tmp_path):
         assert tokens < positions and predicted > 0
         flops = positions * m.flops_per_position + predicted * m.flops_per_prediction
         assert mfu / tokens_per_sec == pytest.approx(flops / tokens / _Peak.PEAK, rel=1e-9)
+
+
+def test_accuracy_is_the_share_of_masked_tokens_whose_label_scores_highest():
+    # Computed from a max of the logits (not an argmax, ~10x slower on CPU): it must agree with the argmax count.
+    m = module()
+    torch.manual_seed(1)
+    for name, p in m.model.named_parameters():  # sharper logits than the init's, so some predictions are right
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.5)
+    batch = next(iter(DataLoader(rows(8, padded=True), batch_size=8)))
+    batch["labels"][0, :8] = batch["input_ids"][0, :8]  # unmasked positions (the 10%): the input is the answer
+    with torch.no_grad():
+        _, accuracy, _, count = m._shared_step(batch)
+        out = m.model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    expected = (out.logits.argmax(-1) == out.targets).float().mean()
+    assert count == int((batch["labels"] != IGNORE_INDEX).sum()) and 0 < float(expected) < 1, float(expected)
+    assert float(accuracy) == pytest.approx(float(expected))
+
+
+def test_adamw_uses_the_fused_kernel_on_cpu_with_the_per_tensor_update():
+    from roberta_pl.optim import build_adamw
+
+    def trained(fused: bool | None) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        net = module().model
+        opt = build_adamw(net, 1e-2, (0.9, 0.98), 1e-6, 0.01, fused=fused)
+        for step in range(3):
+            torch.manual_seed(100 + step)
+            for p in net.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return opt, [p.detach().clone() for p in net.parameters()]
+
+    default, weights = trained(None)
+    assert all(g["fused"] for g in default.param_groups)  # chosen for CPU parameters, not only CUDA ones
+    loop, reference = trained(False)
+    assert not any(g["fused"] for g in loop.param_groups)
+    for a, b in zip(weights, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
