@@ -242,7 +242,7 @@ def micro_batches_before(phases: Sequence[tuple[int, int, int]], step: int) -> i
 
 
 def budget_max_steps(phases: Sequence[tuple[int, int, int]], step: int, seconds_left: float,
-                     seconds_per_micro_batch: float, cap: int) -> int:
+                     seconds_per_micro_batch: float, cap: int, cheaper_from: tuple[int, float] | None = None) -> int:
     """The step count a time budget buys: the last optimizer step whose micro-batches, from ``step`` on,
     fit in ``seconds_left`` at the measured rate (a batch ramp's longer steps included). At least
     ``step + 1``; at most ``cap``.
@@ -253,14 +253,25 @@ def budget_max_steps(phases: Sequence[tuple[int, int, int]], step: int, seconds_
         seconds_left: training time left (validation and the run's end already subtracted).
         seconds_per_micro_batch: the measured time of one micro-batch, forward + backward + its share of the step.
         cap: ``trainer.max_steps``, which a budget never exceeds.
+        cheaper_from: ``(from_step, ratio)``: the micro-batches of steps ``from_step`` on cost ``ratio`` times the
+            measured ones on average (a mask rate falling from there to the end shrinks the MLM head's work).
     Returns:
         The ``max_steps`` to fix.
     """
-    affordable = micro_batches_before(phases, step) + max(0.0, seconds_left) / max(seconds_per_micro_batch, 1e-9)
+    before = micro_batches_before(phases, step)
+    split, ratio = (micro_batches_before(phases, max(step, cheaper_from[0])) - before, cheaper_from[1]) \
+        if cheaper_from is not None else (math.inf, 1.0)
+
+    affordable = max(0.0, seconds_left) / max(seconds_per_micro_batch, 1e-9)  # in measured micro-batches
+
+    def cost(last: int) -> float:  # steps step .. last - 1, in measured micro-batches
+        micro = micro_batches_before(phases, last) - before
+        return min(micro, split) + max(0, micro - split) * ratio
+
     lo, hi = step + 1, max(cap, step + 1)
-    while lo < hi:  # the largest s in [step + 1, cap] with micro_batches_before(s) <= affordable
+    while lo < hi:  # the largest s in [step + 1, cap] whose steps fit in the time left
         mid = (lo + hi + 1) // 2
-        if micro_batches_before(phases, mid) <= affordable:
+        if cost(mid) <= affordable:
             lo = mid
         else:
             hi = mid - 1

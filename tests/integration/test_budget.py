@@ -41,7 +41,8 @@ def test_a_budget_run_ends_at_the_step_it_fixed_with_validation_checkpoint_and_e
     run(compose_cfg([*budget, "trainer.stop_at_step=11"]), tmp_path)  # the figure is fixed at step 10
     fixed = fixed_max_steps(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True))
     assert fixed is not None and 10 < fixed < 100000  # from the time left, not the cap
-    assert "trainer.max_steps fixed at" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "trainer.max_steps fixed at" in out and "x that after the warm-up, as the mask rate falls" in out
     summary = run(compose_cfg(budget), tmp_path)  # resumed: to the saved figure, whatever time is left
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert summary["global_step"] == ckpt["global_step"] == fixed_max_steps(ckpt) == fixed

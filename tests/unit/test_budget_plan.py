@@ -36,6 +36,31 @@ def test_budget_buys_the_steps_that_fit_and_a_ramp_makes_later_steps_dearer():
     assert budget_max_steps(ramp, 10, 10.0, 0.1, cap=10_000) == 42
 
 
+def test_steps_after_the_warmup_cost_less_when_the_mask_rate_falls():
+    flat = [(0, 0, 1)]
+    # From step 10: 10 micro-batches at the measured 0.1 s to the warm-up's end (step 20), then the other 9 s buy
+    # 180 micro-batches at half the cost.
+    assert budget_max_steps(flat, 10, 10.0, 0.1, cap=10_000, cheaper_from=(20, 0.5)) == 200
+    assert budget_max_steps(flat, 10, 10.0, 0.1, cap=10_000, cheaper_from=(20, 1.0)) == 110  # as without
+    assert budget_max_steps(flat, 30, 10.0, 0.1, cap=10_000, cheaper_from=(20, 0.5)) == 230  # fixed after it
+    ramp = [(0, 0, 1), (20, 20, 4)]
+    assert budget_max_steps(ramp, 10, 10.0, 0.1, cap=10_000, cheaper_from=(20, 0.5)) == 20 + 180 // 4
+
+
+def test_the_falling_mask_cost_is_the_heads_share_at_the_mean_rate():
+    from types import SimpleNamespace
+
+    from roberta_pl.callbacks import falling_mask_cost
+
+    module = SimpleNamespace(flops_per_position=2.0, flops_per_prediction=4.0)
+    with_schedule = SimpleNamespace(datamodule=SimpleNamespace(mask_schedule=MaskSchedule(0.3, 0.15, hold=1)))
+    # Encoder 2 a position, head 4 a prediction: 2 + 0.3 * 4 while measured, 2 + 0.225 * 4 on average after.
+    assert falling_mask_cost(with_schedule, module) == pytest.approx(2.9 / 3.2)
+    assert falling_mask_cost(SimpleNamespace(datamodule=SimpleNamespace(mask_schedule=None)), module) is None
+    assert falling_mask_cost(SimpleNamespace(datamodule=None), module) is None
+    assert falling_mask_cost(with_schedule, SimpleNamespace()) is None  # a module without FLOPs figures
+
+
 def test_mask_schedule_holds_through_warmup_then_falls_linearly_to_the_end_rate():
     s = MaskSchedule(0.3, 0.15, hold=10, horizon=110)
     assert s.rate(0) == s.rate(9) == 0.3
