@@ -22,7 +22,8 @@ logs, copyright notices), paragraphs de-duplicated, split by paragraph hash into
     python bench/quality.py --quick         # one 1-minute budget: a smoke check
     python bench/quality.py --budgets 5 10 --threads 1
 
-Writes ``bench/results/quality.json`` and ``quality.png`` (held-out accuracy by budget). Nothing asserts a figure.
+Writes ``bench/results/quality.json`` and ``quality.png`` (held-out accuracy by budget); budgets of an earlier
+``quality.json`` on the same corpus and setup that this run does not redo are kept. Nothing asserts a figure.
 """
 
 from __future__ import annotations
@@ -256,6 +257,21 @@ def run_budget(minutes: float, work: Path, threads: int, hf_lr: float) -> dict:
     return results
 
 
+def kept_budgets(path: Path, report: dict, budgets: list[float]) -> list[dict]:
+    """The budgets of an earlier ``quality.json`` that this run does not redo, when they are comparable: the same
+    corpus, shape, threads, HF LR and library versions. So ``--budgets 20`` adds a point to the 2/5/10 table."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    same = ("corpus", "seq_len", "global_batch", "hf_lr")
+    machine = ("cpus", "threads_each", "torch", "transformers")
+    if any(old.get(k) != report[k] for k in same) or any(old["machine"].get(k) != report["machine"][k] for k in machine):
+        print(f"{path}: another corpus, shape or setup; its budgets are replaced, not merged", flush=True)
+        return []
+    load = {k: old["machine"][k] for k in ("load_before", "load_after") if k in old["machine"]}
+    return [load | entry for entry in old["budgets"] if entry["minutes"] not in budgets]  # older files: one load
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -306,24 +322,27 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads_each": a.threads,
-                          "torch": torch.__version__, "transformers": transformers.__version__,
-                          "load_before": os.getloadavg()},
+                          "torch": torch.__version__, "transformers": transformers.__version__},
               "corpus": corpus, "seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH, "hf_lr": a.hf_lr, "budgets": []}
+    suffix = "_quick" if a.quick else ""
+    out_json = a.out_dir / f"quality{suffix}.json"
+    kept = kept_budgets(out_json, report, budgets)
     print(f"{'budget':>7} {'contender':<13} {'steps':>6} {'held-out acc':>12} {'held-out loss':>13}")
     for minutes in budgets:
+        started, load_before = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()
         results = run_budget(minutes, a.work, a.threads, a.hf_lr)
-        report["budgets"].append({"minutes": minutes, "results": results})
+        report["budgets"].append({"minutes": minutes, "started": started, "load_before": load_before,
+                                  "load_after": os.getloadavg(), "results": results})
         for name, r in results.items():
             print(f"{minutes:>5g} m {name:<13} {r['steps']:>6} {r['heldout_accuracy']:>12.3f} {r['heldout_loss']:>13.3f}",
                   flush=True)
         ours, hf, old = (results[n]["heldout_accuracy"] for n in ("ours-budget", "hf", "ours-default"))
         print(f"        ours-budget / hf = {ours / max(hf, 1e-9):.2f}x, ours-budget / ours-default = {ours / max(old, 1e-9):.2f}x")
-    report["machine"]["load_after"] = os.getloadavg()
+    report["budgets"] = sorted(report["budgets"] + kept, key=lambda r: r["minutes"])
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if a.quick else ""
-    (a.out_dir / f"quality{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    out_json.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, a.out_dir / f"quality{suffix}.png")
-    print(f"wrote {a.out_dir / f'quality{suffix}.json'} and quality{suffix}.png")
+    print(f"wrote {out_json} and quality{suffix}.png ({len(kept)} budget(s) kept from the earlier file)")
 
 
 if __name__ == "__main__":
