@@ -23,7 +23,7 @@ logs, copyright notices), paragraphs de-duplicated, split by paragraph hash into
     python bench/quality.py --budgets 5 10 --threads 1
 
 Writes ``bench/results/quality.json`` and ``quality.png`` (held-out accuracy by budget); budgets of an earlier
-``quality.json`` on the same corpus and setup that this run does not redo are kept. Nothing asserts a figure.
+``quality.json`` on the same corpus, setup and commit that this run does not redo are kept. Nothing asserts a figure.
 """
 
 from __future__ import annotations
@@ -257,16 +257,28 @@ def run_budget(minutes: float, work: Path, threads: int, hf_lr: float) -> dict:
     return results
 
 
+def code_version() -> str:
+    """This checkout's commit (``+dirty`` with uncommitted changes): points measured by other code are not merged."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def kept_budgets(path: Path, report: dict, budgets: list[float]) -> list[dict]:
     """The budgets of an earlier ``quality.json`` that this run does not redo, when they are comparable: the same
-    corpus, shape, threads, HF LR and library versions. So ``--budgets 20`` adds a point to the 2/5/10 table."""
+    corpus, shape, threads, HF LR, library versions and commit. So ``--budgets 20`` adds a point to the 2/5/10 table."""
     if not path.exists():
         return []
     old = json.loads(path.read_text())
-    same = ("corpus", "seq_len", "global_batch", "hf_lr")
+    same = ("corpus", "seq_len", "global_batch", "hf_lr", "code")
     machine = ("cpus", "threads_each", "torch", "transformers")
     if any(old.get(k) != report[k] for k in same) or any(old["machine"].get(k) != report["machine"][k] for k in machine):
-        print(f"{path}: another corpus, shape or setup; its budgets are replaced, not merged", flush=True)
+        print(f"{path}: another corpus, shape, setup or commit; its budgets are replaced, not merged", flush=True)
         return []
     load = {k: old["machine"][k] for k in ("load_before", "load_after") if k in old["machine"]}
     return [load | entry for entry in old["budgets"] if entry["minutes"] not in budgets]  # older files: one load
@@ -323,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads_each": a.threads,
                           "torch": torch.__version__, "transformers": transformers.__version__},
+              "code": code_version(),
               "corpus": corpus, "seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH, "hf_lr": a.hf_lr, "budgets": []}
     suffix = "_quick" if a.quick else ""
     out_json = a.out_dir / f"quality{suffix}.json"
