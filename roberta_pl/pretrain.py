@@ -24,6 +24,17 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The share of rows whose target alone scores highest (``logits`` ``[N, V]``, ``targets`` ``[N]``).
+
+    A comparison with the target's logit, not an argmax (4 ms against 0.4 ms for the quickstart's step on CPU).
+    A tie at the top is a miss, where an argmax would call it a hit when the target is the first tied index: with
+    bf16 logits ties are not rare, and a tie is no prediction. A row with a NaN target logit is a miss.
+    """
+    target_logit = logits.gather(-1, targets.unsqueeze(-1))
+    return ((logits >= target_logit).sum(-1) == 1).float().mean()
+
+
 # Constructor arguments of earlier versions, still in old checkpoints' hyper-parameters: accepted and ignored. The
 # mask rate set the FLOPs figure (ThroughputLogger now counts the masked positions each batch carries) and `packed`
 # dropped the attention mask (now dropped whenever the batch's mask is all ones, see transfer_batch_to_device).
@@ -98,9 +109,8 @@ class MaskedLMModule(pl.LightningModule):
         if targets.numel() == 0:  # nothing masked (tiny batches): a zero loss that keeps the graph
             zero = out.logits.sum() * 0.0
             return zero, zero.detach(), zero, 0
-        with torch.no_grad():  # the target's logit is the row's maximum: a max is ~10x cheaper than an argmax on CPU
-            target_logit = out.logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            accuracy = (target_logit >= out.logits.amax(-1)).float().mean()
+        with torch.no_grad():
+            accuracy = masked_accuracy(out.logits, targets)
         return out.loss, accuracy, out.loss * targets.numel(), targets.numel()
 
     def _step_denominator(self, batch: dict, masked: int) -> torch.Tensor:

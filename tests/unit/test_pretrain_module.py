@@ -110,7 +110,8 @@ def test_mfu_counts_the_positions_each_batch_predicts(tmp_path):
 
 
 def test_accuracy_is_the_share_of_masked_tokens_whose_label_scores_highest():
-    # Computed from a max of the logits (not an argmax, ~10x slower on CPU): it must agree with the argmax count.
+    # Computed by comparison with the target's logit (not an argmax, ~10x slower on CPU): without ties it must agree
+    # with the argmax count.
     m = module()
     torch.manual_seed(1)
     for name, p in m.model.named_parameters():  # sharper logits than the init's, so some predictions are right
@@ -124,6 +125,17 @@ def test_accuracy_is_the_share_of_masked_tokens_whose_label_scores_highest():
     expected = (out.logits.argmax(-1) == out.targets).float().mean()
     assert count == int((batch["labels"] != IGNORE_INDEX).sum()) and 0 < float(expected) < 1, float(expected)
     assert float(accuracy) == pytest.approx(float(expected))
+
+
+def test_a_tie_at_the_top_is_a_miss_and_so_is_a_nan():
+    from roberta_pl.pretrain import masked_accuracy
+
+    logits = torch.tensor([[0.0, 3.0, 1.0],    # target 1 scores highest: a hit
+                           [2.0, 2.0, 1.0],    # target 0 ties with 1: a miss (an argmax would say hit)
+                           [2.0, 2.0, 1.0],    # target 1 ties with 0: a miss
+                           [float("nan"), 1.0, 0.0],  # a NaN target logit: a miss
+                           [5.0, 1.0, 0.0]]).to(torch.bfloat16)
+    assert float(masked_accuracy(logits, torch.tensor([1, 0, 1, 0, 0]))) == pytest.approx(2 / 5)
 
 
 def test_adamw_uses_the_fused_kernel_on_cpu_with_the_per_tensor_update():
