@@ -175,24 +175,29 @@ def keep_freed_memory(trainer: pl.Trainer) -> bool:
     was 6,000 faults and 13 ms of kernel time a 72 ms step; with both thresholds raised, 200 faults and 1 ms (what
     jemalloc or tcmalloc would also buy). The process keeps up to 512 MiB it freed for its next step.
 
-    Nothing is changed off CPU, off glibc, or when the user set glibc's own ``MALLOC_*_`` variables or preloads an
-    allocator (``LD_PRELOAD``). Returns whether the thresholds were set.
+    Nothing is changed off CPU, off glibc, or when the user set glibc's own ``MALLOC_*_`` variables or
+    ``glibc.malloc`` tunables (``GLIBC_TUNABLES``), or preloads an allocator (``LD_PRELOAD``). Returns whether the
+    thresholds were set.
     """
     import ctypes
     import platform
 
     from lightning.pytorch.accelerators import CPUAccelerator
 
-    if (not isinstance(trainer.accelerator, CPUAccelerator) or platform.libc_ver()[0] != "glibc"
-            or any(k in os.environ for k in _MALLOC_ENV) or os.environ.get("LD_PRELOAD")):
+    user_set = any(k in os.environ for k in _MALLOC_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+    if (not isinstance(trainer.accelerator, CPUAccelerator) or platform.libc_ver()[0] != "glibc" or user_set
+            or os.environ.get("LD_PRELOAD")):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    kept = [libc.mallopt(option, _GLIBC_KEEP_BYTES) for option in (m_mmap_threshold, m_trim_threshold)]
-    return all(kept)
+    # The mmap threshold first: a glibc that caps it (mallopt(3): 32 MiB on 64-bit) gets the cap. The trim threshold
+    # only once that worked: setting it alone freezes the mmap threshold at 128 KiB, worse than glibc's default.
+    if not (libc.mallopt(m_mmap_threshold, _GLIBC_KEEP_BYTES) or libc.mallopt(m_mmap_threshold, 32 << 20)):
+        return False
+    return bool(libc.mallopt(m_trim_threshold, _GLIBC_KEEP_BYTES))
 
 
 def pretraining_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict) -> pl.Trainer:

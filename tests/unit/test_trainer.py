@@ -46,7 +46,7 @@ def test_a_cpu_run_reuses_the_memory_it_freed_unless_the_user_set_the_allocator(
 
     def run(**env) -> tuple[str, float]:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
-        proc = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, timeout=120,
+        proc = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, timeout=600,
                               env=clean | env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         applied, faults = proc.stdout.split()[-2:]
