@@ -481,7 +481,8 @@ class BudgetPlanner(StepBoundary):
                          "cost_after_warmup": 1.0 if ratio is None else ratio}
         self._apply(trainer, pl_module)
         if trainer.is_global_zero:
-            falling = "" if ratio is None else f" ({ratio:.2f}x that after the warm-up, as the mask rate falls)"
+            falling = "" if ratio is None or abs(ratio - 1) < 5e-3 else \
+                f" ({ratio:.2f}x that after the warm-up, at the mask schedule's mean rate)"
             print(f"Time budget {_clock(self.seconds)}: {per_micro * 1e3:.1f} ms a micro-batch over steps {step0}-{step}"
                   f"{falling}, {_clock(left)} left -> trainer.max_steps fixed at {max_steps:,} (the LR decays to it; "
                   f"a resume trains to it)", flush=True)

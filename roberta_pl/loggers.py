@@ -165,7 +165,8 @@ def quiet_notices() -> None:
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")  # a short fine-tuning epoch
     # MaskedLMModule.transfer_batch_to_device drops an all-ones attention mask; the DataModule has no such hook,
     # so Lightning uses the module's, which is what it warns about.
-    warnings.filterwarnings("ignore", message=".*in `LightningModule` but have passed in a `LightningDataModule`.*")
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device` in `LightningModule` but have "
+                                              "passed in a `LightningDataModule`.*")
     # Lightning's start-up lines: the device inventory (the run's own lines say what it uses), and the notices
     # that limit_val_batches=1.0 / val_check_interval=1.0 mean "all" and "each epoch", which is what they say.
     notices = _DropNotice("litlogger", "GPU available: ", "TPU available: ", "HPU available: ", "was configured so")

@@ -42,7 +42,7 @@ def test_a_budget_run_ends_at_the_step_it_fixed_with_validation_checkpoint_and_e
     fixed = fixed_max_steps(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True))
     assert fixed is not None and 10 < fixed < 100000  # from the time left, not the cap
     out = capsys.readouterr().out
-    assert "trainer.max_steps fixed at" in out and "x that after the warm-up, as the mask rate falls" in out
+    assert "trainer.max_steps fixed at" in out and "x that after the warm-up, at the mask schedule's mean rate" in out
     summary = run(compose_cfg(budget), tmp_path)  # resumed: to the saved figure, whatever time is left
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert summary["global_step"] == ckpt["global_step"] == fixed_max_steps(ckpt) == fixed
