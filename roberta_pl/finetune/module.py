@@ -22,7 +22,7 @@ from roberta_pl.model import (
     RobertaForSequenceClassification,
     RobertaForTokenClassification,
 )
-from roberta_pl.optim import layer_decay_groups, lr_lambda
+from roberta_pl.optim import build_adamw, layer_decay_groups, lr_lambda
 
 # The metric each task kind can monitor; all higher-is-better except loss.
 SEQUENCE_METRICS = ("accuracy", "f1", "mcc", "loss")
@@ -205,7 +205,7 @@ class FinetuneModule(pl.LightningModule):
         o, h = self.hparams.optim, self.hparams
         groups = layer_decay_groups(self.model, o["lr"], o["weight_decay"], o.get("layer_decay", 1.0),
                                     self.model.config.num_layers)
-        optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+        optimizer = build_adamw(self.model, o["lr"], o["betas"], o["eps"], o["weight_decay"], groups=groups)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, warmup_steps=h.warmup_steps, total_steps=h.total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
