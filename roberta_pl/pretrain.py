@@ -27,12 +27,13 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The share of rows whose target alone scores highest (``logits`` ``[N, V]``, ``targets`` ``[N]``).
 
-    A comparison with the target's logit, not an argmax (4 ms against 0.4 ms for the quickstart's step on CPU).
-    A tie at the top is a miss, where an argmax would call it a hit when the target is the first tied index: with
-    bf16 logits ties are not rare, and a tie is no prediction. A row with a NaN target logit is a miss.
+    A count of the logits at or above the target's, not an argmax: 2.5 ms against 3.3 ms for the quickstart's
+    [600, 8192] logits on CPU, and no host sync. The count is summed as int32: a bool sum promotes to int64, which
+    took 5 ms. A tie at the top is a miss, where an argmax would call it a hit when the target is the first tied
+    index: with bf16 logits ties are not rare, and a tie is no prediction. A row with a NaN target logit is a miss.
     """
     target_logit = logits.gather(-1, targets.unsqueeze(-1))
-    return ((logits >= target_logit).sum(-1) == 1).float().mean()
+    return ((logits >= target_logit).sum(-1, dtype=torch.int32) == 1).float().mean()
 
 
 # Constructor arguments of earlier versions, still in old checkpoints' hyper-parameters: accepted and ignored. The

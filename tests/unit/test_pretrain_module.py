@@ -110,8 +110,8 @@ def test_mfu_counts_the_positions_each_batch_predicts(tmp_path):
 
 
 def test_accuracy_is_the_share_of_masked_tokens_whose_label_scores_highest():
-    # Computed by comparison with the target's logit (not an argmax, ~10x slower on CPU): without ties it must agree
-    # with the argmax count.
+    # Computed by counting the logits at or above the target's (not an argmax, slower on CPU): without ties it must
+    # agree with the argmax count.
     m = module()
     torch.manual_seed(1)
     for name, p in m.model.named_parameters():  # sharper logits than the init's, so some predictions are right
