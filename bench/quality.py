@@ -280,8 +280,7 @@ def kept_budgets(path: Path, report: dict, budgets: list[float]) -> list[dict]:
     if any(old.get(k) != report[k] for k in same) or any(old["machine"].get(k) != report["machine"][k] for k in machine):
         print(f"{path}: another corpus, shape, setup or commit; its budgets are replaced, not merged", flush=True)
         return []
-    load = {k: old["machine"][k] for k in ("load_before", "load_after") if k in old["machine"]}
-    return [load | entry for entry in old["budgets"] if entry["minutes"] not in budgets]  # older files: one load
+    return [entry for entry in old["budgets"] if entry["minutes"] not in budgets]
 
 
 def plot(report: dict, path: Path) -> None:

@@ -381,9 +381,10 @@ class BudgetPlanner(StepBoundary):
     ``fix_step`` (or once 5% of the budget went into measuring, if sooner), fixes ``max_steps`` so that the rest
     of the budget holds the remaining steps, the validations due until then and one more for the end (the last
     step always validates). Under a mask-rate schedule the steps after the warm-up are counted cheaper, by the
-    FLOPs the falling rate saves in the MLM head (:func:`falling_mask_cost`). From then on the run is a step-count run: the LR decays to the fixed step (the
-    module's ``hparams.max_steps``, which the schedule reads), the mask-rate schedule's horizon is that step,
-    and the figure is saved in the checkpoint (``state_dict``). A resume
+    FLOPs the falling rate saves in the MLM head (:func:`falling_mask_cost`). From then on the run is a
+    step-count run: the LR decays to the fixed step (the module's ``hparams.max_steps``, which the schedule
+    reads), the mask-rate schedule's horizon is that step, and the figure is saved in the checkpoint
+    (``state_dict``). A resume
     reuses it and does not measure again: it trains to the same step whatever time is left, exactly as the
     uninterrupted run. A run stopped before the figure was fixed measures afresh, with the budget it had
     not yet spent.
@@ -411,8 +412,8 @@ class BudgetPlanner(StepBoundary):
         self.phases = [tuple(p) for p in phases]
         self.cap = cap
         self.val_every_n_steps = val_every_n_steps
-        # Fixed at step `fix_step`, at most warmup - 2: the batch prefetched at that point is still in the warm-up.
         self.warmup_steps = warmup_steps
+        # Fixed at step `fix_step`, at most warmup - 2: the batch prefetched at that point is still in the warm-up.
         self.fix_step = min(warmup_steps // 2, 100)
         self.measure_from = min(max(1, self.fix_step // 4), 5)  # the first steps pay for allocation, compilation
         self.max_steps: int | None = None  # the fixed figure (in the checkpoint)
@@ -521,7 +522,7 @@ def falling_mask_cost(trainer: pl.Trainer, pl_module: pl.LightningModule) -> flo
     15%: 0.90 (the quickstart's micro-batches measured 0.86 of the warm-up's, so the budget still ends a little
     early); for ``base`` the head's share is smaller and so is the correction.
     """
-    schedule = getattr(trainer.datamodule, "mask_schedule", None) if trainer.datamodule is not None else None
+    schedule = getattr(trainer.datamodule, "mask_schedule", None)
     per_position = getattr(pl_module, "flops_per_position", 0.0)
     per_prediction = getattr(pl_module, "flops_per_prediction", 0.0)
     if schedule is None or per_position <= 0:

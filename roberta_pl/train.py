@@ -64,8 +64,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
             saved = read_checkpoint(ckpt)  # memory-mapped, read once: the fit check, finished-run check, resume line
             check_resume_checkpoint(ckpt, saved, model_cfg, data.tokenizer.hash)
             # A time-budgeted run trains to the max_steps it fixed (saved in the checkpoint), not to the cap.
-            finished = finished_run(ckpt, saved, fixed_max_steps(saved) or cfg.trainer.max_steps, out_dir,
-                                    budgeted=fixed_max_steps(saved) is not None)
+            fixed = fixed_max_steps(saved)
+            finished = finished_run(ckpt, saved, fixed or cfg.trainer.max_steps, out_dir, budgeted=fixed is not None)
             if finished is not None:
                 return finished
         if not any(int(os.environ.get(v, 0) or 0) for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
