@@ -50,6 +50,8 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = range(5)
 MODEL_FILE = "spm.model"
 META_FILE = "tokenizer_meta.json"
+# Every file a tokenizer directory holds (the layout above): what an export copies, by name, and nothing else.
+TOKENIZER_FILES = (MODEL_FILE, META_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 WORD_START = "\u2581"  # SentencePiece's "▁": the piece begins a new whitespace-separated word
 # Flags of :meth:`SpmTokenizer.word_start_table` (whole-word and span masking read them).
 STARTS_WORD = 1  # the piece starts a word

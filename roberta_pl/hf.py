@@ -15,15 +15,19 @@ only the training dependencies. ``transformers.AutoModelForMaskedLM.from_pretrai
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipelines.tokenizer import TOKENIZER_FILES as _OUR_TOKENIZER_FILES
 from roberta_pl.model import (
     RobertaConfig,
     RobertaForMaskedLM,
@@ -72,7 +76,9 @@ _HEAD_KEYS = {
 _IGNORED_HF_KEYS = re.compile(
     r"^(lm_head\.decoder\.(weight|bias)|roberta(_prelayernorm)?\.(embeddings\.position_ids|pooler\..*))$"
 )
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".ckpt", ".pt", ".pth", ".onnx", ".tmp")
+# The tokenizer files an export copies, by name: ours, and those of HF RoBERTa-family tokenizers (byte-level BPE's
+# vocab and merges, XLM-R's SentencePiece model) that fine-tuning a HF directory exports again.
+TOKENIZER_FILES = (*_OUR_TOKENIZER_FILES, "vocab.json", "merges.txt", "added_tokens.json", "sentencepiece.bpe.model")
 _VOCAB_SIZED = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias")
 
 
@@ -218,7 +224,8 @@ def save_hf(model: RobertaForMaskedLM, path: str | Path, tokenizer=None) -> Path
     Args:
         model: our masked-LM model.
         path: output directory (created).
-        tokenizer: a tokenizer directory (its files are copied) or an object with ``save_pretrained(path)``.
+        tokenizer: a tokenizer directory (the files :data:`TOKENIZER_FILES` names are copied, links refused) or an
+            object with ``save_pretrained(path)``.
     Returns:
         The output directory.
     """
@@ -255,29 +262,71 @@ def save_hf_classifier(model: RobertaForSequenceClassification | RobertaForToken
 
 def _write_hf_dir(path: str | Path, tensors: dict[str, torch.Tensor], hf_config: dict, tokenizer) -> Path:
     path = Path(path)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    # Write to temporary names and rename, so an interrupted export never leaves a loadable half.
-    tmp_weights, tmp_config = path / "model.safetensors.tmp", path / "config.json.tmp"
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    tmp_config.write_text(json.dumps(hf_config, indent=2) + "\n")
-    tmp_weights.replace(path / "model.safetensors")
-    tmp_config.replace(path / "config.json")
-    if tokenizer is not None:
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(path)
-        else:
-            src = Path(getattr(tokenizer, "path", tokenizer))
-            if not src.is_dir():
-                raise FileNotFoundError(f"tokenizer directory not found: {src}")
-            if src.resolve() != path.resolve():
-                for f in src.iterdir():  # tokenizer files only: never a model directory's weights or config
-                    if f.is_file() and f.name != "config.json" and not f.name.endswith(_WEIGHT_SUFFIXES):
-                        shutil.copy2(f, path / f.name)
-        _fit_tokenizer_to_model(path, hf_config)
-    for f in path.iterdir():  # shared clusters: readable as the umask allows (safetensors writes 0600)
-        if f.is_file():
-            f.chmod(0o666 & ~_umask())
+    # Everything is written into a private directory first and renamed into place at the end: a refused tokenizer
+    # leaves nothing half-done in ``path``, and a link planted in ``path`` under one of our names is replaced, never
+    # written through. Only files written here get a mode (readable as the umask allows, as ``open`` would make them:
+    # safetensors writes 0600); nothing else in ``path``, and nothing outside it, is chmod-ed.
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=path))
+    try:
+        if tokenizer is not None:
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(staging)
+            else:
+                src = Path(getattr(tokenizer, "path", tokenizer))
+                if src.resolve() != path.resolve():  # exporting into the tokenizer's own directory: already there
+                    _copy_tokenizer_files(src, staging)
+            _fit_tokenizer_to_model(staging, hf_config)
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        mode = 0o666 & ~_umask()
+        written = sorted((f for f in staging.iterdir() if f.is_file()), key=lambda f: f.name == "config.json")
+        for f in written:
+            f.chmod(mode)
+        for f in written:  # config.json last: the directory loads only once the weights are in place
+            os.replace(f, path / f.name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _copy_tokenizer_files(src: Path, dest: Path) -> None:
+    """Copy the tokenizer files of ``src`` that :data:`TOKENIZER_FILES` names into ``dest``, as new files.
+
+    A tokenizer directory may come from a checkpoint's hyper-parameters, which anyone can edit: only known names
+    are read (never an ``id_rsa`` beside them), each opened without following a symbolic link, and a known name
+    that is a link (or not a regular file) is refused rather than skipped, since an export without it would not
+    be the tokenizer the model was trained with.
+
+    Raises:
+        FileNotFoundError: ``src`` is not a directory.
+        ValueError: one line naming the file that is a link or not a regular file.
+    """
+    if not src.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {src}")
+    for name in TOKENIZER_FILES:
+        file = src / name
+        try:  # O_NONBLOCK: a FIFO under a known name is refused below instead of blocking the open
+            fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise ValueError(f"{file} is a symbolic link (to {os.readlink(file)}); an export copies only regular "
+                             f"files of the tokenizer directory: replace the link with the file it points to, or "
+                             f"pass another tokenizer directory (--tokenizer DIR)") from None
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{file} is not a regular file; an export copies only regular files of the "
+                                 f"tokenizer directory")
+            with open(dest / name, "xb") as out:
+                shutil.copyfileobj(fh, out)
 
 
 def _fit_tokenizer_to_model(path: Path, hf_config: dict) -> None:

@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         if out.exists() and not args.overwrite:
             raise DataError(f"{out} exists; pass --overwrite to replace it or -o another path")
         examples = read_texts(src, args.column)
-        encoder, tok_dir = load_encoder(args.model)
-        if args.tokenizer is None and tok_dir is None:
+        encoder, tok_dir = load_encoder(args.model, args.tokenizer)  # the recorded one only if its hash matches
+        if tok_dir is None:
             raise DataError(f"{args.model} records no tokenizer; pass --tokenizer")
-        tokenizer = load_text_tokenizer(args.tokenizer or tok_dir)
+        tokenizer = load_text_tokenizer(tok_dir)
         vectors, truncated = embed(encoder.to(args.device), tokenizer, [e.text for e in examples], args.pooling,
                                    args.batch_size, args.max_length, progress=sys.stderr.isatty())
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:

@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     from data_pipelines.tokenizer import load_tokenizer
 
     try:
-        model, tok_dir = load_pretrained(args.model)
-        tok_dir = args.tokenizer or tok_dir
+        model, tok_dir = load_pretrained(args.model, args.tokenizer)  # the recorded one only if its hash matches
         if tok_dir is None:
             raise ValueError(f"{args.model} records no tokenizer; pass --tokenizer")
         tokenizer = load_tokenizer(tok_dir)

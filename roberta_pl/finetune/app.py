@@ -61,11 +61,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             check_known_keys(cfg, FinetuneConfig)
             check_hydra_targets(cfg)
             plan = preflight_finetune(cfg, out_dir)
-            encoder, recorded_tokenizer = load_encoder(cfg.pretrained)
+            # The tokenizer it records only if its hash is the recorded one; tokenizer=DIR is the user's choice.
+            encoder, tok_dir = load_encoder(cfg.pretrained, cfg.tokenizer, flag="tokenizer=DIR")
             chosen = fill_size_defaults(cfg, encoder.config.hidden_size)  # before `resolved`: loggers see the real lr
             if chosen and rank_zero_only.rank == 0:
                 print(chosen)
-            tok_dir = cfg.tokenizer or recorded_tokenizer
             if tok_dir is None:
                 raise ConfigError(f"pretrained={cfg.pretrained} records no tokenizer; pass tokenizer=DIR")
             tokenizer = load_text_tokenizer(tok_dir)
