@@ -419,7 +419,8 @@ class BudgetPlanner(StepBoundary):
         self.max_steps: int | None = None  # the fixed figure (in the checkpoint)
         self.spent = 0.0  # budget seconds spent by earlier jobs of this run before the figure was fixed
         self.measured: dict[str, float] = {}
-        self._clock = time.monotonic()
+        self.clock = time.monotonic  # this rank's clock (tests skew it)
+        self._clock = self.clock()
         self._mark: tuple[float, int, float, int] | None = None  # (time, micro-batch, validation s, step)
         self._val_seconds = 0.0
         self._val_batches = 0
@@ -427,11 +428,11 @@ class BudgetPlanner(StepBoundary):
 
     def elapsed(self) -> float:
         """Budget seconds spent so far, earlier jobs of this run included."""
-        return self.spent + time.monotonic() - self._clock
+        return self.spent + self.clock() - self._clock
 
     # validation time is measured apart: it is not part of a training step's rate
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._val_start = time.monotonic()
+        self._val_start = self.clock()
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -439,7 +440,7 @@ class BudgetPlanner(StepBoundary):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._val_start is not None:
-            self._val_seconds += time.monotonic() - self._val_start
+            self._val_seconds += self.clock() - self._val_start
             self._val_start = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -451,15 +452,23 @@ class BudgetPlanner(StepBoundary):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.max_steps is not None or not self.at_boundary:
             return
-        step, now = trainer.global_step, time.monotonic()
+        step, now = trainer.global_step, self.clock()
         if self._mark is None:
             if step >= self.measure_from:
                 self._mark = (now, micro_batches_started(trainer), self._val_seconds, step)
             return
         t0, micro0, val0, step0 = self._mark
-        # At fix_step, or earlier once 5% of the budget went into measuring (a short budget on a slow machine).
-        if step < self.fix_step and (step == step0 or now - t0 < 0.05 * self.seconds):
-            return
+        # At fix_step, or earlier once 5% of the budget went into measuring (a short budget on a slow machine). Each
+        # rank has its own clock, and the broadcast below is a collective: were one rank to decide a step before the
+        # others, its broadcast would meet their gradient all-reduce (a hang, or garbage exchanged). So before
+        # fix_step, a step number every rank shares, the ranks agree (one boolean all-reduce a step, only in the
+        # measuring window): when any rank's clock says so, all fix at this step.
+        if step < self.fix_step:
+            early = step > step0 and now - t0 >= 0.05 * self.seconds
+            if trainer.world_size > 1:
+                early = trainer.strategy.reduce_boolean_decision(early, all=False)
+            if not early:
+                return
         micro = micro_batches_started(trainer)
         per_micro = max(now - t0 - (self._val_seconds - val0), 1e-9) / max(1, micro - micro0)
         # A validation batch is a forward pass only: about a third of a training micro-batch, until one is timed.

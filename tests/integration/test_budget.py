@@ -81,3 +81,34 @@ def test_a_stopped_budget_run_resumes_to_its_fixed_step_as_the_step_run_of_that_
     for k, v in straight["state_dict"].items():
         assert torch.equal(v, end["state_dict"][k]), k  # bit for bit on CPU: same LR, masks and data at every step
     assert _lrs(steps) == _lrs(stopped) and len(_lrs(steps)) == 30
+
+
+def test_two_ranks_with_skewed_clocks_fix_the_same_step_count(tmp_path, data, reliability):
+    """Rank 1's clock runs 200x fast, so by its own clock 5% of the budget went into measuring at once, while
+    rank 0's says not yet. Were each rank to decide alone, rank 1's broadcast of the figure would meet rank 0's
+    gradient all-reduce: a hang or garbage. The ranks agree on the step, so both fix the figure at the same step,
+    stop at the same step, and the job ends."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    helpers = Path(__file__).resolve().parents[1] / "helpers"
+    args = [*TINY, *data, *BUDGET, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.precision=32-true", "trainer.max_time=10m", "trainer.max_steps=14", "trainer.val_every_n_steps=1000",
+            "export_hf=false", "logger=csv", "checkpoint.every_n_steps=1000", f"run_dir={tmp_path}",
+            "trainer.callbacks=[{_target_:reliability_faults.ClockSkew,rank:1,factor:200}]"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(helpers), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args], capture_output=True, text=True,
+                          timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if "trainer.max_steps fixed at" in x)
+    fixed_at = int(line.split("over steps ")[1].split("-")[1].split(" ")[0].rstrip(","))
+    assert fixed_at < 10  # rank 1's skewed clock made every rank fix it early, at the same step (fix_step is 10)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == fixed_max_steps(last) == 14  # ample budget on rank 0: the cap, broadcast from it
+    reliability("budget_clock_skew",
+                happened=f"rank 1 of 2 (DDP, gloo) with a clock running 200x fast wanted to fix max_steps at once; the "
+                         f"ranks agreed (one boolean all-reduce a step in the measuring window) and both fixed it at "
+                         f"step {fixed_at}, rank 0's figure broadcast; the job finished",
+                kept="both ranks at the same step count (the cap, 14), no hang")
