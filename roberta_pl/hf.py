@@ -299,18 +299,32 @@ def _copy_tokenizer_files(src: Path, dest: Path) -> None:
     """Copy the tokenizer files of ``src`` that :data:`TOKENIZER_FILES` names into ``dest``, as new files.
 
     A tokenizer directory may come from a checkpoint's hyper-parameters, which anyone can edit: only known names
-    are read (never an ``id_rsa`` beside them), each opened without following a symbolic link, and a known name
-    that is a link (or not a regular file) is refused rather than skipped, since an export without it would not
-    be the tokenizer the model was trained with.
+    are read (never an ``id_rsa`` beside them), and none through a symbolic link that leaves the directory. A link
+    is followed only to a file inside the directory, or, for a HuggingFace hub snapshot (``snapshots/REV/NAME ->
+    ../../blobs/SHA``, how every model fine-tuned from the hub cache holds its tokenizer), inside its repository's
+    ``blobs``. Any other link is refused rather than skipped: an export without that file would silently not be
+    the tokenizer the model was trained with.
 
     Raises:
         FileNotFoundError: ``src`` is not a directory.
-        ValueError: one line naming the file that is a link or not a regular file.
+        ValueError: one line naming the file that links elsewhere or is not a regular file.
     """
     if not src.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {src}")
+    root = src.resolve()
+    inside = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
     for name in TOKENIZER_FILES:
         file = src / name
+        if file.is_symlink():
+            try:
+                target = file.resolve()
+            except (OSError, RuntimeError):  # a loop of links
+                target = None
+            if target is None or not any(target.is_relative_to(d) for d in inside):
+                raise ValueError(f"{file} is a symbolic link out of its directory (to {target}); an export copies "
+                                 f"only the tokenizer directory's own files: replace the link with the file it points "
+                                 f"to, or pass another tokenizer directory (--tokenizer DIR)")
+            file = target
         try:  # O_NONBLOCK: a FIFO under a known name is refused below instead of blocking the open
             fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
@@ -318,9 +332,7 @@ def _copy_tokenizer_files(src: Path, dest: Path) -> None:
         except OSError as e:
             if e.errno != errno.ELOOP:
                 raise
-            raise ValueError(f"{file} is a symbolic link (to {os.readlink(file)}); an export copies only regular "
-                             f"files of the tokenizer directory: replace the link with the file it points to, or "
-                             f"pass another tokenizer directory (--tokenizer DIR)") from None
+            raise ValueError(f"{file}: replaced by a symbolic link while the export read it") from None
         with open(fd, "rb") as fh:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ValueError(f"{file} is not a regular file; an export copies only regular files of the "

@@ -16,11 +16,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint directory")
     p.add_argument("out_dir", help="output directory (created)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the checkpoint)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the checkpoint, if its hash "
+                                       "is the recorded one); only its tokenizer files are copied")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out_dir, args.tokenizer)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # OSError: an unreadable tokenizer file, a full disk
         sys.exit(f"roberta-pl-export: error: {e}")
     print(f"Exported to {out}")
 

@@ -99,11 +99,11 @@ def test_a_tokenizer_file_linked_out_of_the_directory_is_refused_and_id_rsa_neve
     ckpt = forged(checkpoint, tmp_path, d)
     out = tmp_path / "export"
     message = exits_with_one_line(export_main, [str(ckpt), str(out)])
-    assert "tokenizer.json" in message and "symbolic link" in message, message
+    assert "tokenizer.json" in message and "symbolic link out of its directory" in message, message
     assert not out.exists() or not any(out.iterdir())
     # An explicitly passed tokenizer directory is the user's choice, but still read without following links.
     message = exits_with_one_line(export_main, [str(checkpoint), str(out), "--tokenizer", str(d)])
-    assert "tokenizer.json" in message and "symbolic link" in message, message
+    assert "tokenizer.json" in message and "symbolic link out of its directory" in message, message
     assert not out.exists() or not any(out.iterdir())
     assert modes(d / "id_rsa", outside) == [0o600, 0o600]
     # Without the link the export goes through, holding the tokenizer files and nothing else of the directory.
@@ -172,3 +172,25 @@ def test_readers_check_the_recorded_tokenizer_too(tmp_path, checkpoint, tokenize
     fill_mask_main([str(ckpt), "a <mask> b", "--tokenizer", str(tokenizer_dir)])
     assert "<mask> #1" in capsys.readouterr().out
     assert load_pretrained(checkpoint)[1] == tokenizer_dir
+
+
+def test_links_inside_a_hub_snapshot_are_followed_and_copied_as_files(tmp_path, checkpoint, tokenizer_dir):
+    # The HuggingFace hub cache holds each file of a revision as snapshots/REV/NAME -> ../../blobs/SHA: a model
+    # fine-tuned from it exports its tokenizer from there. A link leaving the repository is still refused.
+    repo = tmp_path / "models--someone--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for i, name in enumerate(TOKENIZER_FILES):
+        shutil.copy(tokenizer_dir / name, repo / "blobs" / f"sha{i}")
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", f"sha{i}"))
+    out = tmp_path / "export"
+    export(checkpoint, out, tokenizer=snapshot)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", "model.safetensors", *TOKENIZER_FILES])
+    assert not any(p.is_symlink() for p in out.iterdir())
+    assert (out / "spm.model").read_bytes() == (tokenizer_dir / "spm.model").read_bytes()
+    outside = secret(tmp_path / "passwd", "root:x:0:0\n")
+    (snapshot / "tokenizer.json").unlink()
+    (snapshot / "tokenizer.json").symlink_to(outside)
+    message = exits_with_one_line(export_main, [str(checkpoint), str(tmp_path / "again"), "--tokenizer", str(snapshot)])
+    assert "symbolic link out of its directory" in message and not (tmp_path / "again").exists()
