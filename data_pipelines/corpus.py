@@ -135,6 +135,15 @@ def _raw_lines(path: Path, max_line_bytes: int, on_error: OnError, report: SkipR
                     report.handle(on_error, "line_too_long", f"{path}:{lineno}", f"longer than {max_line_bytes} bytes")
                     yield lineno, None
                     continue
+                nul = raw.find(b"\0")
+                if nul >= 0:
+                    # NUL is valid UTF-8 but never prose: a binary (or UTF-16) file named .txt. Its "text" would be one
+                    # giant document of junk tokens, so the rest of the file is dropped with the document it cut.
+                    report.handle(on_error, "binary_content", f"{path}:{lineno}",
+                                  f"NUL byte at byte {nul} of the line, as in a binary or UTF-16 file"
+                                  + ("; the rest of the file is skipped" if on_error == "skip" else ""))
+                    yield lineno, None
+                    return
                 try:
                     yield lineno, raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -180,6 +189,10 @@ def _jsonl_documents(
         text = record[text_field]
         if not isinstance(text, str):
             report.handle(on_error, "bad_text_field", where, f"{text_field!r} is {type(text).__name__}, not a string")
+            continue
+        if "\0" in text:  # an escaped \u0000 in JSON: binary data stored as text
+            report.handle(on_error, "binary_content", where, f"NUL character at position {text.index(chr(0))} of "
+                                                             f"{text_field!r}")
             continue
         if not text.strip():
             report.handle(on_error, "empty_document", where)

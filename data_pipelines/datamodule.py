@@ -34,12 +34,17 @@ A training module that consumes batches some other way can call :meth:`MLMDataMo
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
+import functools
 import itertools
 import logging
 import math
 import os
 import signal
+import sys
+import threading
+import time
 import typing
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -68,17 +73,68 @@ from data_pipelines.tokenizer import load_tokenizer
 log = logging.getLogger("data_pipelines")
 
 
-def ignore_requeue_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGUSR1, SIGTERM and SIGINT; the training process acts.
+def ignore_requeue_signals(parent_pid: int | None, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` (bound to the training process's pid): workers ignore SIGUSR1, SIGTERM and
+    SIGINT, the training process acts; and a worker dies with the training process (:func:`exit_with_parent`).
 
     Slurm's ``--signal=SIGUSR1@90`` goes to every process of the job step, DataLoader workers included, and
     a forked worker inherits the trainer's handler: it would act on its stale copy of the run. A requeue or
     ``scancel`` (SIGTERM) and Ctrl-C (SIGINT) also reach every process: a worker that died of them first made
     the training process fail with a traceback per worker. The training process stops the run and shuts its
-    workers down; if it is killed outright, workers exit when they see their parent gone.
+    workers down. If it is killed outright (SIGKILL, the OOM killer) it cannot: torch's own check of the parent
+    runs only while a worker waits for work, and a worker blocked writing batches into the full pipe to its dead
+    parent would wait forever, ignoring SIGTERM, holding its memory.
     """
     for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+    exit_with_parent(parent_pid)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_parent(parent_pid: int | None = None, poll_s: float = 1.0) -> str:
+    """Make this process die (SIGKILL) within seconds of its parent's death, however the parent died.
+
+    On Linux the kernel does it: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``. It fires when the parent *thread* that
+    forked this process exits; DataLoader workers are forked (the default start method on Linux) by the thread
+    iterating the loader, Lightning's fit loop in the main thread, so that is the training process's end. A
+    parent that died before the call is caught by comparing ``getppid()`` with ``parent_pid`` afterwards (an
+    orphan has been re-parented). Elsewhere a daemon thread polls ``getppid()`` every ``poll_s`` seconds.
+
+    Args:
+        parent_pid: the process expected to be the parent (the training process, when the worker was forked or
+            spawned from it); ``None``: whatever the parent is now (a forkserver's worker).
+        poll_s: the fallback watchdog's polling interval.
+
+    Returns:
+        ``"prctl"`` or ``"watchdog"``: how the parent is watched.
+    """
+    parent = os.getppid() if parent_pid is None else parent_pid
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            ok = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            ok = False
+        if ok:
+            if os.getppid() != parent:  # the parent died before prctl: the signal will never come
+                os._exit(1)
+            return "prctl"
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)  # the main thread may be blocked in a write; nothing else would end the process
+
+    threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
+    return "watchdog"
+
+
+def _start_method() -> str:
+    """How the DataLoader starts its workers: the default context (no ``multiprocessing_context`` is passed), read
+    without fixing it (the first of ``get_all_start_methods`` is the default: fork on Linux up to Python 3.13)."""
+    return torch.multiprocessing.get_start_method(allow_none=True) or torch.multiprocessing.get_all_start_methods()[0]
 
 
 def _batch_key(batch: Any) -> int:
@@ -416,7 +472,10 @@ class MLMDataModule(L.LightningDataModule):
             "pin": self.settings.pin_memory,
             "persistent_workers": False,  # each pass re-forks so workers see the new epoch/cursor
             "prefetch_factor": 4 if workers else None,
-            "worker_init_fn": ignore_requeue_signals if workers else None,
+            # Workers are forked by this process (the default start method on Linux) or spawned from it: they watch
+            # its pid. Under a forkserver their parent is the server, which exits with this process.
+            "worker_init_fn": functools.partial(ignore_requeue_signals, None if _start_method() == "forkserver"
+                                                else os.getpid()) if workers else None,
         }
 
     def train_dataloader(self) -> DataLoader:

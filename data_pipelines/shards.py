@@ -126,6 +126,38 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def check_shard_names(record: dict, where: str | os.PathLike) -> None:
+    """Refuse a manifest (or task record) whose shard names would reach outside its directory.
+
+    The writer names every shard :func:`shard_name` (``train-000003.tar``), a plain file name read as
+    ``<directory>/<name>``; an absolute path, ``..`` or a path separator would make a manifest from
+    elsewhere read (or, for a record, vouch for) any file on the machine.
+
+    Args:
+        record: a manifest or task record: ``{"splits": {split: {"shards": [...]}}}`` (manifest) or
+            ``{"splits": {split: [...]}}`` (record), each shard ``{"name", ...}``.
+        where: the file it was read from, for the message.
+
+    Raises:
+        DataError: one line naming the file and the entry.
+    """
+    splits = record.get("splits")
+    if not isinstance(splits, dict):
+        raise DataError(f"{where}: corrupt manifest (no 'splits' object)")
+    for split, value in splits.items():
+        entries = value.get("shards") if isinstance(value, dict) else value
+        if not isinstance(entries, list):
+            raise DataError(f"{where}: corrupt manifest (splits.{split} has no list of shards)")
+        for i, entry in enumerate(entries):
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+                    or os.path.isabs(name)):
+                raise DataError(f"{where}: shard entry splits.{split}[{i}] has name {name!r}, not a plain file name "
+                                f"inside the shard directory (the writer names shards like {shard_name(split, i)}); "
+                                f"refusing a path that leaves the directory: rewrite the shards with "
+                                f"`roberta-pl-data shards`")
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     tmp.write_text(text)
@@ -794,6 +826,8 @@ def _task_records(out: Path) -> tuple[dict, list[dict]]:
         record = json.loads(path.read_text()) if path.exists() else None
         if record is None or record.get("plan") != digest:
             missing.append(t)
+        else:
+            check_shard_names(record, path)  # its names go into the manifest
         records.append(record)
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
@@ -895,8 +929,11 @@ def load_manifest(path: str | os.PathLike) -> dict:
         raise DataError(f"{p}: no manifest; write shards with `roberta-pl-data shards`") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{p}: corrupt manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{p}: corrupt manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format") != FORMAT_VERSION:
         raise DataError(format1_message(str(p.parent)) if manifest.get("format") == 1 else
                         f"{p}: manifest of an unknown shard format {manifest.get('format')!r}; {REWRITE_HINT}")
+    check_shard_names(manifest, p)
     manifest["root"] = str(p.parent)
     return manifest

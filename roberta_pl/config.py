@@ -70,6 +70,10 @@ class DataConf:
     train_shards: Optional[str] = None  # None: the embedded default corpus, built and cached
     valid_shards: Optional[str] = None
     tokenizer: Optional[str] = None  # tokenizer dir; required with train_shards
+    # data=shards sets it: without train_shards and tokenizer the run stops with one line instead of training on
+    # the embedded corpus. (A `???` in data/shards.yaml cannot say it: merged over this schema's None default,
+    # OmegaConf keeps the None, and the run went on with the default corpus.)
+    require_shards: bool = False
     cache_dir: str = "${oc.env:ROBERTA_PL_CACHE,${oc.env:HOME}/.cache/roberta-pl}"
     default_vocab_size: int = 8192  # tokenizer size when the default corpus is built
     packing: str = "full_sentences"  # full_sentences | doc (the data side's DataSettings.pack_mode)

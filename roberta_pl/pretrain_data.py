@@ -63,9 +63,27 @@ def _default_dataset(cache_dir: Path, vocab_size: int) -> PretrainData:
 def prepare_data(cfg: DictConfig) -> PretrainData:
     """The tokenizer and shard specs of ``cfg.data``, building the default dataset when none is given."""
     d = cfg.data
+    check_data_source(d)
     if d.train_shards is None:
         return _default_dataset(Path(d.cache_dir).expanduser(), d.default_vocab_size)
     return PretrainData(load_tokenizer(d.tokenizer), str(d.train_shards), str(d.valid_shards) if d.valid_shards else None)
+
+
+def check_data_source(d: DictConfig) -> None:
+    """Refuse ``data=shards`` (``data.require_shards``) without the shards and tokenizer it needs: without them
+    the run would train on the embedded default corpus, which nobody asked for.
+
+    Raises:
+        ConfigError: one line naming the unset keys and what to set.
+    """
+    from roberta_pl.errors import ConfigError
+
+    missing = [key for key in ("train_shards", "tokenizer") if d.get(key) is None]
+    if d.get("require_shards") and missing:
+        raise ConfigError(
+            f"data=shards but {' and '.join('data.' + k for k in missing)} {'is' if len(missing) == 1 else 'are'} not "
+            f"set: set data.train_shards=DIR (a shard directory from `roberta-pl-data shards`) and data.tokenizer=DIR "
+            f"(the tokenizer the shards were written with), or use data=default for the embedded corpus")
 
 
 def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
