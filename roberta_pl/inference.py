@@ -18,11 +18,16 @@ def fill_mask(model: RobertaForMaskedLM, tokenizer, text: str, top_k: int = 5) -
         text: input containing at least one ``<mask>``.
         top_k: candidates per mask.
     """
+    vocab = tokenizer.vocab_size
+    if vocab > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {vocab} tokens but the model {model.config.vocab_size}: "
+                         f"not the tokenizer it was trained with")
     ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id][: model.config.max_seq_len]
     positions = [i for i, t in enumerate(ids) if t == tokenizer.mask_id]
     if not positions:
         raise ValueError(f"no <mask> token in {text!r}")
-    logits = model.eval()(torch.tensor([ids])).logits[0, positions]
+    # Only the tokenizer's ids: the model may have more rows (model.vocab_size above the tokenizer's), none a token.
+    logits = model.eval()(torch.tensor([ids])).logits[0, positions, :vocab]
     probs = logits.float().softmax(-1)
     top = probs.topk(top_k, dim=-1)
     return [[(token_text(tokenizer, int(i)), float(p)) for p, i in zip(ps, ix)]

@@ -168,9 +168,20 @@ def test_readers_check_the_recorded_tokenizer_too(tmp_path, checkpoint, tokenize
     assert not (tmp_path / "run" / "checkpoints").exists()
     missing = forged(checkpoint, tmp_path, tmp_path / "gone", "missing.ckpt")
     assert "--tokenizer" in exits_with_one_line(fill_mask_main, [str(missing), "a <mask> b"])
-    # The user's own choice is taken as it is.
-    fill_mask_main([str(ckpt), "a <mask> b", "--tokenizer", str(tokenizer_dir)])
-    assert "<mask> #1" in capsys.readouterr().out
+    # The user's own choice is taken as it is: a smaller tokenizer is only offered its own ids (the model's rows
+    # beyond them are no token), a larger one is refused in one line.
+    capsys.readouterr()
+    for chosen in (tokenizer_dir, other):
+        fill_mask_main([str(ckpt), "a <mask> b", "--tokenizer", str(chosen)])
+        assert "<mask> #1" in capsys.readouterr().out
+    small = forged(checkpoint, tmp_path, other, "small.ckpt")
+    state = torch.load(small, weights_only=True)
+    rows = state["state_dict"]["model.roberta.embeddings.word_embeddings.weight"].shape[0]  # padded vocab
+    state["hyper_parameters"]["model"] |= {"vocab_size": 600, "pad_vocab_multiple": 1}
+    state["state_dict"] = {k: v[:600] if v.shape[:1] == (rows,) else v for k, v in state["state_dict"].items()}
+    torch.save(state, small)
+    message = exits_with_one_line(fill_mask_main, [str(small), "a <mask> b", "--tokenizer", str(tokenizer_dir)])
+    assert "has 800 tokens but the model 600" in message, message
     assert load_pretrained(checkpoint)[1] == tokenizer_dir
 
 
