@@ -554,8 +554,31 @@ def _clock(seconds: float) -> str:
 
 # -- faults ------------------------------------------------------------------------------------------
 def _scaler(trainer: pl.Trainer):
-    """The fp16 GradScaler of a 16-mixed run, None otherwise (bf16 and fp32 need none)."""
+    """The fp16 GradScaler of a 16-mixed run, None otherwise (bf16 and fp32 need none; DeepSpeed has its own)."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _deepspeed_engine(trainer: pl.Trainer):
+    """The DeepSpeed engine of a DeepSpeed run, None otherwise."""
+    return getattr(trainer.strategy, "deepspeed_engine", None)
+
+
+def _loss_scale(trainer: pl.Trainer) -> float | None:
+    """The fp16 loss scale now: Lightning's GradScaler under 16-mixed (a sync), DeepSpeed's own loss scaler under
+    DeepSpeed fp16 (a Python float); None without fp16 loss scaling. Both skip a step whose gradients overflow."""
+    scaler = _scaler(trainer)
+    if scaler is not None:
+        return scaler.get_scale() if scaler.is_enabled() else None
+    engine = _deepspeed_engine(trainer)
+    return float(engine.loss_scale()) if engine is not None and engine.fp16_enabled() else None
+
+
+def _scales_loss(trainer: pl.Trainer) -> bool:
+    """fp16 loss scaling is on, by Lightning's GradScaler or by DeepSpeed: overflow steps are the scaler's to skip."""
+    if _scaler(trainer) is not None:
+        return True
+    engine = _deepspeed_engine(trainer)
+    return engine is not None and engine.fp16_enabled()
 
 
 class NonFiniteLossGuard(pl.Callback):
@@ -565,8 +588,15 @@ class NonFiniteLossGuard(pl.Callback):
     step, before the update. ``stop`` raises :class:`TrainingFault` naming the step: the parameters were
     not touched, and the last checkpoint is kept. ``skip`` drops the step's gradients, so the optimizer
     leaves parameters and moments as they were, counts the skip (``train/skipped_steps``) and trains on;
-    the step's batches count as consumed, so data order stays exact. Under 16-mixed, overflow steps are
-    the GradScaler's to skip (see :class:`LossScaleMonitor`), so the guard stands aside.
+    the step's batches count as consumed, so data order stays exact. Under fp16 loss scaling (16-mixed, or
+    DeepSpeed's fp16), overflow steps are the loss scaler's to skip (see :class:`LossScaleMonitor`), so the guard
+    stands aside.
+
+    Under DeepSpeed, Lightning calls the optimizer step (DeepSpeed's engine decides whether it is a real one) and
+    with it ``on_before_optimizer_step`` after every micro-batch: the guard acts only at the engine's
+    accumulation boundary, so it reads and reduces its flag once per optimizer step there too. DeepSpeed's engine
+    has no way to drop an accumulated step outside fp16, so ``skip`` is refused with DeepSpeed at other precisions
+    (``roberta_pl.checks.preflight``); ``stop`` raises before the engine steps.
 
     Args:
         policy: ``"stop"`` or ``"skip"``.
@@ -580,15 +610,21 @@ class NonFiniteLossGuard(pl.Callback):
         self._bad: torch.Tensor | None = None
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if _scaler(trainer) is None:
+        if not _scales_loss(trainer):
             bad = ~torch.isfinite(loss.detach())
             self._bad = bad if self._bad is None else self._bad | bad
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        engine = _deepspeed_engine(trainer)
+        if engine is not None and not engine.is_gradient_accumulation_boundary():
+            return  # DeepSpeed: a micro-batch inside the window; the flag is read at the window's last one
+        if _scales_loss(trainer):  # the loss scaler skips overflow steps on every rank alike
+            self._bad = None
+            return
         bad, self._bad = self._bad, None
         step = trainer.global_step + 1  # the step being taken; checkpoints are named by completed steps
         bad = bad is not None and bool(bad)  # the one sync per optimizer step
-        if trainer.world_size > 1 and _scaler(trainer) is None:  # under fp16 the GradScaler handles it
+        if trainer.world_size > 1:
             # Gradients are all-reduced, so one rank's NaN is every rank's: all ranks must skip (or stop)
             # together, or the others would step on NaN gradients (or wait for a rank that has left).
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
@@ -618,7 +654,8 @@ class LossScaleMonitor(pl.Callback):
     The GradScaler halves the scale on every step whose gradients overflow and skips that step. A rare
     overflow is normal; a scale driven below ``min_scale`` means step after step overflowed: the loss is
     diverging and training has silently stopped learning. Logs ``train/loss_scale`` on logging steps,
-    and raises :class:`TrainingFault` naming the step and scale. Inert without a GradScaler.
+    and raises :class:`TrainingFault` naming the step and scale. Reads Lightning's GradScaler (16-mixed) or
+    DeepSpeed's loss scaler (DeepSpeed fp16, which skips overflow steps the same way); inert without either.
 
     Args:
         min_scale: the floor (fairseq's ``--min-loss-scale``, 1e-4 by default).
@@ -631,17 +668,16 @@ class LossScaleMonitor(pl.Callback):
         self._seen_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        scaler = _scaler(trainer)
-        if scaler is not None and scaler.is_enabled():
-            self._previous, self._seen_step = scaler.get_scale(), trainer.global_step
+        scale = _loss_scale(trainer)
+        if scale is not None:
+            self._previous, self._seen_step = scale, trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        scaler = _scaler(trainer)
-        if scaler is None or not scaler.is_enabled() or trainer.global_step == self._seen_step:
+        if trainer.global_step == self._seen_step or not _scales_loss(trainer):
             return  # no fp16, or still accumulating: the scale changes only when a step is taken
         self._seen_step = trainer.global_step
-        scale = scaler.get_scale()  # a sync; the scaler already makes one per step to decide skips
+        scale = _loss_scale(trainer)  # GradScaler: a sync, as the scaler makes one per step to decide skips
         previous, self._previous = self._previous, scale
         if previous is not None and scale < previous:
             self.overflows += 1

@@ -56,6 +56,12 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
         # path (a GradScaler plugin, precision_setting) would still replace DeepSpeed's own loss scaling.
         raise ConfigError(f"trainer.precision={t.precision} is not supported with trainer.strategy=deepspeed on "
                           f"trainer.accelerator=cpu; use trainer.precision=bf16-mixed or 32-true (or fp16 on GPUs)")
+    if t.strategy == "deepspeed" and t.nonfinite_loss == "skip" and str(t.precision) not in ("16-mixed", "16"):
+        # DeepSpeed's engine steps at the end of its accumulation window whatever a callback zeroes, and skips a step
+        # only when fp16 gradients overflow (then every rank skips, and LossScaleMonitor reports it).
+        raise ConfigError(f"trainer.nonfinite_loss=skip is not supported with trainer.strategy=deepspeed at "
+                          f"trainer.precision={t.precision} (DeepSpeed drops a step only under fp16 loss scaling); use "
+                          f"trainer.nonfinite_loss=stop (resume=auto restarts from the last checkpoint) or trainer=ddp")
     if t.strategy == "deepspeed" and t.deepspeed.offload_optimizer:
         from roberta_pl.strategies import load_cpu_adam
 
@@ -168,20 +174,42 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "interm
 
 
 def read_checkpoint(ckpt: Path) -> dict:
-    """A Lightning checkpoint read with ``weights_only=True`` (no pickled code runs) and memory-mapped (tensors
-    are not read until used). DeepSpeed checkpoint directories keep the Lightning part in
-    ``checkpoint/*mp_rank_00_model_states.pt`` (ZeRO-3 prefixes it with ``zero_pp_rank_0_``); ``{}`` when absent."""
-    path = ckpt
-    if ckpt.is_dir():
-        path = next(iter(sorted(ckpt.glob("checkpoint/*mp_rank_00_model_states.pt"))), None)
-        if path is None:
-            return {}
+    """A Lightning training checkpoint read with ``weights_only=True`` (no pickled code runs) and memory-mapped
+    (tensors are not read until used). A DeepSpeed checkpoint directory keeps the Lightning part in its current
+    save's ``*mp_rank_00_model_states.pt`` (ZeRO-3 prefixes it with ``zero_pp_rank_0_``); every file of that save is
+    read the same way first, since DeepSpeed's own load and conversion unpickle them with ``weights_only=False``.
+
+    Raises:
+        ConfigError: one line naming the file or directory: pickled code or damage, a directory that is not a
+            DeepSpeed checkpoint, or a file that is not a training checkpoint.
+    """
+    from roberta_pl.checkpoints import UnsafeCheckpointError, load_zero_file, vet_zero_checkpoint
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # UnpicklingError for pickled code, RuntimeError/EOFError for a damaged file
+        if ckpt.is_dir():
+            tag = vet_zero_checkpoint(ckpt)
+            states = sorted(tag.glob("*mp_rank_00_model_states.pt"))
+            if not states:
+                raise ConfigError(f"resume={ckpt}: a DeepSpeed checkpoint directory without a model-states file "
+                                  f"(*mp_rank_00_model_states.pt in {tag})")
+            saved = load_zero_file(states[0])
+        else:
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except UnsafeCheckpointError as e:
+        raise ConfigError(f"resume={ckpt}: {e}") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # UnpicklingError for pickled code, RuntimeError/EOFError for a damaged or foreign file
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         why = next((line for line in lines if "Unsupported global" in line), lines[0].split(". ")[0])
         raise ConfigError(f"resume checkpoint {ckpt} cannot be loaded safely (weights_only=True): {why[:200]}") from None
+    hparams = saved.get("hyper_parameters") if isinstance(saved, dict) else None
+    if (not isinstance(saved, dict) or not {"global_step", "loops"} <= saved.keys() or not isinstance(hparams, dict)
+            or "model" not in hparams or "labels" in hparams):  # a fine-tuning checkpoint records its labels
+        raise ConfigError(f"resume={ckpt}: not a pretraining checkpoint (a Lightning checkpoint written by "
+                          f"roberta-pl-train holds the step, loop state and model settings); pass checkpoints/last.ckpt or a step-*.ckpt "
+                          f"of a run, or resume=auto")
+    return saved
 
 
 def describe_resume(ckpt: Path, state: dict, wandb_id: str | None = None) -> str:
@@ -197,18 +225,27 @@ def describe_resume(ckpt: Path, state: dict, wandb_id: str | None = None) -> str
     return f"Resuming from {ckpt}: {', '.join(parts)}"
 
 
-def check_resume_checkpoint(ckpt: Path, saved: dict, model: dict, tokenizer_hash: str) -> None:
-    """Refuse, before training, a resume checkpoint from another model size or tokenizer.
+def check_resume_checkpoint(ckpt: Path, saved: dict, model: dict, tokenizer_hash: str,
+                            strategy: str | None = None) -> None:
+    """Refuse, before training, a resume checkpoint from another model size or tokenizer, or of the other kind
+    than ``strategy`` loads (a DeepSpeed directory needs ``deepspeed``, which loads nothing else).
 
     Args:
         ckpt: the checkpoint the run would resume from.
         saved: what :func:`read_checkpoint` returned for it (read once per run).
         model: this run's model fields (``vocab_size`` resolved).
         tokenizer_hash: the content hash of this run's tokenizer.
+        strategy: this run's ``trainer.strategy`` (None: not checked).
 
     Raises:
         ConfigError: one line naming the checkpoint, the field and both values.
     """
+    if strategy is not None and ckpt.is_dir() != (strategy == "deepspeed"):
+        kind = "a DeepSpeed checkpoint directory" if ckpt.is_dir() else "a single-file checkpoint"
+        fix = ("resume it with trainer=deepspeed_zero2 or deepspeed_zero3 (the stage it was written with), or export it "
+               "(roberta-pl-export) and continue with pretrained=" if ckpt.is_dir() else
+               "DeepSpeed resumes only its own checkpoint directories; resume it with trainer=ddp, cpu or gpu")
+        raise ConfigError(f"resume checkpoint {ckpt} is {kind} but trainer.strategy={strategy}; {fix}")
     hp = dict(saved.get("hyper_parameters") or {})
     saved = hp.get("model") or {}
     diffs = [f"model.{k}={saved[k]} in the checkpoint but {model[k]} here" for k in _SHAPE_FIELDS
@@ -284,6 +321,10 @@ def check_vocab(model_vocab: int | None, tokenizer_vocab: int) -> int:
 
 
 def find_resume_checkpoint(out_dir: Path) -> Path | None:
-    """The newest of ``checkpoints/last.ckpt`` and Slurm's ``hpc_ckpt_*.ckpt`` in the run directory."""
-    candidates = [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    """The newest of ``checkpoints/last.ckpt`` and Slurm's ``hpc_ckpt_*.ckpt`` in the run directory; a DeepSpeed
+    directory counts once one of its saves completed (its first, killed half-way, left none)."""
+    from roberta_pl.checkpoints import zero_tag_dir
+
+    candidates = [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")]
+                  if p.is_file() or zero_tag_dir(p) is not None]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

@@ -59,7 +59,9 @@ def build_strategy(cfg: DictConfig, plan: BatchPlan):
     if cfg.trainer.strategy == "deepspeed":
         from roberta_pl.strategies import ZeroStrategy
 
-        return ZeroStrategy(config=deepspeed_config(cfg, plan))
+        # DeepSpeed's fp16 loss scaler (GPUs) raises its own multi-line exception at its floor: put that floor one
+        # halving below trainer.min_loss_scale, so LossScaleMonitor stops the run first, with one line naming the step.
+        return ZeroStrategy(config=deepspeed_config(cfg, plan), min_loss_scale=cfg.trainer.min_loss_scale / 2)
     if cfg.trainer.strategy == "ddp":
         from roberta_pl.strategies import RendezvousDDPStrategy
 

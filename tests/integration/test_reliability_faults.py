@@ -213,6 +213,42 @@ def test_nonfinite_loss_on_one_ddp_rank_is_skipped_by_every_rank(tmp_path, shard
                 kept="finite parameters on every rank; AdamW took 3 updates in 4 steps")
 
 
+def test_nonfinite_loss_under_zero_stops_at_the_window_end_and_skip_is_refused(tmp_path, shard_dir, tokenizer_dir,
+                                                                               reliability):
+    """DeepSpeed: Lightning calls the optimizer step (and with it the guard) after every micro-batch, and the engine
+    decides which is a real step. The guard reads its flag at the engine's accumulation boundary only, so a NaN on
+    rank 1 inside step 3's window of 2 micro-batches stops both ranks before step 3's update; ``skip``, which the
+    engine cannot honour outside fp16 (it steps at the window's end whatever was zeroed), is refused up front."""
+    args = [*TINY, *FAST, f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}", "trainer=deepspeed_zero2",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=5",
+            "batch.global_batch_size=16", "batch.micro_batch_size=4", f"run_dir={tmp_path}", "data.num_workers=0",
+            "trainer.callbacks=[{_target_:reliability_faults.NonFiniteLossAt,steps:[3],value:nan,rank:1}]"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    refused = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args, "trainer.nonfinite_loss=skip"],
+                             capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    skip_line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert skip_line.startswith("roberta-pl-train: error: trainer.nonfinite_loss=skip is not supported with "
+                                "trainer.strategy=deepspeed at trainer.precision=32-true")
+    assert not (tmp_path / "checkpoints").exists()
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    stop_line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert stop_line == ("roberta-pl-train: error: non-finite training loss (NaN/inf) at step 3; stopped before updating "
+                         "the parameters (last checkpoint: step 2); set trainer.nonfinite_loss=skip to skip such steps")
+    from roberta_pl.checkpoints import load_pretrained
+
+    model, _ = load_pretrained(tmp_path / "checkpoints" / "last.ckpt")  # consolidated from both ranks' partitions
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    reliability("nonfinite_zero",
+                happened=f"NaN on rank 1 of a 2-rank ZeRO-2 run (CPU, accumulation 2) inside step 3's window: both ranks "
+                         f"stopped at the window's end, before the engine's step: `{scrub(stop_line)}`; with "
+                         f"`nonfinite_loss=skip` (which DeepSpeed cannot honour outside fp16) refused before any work: "
+                         f"`{scrub(skip_line)}`",
+                kept="`last.ckpt` of step 2 with finite parameters on every rank's partition")
+
+
 def test_a_rank_whose_peers_never_come_gives_up_at_the_rendezvous_timeout(tmp_path, shard_dir, tokenizer_dir,
                                                                         reliability):
     """Rank 0 of 2, launched as a cluster would launch it, with no rank 1 ever starting (a node that failed,
