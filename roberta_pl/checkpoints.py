@@ -11,7 +11,8 @@ Lightning checkpoints are read with ``torch.load(weights_only=True)``: no pickle
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,209 @@ from roberta_pl.hf import load_hf, load_hf_encoder
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, RobertaModel
 
 
+# -- DeepSpeed ZeRO checkpoint directories -------------------------------------------------------------------------
+# DeepSpeed writes each rank's files straight to their final names under a tag directory, and its ``latest`` file
+# names the tag. Lightning always uses the tag ``checkpoint``, so each save overwrote the last one in place: a kill
+# mid-save left files of two steps. Here (ZeroStrategy.save_checkpoint) every save writes a fresh tag directory
+# (``tag-<hex>``); once every rank has finished, rank 0 points ``checkpoint`` at it, a relative symbolic link replaced
+# atomically (rename), and removes the older tags. ``latest`` keeps naming ``checkpoint``, so DeepSpeed, Lightning's
+# fp32 converter and ds_to_universal all follow the same pointer, and ``<dir>/checkpoint/*.pt`` still lists the
+# files. A directory whose ``checkpoint`` does not exist holds no completed save.
+ZERO_POINTER = "checkpoint"
+ZERO_TAG_PREFIX = "tag-"
+_LEGACY_TAG = ZERO_TAG_PREFIX + "legacy"  # a pre-link `checkpoint/` directory, renamed while the link replaces it
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that cannot be read without running pickled code (or at all); one line naming the file."""
+
+
+def zero_safe_globals() -> list:
+    """The non-tensor types DeepSpeed 0.19.8 pickles into ZeRO checkpoint files (found in real ZeRO-2/3 fp32 and
+    bf16 files): its loss scalers, the ZeRO stage enum and the bf16 optimizer's fragment addresses. Plain data:
+    allowing them lets ``torch.load(weights_only=True)`` read the files; any other global is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_zero_file(file: Path, mmap: bool = True) -> dict:
+    """One file of a DeepSpeed checkpoint, read with ``weights_only=True`` (DeepSpeed's own types allowed, see
+    :func:`zero_safe_globals`) and memory-mapped; :class:`UnsafeCheckpointError` naming the file otherwise."""
+    try:
+        with torch.serialization.safe_globals(zero_safe_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # UnpicklingError for pickled code, RuntimeError/EOFError for a damaged file
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line for line in lines if "Unsupported global" in line), lines[0].split(". ")[0])
+        raise UnsafeCheckpointError(f"{file} cannot be loaded safely (weights_only=True, no pickled code runs): "
+                                    f"{why[:200]}") from None
+
+
+def zero_tag_dir(path: Path) -> Path | None:
+    """The tag directory of the last completed save in a DeepSpeed checkpoint directory (what ``latest`` names), or
+    None if ``path`` is not one or none of its saves completed."""
+    latest = path / "latest"
+    if not path.is_dir() or not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):  # a name inside the directory, nothing else
+        return None
+    return path / tag if (path / tag).is_dir() else None
+
+
+def vet_zero_checkpoint(path: Path) -> Path:
+    """Read every ``.pt`` file of a DeepSpeed checkpoint directory's current save with ``weights_only=True`` (only
+    the pickle is read: the tensors are memory-mapped), so that DeepSpeed's and Lightning's loaders, which unpickle
+    with ``weights_only=False``, only ever get files without pickled code. Returns the tag directory.
+
+    Raises:
+        UnsafeCheckpointError: a file that holds pickled code or is damaged, or no completed save (one line).
+    """
+    tag = zero_tag_dir(path)
+    if tag is None:
+        raise UnsafeCheckpointError(f"{path}: not a DeepSpeed checkpoint directory (no `latest` file naming a "
+                                    f"completed save in it)")
+    for file in sorted(tag.rglob("*.pt")):
+        load_zero_file(file)
+    return tag
+
+
+def publish_zero_save(folder: Path, tag: str) -> None:
+    """Make the completed save in ``folder/tag`` the directory's checkpoint (rank 0, after every rank wrote its
+    files): ``latest`` names ``checkpoint`` (written once, atomically), ``checkpoint`` becomes a link to ``tag``
+    (an atomic rename over the previous link), then the older tags are removed. A kill at any moment leaves either
+    the previous save or this one, whole; what it leaves behind is removed by :func:`remove_interrupted_saves`."""
+    latest = folder / "latest"
+    if not latest.is_file() or latest.read_text().strip() != ZERO_POINTER:
+        _replace_atomically(latest, ZERO_POINTER.encode())
+    pointer = folder / ZERO_POINTER
+    if pointer.is_dir() and not pointer.is_symlink():  # written in place by an earlier version: move it aside
+        shutil.rmtree(folder / _LEGACY_TAG, ignore_errors=True)
+        os.replace(pointer, folder / _LEGACY_TAG)
+    link = folder / f".{ZERO_POINTER}.link-{tag}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(tag)  # relative: the directory can be moved or copied whole
+    os.replace(link, pointer)
+    _fsync_dir(folder)
+    for old in folder.iterdir():
+        if old.name.startswith(ZERO_TAG_PREFIX) and old.name != tag and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_files(files: list[Path]) -> None:
+    """Flush files to the disk (a rank's share of a save, before it is published)."""
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+_TEMP_FILE = re.compile(r"^\..+\.tmp-\d+$")  # AtomicCheckpointIO's (and _replace_atomically's) temporary files
+
+
+def remove_interrupted_saves(folder: Path) -> list[Path]:
+    """Remove what saves killed half-way left in a checkpoint folder (``<run_dir>/checkpoints``): temporary files
+    of single-file saves (``.last.ckpt.tmp-<pid>``, each as big as a checkpoint), DeepSpeed tag directories that
+    never became or are no longer a directory's checkpoint, checkpoint directories none of whose saves completed,
+    and a world-size conversion's ``.universal``. Call it at the start of a run, on one process, before any save:
+    it cannot tell a save in progress from a dead one. Returns what it removed.
+    """
+    removed: list[Path] = []
+
+    def remove(p: Path) -> None:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        removed.append(p)
+
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        if _TEMP_FILE.match(entry.name) and (entry.is_file() or entry.is_symlink()):
+            remove(entry)
+        elif entry.name == ".universal" and entry.is_dir():
+            remove(entry)
+        elif entry.is_dir() and not entry.is_symlink():
+            removed += _repair_zero_dir(entry)
+    return removed
+
+
+def _repair_zero_dir(ckpt: Path) -> list[Path]:
+    names = {p.name for p in ckpt.iterdir()}
+    if "latest" not in names and not any(n.startswith(ZERO_TAG_PREFIX) for n in names):
+        return []  # not a DeepSpeed checkpoint directory of ours
+    removed = []
+    pointer = ckpt / ZERO_POINTER
+    if not (pointer.exists() or pointer.is_symlink()) and (ckpt / _LEGACY_TAG).is_dir():
+        os.replace(ckpt / _LEGACY_TAG, pointer)  # killed between moving the old save aside and linking the new one
+    current = os.readlink(pointer) if pointer.is_symlink() else None
+    for p in sorted(ckpt.iterdir()):
+        stale_tag = p.name.startswith(ZERO_TAG_PREFIX) and p.name != current
+        if stale_tag or p.name.startswith(f".{ZERO_POINTER}.link-") or _TEMP_FILE.match(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p)
+    if zero_tag_dir(ckpt) is None and not any(p.name.startswith(ZERO_TAG_PREFIX) or p.name == ZERO_POINTER
+                                              for p in ckpt.iterdir()):
+        shutil.rmtree(ckpt)  # no save in it ever completed: only `latest` and DeepSpeed's helper scripts are left
+        removed.append(ckpt)
+    return removed
+
+
+def _read_zero_checkpoint(path: Path) -> dict:
+    """A DeepSpeed checkpoint directory as one Lightning checkpoint: the client state (rank 0's model-states file)
+    and the fp32 weights consolidated from every rank's partition. Every file is vetted first, so DeepSpeed's
+    consolidation (which unpickles with ``weights_only=False``) only reads files without pickled code."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_file
+
+    tag = vet_zero_checkpoint(path)
+    optim = sorted(tag.glob("*_optim_states.pt"))
+    if not optim:
+        raise UnsafeCheckpointError(f"{tag}: no optimizer-state files (*_optim_states.pt), so no fp32 weights")
+    stage = load_zero_file(optim[0])["optimizer_state_dict"]["zero_stage"]
+    client = load_zero_file(Path(get_model_state_file(str(tag), stage)), mmap=False)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag.name)
+    # Lightning < 2.1 wrapped the module (`_forward_module.` keys); DeepSpeed's own entries are not Lightning's.
+    skip = {"module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps",
+            "dp_world_size", "mp_world_size"}
+    ckpt = {k: v for k, v in client.items() if k not in skip}
+    ckpt["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in weights.items()}
+    return ckpt
+
+
 def _read_lightning_checkpoint(path: Path) -> dict:
     if path.is_dir():  # DeepSpeed: shards of parameters and optimizer state per rank
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "consolidated.ckpt"
-            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
-            return torch.load(out, map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return _read_zero_checkpoint(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (IsADirectoryError, FileNotFoundError):
+        raise
+    except Exception as e:  # pickled code, or not a torch file at all
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line for line in lines if "Unsupported global" in line), lines[0].split(". ")[0])
+        raise UnsafeCheckpointError(f"{path} cannot be loaded safely (weights_only=True): {why[:200]}") from None
 
 
 def load_pretrained(path: str | Path, tokenizer: str | Path | None = None, *,

@@ -74,7 +74,13 @@ class ZeroStrategy(DeepSpeedStrategy):
         # 5. (CPU and CUDA) A ZeRO checkpoint holds one optimizer partition per rank, and DeepSpeed refuses to load
         #    it on another number of ranks. Written by another number: convert it to DeepSpeed's universal format
         #    (one file per parameter and state) and load that, re-partitioned for this run (see to_universal).
+        #    (CPU and CUDA) Before DeepSpeed reads anything (it unpickles with weights_only=False): every file of the
+        #    directory's current save is read with weights_only=True, or the load is refused naming the file.
+        from roberta_pl.checkpoints import vet_zero_checkpoint
+
         path = Path(checkpoint_path)
+        if path.is_dir():
+            vet_zero_checkpoint(path)
         saved = zero_checkpoint_ranks(path)
         if saved in (None, self.world_size) or (self.load_full_weights and self.zero_stage_3):
             return super().load_checkpoint(checkpoint_path, weights_only)
@@ -99,14 +105,28 @@ class ZeroStrategy(DeepSpeedStrategy):
         return client_state
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None):
-        # 6. (CPU and CUDA) DeepSpeed writes one file per rank into the checkpoint directory and leaves any other
-        #    file there: a save over a checkpoint of more ranks (``last.ckpt`` after a resume on fewer) kept their
-        #    partitions, which fp32 consolidation and conversion then count as ranks of this one. Remove them.
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-        latest = Path(filepath) / "latest"  # rank 0's path, which every rank wrote to; rank 0 writes `latest`
-        if self.global_rank == 0 and latest.is_file():
-            for stale in _stale_rank_files(latest.parent / latest.read_text().strip(), self.world_size):
-                stale.unlink(missing_ok=True)
+        # 6. (CPU and CUDA) Atomic saves. Lightning saves every checkpoint under DeepSpeed's tag `checkpoint`, which
+        #    DeepSpeed writes in place, rank by rank: a kill mid-save left a `last.ckpt` with files of two steps (and
+        #    under ZeRO a rank restores its weights from its own partition, so ranks resumed from different steps).
+        #    Here each save goes to a fresh tag directory, and only once every rank has written (and synced) its
+        #    files does rank 0 point `checkpoint` at it (roberta_pl.checkpoints.publish_zero_save). A fresh directory
+        #    also holds no partition of an earlier save by more ranks. The rest is Lightning 2.6.6's body.
+        from roberta_pl.checkpoints import ZERO_TAG_PREFIX, fsync_files, publish_zero_save
+
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (got {storage_options!r})")
+        filepath = Path(self.broadcast(str(filepath)))  # rank 0's path and tag, on every rank
+        tag = self.broadcast(f"{ZERO_TAG_PREFIX}{os.urandom(6).hex()}")
+        state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self.deepspeed_engine.save_checkpoint(str(filepath), client_state=state, tag=tag, save_latest=False,
+                                              exclude_frozen_parameters=self.exclude_frozen_parameters)
+        # DeepSpeed's save ends at a barrier: every rank's files are closed. Each rank syncs a share of them.
+        files = sorted(p for p in (filepath / tag).rglob("*") if p.is_file())
+        fsync_files(files[self.global_rank::self.world_size])
+        self.barrier("checkpoint files written")
+        if self.global_rank == 0:
+            publish_zero_save(filepath, tag)
+        self.barrier("checkpoint published")
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         # 4. (CPU and CUDA) Lightning already divides the loss by accumulate_grad_batches, and
@@ -123,18 +143,13 @@ def zero_checkpoint_ranks(path: Path) -> int | None:
     """Ranks that wrote a DeepSpeed ZeRO checkpoint directory (its recorded ``dp_world_size``); None if ``path`` is
     not one (a single-file checkpoint, or no ``latest`` tag). Counting the per-rank files would not do: a
     checkpoint saved over one written by more ranks kept their files (see :meth:`ZeroStrategy.save_checkpoint`)."""
-    import torch
+    from roberta_pl.checkpoints import load_zero_file, zero_tag_dir
 
-    latest = path / "latest"
-    if not path.is_dir() or not latest.is_file():
-        return None
-    states = sorted((path / latest.read_text().strip()).glob("*mp_rank_00_model_states.pt"))
+    tag = zero_tag_dir(path)  # the last completed save (see roberta_pl.checkpoints.publish_zero_save)
+    states = sorted(tag.glob("*mp_rank_00_model_states.pt")) if tag else []
     if not states:
         return None
-    try:
-        saved = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not loadable without pickled code: let DeepSpeed's own load say what is wrong
-        return None
+    saved = load_zero_file(states[0])  # weights_only: a file with pickled code is refused, naming it
     return int(saved["dp_world_size"]) if "dp_world_size" in saved else None
 
 
@@ -162,14 +177,17 @@ def to_universal(path: Path, world_size: int, rank: int, barrier) -> Path:
     import contextlib
     import io
 
-    tag = (path / "latest").read_text().strip()
+    from roberta_pl.checkpoints import vet_zero_checkpoint
+
     out = path.parent / ".universal" / f"{path.name}-for-{world_size}"
     if rank == 0:
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+        # The converter unpickles with weights_only=False: it gets only files that load with weights_only=True.
+        source = vet_zero_checkpoint(path)  # the last completed save's tag directory
         shutil.rmtree(out, ignore_errors=True)
         # The converter reads every per-rank file in its folder: give it those of the ranks that wrote this save.
-        source, stale = path / tag, set(_stale_rank_files(path / tag, zero_checkpoint_ranks(path)))
+        stale = set(_stale_rank_files(source, zero_checkpoint_ranks(path)))
         staged = out.with_name(out.name + "-input")
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)

@@ -15,6 +15,7 @@ requeued Slurm job, resumes from its ``last`` checkpoint (``resume=auto``).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from roberta_pl.callbacks import RequeueOnSignal, fixed_max_steps, requeue_slurm_job
+from roberta_pl.checkpoints import remove_interrupted_saves
 from roberta_pl.checks import (
     check_free_space,
     check_resume_checkpoint,
@@ -59,16 +61,19 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
         vocab = check_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         model_cfg = model_settings(resolved["model"], vocab)
+        rank_zero = not any(int(os.environ.get(v, 0) or 0) for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
+        if rank_zero:  # before any rank exists that could be saving: what killed saves left is garbage
+            report_removed_saves(out_dir / "checkpoints")
         ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
         if ckpt:  # refused here, not half-way into fit, and read without running pickled code
             saved = read_checkpoint(ckpt)  # memory-mapped, read once: the fit check, finished-run check, resume line
-            check_resume_checkpoint(ckpt, saved, model_cfg, data.tokenizer.hash)
+            check_resume_checkpoint(ckpt, saved, model_cfg, data.tokenizer.hash, cfg.trainer.strategy)
             # A time-budgeted run trains to the max_steps it fixed (saved in the checkpoint), not to the cap.
             fixed = fixed_max_steps(saved)
             finished = finished_run(ckpt, saved, fixed or cfg.trainer.max_steps, out_dir, budgeted=fixed is not None)
             if finished is not None:
                 return finished
-        if not any(int(os.environ.get(v, 0) or 0) for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
+        if rank_zero:
             check_free_space(out_dir, checkpoint_bytes(model_cfg))  # one probe per run, not one per rank
         trainer = scope.trainer = pretraining_trainer(cfg, out_dir, plan, resolved)
         pl.seed_everything(cfg.seed, workers=True)
@@ -91,6 +96,16 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
             return {"run_dir": str(out_dir), "global_step": trainer.global_step, "metrics": {}, "stopped_by_signal": True}
         save_final_checkpoint(trainer)
         return finish_run(cfg, trainer, module, data.tokenizer, out_dir, data_report)
+
+
+def report_removed_saves(folder: Path) -> None:
+    """Remove what checkpoint saves killed half-way left in ``folder`` (see
+    :func:`roberta_pl.checkpoints.remove_interrupted_saves`), saying so in one line."""
+    removed = remove_interrupted_saves(folder)
+    if removed:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in removed[:4]) + (", ..." if len(removed) > 4 else "")
+        logging.getLogger("roberta_pl").info("Removed %d leftover(s) of checkpoint saves interrupted before they "
+                                             "completed, in %s: %s", len(removed), folder, names)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base="1.3")
