@@ -8,9 +8,9 @@ document. Everything streams line by line, so a corpus larger than RAM is fine.
 The special input ``"@default"`` (or no input at all, in the CLI) is the embedded default corpus:
 docstrings of the Python standard library, then of torch (a dependency, so always there), read with
 :mod:`ast`, in a fixed order: never whatever else happens to be installed. It is real English prose,
-already on every machine, the same for the same Python minor version and torch release, built once into
-the cache directory
-(``$ROBERTA_PL_CACHE``, default ``~/.cache/roberta-pl``) and never downloaded.
+already on every machine, the same for the same Python version (patch releases included) and torch release,
+built once into the cache directory (``$ROBERTA_PL_CACHE``, default ``~/.cache/roberta-pl``) under a name that
+says both, with its sha256 recorded beside it and checked at every use, and never downloaded.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
-import sys
 import sysconfig
 import time
 import zlib
@@ -273,10 +273,11 @@ def _clean_docstring(doc: str) -> str | None:
 # is) are read in this order until the corpus is full. The stdlib gives ~1.5 MB and torch the rest, so the
 # default corpus is the same on every machine with the same Python minor version and torch release.
 CORPUS_PACKAGES = ("torch", "numpy", "matplotlib", "torchmetrics", "lightning", "deepspeed", "wandb", "rich")
-# sha256 of the default corpus where it was measured; the README's quickstart figures come from it. A build
-# on another (Python, torch) pair is fine but is told that its figures may differ.
+# sha256 of the default corpus where it was measured, by corpus_key(); the README's quickstart figures come from it.
+# Another (Python, torch) pair builds its own corpus (under its own name). The same pair building other content is an
+# error: its figures would silently not be the README's.
 REFERENCE_CORPUS_SHA256 = {
-    ("3.11", "2.13.0", DEFAULT_CORPUS_BYTES): "3889e2acb95b4d8428598183adefd306b10b66b07951a37760991615e23d1577",
+    ("3.11.7", "2.13.0", DEFAULT_CORPUS_BYTES): "3889e2acb95b4d8428598183adefd306b10b66b07951a37760991615e23d1577",
 }
 _SKIP_PARTS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
 
@@ -302,21 +303,50 @@ def _python_sources() -> Iterator[Path]:
 
 
 def corpus_key(target_bytes: int = DEFAULT_CORPUS_BYTES) -> tuple[str, str, int]:
-    """What the default corpus's content depends on: (Python minor version, torch release, size)."""
-    return f"{sys.version_info.major}.{sys.version_info.minor}", _package_version("torch") or "none", target_bytes
+    """What the default corpus's content depends on: (exact Python version, torch release, size). Patch releases
+    change docstrings too: Python 3.11.2 gives 5,238 stdlib docstrings, 3.11.7 5,863."""
+    return platform.python_version(), _package_version("torch") or "none", target_bytes
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _record_path(path: Path) -> Path:
+    """Where the sha256 of a built corpus is recorded, beside it."""
+    return path.with_name(path.name + ".sha256")
 
 
 def _check_reference(path: Path, target_bytes: int) -> str:
-    """The corpus's sha256; a warning when it differs from the reference build for the same key."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    """The corpus's sha256, checked against the reference build for the same key.
+
+    Raises:
+        DataError: one line, when this (Python, torch) pair, for which the reference was measured, built another
+            corpus.
+    """
+    digest = _sha256(path)
     key = corpus_key(target_bytes)
     expected = REFERENCE_CORPUS_SHA256.get(key)
     if expected is not None and digest != expected:
-        log.warning(
-            "default corpus %s has sha256 %s..., not the reference %s... for Python %s with torch %s (Python %s "
-            "here): its figures may differ from the README's", path, digest[:12], expected[:12], key[0], key[1],
-            sys.version.split()[0])
+        raise DataError(
+            f"{path}: the default corpus built here has sha256 {digest[:12]}..., not the {expected[:12]}... recorded "
+            f"for Python {key[0]} with torch {key[1]} (data_pipelines/corpus.py REFERENCE_CORPUS_SHA256), so runs on "
+            f"it would not be the README's: the same versions read other docstrings (a patched standard library or "
+            f"torch?) or the builder changed without a new _CORPUS_VERSION; train on your own text instead "
+            f"(roberta-pl-data tokenizer/shards), or record the new hash")
     return digest
+
+
+def _check_recorded(path: Path) -> None:
+    """Refuse a cached corpus whose content is not what was recorded when it was built (one line)."""
+    record = _record_path(path)
+    recorded = record.read_text().strip() if record.exists() else None
+    digest = _sha256(path)
+    if recorded != digest:
+        what = f"sha256 {digest[:12]}..., not the {recorded[:12]}... recorded when it was built" if recorded else \
+            f"no record of its sha256 ({record.name}) beside it"
+        raise DataError(f"{path}: cached default corpus has {what}: it was changed or written by something else; "
+                        f"delete it (and {record.name}) to rebuild it")
 
 
 def build_default_corpus(out_path: Path, target_bytes: int = DEFAULT_CORPUS_BYTES) -> Path:
@@ -362,7 +392,8 @@ def build_default_corpus(out_path: Path, target_bytes: int = DEFAULT_CORPUS_BYTE
 
 
 def default_corpus_path(target_bytes: int = DEFAULT_CORPUS_BYTES) -> Path:
-    """Where :func:`default_corpus` keeps the corpus; the name says what its content depends on."""
+    """Where :func:`default_corpus` keeps the corpus; the name says what its content depends on (exact Python version,
+    torch release, size), so two versions never share a cache entry."""
     python, torch, _ = corpus_key(target_bytes)
     return cache_dir() / f"default_corpus-v{_CORPUS_VERSION}-py{python}-torch{torch}-{target_bytes // 1000}k.txt"
 
@@ -375,9 +406,26 @@ def default_corpus(target_bytes: int = DEFAULT_CORPUS_BYTES) -> Path:
 
     Returns:
         A ``.txt`` file of documents separated by blank lines.
+
+    Raises:
+        DataError: the build differs from the reference recorded for this Python and torch, or the cached corpus
+            differs from the sha256 recorded when it was built.
     """
     path = default_corpus_path(target_bytes)
     if not path.exists():
-        build_default_corpus(path, target_bytes)
-        _check_reference(path, target_bytes)
+        # Built and checked under a temporary name, so a corpus that failed its check is never in the cache.
+        built = build_default_corpus(path.with_name(f"{path.name}.building-{os.getpid()}"), target_bytes)
+        try:
+            digest = _check_reference(built, target_bytes)
+            _atomic_write(_record_path(path), digest + "\n")  # the record first: a corpus never lacks one
+            os.replace(built, path)
+        finally:
+            built.unlink(missing_ok=True)
+    _check_recorded(path)
     return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
