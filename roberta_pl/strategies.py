@@ -49,6 +49,8 @@ class ZeroStrategy(DeepSpeedStrategy):
     def setup_distributed(self) -> None:
         # 2. Lightning checks that the CUDA device indices equal the local ranks; CPU devices have no index.
         #    The rest is the parent's body.
+        #    Both first start the process group with the rendezvous timeout, as DDP does (rendezvous).
+        rendezvous(self)
         if not self._on_cpu():
             return super().setup_distributed()
         reset_seed()
@@ -243,36 +245,57 @@ def load_cpu_adam(accelerator: str) -> str | None:
 RENDEZVOUS_TIMEOUT_ENV = "ROBERTA_PL_RENDEZVOUS_TIMEOUT"
 
 
-class RendezvousDDPStrategy(DDPStrategy):
-    """Lightning's DDP, whose first rendezvous gives up after ``$ROBERTA_PL_RENDEZVOUS_TIMEOUT`` seconds (set by
-    the Slurm templates; default: torch's 30 minutes) with one line naming the address and port it waited on.
+def process_group_options(strategy: DDPStrategy) -> dict:
+    """What Lightning 2.6.6's ``DDPStrategy.setup_distributed`` passes to ``init_process_group`` besides the backend:
+    its collective ``timeout``, and the rank's CUDA ``device_id`` (NCCL binds its communicator to it at once; None
+    on CPU)."""
+    device = strategy.root_device
+    return {"timeout": strategy._timeout, "device_id": device if device.type == "cuda" else None}
+
+
+def rendezvous(strategy: DDPStrategy, prog: str = "roberta-pl-train") -> None:
+    """Start the process group with a first rendezvous that gives up after ``$ROBERTA_PL_RENDEZVOUS_TIMEOUT`` seconds
+    (set by the Slurm templates) with one line naming the address and port it waited on; without the variable,
+    or with one rank, or with a process group already there, nothing is done and the strategy starts its own
+    (torch's 30 minutes).
 
     A rank whose peers never come (an unresolvable ``MASTER_ADDR``, a node that failed to start, a wrong port)
     would otherwise hang for half an hour. Only the rendezvous gets the short timeout: Lightning's ``timeout``
-    would also bound every collective, such as the barrier around a long checkpoint save. Checked against
-    lightning 2.6.6 (``DDPStrategy.setup_distributed``, ``_timeout``, ``_get_process_group_backend``)."""
+    still bounds every collective, such as the barrier around a long checkpoint save. DDP and DeepSpeed both call
+    it first in ``setup_distributed``; both then find the group started (DeepSpeed's ``init_distributed`` wraps an
+    existing torch group). Checked against lightning 2.6.6 (``DDPStrategy.setup_distributed``, ``_timeout``,
+    ``_get_process_group_backend``) and deepspeed 0.19.8 (``deepspeed.comm.init_distributed``)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    seconds = os.environ.get(RENDEZVOUS_TIMEOUT_ENV)
+    if not seconds or dist.is_initialized():
+        return
+    strategy.set_world_ranks()
+    if strategy.world_size < 2:
+        return
+    env = strategy.cluster_environment
+    address, port, rank = env.main_address, env.main_port, strategy.global_rank
+    try:
+        store = dist.TCPStore(address, port, strategy.world_size, is_master=rank == 0, wait_for_workers=True,
+                              timeout=datetime.timedelta(seconds=float(seconds)))
+    except (RuntimeError, TimeoutError) as e:  # DistStoreError, a RuntimeError: no peer in time
+        raise SystemExit(
+            f"{prog}: error: rank {rank} of {strategy.world_size} waited {float(seconds):g} s for the "
+            f"rendezvous at {address}:{port} (MASTER_ADDR:MASTER_PORT) and gave up "
+            f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); check that every node "
+            f"started and can reach that address, or raise {RENDEZVOUS_TIMEOUT_ENV}") from None
+    options = process_group_options(strategy)
+    store.set_timeout(options["timeout"])
+    dist.init_process_group(strategy._get_process_group_backend(), store=store, rank=rank,
+                            world_size=strategy.world_size, **options)
+
+
+class RendezvousDDPStrategy(DDPStrategy):
+    """Lightning's DDP, whose first rendezvous gives up after ``$ROBERTA_PL_RENDEZVOUS_TIMEOUT`` seconds
+    (:func:`rendezvous`)."""
 
     def setup_distributed(self) -> None:
-        import datetime
-
-        import torch.distributed as dist
-
-        seconds = os.environ.get(RENDEZVOUS_TIMEOUT_ENV)
-        if seconds and not dist.is_initialized():
-            self.set_world_ranks()
-            if self.world_size > 1:
-                env = self.cluster_environment
-                address, port, rank = env.main_address, env.main_port, self.global_rank
-                try:
-                    store = dist.TCPStore(address, port, self.world_size, is_master=rank == 0, wait_for_workers=True,
-                                          timeout=datetime.timedelta(seconds=float(seconds)))
-                except (RuntimeError, TimeoutError) as e:  # DistStoreError, a RuntimeError: no peer in time
-                    raise SystemExit(
-                        f"roberta-pl-train: error: rank {rank} of {self.world_size} waited {float(seconds):g} s for the "
-                        f"rendezvous at {address}:{port} (MASTER_ADDR:MASTER_PORT) and gave up "
-                        f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); check that every node "
-                        f"started and can reach that address, or raise {RENDEZVOUS_TIMEOUT_ENV}") from None
-                store.set_timeout(self._timeout)
-                dist.init_process_group(self._get_process_group_backend(), store=store, rank=rank,
-                                        world_size=self.world_size, timeout=self._timeout)
+        rendezvous(self)
         super().setup_distributed()  # Lightning's own, which leaves an existing process group as it is

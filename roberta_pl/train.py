@@ -46,11 +46,12 @@ from roberta_pl.pretrain import MaskedLMModule
 from roberta_pl.safety import check_hydra_targets
 from roberta_pl.trainer import pretraining_trainer
 
-def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) -> dict:
+def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None, own_process: bool = False) -> dict:
     """Compose -> check -> data -> module -> trainer -> fit -> export. Returns a summary of the run.
 
     ``overrides`` are the user's command-line overrides, the only place besides ``conf/`` a ``_target_``
-    may come from (default: the ones Hydra recorded; see :mod:`roberta_pl.safety`)."""
+    may come from (default: the ones Hydra recorded; see :mod:`roberta_pl.safety`). ``own_process``: the process
+    exists for this run (``roberta-pl-train``), so process-wide tuning (glibc's allocator) is allowed."""
     from roberta_pl.pretrain_data import build_datamodule, prepare_data
 
     with run_scope("roberta-pl-train") as scope:
@@ -75,7 +76,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None) 
                 return finished
         if rank_zero:
             check_free_space(out_dir, checkpoint_bytes(model_cfg))  # one probe per run, not one per rank
-        trainer = scope.trainer = pretraining_trainer(cfg, out_dir, plan, resolved)
+        trainer = scope.trainer = pretraining_trainer(cfg, out_dir, plan, resolved, tune_allocator=own_process)
         pl.seed_everything(cfg.seed, workers=True)
         module = MaskedLMModule(model=model_cfg, optim=resolved["optim"], max_steps=cfg.trainer.max_steps,
                                 seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size, seed=cfg.seed,
@@ -111,7 +112,7 @@ def report_removed_saves(folder: Path) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     pin_multirun_job_for_rank_processes()
-    summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    summary = run(cfg, Path(HydraConfig.get().runtime.output_dir), own_process=True)
     # A sweeper (hparams_search=optuna) minimises the value the task returns.
     return summary["metrics"].get(cfg.optimized_metric) if cfg.optimized_metric else None
 

@@ -135,7 +135,6 @@ def build_trainer(cfg: DictConfig, out_dir: Path, resolved_config: dict, callbac
         **arguments,
     )
     share_cpu_threads(trainer)
-    keep_freed_memory(trainer)
     slurm = slurm_environment(trainer)
     if slurm is not None:  # RequeueOnSignal requeues at a step boundary; Lightning's own would save mid-step
         slurm.auto_requeue = False
@@ -155,13 +154,26 @@ def share_cpu_threads(trainer: pl.Trainer) -> int | None:
     """
     from lightning.pytorch.accelerators import CPUAccelerator
 
-    from data_pipelines.shards import available_cpus
-
     if not isinstance(trainer.accelerator, CPUAccelerator) or trainer.num_devices < 2 or "OMP_NUM_THREADS" in os.environ:
         return None
-    threads = max(1, available_cpus() // trainer.num_devices)
+    threads = rank_cpus(trainer.num_devices)
     torch.set_num_threads(threads)
     return threads
+
+
+def rank_cpus(ranks_here: int) -> int:
+    """The CPUs one rank may use, of the ``ranks_here`` ranks on its node.
+
+    Under Slurm, ``SLURM_CPUS_PER_TASK`` is each rank's own share: with per-task binding its affinity mask is already
+    just its cores (dividing them again by the ranks per node gave each rank 1/N of its own), without binding the mask
+    is the node's allocation. Elsewhere the ranks of a node share this process's affinity mask (``available_cpus``).
+    """
+    from data_pipelines.shards import available_cpus
+
+    per_task = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)
+    if per_task > 0:
+        return max(1, min(per_task, available_cpus()))
+    return max(1, available_cpus() // max(1, ranks_here))
 
 
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -180,6 +192,10 @@ def keep_freed_memory(trainer: pl.Trainer) -> bool:
     Nothing is changed off CPU, off glibc, or when the user set glibc's own ``MALLOC_*_`` variables or
     ``glibc.malloc`` tunables (``GLIBC_TUNABLES``), or preloads an allocator (``LD_PRELOAD``). Returns whether the
     thresholds were set.
+
+    The setting is process-wide and cannot be undone, so only a process that exists to pretrain asks for it:
+    ``roberta-pl-train`` (``pretraining_trainer(..., tune_allocator=True)``), not fine-tuning, not a library caller
+    of ``roberta_pl.train.run`` in a process of its own.
     """
     import ctypes
     import platform
@@ -202,9 +218,11 @@ def keep_freed_memory(trainer: pl.Trainer) -> bool:
     return bool(libc.mallopt(m_trim_threshold, _GLIBC_KEEP_BYTES))
 
 
-def pretraining_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict) -> pl.Trainer:
+def pretraining_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict,
+                        tune_allocator: bool = False) -> pl.Trainer:
     """The pretraining Trainer: step-boundary checkpoints, SIGUSR1 requeue, loss curve, throughput, the batch
-    ramp and validation on optimizer-step boundaries (``plan.phases``)."""
+    ramp and validation on optimizer-step boundaries (``plan.phases``). ``tune_allocator``: this process exists to
+    train, so glibc may keep the memory a step freed (:func:`keep_freed_memory`)."""
     t = cfg.trainer
     checkpoints = StepCheckpoint(
         dirpath=out_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
@@ -224,13 +242,16 @@ def pretraining_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolve
     if t.max_time is not None:  # a wall-clock budget: max_steps fixed from the rate measured in the warm-up
         later.append(BudgetPlanner(parse_duration(t.max_time), list(plan.phases), cfg.optim.warmup_steps, t.max_steps,
                                    t.val_every_n_steps))
-    return build_trainer(
+    trainer = build_trainer(
         cfg, out_dir, resolved_config, callbacks, later, strategy=build_strategy(cfg, plan),
         max_steps=t.max_steps, accumulate_grad_batches=plan.phases[0][2],
         # Validation every N optimizer steps; Lightning counts micro-batches here, and ValidationSchedule
         # keeps it on step boundaries when a ramp changes the accumulation.
         val_check_interval=t.val_every_n_steps * plan.accumulation, check_val_every_n_epoch=None,
     )
+    if tune_allocator:
+        keep_freed_memory(trainer)
+    return trainer
 
 
 def finetuning_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict):

@@ -23,18 +23,64 @@ def test_cpu_ranks_share_the_cores_and_an_explicit_omp_num_threads_is_kept(monke
         torch.set_num_threads(before)
 
 
+def test_a_slurm_rank_keeps_its_own_cpus_and_other_ranks_share_the_node(monkeypatch):
+    """Under Slurm's per-task binding a rank's affinity mask is already its own cores (SLURM_CPUS_PER_TASK of them):
+    dividing them again by the ranks per node left each rank 1/N of its share."""
+    from roberta_pl.trainer import rank_cpus
+
+    cpus = available_cpus()
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert rank_cpus(2) == max(1, cpus // 2) and rank_cpus(1) == cpus
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(cpus))
+    assert rank_cpus(2) == cpus  # its own cores, not half of them
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(cpus + 6))
+    assert rank_cpus(2) == cpus  # never more than the mask allows
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(cpus))
+        two_ranks = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+        assert share_cpu_threads(two_ranks) == cpus == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_timed_rendezvous_starts_the_group_as_lightning_would(monkeypatch):
+    """What the rendezvous passes to init_process_group besides the store: Lightning's collective timeout and, on
+    CUDA, the rank's device (NCCL binds its communicator to it), which the timed path used to drop."""
+    import inspect
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from roberta_pl.strategies import ZeroStrategy, process_group_options
+
+    source = inspect.getsource(DDPStrategy.setup_distributed)  # lightning 2.6.6: what we mirror
+    assert 'kwargs["device_id"] = self.root_device if self.root_device.type != "cpu" else None' in source
+    cpu = DDPStrategy(accelerator="cpu", parallel_devices=[torch.device("cpu")] * 2)
+    assert process_group_options(cpu) == {"timeout": cpu._timeout, "device_id": None}
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second rank of a 2-GPU node
+    gpu = DDPStrategy(parallel_devices=[torch.device("cuda", 0), torch.device("cuda", 1)],
+                      cluster_environment=LightningEnvironment())
+    assert process_group_options(gpu)["device_id"] == torch.device("cuda", 1)
+    assert "rendezvous(self)" in inspect.getsource(ZeroStrategy.setup_distributed)  # DeepSpeed gets it too
+
+
 _FAULTS = """
 import os, resource, sys
 import lightning.pytorch as pl, torch
 from roberta_pl.trainer import keep_freed_memory
 trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-print(keep_freed_memory(trainer))
+print(keep_freed_memory(trainer) if sys.argv[1] == "tune" else "untouched")
+# 64 MiB a step, as a step's logits: above the 32 MiB to which glibc's own threshold adapts, so without the
+# tuning each one is a fresh mapping (16,384 page faults); a 16 MiB block glibc already reuses by itself.
 for _ in range(3):
-    torch.ones(16 * 128 * 1024).sum()  # a 16 MiB tensor a step, as a step's logits
+    torch.ones(64 * 256 * 1024).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    torch.ones(16 * 128 * 1024).sum()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+for _ in range(10):
+    torch.ones(64 * 256 * 1024).sum()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
 
@@ -44,15 +90,30 @@ def test_a_cpu_run_reuses_the_memory_it_freed_unless_the_user_set_the_allocator(
     import subprocess
     import sys
 
-    def run(**env) -> tuple[str, float]:
+    def run(mode: str = "tune", **env) -> tuple[str, float]:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
-        proc = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, timeout=600,
+        proc = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=600,
                               env=clean | env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         applied, faults = proc.stdout.split()[-2:]
         return applied, float(faults)
 
+    applied, faults = run("leave")  # glibc's defaults: what the tuning is measured against
+    assert faults > 10000, faults  # a fresh mapping (16,384 pages) every time
     applied, faults = run()
     assert applied == "True" and faults < 100, faults  # reused: no new pages
     applied, faults = run(MALLOC_MMAP_THRESHOLD_="131072")  # the user's own glibc setting is left alone
-    assert applied == "False" and faults > 1000, faults  # a fresh mapping (4,096 pages) every time
+    assert applied == "False" and faults > 10000, faults
+
+
+def test_only_the_training_command_tunes_the_allocator(tmp_path, monkeypatch):
+    """The tuning is process-wide and never undone: a library caller's trainer (``run`` in a notebook, say) and a
+    fine-tuning trainer leave glibc alone; ``roberta-pl-train``'s own process asks for it."""
+    import inspect
+
+    from roberta_pl import train, trainer
+
+    assert "keep_freed_memory" not in inspect.getsource(trainer.build_trainer)  # fine-tuning builds through it
+    assert "tune_allocator=own_process" in inspect.getsource(train.run)
+    assert "own_process=True" in inspect.getsource(train._hydra_main)
+    assert "if tune_allocator:\n        keep_freed_memory(trainer)" in inspect.getsource(trainer.pretraining_trainer)
