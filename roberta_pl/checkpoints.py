@@ -59,7 +59,7 @@ def load_zero_file(file: Path, mmap: bool = True) -> dict:
             return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # UnpicklingError for pickled code, RuntimeError/EOFError for a damaged file
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        why = next((line for line in lines if "Unsupported global" in line), lines[0].split(". ")[0])
+        why = next((line for line in lines if "unsupported global" in line.lower()), lines[0].split(". ")[0])
         raise UnsafeCheckpointError(f"{file} cannot be loaded safely (weights_only=True, no pickled code runs): "
                                     f"{why[:200]}") from None
 
@@ -224,7 +224,7 @@ def _read_lightning_checkpoint(path: Path) -> dict:
         raise
     except Exception as e:  # pickled code, or not a torch file at all
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        why = next((line for line in lines if "Unsupported global" in line), lines[0].split(". ")[0])
+        why = next((line for line in lines if "unsupported global" in line.lower()), lines[0].split(". ")[0])
         raise UnsafeCheckpointError(f"{path} cannot be loaded safely (weights_only=True): {why[:200]}") from None
 
 

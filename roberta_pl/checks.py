@@ -183,10 +183,14 @@ def read_checkpoint(ckpt: Path) -> dict:
         ConfigError: one line naming the file or directory: pickled code or damage, a directory that is not a
             DeepSpeed checkpoint, or a file that is not a training checkpoint.
     """
-    from roberta_pl.checkpoints import UnsafeCheckpointError, load_zero_file, vet_zero_checkpoint
+    from roberta_pl.checkpoints import UnsafeCheckpointError, load_zero_file, vet_zero_checkpoint, zero_tag_dir
 
     try:
         if ckpt.is_dir():
+            if zero_tag_dir(ckpt) is None:
+                raise ConfigError(f"resume={ckpt}: a directory, but not a DeepSpeed checkpoint directory (no `latest` "
+                                  f"file naming a completed save in it); pass a checkpoint file or directory of a run "
+                                  f"(checkpoints/last.ckpt or step-*.ckpt), or resume=auto")
             tag = vet_zero_checkpoint(ckpt)
             states = sorted(tag.glob("*mp_rank_00_model_states.pt"))
             if not states:
@@ -201,7 +205,7 @@ def read_checkpoint(ckpt: Path) -> dict:
         raise
     except Exception as e:  # UnpicklingError for pickled code, RuntimeError/EOFError for a damaged or foreign file
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        why = next((line for line in lines if "Unsupported global" in line), lines[0].split(". ")[0])
+        why = next((line for line in lines if "unsupported global" in line.lower()), lines[0].split(". ")[0])
         raise ConfigError(f"resume checkpoint {ckpt} cannot be loaded safely (weights_only=True): {why[:200]}") from None
     hparams = saved.get("hyper_parameters") if isinstance(saved, dict) else None
     if (not isinstance(saved, dict) or not {"global_step", "loops"} <= saved.keys() or not isinstance(hparams, dict)
