@@ -152,27 +152,26 @@ def test_default_corpus_reads_only_the_stdlib_and_the_named_packages(tmp_path, m
     assert firsts == ["Alpha", "Torch", "Numpy"]  # stdlib, then torch before numpy; no stray package, no tests
 
 
-def test_default_corpus_matches_its_reference_hash(caplog):
+def test_default_corpus_matches_its_reference_hash():
     """The real default corpus (built once per test session) is the one the README's figures come from."""
     path = default_corpus()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     key = corpus_mod.corpus_key()
     assert path.name == f"default_corpus-v3-py{key[0]}-torch{key[1]}-6000k.txt"
     assert 5_900_000 < path.stat().st_size < 6_200_000
-    if key in corpus_mod.REFERENCE_CORPUS_SHA256:  # the pair CI installs (Python 3.11, torch 2.13.0)
+    if key in corpus_mod.REFERENCE_CORPUS_SHA256:  # the pair CI installs (Python 3.11.7, torch 2.13.0)
         assert digest == corpus_mod.REFERENCE_CORPUS_SHA256[key], "the default corpus changed: update the reference"
-    # A corpus that differs from the reference is named in a warning (never silently different figures).
+    # A corpus that differs from the reference for its versions is an error (never silently different figures).
     changed = path.with_name("changed.txt")
     changed.write_bytes(path.read_bytes()[:-10])
     monkeypatch_key = {**corpus_mod.REFERENCE_CORPUS_SHA256, key: digest}
     old, corpus_mod.REFERENCE_CORPUS_SHA256 = corpus_mod.REFERENCE_CORPUS_SHA256, monkeypatch_key
     try:
-        with caplog.at_level(logging.WARNING, logger="data_pipelines"):
-            assert corpus_mod._check_reference(changed, 6_000_000) != digest
+        with pytest.raises(DataError, match="would not be the README's"):
+            corpus_mod._check_reference(changed, 6_000_000)
     finally:
         corpus_mod.REFERENCE_CORPUS_SHA256 = old
         Path(changed).unlink()
-    assert "not the reference" in caplog.text and "figures may differ" in caplog.text
 
 
 def test_files_with_other_suffixes_in_a_directory_are_counted_and_named(tmp_path, caplog):
