@@ -4,16 +4,18 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/installed
 PYTEST_ARGS ?=
+# The tested set of exact versions (see the file's header); CONSTRAINTS= installs the newest the ranges allow instead.
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: help install test test-gpu quickstart bench reliability-doc clean
+.PHONY: help install test test-gpu quickstart bench reliability-doc lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@mkdir -p $(dir $@)
 	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "No importable torch: installing $(TORCH_SPEC) first."; $(PYTHON) -m pip install "$(TORCH_SPEC)"; }
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	@touch $@
 
 install: $(STAMP)  ## install torch (if none) and this package with its dev extra, once
@@ -30,6 +32,16 @@ quickstart: install  ## the main job: corpus -> tokenizer -> shards -> train a t
 bench: install  ## CPU benchmarks against HuggingFace transformers (figures to bench/results/)
 	$(PYTHON) bench/data_throughput.py
 	$(PYTHON) bench/train_throughput.py
+
+lock:  ## re-resolve the newest versions in a fresh venv and rewrite constraints.txt (then make test, commit both)
+	rm -rf .make/lock-venv
+	$(PYTHON) -m venv .make/lock-venv
+	.make/lock-venv/bin/pip install -q "$(TORCH_SPEC)"
+	.make/lock-venv/bin/pip install -q -e ".[dev]"
+	{ sed -n '1,3p' constraints.txt; .make/lock-venv/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch==|nvidia-|triton==)'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .make/lock-venv
+	@echo "constraints.txt rewritten: run make test, then commit it"
 
 reliability-doc:  ## copy build/reliability.md (written by a full `make test`) over the committed docs/reliability.md
 	@test -f build/reliability.md || { echo "no build/reliability.md: run the whole suite (make test) first"; exit 1; }

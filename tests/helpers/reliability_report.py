@@ -39,12 +39,29 @@ FAULTS = [
     ("nonfinite_skip", "inf loss at step 3, `trainer.nonfinite_loss=skip`"),
     ("nonfinite_ddp", "inf loss on DDP rank 1 only at step 3 (2 gloo processes), `trainer.nonfinite_loss=skip`"),
     ("rendezvous_timeout", "rank 0 of a 2-rank DDP job whose other rank never starts (`ROBERTA_PL_RENDEZVOUS_TIMEOUT=3`)"),
+    ("rendezvous_timeout_deepspeed", "the same with DeepSpeed ZeRO-2 (`trainer=deepspeed_zero2`)"),
+    ("budget_clock_skew", "a time-budgeted 2-rank DDP run whose ranks' clocks disagree (rank 1's runs 200x fast), "
+                          "so one rank alone would fix `max_steps` early"),
+    ("nonfinite_zero", "NaN loss on one rank of a 2-rank DeepSpeed ZeRO-2 run (CPU) inside an accumulation window of "
+                       "2, `nonfinite_loss=stop`; and `nonfinite_loss=skip` with DeepSpeed in fp32"),
     ("fp16_collapse", "fp16 (`16-mixed`, real GradScaler) with every step overflowing"),
     ("unwritable_dir", "`run_dir` in a read-only directory"),
     ("full_dir", "`run_dir` that cannot hold a checkpoint (file-size limit, `ulimit -f 256`)"),
     ("resume_other_model", "resume from a checkpoint of another model size"),
     ("resume_other_tokenizer", "resume from a checkpoint made with another tokenizer"),
     ("malicious_checkpoint", "a checkpoint whose pickle runs code when unpickled"),
+    ("export_foreign_tokenizer_dir", "a checkpoint whose hyper-parameters name a foreign tokenizer directory (holding "
+                                     "a 0600 `id_rsa`) that is not the tokenizer it was trained with"),
+    ("export_tokenizer_symlink", "a tokenizer file, in the recorded or `--tokenizer` directory, that is a link out "
+                                 "of its directory, next to an `id_rsa`"),
+    ("export_dir_planted_link", "links planted in the export directory, one under a name the export writes and one "
+                                "not, pointing at a 0600 file"),
+    ("manifest_path_escape", "a `manifest.json` naming its first train shard by an absolute path to a real shard "
+                             "outside the shard directory"),
+    ("shards_without_paths", "`data=shards` with neither `data.train_shards` nor `data.tokenizer` set"),
+    ("binary_input_file", "a 200 KB file of NUL bytes named `.txt` beside real text, through tokenizer training and "
+                          "shard writing (raise, and skip)"),
+    ("kill_orphan_workers", "SIGKILL of the trainer alone while its 2 DataLoader workers are blocked writing batches"),
     ("shard_pickle_member", "a shard holding a `.pyd` (pickle) sample"),
     ("external_target", "a `_target_` from a `--config-dir` experiment file, not on the command line"),
     ("override_target", "the same `_target_` named explicitly on the command line"),
