@@ -96,6 +96,7 @@ class ZeroStrategy(DeepSpeedStrategy):
                 load_lr_scheduler_states=False, load_module_strict=self.lightning_module.strict_loading)
         finally:
             engine._config.load_universal_checkpoint = False
+        _unshare_adam_steps(engine.optimizer)
         self.barrier("universal checkpoint loaded")
         if self.global_rank == 0:
             shutil.rmtree(universal.parent, ignore_errors=True)
@@ -158,6 +159,22 @@ def zero_checkpoint_ranks(path: Path) -> int | None:
 def _stale_rank_files(folder: Path, ranks: int) -> list[Path]:
     """Per-rank ZeRO files in ``folder`` of ranks ``>= ranks``: left by an earlier save of more ranks to the same path."""
     return [f for f in folder.iterdir() if (m := _RANK_FILE.match(f.name)) and int(m.group(1)) >= ranks]
+
+
+def _unshare_adam_steps(ds_optimizer) -> None:
+    """Give each optimizer state its own ``step`` tensor after a universal load.
+
+    DeepSpeed 0.19.8's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) assigns one
+    and the same ``step`` tensor to every sub-group's state (one per parameter group: ours are two, with and without
+    weight decay), and torch's Adam increments each state's step in place: the shared step then advanced once per
+    sub-group per update (a run resumed at step 4 on another world size saved Adam step 12 at step 8), and Adam's
+    bias correction used that wrong step. ZeRO-1/2 loads read one step per parameter; copying them is harmless."""
+    import torch
+
+    inner = getattr(ds_optimizer, "optimizer", None)  # the torch optimizer DeepSpeed's ZeRO optimizer wraps
+    for state in getattr(inner, "state", {}).values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def to_universal(path: Path, world_size: int, rank: int, barrier) -> Path:
