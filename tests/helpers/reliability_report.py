@@ -26,6 +26,9 @@ FAULTS = [
                                 "accumulation 2"),
     ("kill_random_moments_zero3", "SIGKILL of a 2-rank DeepSpeed ZeRO-3 run (CPU, gloo) at 2 seeded random moments, "
                                   "accumulation 2"),
+    ("zero_kill_inside_save", "SIGKILL of a 2-rank DeepSpeed ZeRO-2 run (CPU, gloo) inside a checkpoint save, between "
+                              "two ranks' files"),
+    ("world_size_zero3", "resume of a 2-rank ZeRO-3 checkpoint on 1 rank and back on 2 (and bf16 ZeRO-2, 2 -> 1)"),
     ("sigterm_job", "SIGTERM to every process of a run (trainer and DataLoader worker), as a requeue or `scancel` sends"),
     ("sigusr1_stop", "SIGUSR1 (Slurm's pre-timeout warning) in the middle of an accumulation window"),
     ("corrupt_skip", "5 bad train shards at once (truncated tar, random bytes, bad array, other tokenizer, "
@@ -50,6 +53,11 @@ FAULTS = [
     ("resume_other_model", "resume from a checkpoint of another model size"),
     ("resume_other_tokenizer", "resume from a checkpoint made with another tokenizer"),
     ("malicious_checkpoint", "a checkpoint whose pickle runs code when unpickled"),
+    ("zero_payload_model_states", "a DeepSpeed ZeRO-3 checkpoint directory whose `mp_rank_00_model_states.pt` holds a "
+                                  "pickle payload"),
+    ("zero_payload_optim_states", "a DeepSpeed ZeRO-3 checkpoint directory whose rank-0 optimizer-states file holds a "
+                                  "pickle payload"),
+    ("resume_not_a_checkpoint", "`resume=` pointing at a directory or a file that is not a checkpoint"),
     ("export_foreign_tokenizer_dir", "a checkpoint whose hyper-parameters name a foreign tokenizer directory (holding "
                                      "a 0600 `id_rsa`) that is not the tokenizer it was trained with"),
     ("export_tokenizer_symlink", "a tokenizer file, in the recorded or `--tokenizer` directory, that is a link out "
