@@ -73,7 +73,10 @@ def zero_tag_dir(path: Path) -> Path | None:
     tag = latest.read_text().strip()
     if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):  # a name inside the directory, nothing else
         return None
-    return path / tag if (path / tag).is_dir() else None
+    target = path / tag
+    if target.is_symlink() and "/" not in (real := os.readlink(target)) and real not in (".", ".."):
+        target = path / real  # the save's own directory: what is read stays what was vetted if a save switches the link
+    return target if target.is_dir() else None
 
 
 def vet_zero_checkpoint(path: Path) -> Path:
