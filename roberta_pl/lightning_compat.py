@@ -64,6 +64,23 @@ def last_saved_step(trainer: pl.Trainer) -> int | None:
     return None if callback is None else int(callback._last_global_step_saved)
 
 
+def release_validation_workers(trainer: pl.Trainer) -> None:
+    """Shut down the DataLoader workers of the validation that has just ended (call it from ``on_validation_end``).
+
+    Lightning keeps the validation loader's iterator until the next validation replaces it, and a stream that
+    ``limit_val_batches`` cut short has not ended, so its workers (forked copies of the training process) idled
+    through every training interval: a copy-on-write page of the trainer became theirs alone each time the trainer
+    wrote to it, so each idle worker came to hold as much memory as the trainer. The next validation forks new ones.
+
+    Lightning 2.6.6: ``trainer.fit_loop.epoch_loop.val_loop._data_fetcher``, whose ``teardown()`` resets the
+    ``CombinedLoader`` (dropping the iterators, which shuts their workers down); the loop's own ``teardown`` also sets
+    it to None, and each validation builds a new one (``_EvaluationLoop.reset``)."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    if loop._data_fetcher is not None:
+        loop._data_fetcher.teardown()
+        loop._data_fetcher = None
+
+
 def wandb_run_started(logger: Any) -> bool:
     """Whether a ``WandbLogger`` has created its run (reading ``.experiment`` would create one).
 

@@ -13,7 +13,12 @@ import lightning.pytorch as pl
 import torch
 
 from data_pipelines.datamodule import STEP_WINDOW
-from roberta_pl.lightning_compat import completes_step, is_logging_step, micro_batches_started
+from roberta_pl.lightning_compat import (
+    completes_step,
+    is_logging_step,
+    micro_batches_started,
+    release_validation_workers,
+)
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token, mlm_head_flops
 from roberta_pl.optim import build_adamw, lr_lambda
 
@@ -173,6 +178,12 @@ class MaskedLMModule(pl.LightningModule):
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
             self.log("val/perplexity", torch.exp(loss.float().clamp(max=30.0)), sync_dist=False)
+
+    def on_validation_end(self) -> None:
+        # Validation reads limit_val_batches of a stream, so its loader never ends; Lightning would keep its workers
+        # (forked copies of this process) idle until the next validation, each coming to hold as much memory as this one.
+        if self.trainer.state.fn == "fit":
+            release_validation_workers(self.trainer)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._logged_step:  # from the loss just logged: the mean over the step and the ranks
