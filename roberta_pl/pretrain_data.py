@@ -126,16 +126,15 @@ def data_workers(cfg: DictConfig, data: PretrainData, plan: BatchPlan) -> int:
     if cfg.data.num_workers is not None:
         return cfg.data.num_workers
     import logging
-    import os
 
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from data_pipelines.shards import available_cpus
     from data_pipelines.stream import default_num_workers, resolve_shards
+    from roberta_pl.trainer import rank_cpus
 
     shards = len(resolve_shards(data.train_shards, split="train").shards)
     ranks_here = max(1, plan.world_size // max(1, int(cfg.trainer.num_nodes)))
-    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or max(1, available_cpus() // ranks_here)
+    cpus = rank_cpus(ranks_here)  # the same share the rank's torch threads get
     workers = default_num_workers(shards, plan.world_size, cpus)
     if rank_zero_only.rank == 0:  # once per run, not once per rank
         logging.getLogger("roberta_pl").info(
