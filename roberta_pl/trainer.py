@@ -249,9 +249,30 @@ def pretraining_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolve
         # keeps it on step boundaries when a ramp changes the accumulation.
         val_check_interval=t.val_every_n_steps * plan.accumulation, check_val_every_n_epoch=None,
     )
-    if tune_allocator:
-        keep_freed_memory(trainer)
+    if tune_allocator and keep_freed_memory(trainer):
+        trainer.callbacks.append(ReturnFreedMemory())
     return trainer
+
+
+class ReturnFreedMemory(pl.Callback):
+    """With glibc's thresholds raised (:func:`keep_freed_memory`), hand the heap's free pages back every
+    ``every_n_steps`` optimizer steps (``malloc_trim``). The MLM logits change size every step, so the kept heap
+    fragments: the quickstart's trainer grew from 892 to 1,556 MiB over steps 300-1,000 (+74%) and never levelled off;
+    trimmed every 100 steps, 510 -> 529 MiB (+3.6%; bench/memory_growth.py), while a step still reuses its memory."""
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        import ctypes
+
+        self.every_n_steps = every_n_steps
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._trimmed_at = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step != self._trimmed_at and step % self.every_n_steps == 0:
+            self._trimmed_at = step
+            self._libc.malloc_trim(0)
 
 
 def finetuning_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict):
