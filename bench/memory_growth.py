@@ -8,7 +8,7 @@ Usage (from the repository root; each case is one training subprocess, a few min
     python bench/memory_growth.py --malloc-default              # also a run with glibc's own thresholds
     python bench/memory_growth.py --tracemalloc 200,2000        # print the Python allocations that grew between steps
 
-Each case runs ``python -m roberta_pl.train`` on the embedded default corpus (built once under ``data.cache_dir``)
+Each case runs ``python -m roberta_pl.pretraining.app`` on the embedded default corpus (built once under ``data.cache_dir``)
 with the tiny model at micro-batch 16 (global batch 16: one micro-batch a step), validation and checkpoints on their
 usual schedule, and :class:`RssProbe` added through ``trainer.callbacks``: every ``--every`` optimizer steps it
 reads VmRSS of the trainer process and of each of its child processes (DataLoader workers) from ``/proc``. With
@@ -173,7 +173,7 @@ def run_case(name: str, logger: str, steps: int, every: int, workers: int | None
     env.setdefault("OMP_NUM_THREADS", "1")
     if malloc_default:
         env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # glibc's own default; keep_freed_memory stands aside
-    cmd = [sys.executable, "-m", "roberta_pl.train", *overrides]
+    cmd = [sys.executable, "-m", "roberta_pl.pretraining.app", *overrides]
     print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
     start = time.time()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

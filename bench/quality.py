@@ -144,7 +144,7 @@ PREVIOUS_DEFAULT = ["model=tiny", "batch=tiny", "trainer=cpu", "optim.lr=1e-3", 
 
 def ours_command(recipe: str, seconds: float, work: Path, out: Path) -> list[str]:
     recipe_args = {"ours-budget": ["experiment=budget_cpu"], "ours-default": PREVIOUS_DEFAULT}[recipe]
-    return [sys.executable, "-m", "roberta_pl.train", *recipe_args, f"trainer.max_time={int(seconds)}s",
+    return [sys.executable, "-m", "roberta_pl.pretraining.app", *recipe_args, f"trainer.max_time={int(seconds)}s",
             f"data.train_shards={work / 'shards'}", f"data.valid_shards={work / 'shards'}",
             f"data.tokenizer={work / 'tokenizer'}", f"run_dir={out}", "fill_mask=[]", "logger=csv",
             "trainer.enable_progress_bar=false", "resume=never"]

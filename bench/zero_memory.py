@@ -150,7 +150,7 @@ def run_rank(args) -> None:
     from roberta_pl.trainer import deepspeed_config
     from roberta_pl.model import RobertaConfig
     from roberta_pl.optim import plan_batch
-    from roberta_pl.pretrain import MaskedLMModule
+    from roberta_pl.pretraining.module import MaskedLMModule
     from roberta_pl.strategies import ZeroStrategy
 
     plan = plan_batch(args.global_batch, args.micro_batch, WORLD, args.seq_len)

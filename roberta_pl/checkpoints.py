@@ -22,7 +22,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from roberta_pl.hf import load_hf, load_hf_encoder
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, RobertaModel
 
-
 # -- DeepSpeed ZeRO checkpoint directories -------------------------------------------------------------------------
 # DeepSpeed writes each rank's files straight to their final names under a tag directory, and its ``latest`` file
 # names the tag. Lightning always uses the tag ``checkpoint``, so each save overwrote the last one in place: a kill
@@ -200,7 +199,10 @@ def _read_zero_checkpoint(path: Path) -> dict:
     import contextlib
     import io
 
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_file
+    from deepspeed.utils.zero_to_fp32 import (
+        get_fp32_state_dict_from_zero_checkpoint,
+        get_model_state_file,
+    )
 
     tag = vet_zero_checkpoint(path)
     optim = sorted(tag.glob("*_optim_states.pt"))

@@ -114,7 +114,11 @@ class ZeroStrategy(DeepSpeedStrategy):
         #    Here each save goes to a fresh tag directory, and only once every rank has written (and synced) its
         #    files does rank 0 point `checkpoint` at it (roberta_pl.checkpoints.publish_zero_save). A fresh directory
         #    also holds no partition of an earlier save by more ranks. The rest is Lightning 2.6.6's body.
-        from roberta_pl.checkpoints import ZERO_TAG_PREFIX, fsync_files, publish_zero_save
+        from roberta_pl.checkpoints import (
+            ZERO_TAG_PREFIX,
+            fsync_files,
+            publish_zero_save,
+        )
 
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (got {storage_options!r})")

@@ -17,26 +17,14 @@ import torch
 from omegaconf import DictConfig
 
 from roberta_pl.callbacks import (
-    BatchRamp,
-    BudgetPlanner,
-    DataSkipMonitor,
-    EpochProgressBar,
-    LossCurve,
     LossScaleMonitor,
     NonFiniteLossGuard,
-    RequeueOnSignal,
-    StepCheckpoint,
-    StepProgressBar,
-    StopAtStep,
-    ThroughputLogger,
-    ValidationSchedule,
-    WorldSizeResume,
 )
 from roberta_pl.checkpoints import AtomicCheckpointIO
 from roberta_pl.errors import ConfigError
 from roberta_pl.lightning_compat import slurm_environment
 from roberta_pl.loggers import StepLearningRateMonitor, build_loggers
-from roberta_pl.optim import BatchPlan, parse_duration
+from roberta_pl.optim import BatchPlan
 
 
 def deepspeed_config(cfg: DictConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -195,7 +183,7 @@ def keep_freed_memory(trainer: pl.Trainer) -> bool:
 
     The setting is process-wide and cannot be undone, so only a process that exists to pretrain asks for it:
     ``roberta-pl-train`` (``pretraining_trainer(..., tune_allocator=True)``), not fine-tuning, not a library caller
-    of ``roberta_pl.train.run`` in a process of its own.
+    of ``roberta_pl.pretraining.app.run`` in a process of its own.
     """
     import ctypes
     import platform
@@ -216,42 +204,6 @@ def keep_freed_memory(trainer: pl.Trainer) -> bool:
     if not (libc.mallopt(m_mmap_threshold, _GLIBC_KEEP_BYTES) or libc.mallopt(m_mmap_threshold, 32 << 20)):
         return False
     return bool(libc.mallopt(m_trim_threshold, _GLIBC_KEEP_BYTES))
-
-
-def pretraining_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict,
-                        tune_allocator: bool = False) -> pl.Trainer:
-    """The pretraining Trainer: step-boundary checkpoints, SIGUSR1 requeue, loss curve, throughput, the batch
-    ramp and validation on optimizer-step boundaries (``plan.phases``). ``tune_allocator``: this process exists to
-    train, so glibc may keep the memory a step freed (:func:`keep_freed_memory`)."""
-    t = cfg.trainer
-    checkpoints = StepCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
-        every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=cfg.checkpoint.keep,
-        monitor="step", mode="max",
-    )
-    callbacks = [checkpoints, RequeueOnSignal(out_dir / "checkpoints" / "last.ckpt"), LossCurve(out_dir),
-                 ThroughputLogger(), DataSkipMonitor(), WorldSizeResume()]
-    later: list[pl.Callback] = []
-    if t.enable_progress_bar:
-        later.append(StepProgressBar())
-    if t.stop_at_step is not None:
-        later.append(StopAtStep(t.stop_at_step))
-    if len(plan.phases) > 1:
-        later.append(BatchRamp(list(plan.phases)))
-    later.append(ValidationSchedule(t.val_every_n_steps, list(plan.phases)))
-    if t.max_time is not None:  # a wall-clock budget: max_steps fixed from the rate measured in the warm-up
-        later.append(BudgetPlanner(parse_duration(t.max_time), list(plan.phases), cfg.optim.warmup_steps, t.max_steps,
-                                   t.val_every_n_steps))
-    trainer = build_trainer(
-        cfg, out_dir, resolved_config, callbacks, later, strategy=build_strategy(cfg, plan),
-        max_steps=t.max_steps, accumulate_grad_batches=plan.phases[0][2],
-        # Validation every N optimizer steps; Lightning counts micro-batches here, and ValidationSchedule
-        # keeps it on step boundaries when a ramp changes the accumulation.
-        val_check_interval=t.val_every_n_steps * plan.accumulation, check_val_every_n_epoch=None,
-    )
-    if tune_allocator and keep_freed_memory(trainer):
-        trainer.callbacks.append(ReturnFreedMemory())
-    return trainer
 
 
 class ReturnFreedMemory(pl.Callback):
@@ -275,28 +227,3 @@ class ReturnFreedMemory(pl.Callback):
             self._libc.malloc_trim(0)
 
 
-def finetuning_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict):
-    """The fine-tuning Trainer and its best-checkpoint callback: the best validation metric is kept
-    (``checkpoints/best.ckpt``), with early stopping (``early_stopping.patience``), validating every
-    ``trainer.val_every_n_steps`` optimizer steps or once per epoch."""
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
-    from roberta_pl.finetune.module import metric_mode
-
-    t, monitor = cfg.trainer, f"val/{cfg.task.metric}"
-    mode = metric_mode(cfg.task.metric)
-    best = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor=monitor, mode=mode,
-                           save_top_k=1, save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
-    later: list[pl.Callback] = [EpochProgressBar(monitor)] if t.enable_progress_bar else []
-    if cfg.early_stopping.patience > 0:
-        later.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping.patience,
-                                   min_delta=cfg.early_stopping.min_delta))
-    trainer = build_trainer(
-        cfg, out_dir, resolved_config, [best], later,
-        max_epochs=t.max_epochs if t.max_epochs > 0 else None, max_steps=t.max_steps,
-        accumulate_grad_batches=plan.accumulation,
-        # Validation every N optimizer steps, counted across epochs (Lightning counts micro-batches), or per epoch.
-        val_check_interval=t.val_every_n_steps * plan.accumulation if t.val_every_n_steps else 1.0,
-        check_val_every_n_epoch=None if t.val_every_n_steps else 1,
-    )
-    return trainer, best

@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from roberta_pl.checkpoints import load_encoder
     from data_pipelines.task_data import load_text_tokenizer
+    from roberta_pl.checkpoints import load_encoder
 
     src = Path(args.file)
     out = Path(args.output) if args.output else src.with_suffix(".npy")

@@ -31,18 +31,27 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.errors import DataError
-from data_pipelines.task_data import FinetuneDataModule, load_task_data, load_text_tokenizer, make_loader
-from roberta_pl.checks import preflight_finetune
+from data_pipelines.task_data import (
+    FinetuneDataModule,
+    load_task_data,
+    load_text_tokenizer,
+    make_loader,
+)
 from roberta_pl.config import CONF_DIR, check_known_keys
 from roberta_pl.errors import ConfigError
-from roberta_pl.finetune.config import FinetuneConfig, fill_size_defaults, register_configs
+from roberta_pl.finetune.checks import preflight_finetune
+from roberta_pl.finetune.config import (
+    FinetuneConfig,
+    fill_size_defaults,
+    register_configs,
+)
 from roberta_pl.finetune.module import FinetuneModule
 from roberta_pl.finetune.outputs import finish
+from roberta_pl.finetune.trainer import finetuning_trainer
 from roberta_pl.harness import pin_multirun_job_for_rank_processes, run_scope
 from roberta_pl.loggers import quiet_notices
 from roberta_pl.optim import BatchPlanError
 from roberta_pl.safety import check_hydra_targets
-from roberta_pl.trainer import finetuning_trainer
 
 PROG = "roberta-pl-finetune"
 

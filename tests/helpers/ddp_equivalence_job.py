@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_pipelines.datamodule import with_step_windows
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM
-from roberta_pl.pretrain import MaskedLMModule
+from roberta_pl.pretraining.module import MaskedLMModule
 
 GLOBAL, MICRO, STEPS, SEQ, VOCAB = 16, 4, 3, 32, 300
 

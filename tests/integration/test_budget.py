@@ -11,7 +11,7 @@ from test_pretrain import TINY, compose_cfg
 
 from roberta_pl.callbacks import fixed_max_steps
 from roberta_pl.optim import lr_lambda
-from roberta_pl.train import run
+from roberta_pl.pretraining.app import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # a budget is spent on training, not on thread contention
 
@@ -99,7 +99,7 @@ def test_two_ranks_with_skewed_clocks_fix_the_same_step_count(tmp_path, data, re
             "export_hf=false", "logger=csv", "checkpoint.every_n_steps=1000", f"run_dir={tmp_path}",
             "trainer.callbacks=[{_target_:reliability_faults.ClockSkew,rank:1,factor:200}]"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(helpers), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *args], capture_output=True, text=True,
                           timeout=240, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if "trainer.max_steps fixed at" in x)

@@ -22,7 +22,7 @@ from data_pipelines.corpus import iter_documents
 from data_pipelines.shards import load_manifest, merge_manifests, write_shards
 from data_pipelines.stream import resolve_shards
 from data_pipelines.tokenizer import train_tokenizer
-from roberta_pl.train import run
+from roberta_pl.pretraining.app import run
 from test_pretrain import TINY, compose_cfg
 
 FAST = ["trainer.max_steps=1", "trainer.val_every_n_steps=1000", "export_hf=false", "logger=none"]
@@ -90,12 +90,12 @@ def test_a_task_record_naming_a_file_outside_is_not_merged(tmp_path, corpus_docs
 @pytest.fixture
 def no_default_corpus(monkeypatch):
     """Training on the embedded corpus is the fault: make it fail loudly (and fast) instead of building it."""
-    import roberta_pl.pretrain_data
+    import roberta_pl.pretraining.data
 
     def refuse(*args, **kwargs):
         raise AssertionError("fell back to the embedded default corpus")
 
-    monkeypatch.setattr(roberta_pl.pretrain_data, "_default_dataset", refuse)
+    monkeypatch.setattr(roberta_pl.pretraining.data, "_default_dataset", refuse)
 
 
 def test_data_shards_without_paths_is_refused_not_trained_on_the_default_corpus(tmp_path, no_default_corpus,
@@ -180,7 +180,7 @@ def _gone(pid: int) -> bool:
 def test_dataloader_workers_die_with_a_sigkilled_trainer(tmp_path, shard_dir, tokenizer_dir, reliability):
     # Batches of 64 x 64 tokens are larger than a pipe's buffer (64 KiB), so a worker whose parent is gone blocks
     # writing one and (before the fix) never reaches torch's own check of its parent.
-    cmd = [sys.executable, "-m", "roberta_pl.train", *TINY, "batch.micro_batch_size=64", "batch.global_batch_size=64",
+    cmd = [sys.executable, "-m", "roberta_pl.pretraining.app", *TINY, "batch.micro_batch_size=64", "batch.global_batch_size=64",
            "data.num_workers=2", "trainer.max_steps=100000", "checkpoint.every_n_steps=1", "checkpoint.keep=1",
            "trainer.val_every_n_steps=100000", "export_hf=false", "logger=none", f"run_dir={tmp_path / 'run'}",
            f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]

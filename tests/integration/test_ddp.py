@@ -66,7 +66,7 @@ def test_two_rank_tokens_per_second_agrees_with_tokens_trained_over_wall_time(tm
     from test_pretrain import TINY
 
     data = [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
-    cmd = [sys.executable, "-m", "roberta_pl.train", *TINY, *data, "trainer.devices=2", "trainer.strategy=ddp",
+    cmd = [sys.executable, "-m", "roberta_pl.pretraining.app", *TINY, *data, "trainer.devices=2", "trainer.strategy=ddp",
            "batch.micro_batch_size=2", "batch.global_batch_size=16", "trainer.max_steps=8", "logger=tensorboard",
            "trainer.val_every_n_steps=1000", "checkpoint.every_n_steps=1000", "export_hf=false", f"run_dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -19,7 +19,7 @@ from roberta_pl.cli.embed import main as embed_main
 from roberta_pl.cli.export import main as export_main
 from roberta_pl.cli.fill_mask import main as fill_mask_main
 from roberta_pl.hf import _umask
-from roberta_pl.train import run
+from roberta_pl.pretraining.app import run
 from test_finetune import finetune
 from test_pretrain import TINY, compose_cfg
 

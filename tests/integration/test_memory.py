@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import psutil
 
-from roberta_pl.train import run
+from roberta_pl.pretraining.app import run
 from test_pretrain import TINY, compose_cfg
 
 WORKERS_SEEN: list[tuple[int, int]] = []  # (optimizer step, live DataLoader worker processes) after each step

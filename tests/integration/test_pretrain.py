@@ -12,9 +12,10 @@ import transformers
 from hydra import compose, initialize_config_dir
 
 from roberta_pl.checkpoints import load_pretrained
-from roberta_pl.config import CONF_DIR, register_configs
+from roberta_pl.config import CONF_DIR
+from roberta_pl.pretraining.config import register_configs
 from roberta_pl.hf import load_hf
-from roberta_pl.train import run
+from roberta_pl.pretraining.app import run
 
 register_configs()
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
@@ -296,7 +297,7 @@ def test_checkpoint_loads_weights_only_and_exports(tmp_path, data_overrides):
 ])
 def test_cli_bad_config_is_one_line_error(tmp_path, override, message, shard_dir, tokenizer_dir):
     data = [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
-    proc = subprocess.run([sys.executable, "-m", "roberta_pl.train", override, f"run_dir={tmp_path}/run", *data],
+    proc = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", override, f"run_dir={tmp_path}/run", *data],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr
@@ -311,7 +312,7 @@ def test_cli_prints_no_notices_that_do_not_apply(tmp_path, data_overrides):
     # and after the run's own summary, not wandb's history/summary block (its sync line stays). wandb as a user
     # has it: not silenced as the rest of the suite is (WANDB_SILENT).
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"} | {"WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "roberta_pl.train", *TINY, *data_overrides, "logger=wandb",
+    proc = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *TINY, *data_overrides, "logger=wandb",
                            "trainer.max_steps=2", "export_hf=false", f"run_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -36,7 +36,7 @@ def unigram_cross_entropy(shard_dir, vocab_size: int) -> float:
 @pytest.mark.slow
 def test_quickstart_trains_exports_and_fills_masks(tmp_path, private_cache):
     run_dir = tmp_path / "quickstart"
-    cmd = [sys.executable, "-m", "roberta_pl.train", "experiment=quickstart", f"run_dir={run_dir}",
+    cmd = [sys.executable, "-m", "roberta_pl.pretraining.app", "experiment=quickstart", f"run_dir={run_dir}",
            "trainer.max_steps=150", "trainer.val_every_n_steps=75", "optim.warmup_steps=30",
            "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=os.environ.copy())

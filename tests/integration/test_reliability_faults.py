@@ -1,5 +1,5 @@
 """Bad data, numerical faults, resource faults and unsafe inputs, each through the real entry point
-(`roberta_pl.train.run` or the `roberta_pl.train` process): what it does, and what it keeps."""
+(`roberta_pl.pretraining.app.run` or the `roberta_pl.pretraining.app` process): what it does, and what it keeps."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from data_pipelines.shards import write_shards
 from data_pipelines.stream import StreamConfig, epoch_order, iter_shard
 from data_pipelines.tokenizer import train_tokenizer
 from roberta_pl.checkpoints import load_pretrained
-from roberta_pl.train import run
+from roberta_pl.pretraining.app import run
 from reliability_report import scrub
 from test_pretrain import TINY, compose_cfg
 
@@ -200,7 +200,7 @@ def test_nonfinite_loss_on_one_ddp_rank_is_skipped_by_every_rank(tmp_path, shard
             "trainer.nonfinite_loss=skip", f"run_dir={tmp_path}",
             "trainer.callbacks=[{_target_:reliability_faults.NonFiniteLossAt,steps:[3],value:inf,rank:1}]"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *args], capture_output=True, text=True,
                           timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     last = load(tmp_path / "checkpoints" / "last.ckpt")
@@ -224,14 +224,14 @@ def test_nonfinite_loss_under_zero_stops_at_the_window_end_and_skip_is_refused(t
             "batch.global_batch_size=16", "batch.micro_batch_size=4", f"run_dir={tmp_path}", "data.num_workers=0",
             "trainer.callbacks=[{_target_:reliability_faults.NonFiniteLossAt,steps:[3],value:nan,rank:1}]"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    refused = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args, "trainer.nonfinite_loss=skip"],
+    refused = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *args, "trainer.nonfinite_loss=skip"],
                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     skip_line = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert skip_line.startswith("roberta-pl-train: error: trainer.nonfinite_loss=skip is not supported with "
                                 "trainer.strategy=deepspeed at trainer.precision=32-true")
     assert not (tmp_path / "checkpoints").exists()
-    done = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *args], capture_output=True, text=True,
                           timeout=300, env=env, cwd=tmp_path)
     stop_line = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1, done.stderr[-3000:]
@@ -266,7 +266,7 @@ def test_a_rank_whose_peers_never_come_gives_up_at_the_rendezvous_timeout(tmp_pa
             "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2", f"run_dir={tmp_path}"]
     env = {**os.environ, "LOCAL_RANK": "0", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "ROBERTA_PL_RENDEZVOUS_TIMEOUT": "3"}
-    done = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *args], capture_output=True, text=True,
                           timeout=300, env=env, cwd=tmp_path)
     last_line = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
@@ -332,7 +332,7 @@ def test_full_run_dir_fails_before_training(tmp_path, shard_dir, tokenizer_dir, 
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    cmd = [sys.executable, "-m", "roberta_pl.train", *TINY, *FAST, f"run_dir={tmp_path / 'run'}",
+    cmd = [sys.executable, "-m", "roberta_pl.pretraining.app", *TINY, *FAST, f"run_dir={tmp_path / 'run'}",
            f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
     message = proc.stderr.strip().splitlines()[-1]
@@ -435,7 +435,7 @@ def test_target_from_an_outside_config_file_is_refused(tmp_path, shard_dir, toke
     marker = tmp_path / "imported"
     conf = _external_experiment(tmp_path, marker)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "roberta_pl.train", "--config-dir", str(conf), "experiment=outside",
+    proc = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", "--config-dir", str(conf), "experiment=outside",
                            *TINY, f"run_dir={tmp_path / 'run'}", f"data.train_shards={shard_dir}",
                            f"data.tokenizer={tokenizer_dir}"], capture_output=True, text=True, timeout=120, env=env)
     message = proc.stderr.strip()

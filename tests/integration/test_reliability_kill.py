@@ -30,8 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 def train_command(run_dir: Path, shard_dir: Path, tokenizer_dir: Path, callbacks: str) -> list[str]:
-    """`python -m roberta_pl.train` on the tiny model: a checkpoint every step, no validation, no export."""
-    return [sys.executable, "-m", "roberta_pl.train", *TINY, f"run_dir={run_dir}", f"data.train_shards={shard_dir}",
+    """`python -m roberta_pl.pretraining.app` on the tiny model: a checkpoint every step, no validation, no export."""
+    return [sys.executable, "-m", "roberta_pl.pretraining.app", *TINY, f"run_dir={run_dir}", f"data.train_shards={shard_dir}",
             f"data.tokenizer={tokenizer_dir}", f"trainer.max_steps={MAX_STEPS}", "checkpoint.every_n_steps=1",
             "checkpoint.keep=2", "trainer.val_every_n_steps=1000", "export_hf=false", "logger=none",
             f"trainer.callbacks=[{callbacks}]"]

@@ -167,7 +167,7 @@ def test_template_sigusr1_requeue_keeps_the_first_wandb_segment(usr1_run):
 @pytest.mark.slow
 def test_hydra_multirun_through_submitit_slurm_launcher(slurm_cluster, tmp_path, shard_dir, tokenizer_dir):
     sweep = tmp_path / "lr"
-    cmd = [sys.executable, "-m", "roberta_pl.train", "-m", "hydra/launcher=slurm", "optim.lr=1e-3,2e-3",
+    cmd = [sys.executable, "-m", "roberta_pl.pretraining.app", "-m", "hydra/launcher=slurm", "optim.lr=1e-3,2e-3",
            f"run_dir={sweep}", "hydra.launcher.tasks_per_node=1", "hydra.launcher.timeout_min=10", *TINY,
            f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}",
            "trainer.max_steps=6", "trainer.val_every_n_steps=3", "checkpoint.every_n_steps=3"]

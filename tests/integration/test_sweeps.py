@@ -13,7 +13,7 @@ TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.max_seq_len
 
 
 def _train(tmp_path, *args):
-    proc = subprocess.run([sys.executable, "-m", "roberta_pl.train", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *args], capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc

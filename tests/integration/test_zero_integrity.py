@@ -178,7 +178,7 @@ def test_resume_of_a_non_checkpoint_is_one_line(tmp_path, shard_dir, tokenizer_d
     from test_pretrain import TINY as CPU_TINY
     from test_pretrain import compose_cfg
 
-    from roberta_pl.train import run
+    from roberta_pl.pretraining.app import run
 
     folder = tmp_path / "not-a-checkpoint"
     folder.mkdir()

@@ -105,8 +105,9 @@ def test_masker_follows_the_schedule_and_is_a_function_of_the_step(unit, tok):
 def test_preflight_names_a_bad_budget_or_mask_schedule_in_one_line(override, message):
     from hydra import compose, initialize_config_dir
 
-    from roberta_pl.checks import check_budget
-    from roberta_pl.config import CONF_DIR, register_configs
+    from roberta_pl.pretraining.checks import check_budget
+    from roberta_pl.config import CONF_DIR
+    from roberta_pl.pretraining.config import register_configs
     from roberta_pl.errors import ConfigError
 
     register_configs()

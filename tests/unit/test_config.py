@@ -6,8 +6,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from roberta_pl.config import CONF_DIR, register_configs
-from roberta_pl.checks import preflight
+from roberta_pl.config import CONF_DIR
+from roberta_pl.pretraining.config import register_configs
+from roberta_pl.pretraining.checks import preflight
 from roberta_pl.errors import ConfigError
 from roberta_pl.trainer import build_strategy, deepspeed_config
 from roberta_pl.optim import BatchPlanError, lr_lambda, plan_batch, plan_ramp
@@ -144,7 +145,7 @@ def test_pretraining_help_lists_every_option_of_its_groups_and_no_finetuning_gro
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "roberta_pl.train", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     listed = dict(re.findall(r"^([a-z_/]+): (.+)$", done.stdout.split("== Config")[0], re.M))
     for group in ("model", "batch", "optim", "data", "trainer", "logger", "experiment", "hparams_search"):

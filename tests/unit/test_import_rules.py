@@ -2,8 +2,10 @@
 
 - the model imports neither Lightning nor the data side;
 - the data side imports nothing from ``roberta_pl`` (the flow runs one way);
-- nothing imports an entry point (``roberta_pl.train``, ``roberta_pl.finetune.app``) or a ``cli`` module:
-  entry points import the run harness and the rooms, never each other.
+- nothing imports an entry point (``roberta_pl.pretraining.app``, ``roberta_pl.finetune.app``) or a ``cli`` module:
+  entry points import the run harness and the rooms, never each other;
+- the shared core (``roberta_pl/*.py``, ``roberta_pl/callbacks/``) imports neither job: ``roberta_pl.pretraining`` and
+  ``roberta_pl.finetune`` build on the core, and never on each other.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ENTRY_POINTS = ("roberta_pl.train", "roberta_pl.finetune.app", "roberta_pl.cli")
+ENTRY_POINTS = ("roberta_pl.pretraining.app", "roberta_pl.finetune.app", "roberta_pl.cli")
+JOBS = ("roberta_pl.pretraining", "roberta_pl.finetune")
 
 
 def imports_of(path: Path) -> set[str]:
@@ -27,8 +30,8 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
-def module_name(path: Path) -> str:
-    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+def module_name(path: Path, root: Path = ROOT) -> str:
+    return ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
 
 
 def package_files(*packages: str) -> list[Path]:
@@ -58,8 +61,39 @@ def test_nothing_imports_an_entry_point_or_a_cli_module():
     assert not bad, sorted(bad)
 
 
+def job_of(module: str) -> str | None:
+    return next((j for j in JOBS if module == j or module.startswith(j + ".")), None)
+
+
+def layering_violations(files: list[Path], root: Path = ROOT) -> set[str]:
+    """Imports that run upward (core -> a job) or sideways (one job -> the other)."""
+    bad = set()
+    for p in files:
+        own = module_name(p, root)
+        if own.startswith("roberta_pl.cli"):
+            continue  # the command-line tools sit on top of everything
+        for m in imports_of(p):
+            target = job_of(m)
+            if target and job_of(own) != target:
+                bad.add(f"{own} -> {m}")
+    return bad
+
+
+def test_the_core_imports_no_job_and_the_jobs_not_each_other():
+    assert not layering_violations(package_files("roberta_pl")), sorted(layering_violations(package_files("roberta_pl")))
+
+
 def test_the_rules_see_a_violation(tmp_path):
     # The checker itself: a file that breaks each rule is caught.
     f = tmp_path / "x.py"
-    f.write_text("import lightning\nfrom roberta_pl.cli.export import main\n\ndef g():\n    from roberta_pl.train import run\n")
-    assert {"lightning", "roberta_pl.cli.export", "roberta_pl.train", "roberta_pl.train.run"} <= imports_of(f)
+    f.write_text("import lightning\nfrom roberta_pl.cli.export import main\n\ndef g():\n    from roberta_pl.pretraining.app import run\n")
+    assert {"lightning", "roberta_pl.cli.export", "roberta_pl.pretraining.app", "roberta_pl.pretraining.app.run"} <= imports_of(f)
+    # An upward import from the core and a sideways one between the jobs are both caught; the jobs' own are not.
+    core, job = tmp_path / "roberta_pl" / "checks.py", tmp_path / "roberta_pl" / "finetune" / "module.py"
+    job.parent.mkdir(parents=True)
+    core.write_text("from roberta_pl.finetune.module import available_metrics\n")
+    job.write_text("from roberta_pl.pretraining.module import MaskedLMModule\nfrom roberta_pl.finetune.config import X\n")
+    found = layering_violations([core, job], tmp_path)
+    assert {"roberta_pl.checks -> roberta_pl.finetune.module",
+            "roberta_pl.finetune.module -> roberta_pl.pretraining.module"} <= found
+    assert not any("finetune.config" in v for v in found)

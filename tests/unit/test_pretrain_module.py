@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from roberta_pl.callbacks import ThroughputLogger, model_flops
 from roberta_pl.model import IGNORE_INDEX, RobertaConfig, mlm_flops_per_token
-from roberta_pl.pretrain import MaskedLMModule
+from roberta_pl.pretraining.module import MaskedLMModule
 
 MODEL = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=32,
              dropout=0.0, attention_dropout=0.0)
@@ -128,7 +128,7 @@ def test_accuracy_is_the_share_of_masked_tokens_whose_label_scores_highest():
 
 
 def test_a_tie_at_the_top_is_a_miss_and_so_is_a_nan():
-    from roberta_pl.pretrain import masked_accuracy
+    from roberta_pl.pretraining.module import masked_accuracy
 
     logits = torch.tensor([[0.0, 3.0, 1.0],    # target 1 scores highest: a hit
                            [2.0, 2.0, 1.0],    # target 0 ties with 1: a miss (an argmax would say hit)

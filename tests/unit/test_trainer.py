@@ -111,12 +111,14 @@ def test_only_the_training_command_tunes_the_allocator(tmp_path, monkeypatch):
     fine-tuning trainer leave glibc alone; ``roberta-pl-train``'s own process asks for it."""
     import inspect
 
-    from roberta_pl import train, trainer
+    from roberta_pl import trainer
+    from roberta_pl.pretraining import app as train
+    from roberta_pl.pretraining import trainer as pretraining_trainer
 
     assert "keep_freed_memory" not in inspect.getsource(trainer.build_trainer)  # fine-tuning builds through it
     assert "tune_allocator=own_process" in inspect.getsource(train.run)
     assert "own_process=True" in inspect.getsource(train._hydra_main)
-    assert "if tune_allocator and keep_freed_memory(trainer):" in inspect.getsource(trainer.pretraining_trainer)
+    assert "if tune_allocator and keep_freed_memory(trainer):" in inspect.getsource(pretraining_trainer.pretraining_trainer)
 
 
 def test_the_tuned_allocator_hands_free_pages_back_every_n_steps():

@@ -28,23 +28,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from roberta_pl.callbacks import RequeueOnSignal, fixed_max_steps, requeue_slurm_job
 from roberta_pl.checkpoints import remove_interrupted_saves
-from roberta_pl.checks import (
-    check_free_space,
+from roberta_pl.checks import check_free_space, find_resume_checkpoint, read_checkpoint
+from roberta_pl.config import CONF_DIR, check_known_keys, model_settings
+from roberta_pl.harness import pin_multirun_job_for_rank_processes, run_scope
+from roberta_pl.loggers import quiet_notices, wandb_run_id
+from roberta_pl.pretraining.checks import (
     check_resume_checkpoint,
     check_vocab,
     checkpoint_bytes,
     describe_resume,
-    find_resume_checkpoint,
     preflight,
-    read_checkpoint,
 )
-from roberta_pl.config import CONF_DIR, PretrainConfig, check_known_keys, model_settings, register_configs
-from roberta_pl.harness import pin_multirun_job_for_rank_processes, run_scope
-from roberta_pl.loggers import quiet_notices, wandb_run_id
-from roberta_pl.outputs import describe_model, finish_run, finished_run, report_data, save_final_checkpoint
-from roberta_pl.pretrain import MaskedLMModule
+from roberta_pl.pretraining.config import PretrainConfig, register_configs
+from roberta_pl.pretraining.module import MaskedLMModule
+from roberta_pl.pretraining.outputs import (
+    describe_model,
+    finish_run,
+    finished_run,
+    report_data,
+    save_final_checkpoint,
+)
+from roberta_pl.pretraining.trainer import pretraining_trainer
 from roberta_pl.safety import check_hydra_targets
-from roberta_pl.trainer import pretraining_trainer
+
 
 def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None, own_process: bool = False) -> dict:
     """Compose -> check -> data -> module -> trainer -> fit -> export. Returns a summary of the run.
@@ -52,7 +58,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None, 
     ``overrides`` are the user's command-line overrides, the only place besides ``conf/`` a ``_target_``
     may come from (default: the ones Hydra recorded; see :mod:`roberta_pl.safety`). ``own_process``: the process
     exists for this run (``roberta-pl-train``), so process-wide tuning (glibc's allocator) is allowed."""
-    from roberta_pl.pretrain_data import build_datamodule, prepare_data
+    from roberta_pl.pretraining.data import build_datamodule, prepare_data
 
     with run_scope("roberta-pl-train") as scope:
         check_known_keys(cfg, PretrainConfig)

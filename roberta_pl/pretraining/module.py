@@ -19,7 +19,12 @@ from roberta_pl.lightning_compat import (
     micro_batches_started,
     release_validation_workers,
 )
-from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token, mlm_head_flops
+from roberta_pl.model import (
+    RobertaConfig,
+    RobertaForMaskedLM,
+    mlm_flops_per_token,
+    mlm_head_flops,
+)
 from roberta_pl.optim import build_adamw, lr_lambda
 
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from roberta_pl.checks import find_resume_checkpoint
 from roberta_pl.lightning_compat import last_saved_step
-from roberta_pl.pretrain import MaskedLMModule
+from roberta_pl.pretraining.module import MaskedLMModule
 
 
 def describe_model(module: MaskedLMModule, plan) -> str:
@@ -99,30 +99,3 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tok
     print(f"Outputs in {out_dir}: {', '.join(outputs) or 'none'}.{rerun}")
     return summary
 
-
-def write_loss_curve(history: list[dict[str, float]], out_dir: Path) -> Path:
-    """Write ``metrics_history.json`` and ``loss_curve.png`` (train and validation loss by step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics_history.json").write_text(json.dumps(history, indent=1))
-    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("masked-LM cross-entropy")
-    ax.set_title("roberta-pl pretraining")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = out_dir / "loss_curve.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
