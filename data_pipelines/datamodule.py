@@ -53,8 +53,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from data_pipelines.contract import IGNORE_INDEX, STEP_WINDOW
 from data_pipelines.errors import DataError, OnError, check_on_error
-from data_pipelines.masking import IGNORE_INDEX, Masker, MaskingConfig, MaskSchedule
+from data_pipelines.masking import Masker, MaskingConfig, MaskSchedule
 from data_pipelines.packing import PackMode
 from data_pipelines.stream import (
     TRAIN_STREAM,
@@ -174,9 +175,6 @@ class StepWindow(NamedTuple):
     masked: torch.Tensor
     position: int
     size: int
-
-
-STEP_WINDOW = "step_window"  # the batch key of a :class:`StepWindow`
 
 
 def window_end(accumulation: int | Sequence[Sequence[int]], index: int) -> int:

@@ -35,9 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from data_pipelines.contract import IGNORE_INDEX
 from data_pipelines.tokenizer import ENDS_WORD, STARTS_WORD
-
-IGNORE_INDEX = -100  # ignored by torch.nn.functional.cross_entropy
 
 
 @dataclass(frozen=True)

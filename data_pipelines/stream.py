@@ -58,6 +58,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from data_pipelines.contract import BATCH_KEYS
 from data_pipelines.errors import DataError, OnError, SkipReport
 from data_pipelines.masking import Masker, mask_generator
 from data_pipelines.packing import PackMode, block_count_lower_bound, pack
@@ -586,9 +587,6 @@ class StreamConfig:
     def readers_per_rank(self) -> int:
         """Workers per rank, counting the main process as one reader when ``num_workers == 0``."""
         return max(1, self.num_workers)
-
-
-BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def unstack_batch(stacked: np.ndarray, pin_memory: bool = False) -> dict[str, torch.Tensor]:

@@ -20,8 +20,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from data_pipelines.contract import IGNORE_INDEX
 from data_pipelines.errors import DataError
-from data_pipelines.masking import IGNORE_INDEX
 from data_pipelines.tabular import Example, read_sequence_examples, read_token_examples
 
 log = logging.getLogger("roberta_pl.finetune")

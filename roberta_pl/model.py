@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # label value for positions that are not predicted (PyTorch's cross_entropy default)
+from data_pipelines.contract import IGNORE_INDEX
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from data_pipelines.datamodule import STEP_WINDOW
+from data_pipelines.contract import STEP_WINDOW
 from roberta_pl.lightning_compat import (
     completes_step,
     is_logging_step,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from data_fixtures import corpus_file, mlm_datamodule, one_thread, shard_dir, tok, tokenizer_dir  # noqa: F401
-from data_pipelines.datamodule import STEP_WINDOW, DataSettings, MLMDataModule
+from data_pipelines.contract import IGNORE_INDEX, STEP_WINDOW
+from data_pipelines.datamodule import DataSettings, MLMDataModule
 from data_pipelines.errors import DataError
-from data_pipelines.masking import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from data_fixtures import corpus_docs, corpus_file, one_thread, tok, tokenizer_dir  # noqa: F401
-from data_pipelines.masking import IGNORE_INDEX, Masker, MaskingConfig, mask_generator
+from data_pipelines.contract import IGNORE_INDEX
+from data_pipelines.masking import Masker, MaskingConfig, mask_generator
 from data_pipelines.packing import pack_documents, pack_full_sentences
 
 

@@ -12,8 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_fixtures import corpus_docs, corpus_file, one_thread, shard_dir, tok, tokenizer_dir  # noqa: F401
+from data_pipelines.contract import IGNORE_INDEX
 from data_pipelines.errors import DataError, SkipReport
-from data_pipelines.masking import IGNORE_INDEX, Masker
+from data_pipelines.masking import Masker
 from data_pipelines.stream import (
     MaskedBatchStream,
     ShardInfo,

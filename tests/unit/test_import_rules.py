@@ -1,6 +1,7 @@
 """The house rules of the package's imports, checked on the source (so anyone can run them, in a second):
 
-- the model imports neither Lightning nor the data side;
+- the model imports neither Lightning nor the data side, but for the batch contract (``data_pipelines.contract``:
+  the label that is not predicted), a leaf that imports only the standard library;
 - the data side imports nothing from ``roberta_pl`` (the flow runs one way);
 - nothing imports an entry point (``roberta_pl.pretraining.app``, ``roberta_pl.finetune.app``) or a ``cli`` module:
   entry points import the run harness and the rooms, never each other;
@@ -11,6 +12,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,10 +41,27 @@ def package_files(*packages: str) -> list[Path]:
     return sorted(p for pkg in packages for p in (ROOT / pkg).rglob("*.py"))
 
 
+MODEL_MAY_IMPORT = "data_pipelines.contract"  # the batch contract: one definition of IGNORE_INDEX for both sides
+
+
 def test_model_imports_neither_lightning_nor_data():
     bad = {m for m in imports_of(ROOT / "roberta_pl" / "model.py")
-           if m.split(".")[0] in ("lightning", "pytorch_lightning", "data_pipelines", "webdataset")}
+           if m.split(".")[0] in ("lightning", "pytorch_lightning", "data_pipelines", "webdataset")
+           and m != MODEL_MAY_IMPORT and not m.startswith(MODEL_MAY_IMPORT + ".")}
     assert not bad, bad
+
+
+def test_the_contract_the_model_imports_is_a_standard_library_leaf():
+    bad = {m for m in imports_of(ROOT / (MODEL_MAY_IMPORT.replace(".", "/") + ".py"))
+           if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] != "__future__"}
+    assert not bad, sorted(bad)
+    # Importing it runs data_pipelines/__init__.py first: without site-packages (-S) it must still import, and load
+    # nothing but the standard library and the package itself.
+    code = (f"import sys; import {MODEL_MAY_IMPORT}; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {'__main__'}))")
+    out = subprocess.run([sys.executable, "-S", "-E", "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['data_pipelines']"], out.stdout
 
 
 def test_data_side_imports_nothing_from_roberta_pl():
