@@ -6,7 +6,7 @@
 (b) Reading only, one process: the train shards read in full passes (i) by stock ``webdataset.WebDataset``
     without decoding (bytes/s: what a WebDataset user's loader moves), (ii) by stock webdataset decoding each
     sample's ``.npy`` arrays and splitting them into documents (tokens/s), and (iii) by our reader,
-    :func:`~data_pipelines.stream.iter_shard` (webdataset's tar iteration plus every check: CRC, offsets,
+    :func:`~data_pipelines.shard_format.iter_shard` (webdataset's tar iteration plus every check: CRC, offsets,
     id range, sample count).
 (c) End to end: WebDataset shards → read → pack → shuffle → batch → mask, through
     ``MLMDataModule``'s train loader, tokens/s per worker process (each worker is one core: torch
@@ -43,8 +43,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from data_pipelines.datamodule import DataSettings, MLMDataModule  # noqa: E402
 from data_pipelines.masking import Masker, MaskingConfig, mask_generator  # noqa: E402
 from data_pipelines.packing import pack_full_sentences  # noqa: E402
-from data_pipelines.shards import load_manifest, write_shards  # noqa: E402
-from data_pipelines.stream import SkipReport, iter_shard, resolve_shards  # noqa: E402
+from data_pipelines.errors import SkipReport  # noqa: E402
+from data_pipelines.manifest import load_manifest, resolve_shards  # noqa: E402
+from data_pipelines.shard_format import iter_shard  # noqa: E402
+from data_pipelines.shards import write_shards  # noqa: E402
 from data_pipelines.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 

@@ -141,7 +141,9 @@ def epoch_plan_summary(shard_dir: Path, *, seq_len: int = 512, micro_batch_size:
         "unused_tokens", "exact"}``, or ``{"settings", "error"}`` when the plan is impossible
         (too little data for the settings).
     """
-    from data_pipelines.stream import StreamConfig, plan_epoch, resolve_shards
+    from data_pipelines.epochs import plan_epoch
+    from data_pipelines.manifest import resolve_shards
+    from data_pipelines.stream import StreamConfig
 
     settings = {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "world_size": world_size, "num_workers": num_workers,
                 "batch_multiple": batch_multiple, "pack_mode": pack_mode, "seed": seed}
@@ -172,8 +174,8 @@ def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samp
         "whitespace": the share of the tokens read that are whitespace only ("▁", "▁▁▁▁", newline, tab) and of
         bare "▁" pieces, "epoch_plan": the train split's unused blocks and tokens per epoch}``.
     """
-    from data_pipelines.shards import load_manifest
-    from data_pipelines.stream import iter_shard
+    from data_pipelines.manifest import load_manifest
+    from data_pipelines.shard_format import iter_shard
     from data_pipelines.errors import SkipReport
     from data_pipelines.tokenizer import load_tokenizer
 
@@ -307,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _print_manifest(manifest, args.out)
         elif args.command == "merge-manifests":
-            from data_pipelines.shards import merge_manifests
+            from data_pipelines.manifest import merge_manifests
 
             _print_manifest(merge_manifests(args.out), args.out)
         elif args.command == "demo-task":

@@ -12,5 +12,5 @@ IGNORE_INDEX = -100  # the label of a position that is not predicted (torch.nn.f
 # where a token is to be predicted (IGNORE_INDEX elsewhere). Stacked batches hold them in this order.
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
-# Train batches also carry their optimizer step's masked-token count (data_pipelines.datamodule.StepWindow).
+# Train batches also carry their optimizer step's masked-token count (data_pipelines.loaders.StepWindow).
 STEP_WINDOW = "step_window"

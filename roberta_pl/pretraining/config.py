@@ -42,7 +42,7 @@ class DataConf:
     whole_word: bool = False
     span: bool = False
     # DataLoader workers per rank. None: as many as the rank's CPUs (less one) and the train shards per rank
-    # allow, at most 4 (data_pipelines.stream.default_num_workers); the choice is logged once.
+    # allow, at most 4 (data_pipelines.epochs.default_num_workers); the choice is logged once.
     num_workers: Optional[int] = None
     shuffle_window: int = 1000  # blocks shuffled together per reader (a window, permuted whole; exact resume keeps it)
     on_error: str = "raise"  # raise | skip

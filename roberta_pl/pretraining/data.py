@@ -40,7 +40,8 @@ def file_lock(path: Path):
 
 def _default_dataset(cache_dir: Path, vocab_size: int) -> PretrainData:
     from data_pipelines.corpus import default_corpus, default_corpus_path
-    from data_pipelines.shards import load_manifest, write_shards
+    from data_pipelines.manifest import load_manifest
+    from data_pipelines.shards import write_shards
     from data_pipelines.tokenizer import META_FILE, train_tokenizer
 
     # Keyed on the corpus's own name (Python minor version, torch release), so a new torch gets new shards.
@@ -129,7 +130,8 @@ def data_workers(cfg: DictConfig, data: PretrainData, plan: BatchPlan) -> int:
 
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from data_pipelines.stream import default_num_workers, resolve_shards
+    from data_pipelines.epochs import default_num_workers
+    from data_pipelines.manifest import resolve_shards
     from roberta_pl.trainer import rank_cpus
 
     shards = len(resolve_shards(data.train_shards, split="train").shards)

@@ -128,7 +128,7 @@ class MaskedLMModule(pl.LightningModule):
         """The step's denominator: masked tokens in the global batch (the window's count, summed over ranks).
 
         Counted on the first micro-batch of each accumulation window and kept for the rest of it. The train
-        loader counted the window ahead (:class:`~data_pipelines.datamodule.StepWindow`); one all-reduce of that
+        loader counted the window ahead (:class:`~data_pipelines.loaders.StepWindow`); one all-reduce of that
         count per step makes it global. ``torch.distributed`` directly: Lightning's ``strategy.reduce`` adds a
         barrier, which on GPUs blocks the host until the device is idle, once per step. Batches without a window
         count (a plain DataLoader) make each micro-batch its own mean: the step is the mean of the micro-batch

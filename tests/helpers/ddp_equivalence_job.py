@@ -7,7 +7,7 @@ takes its own contiguous slice of each global batch, in micro-batches of MICRO, 
 1 rank x accumulation 2A and 1 rank x accumulation 1 with a 2A-times larger micro-batch see the same sequences
 per step and must reach the same parameters. ROWS.pt holds rows from the real data pipeline (see
 :func:`masked_rows`); without it, random rows with 15% of positions to predict. Batches carry their step's
-masked-token count as the real train loader's do (:func:`data_pipelines.datamodule.with_step_windows`).
+masked-token count as the real train loader's do (:func:`data_pipelines.loaders.with_step_windows`).
 Each rank records the row indices it trained on, to show the ranks' data is disjoint; rank 0 saves the initial
 and final parameters and the gradient of the first step.
 """
@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_pipelines.datamodule import with_step_windows
+from data_pipelines.loaders import with_step_windows
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM
 from roberta_pl.pretraining.module import MaskedLMModule
 

@@ -70,7 +70,9 @@ def test_help_lists_subcommands_with_defaults():
 
 
 def test_inspect_reports_unused_blocks_per_epoch(shard_dir, capsys):
-    from data_pipelines.stream import StreamConfig, plan_epoch, resolve_shards
+    from data_pipelines.epochs import plan_epoch
+    from data_pipelines.manifest import resolve_shards
+    from data_pipelines.stream import StreamConfig
 
     settings = ["--seq-len", "64", "--micro-batch-size", "4", "--world-size", "2", "--num-workers", "3", "--batch-multiple", "2"]
     assert main(["inspect", str(shard_dir), "--json", "--samples", "0", *settings]) == 0

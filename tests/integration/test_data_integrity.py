@@ -19,8 +19,8 @@ import pytest
 
 from data_pipelines.errors import DataError, SkipReport
 from data_pipelines.corpus import iter_documents
-from data_pipelines.shards import load_manifest, merge_manifests, write_shards
-from data_pipelines.stream import resolve_shards
+from data_pipelines.manifest import load_manifest, merge_manifests, resolve_shards
+from data_pipelines.shards import write_shards
 from data_pipelines.tokenizer import train_tokenizer
 from roberta_pl.pretraining.app import run
 from test_pretrain import TINY, compose_cfg

@@ -13,7 +13,8 @@ import torch
 import transformers
 
 from data_pipelines.errors import SkipReport
-from data_pipelines.stream import iter_shard, resolve_shards
+from data_pipelines.manifest import resolve_shards
+from data_pipelines.shard_format import iter_shard
 from data_pipelines.tokenizer import load_tokenizer
 
 from roberta_pl.checkpoints import load_pretrained

@@ -23,8 +23,10 @@ import torch
 import webdataset as wds
 
 from data_pipelines.errors import DataError, SkipReport
+from data_pipelines.epochs import epoch_order
+from data_pipelines.shard_format import iter_shard
 from data_pipelines.shards import write_shards
-from data_pipelines.stream import StreamConfig, epoch_order, iter_shard
+from data_pipelines.stream import StreamConfig
 from data_pipelines.tokenizer import train_tokenizer
 from roberta_pl.checkpoints import load_pretrained
 from roberta_pl.pretraining.app import run

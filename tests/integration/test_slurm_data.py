@@ -21,8 +21,8 @@ from slurm_helpers import REPO_ROOT, slurm_cluster, wait_until  # noqa: F401  (s
 from data_fixtures import corpus_docs, corpus_file, tok, tokenizer_dir, write_corpus_dir  # noqa: F401
 from data_pipelines.cli import main
 from data_pipelines.errors import SkipReport
-from data_pipelines.shards import TASKS_DIR, load_manifest, task_record_name
-from data_pipelines.stream import iter_shard
+from data_pipelines.manifest import TASKS_DIR, load_manifest, task_record_name
+from data_pipelines.shard_format import iter_shard
 
 pytestmark = pytest.mark.slow
 

@@ -61,7 +61,7 @@ def test_a_build_that_differs_from_the_reference_for_its_versions_is_an_error_an
 
 ORPHAN = textwrap.dedent("""
     import os, sys, time
-    from data_pipelines.datamodule import exit_with_parent
+    from data_pipelines.loaders import exit_with_parent
     sys.platform = "darwin"  # no prctl: the portable watchdog
     r, w = os.pipe()
     if os.fork() == 0:  # the "worker"

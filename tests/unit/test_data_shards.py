@@ -19,18 +19,11 @@ import pytest
 import webdataset as wds
 
 from data_fixtures import corpus_docs, corpus_file, shard_dir, tok, tokenizer_dir, write_corpus_dir  # noqa: F401
-from data_pipelines import shards as shards_mod
+from data_pipelines import shard_format
 from data_pipelines.errors import DataError, SkipReport
-from data_pipelines.shards import (
-    TASKS_DIR,
-    default_num_shards,
-    encode_sample,
-    load_manifest,
-    merge_manifests,
-    task_record_name,
-    write_shards,
-)
-from data_pipelines.stream import iter_shard
+from data_pipelines.manifest import TASKS_DIR, load_manifest, merge_manifests, task_record_name
+from data_pipelines.shard_format import encode_sample, iter_shard
+from data_pipelines.shards import default_num_shards, write_shards
 from data_pipelines.tokenizer import train_tokenizer
 
 
@@ -102,7 +95,7 @@ def test_stock_webdataset_reads_every_document(shard_dir, tok, corpus_docs):
 
 
 def test_big_shards_are_cut_into_samples_and_read_back(tmp_path, corpus_file, tok, monkeypatch):
-    monkeypatch.setattr(shards_mod, "SAMPLE_BYTES", 4096)  # ~2k tokens a sample: many samples per shard
+    monkeypatch.setattr(shard_format, "SAMPLE_BYTES", 4096)  # ~2k tokens a sample: many samples per shard
     manifest = write_shards(corpus_file, tok.path, tmp_path / "s", num_shards=2, num_workers=0, progress=False)
     shard = tmp_path / "s" / manifest["splits"]["train"]["shards"][0]["name"]
     samples = list(wds.WebDataset(str(shard), shardshuffle=False).decode())
@@ -150,8 +143,8 @@ KILLERS = {
     # SIGKILL in the middle of writing the first shard's tar (its 4th sample of ~30).
     "while_writing_a_shard": textwrap.dedent("""
         import os, signal, webdataset as wds
-        from data_pipelines import shards
-        shards.SAMPLE_BYTES = 4096
+        from data_pipelines import shard_format
+        shard_format.SAMPLE_BYTES = 4096
         write = wds.TarWriter.write
         calls = []
         def dying_write(self, obj):
@@ -275,7 +268,7 @@ def many_samples(tmp_path_factory, corpus_file, tokenizer_dir) -> Path:
     """One shard of ~30 samples (samples of 4 kB instead of 1 MiB)."""
     out = tmp_path_factory.mktemp("many") / "s"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(shards_mod, "SAMPLE_BYTES", 4096)
+        mp.setattr(shard_format, "SAMPLE_BYTES", 4096)
         write_shards(corpus_file, tokenizer_dir, out, num_shards=2, num_workers=0, progress=False)
     return sorted(out.glob("train-*.tar"))[0]
 
@@ -358,7 +351,7 @@ def test_bad_arrays_are_named(tok, tmp_path):
         "headless": (lambda s: {k: v for k, v in s.items() if k != "json"}, "headless.tar: sample x-00000: incomplete"),
         "foreign": (lambda s: {"__key__": "a", "txt": b"some other dataset"}, "foreign.tar: not a roberta-pl shard"),
         "crc": (lambda s: s | {"json": s["json"].replace(b'"crc32": ', b'"crc32": 1')}, "crc.tar: sample x-00000: ids do not match"),
-        "offsets": (lambda s: s | {"offsets.npy": shards_mod._npy_bytes(np.array([0, 3], dtype="<u4"))}, "offsets.tar: .*offsets.npy is not"),
+        "offsets": (lambda s: s | {"offsets.npy": shard_format._npy_bytes(np.array([0, 3], dtype="<u4"))}, "offsets.tar: .*offsets.npy is not"),
         "pickle": (lambda s: s | {"ids.npy": _pickled_npy()}, r"pickle.tar: sample x-00000: ids.npy is \|O"),
         "order": (lambda s: _sample(tok, [5, 6], i=1, n=2), r"order.tar: sample x-00001: is sample 1 of the shard, expected 0"),
     }

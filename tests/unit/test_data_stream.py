@@ -13,18 +13,12 @@ from torch.utils.data import DataLoader
 
 from data_fixtures import corpus_docs, corpus_file, one_thread, shard_dir, tok, tokenizer_dir  # noqa: F401
 from data_pipelines.contract import IGNORE_INDEX
+from data_pipelines.epochs import epoch_order, partition_shards
 from data_pipelines.errors import DataError, SkipReport
+from data_pipelines.manifest import ShardInfo, ShardSet, resolve_shards
 from data_pipelines.masking import Masker
-from data_pipelines.stream import (
-    MaskedBatchStream,
-    ShardInfo,
-    ShardSet,
-    StreamConfig,
-    epoch_order,
-    iter_shard,
-    partition_shards,
-    resolve_shards,
-)
+from data_pipelines.shard_format import iter_shard
+from data_pipelines.stream import MaskedBatchStream, StreamConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -301,7 +295,7 @@ def test_a_new_world_size_finishes_the_epoch_with_exactly_the_blocks_not_yet_tra
     """Resume mid-epoch under another (world_size, num_workers, batch_multiple): the blocks trained on before and
     after each change, within the epoch, are the epoch's blocks under the first plan, each once, but for less than
     one global batch of the new plan left over (the first plan's own per-epoch leftover is not of the epoch)."""
-    from data_pipelines.stream import rest_of_epoch
+    from data_pipelines.epochs import rest_of_epoch
 
     shards, epoch = resolve_shards(shard_dir), 1
     world, workers, multiple = plans[0]
@@ -352,7 +346,7 @@ def test_a_corpus_sorted_by_source_gives_batches_mixing_both_from_the_first_step
 
 
 def test_default_num_workers_fit_the_cpus_and_the_shards():
-    from data_pipelines.stream import default_num_workers
+    from data_pipelines.epochs import default_num_workers
 
     assert default_num_workers(num_shards=9, world_size=1, cpus_per_rank=2) == 1  # the 2-core box: one core trains
     assert default_num_workers(num_shards=9, world_size=1, cpus_per_rank=1) == 0
