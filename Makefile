@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # The tested set of exact versions (see the file's header); CONSTRAINTS= installs the newest the ranges allow instead.
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: help install test test-gpu quickstart bench reliability-doc lock clean
+.PHONY: help install test test-gpu quickstart bench reliability-doc lock clean docs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,10 @@ lock:  ## re-resolve the newest versions in a fresh venv and rewrite constraints
 	mv constraints.txt.new constraints.txt
 	rm -rf .make/lock-venv
 	@echo "constraints.txt rewritten: run make test, then commit it"
+
+docs: install  ## regenerate docs/reference/ from the code, then build the site with warnings as errors (build/site)
+	$(PYTHON) docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict -d build/site
 
 reliability-doc:  ## copy build/reliability.md (written by a full `make test`) over the committed docs/reliability.md
 	@test -f build/reliability.md || { echo "no build/reliability.md: run the whole suite (make test) first"; exit 1; }
