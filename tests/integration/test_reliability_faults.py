@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from reliability_report import scrub
+from test_pretrain import TINY, compose_cfg
 
 from data_pipelines.errors import DataError, SkipReport
 from data_pipelines.epochs import epoch_order
@@ -30,8 +32,6 @@ from data_pipelines.stream import StreamConfig
 from data_pipelines.tokenizer import train_tokenizer
 from roberta_pl.checkpoints import load_pretrained
 from roberta_pl.pretraining.app import run
-from reliability_report import scrub
-from test_pretrain import TINY, compose_cfg
 
 TESTS = Path(__file__).resolve().parents[1] / "helpers"  # on PYTHONPATH for subprocess runs
 SEED = 1234  # conf/pretrain: the run's seed, which orders the shards
@@ -276,7 +276,7 @@ def test_a_rank_whose_peers_never_come_gives_up_at_the_rendezvous_timeout(tmp_pa
     assert "ROBERTA_PL_RENDEZVOUS_TIMEOUT" in last_line
     if strategy != "ddp":
         reliability("rendezvous_timeout_deepspeed",
-                    happened=f"DeepSpeed ZeRO-2 rank 0 of 2 with no peer: the same line after the same 3 s",
+                    happened="DeepSpeed ZeRO-2 rank 0 of 2 with no peer: the same line after the same 3 s",
                     kept="nothing had been trained or written; the run directory is as it was")
         return
     reliability("rendezvous_timeout",
@@ -465,8 +465,6 @@ def test_target_named_on_the_command_line_is_accepted(tmp_path, shard_dir, token
                 kept="n/a (not a fault): the explicit override is the user's consent")
 
 
-@pytest.mark.xfail(reason="docs/reliability.md lags the 15 faults added on 2026-12-06: refresh it from a full run "
-                          "(make test, then make reliability-doc) and drop this mark", strict=False)
 def test_committed_reliability_doc_lists_every_fault():
     # The README links docs/reliability.md; a fault added to the suite must reach it (`make reliability-doc`
     # after a full run), so the committed copy never silently lags behind what is tested.
