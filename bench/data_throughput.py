@@ -84,8 +84,8 @@ def bench_masking(tok_dir: Path, blocks: torch.Tensor, batch: int, seconds: floa
         collator([{"input_ids": row} for row in next_batch()])
 
     results = {"hf_collator": _rate(hf, tokens, seconds)}
-    for name, cfg in (("ours_token", MaskingConfig()), ("ours_whole_word", MaskingConfig(whole_word=True)),
-                      ("ours_span", MaskingConfig(span=True))):
+    for name, cfg in (("ours_token", MaskingConfig()), ("ours_whole_word", MaskingConfig(strategy="whole_word")),
+                      ("ours_span", MaskingConfig(strategy="span"))):
         masker = Masker(tok.vocab_size, tok.special_ids, tok.mask_id, cfg, word_start=tok.word_start_table())
 
         def ours(masker=masker) -> None:
@@ -100,7 +100,7 @@ def bench_masking(tok_dir: Path, blocks: torch.Tensor, batch: int, seconds: floa
 
 def bench_end_to_end(tok_dir: Path, shard_dir: Path, workers: int, seq_len: int, batch: int, seconds: float) -> dict:
     torch.set_num_threads(1)
-    dm = MLMDataModule(shard_dir, tok_dir, masking=MaskingConfig(whole_word=True),
+    dm = MLMDataModule(shard_dir, tok_dir, masking=MaskingConfig(strategy="whole_word"),
                        settings=DataSettings(num_workers=workers, shuffle_window=1024)).connect(seq_len, batch)
     tokens = 0
     start = None

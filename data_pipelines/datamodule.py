@@ -3,7 +3,7 @@
 Usage::
 
     dm = MLMDataModule("data/shards", "data/tokenizer", valid_shards="data/shards",
-                       masking=MaskingConfig(whole_word=True), settings=DataSettings(num_workers=4))
+                       masking=MaskingConfig(strategy="whole_word"), settings=DataSettings(num_workers=4))
     dm.connect(seq_len=512, micro_batch_size=16, accumulation=4)  # the trainer's batch plan, given once
     trainer.fit(module, datamodule=dm)
 
@@ -217,7 +217,7 @@ class MLMDataModule(L.LightningDataModule):
             )
         masker = Masker(
             tok.vocab_size, tok.special_ids, tok.mask_id, self.masking,
-            word_start=tok.word_start_table() if (self.masking.whole_word or self.masking.span) else None,
+            word_start=tok.word_start_table() if self.masking.needs_words else None,
             schedule=self.mask_schedule if mask_stream == TRAIN_STREAM else None,
         )
         d, train = self.settings, mask_stream == TRAIN_STREAM

@@ -4,19 +4,23 @@ BERT/RoBERTa recipe (RoBERTa §4.1 "dynamic masking"): select ``mask_prob`` (0.1
 maskable tokens; of those, 80% become ``<mask>``, 10% a random non-special token, 10% stay. The
 model predicts the original id at every selected position (``labels``), and ``-100`` elsewhere.
 
-Selection units:
+Strategies (:data:`STRATEGIES`, chosen by name: ``MaskingConfig(strategy=...)``, ``data.masking`` in the config):
 
-* token (default): each maskable token independently with probability ``mask_prob``;
-* whole word (``whole_word=True``): words (see :meth:`data_pipelines.tokenizer.SpmTokenizer.word_start_table`
+* ``token`` (default): each maskable token independently with probability ``mask_prob``;
+* ``whole_word``: words (see :meth:`data_pipelines.tokenizer.SpmTokenizer.word_start_table`
   for what a word is: a "▁" piece and its continuation pieces, with whitespace byte pieces such as
   ``<0x0A>``, punctuation pieces and specials each a word on its own) are selected with probability
   ``mask_prob`` and all their pieces are masked together;
-* span (``span=True``, SpanBERT): spans of whole words with geometric lengths (``p = span_p``,
+* ``span`` (SpanBERT): spans of whole words with geometric lengths (``p = span_p``,
   truncated to ``max_span`` words), laid out over a row's maskable words only and wrapping from
   the row's end to its start, so every word is covered with the same probability; the span
   start rate is solved so that it is ``mask_prob`` (no loss at row ends or specials). The
   80/10/10 decision is made once per span — a maximal run of selected pieces (spans that touch
   or overlap merge into one) is all ``<mask>``, all random tokens, or all kept.
+
+A strategy only selects: it returns which positions are predicted and the uniform draw that decides ``<mask>`` /
+random / keep for each (:class:`Strategy`); :class:`Masker` does the rest. To add one, write its selection
+function and list it in :data:`STRATEGIES`; the config's choice (:class:`MaskingStrategy`) follows from it.
 
 Specials (``<s> <pad> </s> <unk> <mask>``) are never selected. Everything is a handful of tensor
 ops over the batch, no Python loop over tokens; randomness comes only from the ``torch.Generator``
@@ -26,9 +30,11 @@ same masks.
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +53,8 @@ class MaskingConfig:
         mask_prob: fraction of maskable tokens selected for prediction (BERT: 0.15).
         random_prob: fraction of selected tokens replaced by a random token (BERT: 0.1).
         keep_prob: fraction of selected tokens left unchanged (BERT: 0.1); the rest get ``<mask>``.
-        whole_word: select whole words instead of single pieces.
-        span: select SpanBERT spans of whole words (implies word units).
+        strategy: what is selected, a name of :data:`STRATEGIES`: ``"token"``, ``"whole_word"`` or ``"span"``
+            (a :class:`MaskingStrategy` member is taken as its name).
         span_p: parameter of the geometric span length (SpanBERT: 0.2, mean ≈ 3.8 words clipped).
         max_span: longest span in words (SpanBERT: 10).
     """
@@ -56,8 +62,7 @@ class MaskingConfig:
     mask_prob: float = 0.15
     random_prob: float = 0.1
     keep_prob: float = 0.1
-    whole_word: bool = False
-    span: bool = False
+    strategy: str = "token"
     span_p: float = 0.2
     max_span: int = 10
 
@@ -66,8 +71,17 @@ class MaskingConfig:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.random_prob < 0 or self.keep_prob < 0 or self.random_prob + self.keep_prob > 1:
             raise ValueError(f"random_prob + keep_prob must be within [0, 1], got {self.random_prob} + {self.keep_prob}")
-        if self.span and not (0.0 < self.span_p <= 1.0 and self.max_span >= 1):
-            raise ValueError(f"span masking needs 0 < span_p <= 1 and max_span >= 1, got {self.span_p}, {self.max_span}")
+        name = getattr(self.strategy, "value", self.strategy)  # the config's Enum member, or its name
+        if name not in STRATEGIES:
+            raise ValueError(f"masking strategy {name!r} is not one of {', '.join(STRATEGIES)}")
+        object.__setattr__(self, "strategy", str(name))
+        if STRATEGIES[name].check is not None:
+            STRATEGIES[name].check(self)
+
+    @property
+    def needs_words(self) -> bool:
+        """Whether the strategy selects whole words: the :class:`Masker` then needs the tokenizer's word table."""
+        return STRATEGIES[self.strategy].words
 
 
 def mask_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
@@ -174,6 +188,115 @@ class MaskSchedule:
         return self.start + (self.end - self.start) * progress
 
 
+# ---------------------------------------------------------------------------------------------
+# Strategies: which positions a batch predicts
+# ---------------------------------------------------------------------------------------------
+
+
+# (masker, input_ids [B, T], maskable [B, T], generator, rate) -> (selected [B, T] bool, action [B, T] in [0, 1))
+Select = Callable[["Masker", torch.Tensor, torch.Tensor, torch.Generator, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A masking strategy: how the positions a batch predicts are selected.
+
+    Attributes:
+        name: its name in :data:`STRATEGIES` (and in the config: ``data.masking``).
+        select: ``(masker, input_ids, maskable, generator, rate) -> (selected, action)``: which positions are
+            predicted (``[B, T]`` bools, only where ``maskable``, about ``rate`` of them), and per position a
+            uniform draw in [0, 1) that decides ``<mask>`` / random / keep where selected. Every random number
+            comes from ``generator``.
+        words: it selects words, so the :class:`Masker` needs the tokenizer's word table (``masker.word_starts``).
+        check: refuses a :class:`MaskingConfig` this strategy cannot use (a ``ValueError``); None: no check.
+    """
+
+    name: str
+    select: Select
+    words: bool = False
+    check: Callable[[MaskingConfig], None] | None = None
+
+
+def select_tokens(masker: "Masker", input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator,
+                  rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's: each maskable token with probability ``rate``; one draw per position decides its 80/10/10."""
+    selected = (torch.rand(input_ids.shape, generator=generator) < rate) & maskable
+    return selected, torch.rand(input_ids.shape, generator=generator)
+
+
+def select_whole_words(masker: "Masker", input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator,
+                       rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each word with probability ``rate``, all its pieces together; one draw per position decides its 80/10/10."""
+    starts, word = masker.word_index(input_ids)
+    chosen_start = starts & maskable & (torch.rand(input_ids.shape, generator=generator) < rate)
+    # Spread each word's decision (made at its first piece) to all its pieces.
+    chosen_word = torch.zeros(input_ids.shape, dtype=torch.int32)
+    chosen_word.scatter_add_(1, word, chosen_start.to(torch.int32))
+    selected = (chosen_word.gather(1, word) > 0) & maskable
+    return selected, torch.rand(input_ids.shape, generator=generator)
+
+
+def select_spans(masker: "Masker", input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator,
+                 rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpanBERT spans: each maskable word starts a span with probability ``span_rate``.
+
+    Spans are laid out over the row's maskable words only (a special is skipped, never counted
+    in a span's length nor started on), and a span that runs off the end of the row continues
+    at its first maskable word. On that ring every word is covered with the same probability,
+    ``1 - prod_k (1 - span_rate * P(len > k))``, which ``span_rate`` is solved for, so the
+    expected masked fraction is ``rate`` on every row — no loss at row ends or specials. One draw
+    per span (a maximal run of selected pieces) decides its 80/10/10.
+    """
+    cfg = masker.config
+    shape = input_ids.shape
+    span_rate = span_start_rate(rate, cfg.span_p, cfg.max_span)
+    starts = masker.word_starts(input_ids) & maskable
+    word = torch.cumsum(starts, dim=1) - 1  # index among the row's maskable words
+    num_words = word[:, -1:] + 1
+    word.clamp_(min=0)  # a special before the first word; masked out below
+    begin = starts & (torch.rand(shape, generator=generator) < span_rate)
+    u = torch.rand(shape, generator=generator)
+    # Truncated geometric lengths in words by inverse CDF: L = 1 + floor(log(1 - u * F(k)) / log(1 - p))
+    # (span_p = 1: log_q = -inf, length 1).
+    cdf_max = 1.0 - (1.0 - cfg.span_p) ** cfg.max_span
+    log_q = math.log1p(-cfg.span_p) if cfg.span_p < 1.0 else -math.inf
+    span_len = torch.floor_(torch.log1p(u.mul_(-cdf_max)).div_(log_q)).clamp_(max=cfg.max_span - 1)
+    end = word + 1 + span_len.long()
+    wrapped = begin & (end > num_words)
+    # Coverage in word space via a difference array: +1 at the first word, -1 after the last;
+    # a wrapped span ends at end - num_words and starts again at word 0.
+    ones = begin.to(torch.int32)
+    delta = torch.zeros(shape[0], shape[1] + cfg.max_span + 1, dtype=torch.int32)
+    delta.scatter_add_(1, word, ones)
+    delta.scatter_add_(1, torch.where(wrapped, end - num_words, end), -ones)
+    delta[:, 0] += wrapped.sum(1, dtype=torch.int32)
+    covered_word = torch.cumsum(delta, dim=1)[:, : shape[1]] > 0
+    selected = covered_word.gather(1, word) & maskable
+    # One uniform draw per span (a maximal run of selected pieces) decides <mask> / random / keep.
+    run_start = selected.clone()
+    run_start[:, 1:] &= ~selected[:, :-1]
+    run = (torch.cumsum(run_start, dim=1) - 1).clamp_(min=0)
+    return selected, torch.rand(shape, generator=generator).gather(1, run)
+
+
+def check_spans(config: MaskingConfig) -> None:
+    """Span lengths need ``0 < span_p <= 1`` and ``max_span >= 1``."""
+    if not (0.0 < config.span_p <= 1.0 and config.max_span >= 1):
+        raise ValueError(f"span masking needs 0 < span_p <= 1 and max_span >= 1, got {config.span_p}, {config.max_span}")
+
+
+# Every strategy, by name: the one list a new strategy joins.
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("token", select_tokens),
+    Strategy("whole_word", select_whole_words, words=True),
+    Strategy("span", select_spans, words=True, check=check_spans),
+)}
+
+# The config's typed choice (``data.masking``), generated from the registry: a misspelt name fails when the config
+# is composed, naming these. A str Enum, so a member equals its name.
+MaskingStrategy = enum.Enum("MaskingStrategy", {name: name for name in STRATEGIES}, type=str)
+
+
 class Masker:
     """Applies :class:`MaskingConfig` to batches of token ids.
 
@@ -184,7 +307,7 @@ class Masker:
         config: the masking recipe.
         word_start: the table of :meth:`data_pipelines.tokenizer.SpmTokenizer.word_start_table`
             (``uint8`` flags ``STARTS_WORD | ENDS_WORD`` per id), or a boolean table of word
-            starts only; needed for whole-word and span masking.
+            starts only; needed by the strategies that select words (``config.needs_words``).
     """
 
     def __init__(
@@ -204,9 +327,10 @@ class Masker:
         self.special = special
         # Random replacements come from ordinary tokens only, so "random" never injects <s> or <pad>.
         self.replacement_ids = torch.nonzero(~special).flatten()
-        if config.whole_word or config.span:
+        self.strategy = STRATEGIES[config.strategy]
+        if self.strategy.words:
             if word_start is None:
-                raise ValueError("whole-word and span masking need the word_start table")
+                raise ValueError(f"{config.strategy} masking needs the word_start table")
             flags = np.asarray(word_start)
             if flags.dtype == bool:
                 flags = flags.astype(np.uint8) * STARTS_WORD
@@ -215,11 +339,6 @@ class Masker:
             self.word_end = torch.as_tensor((flags & ENDS_WORD) != 0) | special
         else:
             self.word_start = self.word_end = None
-        if config.span:
-            p, k = config.span_p, config.max_span
-            # Truncated geometric lengths by inverse CDF: L = 1 + floor(log(1 - u * F(k)) / log(1 - p)).
-            self._span_cdf_max = 1.0 - (1.0 - p) ** k
-            self._span_log_q = math.log1p(-p) if p < 1.0 else -math.inf
 
     def __call__(self, input_ids: torch.Tensor, generator: torch.Generator,
                  step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,20 +357,7 @@ class Masker:
         cfg = self.config
         rate = self.schedule.rate(step) if self.schedule is not None and step is not None else cfg.mask_prob
         maskable = ~self.special[input_ids]
-        if cfg.span:
-            selected = self._select_spans(input_ids, maskable, generator, rate)
-            # One uniform draw per span (a maximal run of selected pieces) decides <mask> / random / keep.
-            run_start = selected.clone()
-            run_start[:, 1:] &= ~selected[:, :-1]
-            run = (torch.cumsum(run_start, dim=1) - 1).clamp_(min=0)
-            action = torch.rand(input_ids.shape, generator=generator).gather(1, run)
-        else:
-            if cfg.whole_word:
-                selected = self._select_words(input_ids, maskable, generator, rate)
-            else:
-                selected = (torch.rand(input_ids.shape, generator=generator) < rate) & maskable
-            # One uniform draw per position decides <mask> / random / keep for the selected ones.
-            action = torch.rand(input_ids.shape, generator=generator)
+        selected, action = self.strategy.select(self, input_ids, maskable, generator, rate)
         labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         to_mask = selected & (action < 1.0 - cfg.random_prob - cfg.keep_prob)
         to_random = selected & (action >= 1.0 - cfg.random_prob - cfg.keep_prob) & (action < 1.0 - cfg.keep_prob)
@@ -260,56 +366,15 @@ class Masker:
         masked = torch.where(to_random, self.replacement_ids[picks], masked)
         return masked, labels
 
-    def _word_starts(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Per position: whether it starts a word."""
+    def word_starts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per position: whether it starts a word (strategies with ``words=True`` only)."""
         starts = self.word_start[input_ids]
         # A piece right after a word-on-its-own (newline, punctuation, special) starts a word too.
         starts[:, 1:] |= self.word_end[input_ids[:, :-1]]
         starts[:, 0] = True
         return starts
 
-    def _word_index(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def word_index(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per position: whether it starts a word, and the index of its word within the row."""
-        starts = self._word_starts(input_ids)
+        starts = self.word_starts(input_ids)
         return starts, torch.cumsum(starts, dim=1) - 1
-
-    def _select_words(self, input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator,
-                      rate: float) -> torch.Tensor:
-        starts, word = self._word_index(input_ids)
-        chosen_start = starts & maskable & (torch.rand(input_ids.shape, generator=generator) < rate)
-        # Spread each word's decision (made at its first piece) to all its pieces.
-        chosen_word = torch.zeros(input_ids.shape, dtype=torch.int32)
-        chosen_word.scatter_add_(1, word, chosen_start.to(torch.int32))
-        return (chosen_word.gather(1, word) > 0) & maskable
-
-    def _select_spans(self, input_ids: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator,
-                      rate: float) -> torch.Tensor:
-        """SpanBERT spans: each maskable word starts a span with probability ``span_rate``.
-
-        Spans are laid out over the row's maskable words only (a special is skipped, never counted
-        in a span's length nor started on), and a span that runs off the end of the row continues
-        at its first maskable word. On that ring every word is covered with the same probability,
-        ``1 - prod_k (1 - span_rate * P(len > k))``, which ``span_rate`` is solved for, so the
-        expected masked fraction is ``rate`` on every row — no loss at row ends or specials.
-        """
-        shape = input_ids.shape
-        span_rate = span_start_rate(rate, self.config.span_p, self.config.max_span)
-        starts = self._word_starts(input_ids) & maskable
-        word = torch.cumsum(starts, dim=1) - 1  # index among the row's maskable words
-        num_words = word[:, -1:] + 1
-        word.clamp_(min=0)  # a special before the first word; masked out below
-        begin = starts & (torch.rand(shape, generator=generator) < span_rate)
-        u = torch.rand(shape, generator=generator)
-        # Truncated geometric length in words by inverse CDF (span_p = 1: log_q = -inf, length 1).
-        span_len = torch.floor_(torch.log1p(u.mul_(-self._span_cdf_max)).div_(self._span_log_q)).clamp_(max=self.config.max_span - 1)
-        end = word + 1 + span_len.long()
-        wrapped = begin & (end > num_words)
-        # Coverage in word space via a difference array: +1 at the first word, -1 after the last;
-        # a wrapped span ends at end - num_words and starts again at word 0.
-        ones = begin.to(torch.int32)
-        delta = torch.zeros(shape[0], shape[1] + self.config.max_span + 1, dtype=torch.int32)
-        delta.scatter_add_(1, word, ones)
-        delta.scatter_add_(1, torch.where(wrapped, end - num_words, end), -ones)
-        delta[:, 0] += wrapped.sum(1, dtype=torch.int32)
-        covered_word = torch.cumsum(delta, dim=1)[:, : shape[1]] > 0
-        return covered_word.gather(1, word) & maskable

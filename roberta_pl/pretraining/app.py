@@ -66,7 +66,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None, 
         plan = preflight(cfg, out_dir)
         data = prepare_data(cfg)
         vocab = check_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         model_cfg = model_settings(resolved["model"], vocab)
         rank_zero = not any(int(os.environ.get(v, 0) or 0) for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
         if rank_zero:  # before any rank exists that could be saving: what killed saves left is garbage

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from data_pipelines.masking import MaskingStrategy
 from roberta_pl.config import LoggerConf, ModelConf, OptimConf, TrainerConf
 
 
@@ -39,8 +40,9 @@ class DataConf:
     mask_prob_start: Optional[float] = None
     random_prob: float = 0.1
     keep_prob: float = 0.1
-    whole_word: bool = False
-    span: bool = False
+    # What a batch predicts: token (each token, BERT's) | whole_word (all pieces of a word) | span (SpanBERT's spans
+    # of whole words): the names of data_pipelines.masking.STRATEGIES, which this choice is generated from.
+    masking: MaskingStrategy = MaskingStrategy.token
     # DataLoader workers per rank. None: as many as the rank's CPUs (less one) and the train shards per rank
     # allow, at most 4 (data_pipelines.epochs.default_num_workers); the choice is logged once.
     num_workers: Optional[int] = None

@@ -108,8 +108,7 @@ def masking_config(cfg: DictConfig):
     from data_pipelines.masking import MaskingConfig
 
     d = cfg.data
-    return MaskingConfig(mask_prob=d.mask_prob, random_prob=d.random_prob, keep_prob=d.keep_prob,
-                         whole_word=d.whole_word, span=d.span)
+    return MaskingConfig(mask_prob=d.mask_prob, random_prob=d.random_prob, keep_prob=d.keep_prob, strategy=d.masking)
 
 
 def data_settings(cfg: DictConfig, data: PretrainData, plan: BatchPlan):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dm(shard_dir, tokenizer_dir, **kw) -> MLMDataModule:
-    args = dict(seq_len=64, micro_batch_size=4, valid_shards=shard_dir, whole_word=True, shuffle_window=8, seed=3)
+    args = dict(seq_len=64, micro_batch_size=4, valid_shards=shard_dir, strategy="whole_word", shuffle_window=8, seed=3)
     args.update(kw)
     return mlm_datamodule(shard_dir, tokenizer_dir, **args)
 

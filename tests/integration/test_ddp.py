@@ -25,7 +25,7 @@ def test_every_split_of_the_global_batch_takes_the_same_steps_on_the_mean_masked
         tmp_path, shard_dir, tokenizer_dir):
     # Rows from the real pipeline in doc packing (padded) with span masking: micro-batches hold unequal numbers
     # of tokens and of masked tokens, the case where a per-micro-batch denominator changes the update.
-    rows = masked_rows(shard_dir, tokenizer_dir, seq_len=64, pack_mode="doc", span=True)
+    rows = masked_rows(shard_dir, tokenizer_dir, seq_len=64, pack_mode="doc", strategy="span")
     torch.save(rows, tmp_path / "rows.pt")
     real = rows["attention_mask"].sum(1)
     masked = (rows["labels"] != -100).sum(1)

@@ -108,7 +108,7 @@ def test_batch_ramp_grows_the_global_batch_on_schedule(tmp_path, data_overrides)
     assert [h["step"] for h in history if "val_loss" in h] == [2, 4, 6, 8]
 
 
-@pytest.mark.parametrize("data", [dict(pack_mode="full_sentences", whole_word=True), dict(pack_mode="doc", span=True)],
+@pytest.mark.parametrize("data", [dict(pack_mode="full_sentences", strategy="whole_word"), dict(pack_mode="doc", strategy="span")],
                          ids=["full_sentences-whole_word", "doc-span"])
 def test_accumulation_splits_take_the_same_steps_on_the_mean_masked_token_loss(tmp_path, shard_dir, tokenizer_dir, data):
     # The same 16 real sequences per step as 1 x 16, 2 x 8 and 4 x 4 micro-batches (tests/integration/test_ddp.py
@@ -200,7 +200,7 @@ def test_train_loss_is_the_mean_over_the_masked_tokens_of_each_step(tmp_path, da
 
     record = tmp_path / "losses.jsonl"
     cb = f"trainer.callbacks=[{{_target_:reliability_faults.RecordLosses,path:'{record}'}}]"
-    overrides = [*TINY, *data_overrides, "data.packing=doc", "data.span=true", "batch.ramp=[[2,4]]",
+    overrides = [*TINY, *data_overrides, "data.packing=doc", "data.masking=span", "batch.ramp=[[2,4]]",
                  "trainer.max_steps=4", cb]
     run(compose_cfg(overrides), tmp_path, overrides=[cb])
     rows = list(csv.DictReader(open(next((tmp_path / "csv").glob("version_*/metrics.csv")))))

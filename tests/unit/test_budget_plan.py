@@ -80,7 +80,7 @@ def test_an_unfixed_horizon_is_fine_in_the_warmup_and_an_error_past_it_in_the_tr
 
 @pytest.mark.parametrize("unit", ["token", "whole_word", "span"])
 def test_masker_follows_the_schedule_and_is_a_function_of_the_step(unit, tok):
-    config = MaskingConfig(0.15, whole_word=unit == "whole_word", span=unit == "span")
+    config = MaskingConfig(0.15, strategy=unit)
     word_start = tok.word_start_table() if unit != "token" else None
     schedule = MaskSchedule(0.3, 0.15, hold=2, horizon=100)
     scheduled = Masker(tok.vocab_size, tok.special_ids, tok.mask_id, config, word_start, schedule=schedule)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 from data_fixtures import corpus_docs, corpus_file, one_thread, tok, tokenizer_dir  # noqa: F401
 from data_pipelines.contract import IGNORE_INDEX
-from data_pipelines.masking import Masker, MaskingConfig, mask_generator
+from data_pipelines.masking import STRATEGIES, Masker, MaskingConfig, MaskingStrategy, Strategy, mask_generator
 from data_pipelines.packing import pack_documents, pack_full_sentences
 
 
@@ -61,7 +64,7 @@ def test_mask_fraction_and_80_10_10(tok, blocks):
 
 def test_specials_and_padding_never_masked(tok, padded_blocks):
     assert (padded_blocks == tok.pad_id).sum() > 1000  # the doc-mode blocks really contain padding
-    for kw in ({}, {"whole_word": True}, {"span": True}):
+    for kw in ({}, {"strategy": "whole_word"}, {"strategy": "span"}):
         masker = _masker(tok, mask_prob=0.5, **kw)
         for step in range(5):
             masked, labels = masker(padded_blocks, mask_generator(1, step, 0))
@@ -71,10 +74,10 @@ def test_specials_and_padding_never_masked(tok, padded_blocks):
 
 
 def test_whole_word_masking_takes_every_piece(tok, blocks):
-    masker = _masker(tok, whole_word=True)
+    masker = _masker(tok, strategy="whole_word")
     _, labels = masker(blocks, mask_generator(0, 3, 0))
     selected = labels != IGNORE_INDEX
-    starts, word = masker._word_index(blocks)
+    starts, word = masker.word_index(blocks)
     maskable = ~masker.special[blocks]
     multi_piece_words = 0
     for row in range(blocks.shape[0]):
@@ -96,7 +99,7 @@ def test_word_start_table_matches_pieces(tok):
 
 
 def test_span_masking_makes_contiguous_spans(tok, blocks):
-    masker = _masker(tok, span=True)
+    masker = _masker(tok, strategy="span")
     token_masker = _masker(tok)
     _, labels = masker(blocks, mask_generator(0, 0, 0))
     _, token_labels = token_masker(blocks, mask_generator(0, 0, 0))
@@ -120,14 +123,14 @@ def test_span_masking_makes_contiguous_spans(tok, blocks):
     assert mean_run(selected) > 3.0
     assert mean_run(token_labels != IGNORE_INDEX) < 1.4
     # Spans consist of whole words: no selected run starts inside a word.
-    starts, _ = masker._word_index(blocks)
+    starts, _ = masker.word_index(blocks)
     run_start = selected.clone()
     run_start[:, 1:] &= ~selected[:, :-1]
     assert starts[run_start].all()
 
 
 def test_masks_are_a_function_of_seed_step_rank(tok, blocks):
-    masker = _masker(tok, whole_word=True)
+    masker = _masker(tok, strategy="whole_word")
     a = masker(blocks[:8], mask_generator(7, 11, 2))
     b = masker(blocks[:8], mask_generator(7, 11, 2))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -141,6 +144,49 @@ def test_config_is_validated():
         MaskingConfig(mask_prob=0.0)
     with pytest.raises(ValueError, match="random_prob"):
         MaskingConfig(random_prob=0.6, keep_prob=0.6)
+    with pytest.raises(ValueError, match="span_p"):
+        MaskingConfig(strategy="span", span_p=0.0)
+
+
+def test_a_strategy_is_chosen_by_its_name():
+    with pytest.raises(ValueError, match="'wholeword' is not one of token, whole_word, span"):
+        MaskingConfig(strategy="wholeword")
+    # The config's typed choice is generated from the registry, and a member of it is taken as its plain name.
+    assert [m.value for m in MaskingStrategy] == list(STRATEGIES)
+    config = MaskingConfig(strategy=MaskingStrategy.span)
+    assert config.strategy == "span" and type(config.strategy) is str and config.needs_words
+
+
+def test_a_new_strategy_is_one_registry_entry(tok, blocks, monkeypatch):
+    # A strategy only selects; registered, it masks through the Masker like the others: 80/10/10 of what it
+    # selects, labels there, specials never. Here: the maskable tokens at even positions.
+    def even_positions(masker, input_ids, maskable, generator, rate):
+        selected = maskable.clone()
+        selected[:, 1::2] = False
+        return selected, torch.rand(input_ids.shape, generator=generator)
+
+    monkeypatch.setitem(STRATEGIES, "even_positions", Strategy("even_positions", even_positions))
+    masker = _masker(tok, strategy="even_positions")
+    masked, labels = masker(blocks, mask_generator(0, 0, 0))
+    expected = ~masker.special[blocks]
+    expected[:, 1::2] = False
+    assert torch.equal(labels != IGNORE_INDEX, expected)
+    assert torch.equal(labels[expected], blocks[expected])
+    assert 0.75 < (masked[expected] == tok.mask_id).float().mean() < 0.85
+    assert torch.equal(masked[~expected], blocks[~expected])
+
+
+def test_a_misspelt_strategy_fails_at_compose_time_naming_the_allowed_ones():
+    def train(*overrides):  # roberta-pl-train, printing the composed job config
+        return subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *overrides, "--cfg", "job"],
+                              cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+
+    bad = train("data.masking=wholeword")
+    assert bad.returncode != 0
+    assert "Invalid value 'wholeword', expected one of [token, whole_word, span]" in bad.stdout + bad.stderr
+    good = train("data.masking=whole_word")
+    assert good.returncode == 0, good.stderr
+    assert "  masking: whole_word\n" in good.stdout
 
 
 # -- issue 13, findings 7 and 8 ----------------------------------------------------------------
@@ -162,7 +208,7 @@ def test_span_masking_realises_mask_prob(tok, blocks, padded_blocks):
     # SpanBERT's budget is mask_prob of the tokens. Spans cut at row ends and specials that could
     # not start spans left the realised rate at 14.1-14.9%; it must be 15% over many batches.
     for mask_prob, data in ((0.15, blocks), (0.15, padded_blocks), (0.3, blocks)):
-        masker = _masker(tok, span=True, mask_prob=mask_prob)
+        masker = _masker(tok, strategy="span", mask_prob=mask_prob)
         maskable = ~masker.special[data]
         selected = total = step = 0
         while total < 2_500_000:
@@ -175,7 +221,7 @@ def test_span_masking_realises_mask_prob(tok, blocks, padded_blocks):
 
 
 def test_span_masking_decides_80_10_10_per_span(tok, blocks):
-    masker = _masker(tok, span=True)
+    masker = _masker(tok, strategy="span")
     kinds = Counter()
     for step in range(3):
         masked, labels = masker(blocks, mask_generator(2, step, 0))
@@ -202,7 +248,7 @@ def test_span_masking_decides_80_10_10_per_span(tok, blocks):
 
 def _words(tok, masker: Masker, ids: list[int]) -> list[str]:
     """The text of each word, as whole-word and span masking split ``ids``."""
-    starts, _ = masker._word_index(torch.tensor([ids]))
+    starts, _ = masker.word_index(torch.tensor([ids]))
     cuts = [i for i, s in enumerate(starts[0].tolist()) if s] + [len(ids)]
 
     def text(piece_ids: list[int]) -> str:
@@ -214,7 +260,7 @@ def _words(tok, masker: Masker, ids: list[int]) -> list[str]:
 
 
 def test_words_break_at_newlines_and_punctuation(tok):
-    masker = _masker(tok, whole_word=True)
+    masker = _masker(tok, strategy="whole_word")
     ids = tok.encode("Return the value.\nIf x is None, raise (foo.bar) an error; don't.\n\tIndented line")
     assert tok.piece_to_id("<0x0A>") in ids and tok.piece_to_id("<0x09>") in ids  # newline/tab are byte pieces here
     assert _words(tok, masker, ids) == [
@@ -226,7 +272,7 @@ def test_words_break_at_newlines_and_punctuation(tok):
 def test_words_on_real_multi_line_text(tok, corpus_docs):
     # Real documents with their sentences on separate lines (as in JSON-lines corpora): a line's
     # first word must not join the previous line's last word, nor a word its trailing punctuation.
-    masker = _masker(tok, whole_word=True)
+    masker = _masker(tok, strategy="whole_word")
     text = "\n".join(s for doc in corpus_docs[:150] for s in doc.split(". ") if s)
     ids = tok.encode(text)
     words = _words(tok, masker, ids)
@@ -245,7 +291,7 @@ def test_words_on_real_multi_line_text(tok, corpus_docs):
     batch = torch.tensor([ids[i : i + 128] for i in range(0, len(ids) - 128, 128)])
     _, labels = masker(batch, mask_generator(0, 0, 0))
     selected = labels != IGNORE_INDEX
-    starts, word = masker._word_index(batch)
+    starts, word = masker.word_index(batch)
     newline = batch == tok.piece_to_id("<0x0A>")
     after_newline = torch.zeros_like(newline)
     after_newline[:, 1:] = newline[:, :-1]
