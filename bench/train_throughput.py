@@ -54,7 +54,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, installed or not
 
 from roberta_pl.hf import config_to_hf, to_hf_state_dict  # noqa: E402
-from roberta_pl.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token  # noqa: E402
+from roberta_pl.model import (  # noqa: E402
+    IGNORE_INDEX,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    mlm_flops_per_token,
+)
 
 RESULTS = REPO / "bench" / "results"
 MASK_ID = 4  # fairseq/RoBERTa <mask>

@@ -147,11 +147,11 @@ def run_rank(args) -> None:
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader, Dataset
 
-    from roberta_pl.trainer import deepspeed_config
+    from roberta_pl.batch_plan import plan_batch
     from roberta_pl.model import RobertaConfig
-    from roberta_pl.optim import plan_batch
     from roberta_pl.pretraining.module import MaskedLMModule
     from roberta_pl.strategies import ZeroStrategy
+    from roberta_pl.trainer import deepspeed_config
 
     plan = plan_batch(args.global_batch, args.micro_batch, WORLD, args.seq_len)
     config = RobertaConfig.from_name(args.model, max_seq_len=args.seq_len)  # as roberta-pl-plan counts it

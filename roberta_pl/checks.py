@@ -17,6 +17,12 @@ from omegaconf import DictConfig
 from roberta_pl.errors import ConfigError
 
 
+def uses_cuda(cfg: DictConfig) -> bool:
+    """The run trains on CUDA GPUs (``trainer.accelerator`` gpu or cuda, or auto with one visible)."""
+    accelerator = str(cfg.trainer.accelerator)
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def world_size(cfg: DictConfig) -> int:
     """Ranks the run will have: devices per node x nodes (``devices=auto`` counts visible GPUs)."""
     t = cfg.trainer
@@ -28,6 +34,14 @@ def world_size(cfg: DictConfig) -> int:
     else:  # a list of device indices
         n = len(devices)
     return max(1, n) * t.num_nodes
+
+
+def check_precision(cfg: DictConfig) -> None:
+    """``trainer.precision`` is one of Lightning's names (the choices that are not Python names, so not an enum)."""
+    from roberta_pl.config import PRECISIONS
+
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision}: choose one of {', '.join(PRECISIONS)}")
 
 
 def check_model_and_optim(cfg: DictConfig) -> None:

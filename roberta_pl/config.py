@@ -7,15 +7,27 @@ where each paper value comes from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from roberta_pl.choices import choices
 from roberta_pl.model import RobertaConfig
+from roberta_pl.optim import Decay
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Choices a misspelling of which fails when Hydra composes the config, naming the allowed values.
+Accelerator = choices("Accelerator", ["cpu", "gpu", "cuda", "mps", "auto"])
+Strategy = choices("Strategy", ["auto", "ddp", "deepspeed"])
+NonFiniteLoss = choices("NonFiniteLoss", ["stop", "skip"])
+LoggerKind = choices("LoggerKind", ["csv", "wandb", "tensorboard", "none"])
+WandbMode = choices("WandbMode", ["offline", "online", "disabled", "dryrun"])
+# Lightning's precision names; not an enum, as they are not Python names ("32-true"): checked by check_choices.
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")
 
 
 @dataclass
@@ -49,7 +61,7 @@ class OptimConf:
     eps: float = 1e-6
     weight_decay: float = 0.01
     warmup_steps: int = 100
-    decay: str = "linear"  # linear | polynomial | cosine | constant
+    decay: Decay = Decay.linear  # the LR decay after the warm-up: one of roberta_pl.optim.DECAYS
     power: float = 1.0
     end_lr_ratio: float = 0.0
 
@@ -63,11 +75,11 @@ class DeepSpeedConf:
 
 @dataclass
 class TrainerConf:
-    accelerator: str = "cpu"
+    accelerator: Accelerator = Accelerator.cpu
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | deepspeed
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    strategy: Strategy = Strategy.auto  # deepspeed: ZeRO (trainer.deepspeed.stage)
+    precision: str = "32-true"  # one of PRECISIONS (checked before any work): 32-true | bf16-mixed | 16-mixed | ...
     max_steps: int = 1000  # optimizer steps; also the length of the LR schedule
     # A wall-clock budget ("00:00:10:00", "2h", "10m"): max_steps is fixed from the step rate measured in the
     # warm-up (never above max_steps), saved in the checkpoint and reused on resume. None: max_steps decides.
@@ -81,7 +93,7 @@ class TrainerConf:
     enable_progress_bar: bool = True
     # A NaN/inf training loss: `stop` ends the run with the step named (the last checkpoint is kept);
     # `skip` drops that optimizer step's update and trains on. Under 16-mixed the GradScaler owns it.
-    nonfinite_loss: str = "stop"  # stop | skip
+    nonfinite_loss: NonFiniteLoss = NonFiniteLoss.stop
     # 16-mixed: stop when the GradScaler's loss scale falls below this (fairseq's --min-loss-scale):
     # every recent step overflowed, so training has collapsed rather than hit a rare spike.
     min_loss_scale: float = 1e-4
@@ -93,10 +105,10 @@ class TrainerConf:
 
 @dataclass
 class LoggerConf:
-    kind: str = "csv"  # wandb | csv | tensorboard | none
+    kind: LoggerKind = LoggerKind.csv
     project: str = "roberta-pl"
     entity: Optional[str] = None
-    mode: str = "offline"  # W&B: offline unless asked for online
+    mode: WandbMode = WandbMode.offline  # W&B: offline unless asked for online (dryrun: W&B's old name for offline)
     tags: list[str] = field(default_factory=list)
 
 
@@ -124,6 +136,38 @@ def check_known_keys(cfg: DictConfig, schema: type) -> None:
             walk(value, ref_items[key], f"{path}.")  # free-form values (dict, Any) are not DictConfigs in ref
 
     walk(cfg, OmegaConf.structured(schema), "")
+
+
+def check_override_keys(args: Sequence[str], schema: type, conf_dir: Path = CONF_DIR) -> None:
+    """Refuse a command-line override of a key the schema does not have, before Hydra composes (Hydra's own error
+    advises adding such a key with ``+``, which :func:`check_known_keys` then refuses). Group choices
+    (``model=base``), ``+``/``~`` overrides, ``hydra.*`` and flags are left to Hydra.
+
+    Raises:
+        ConfigError: one line naming the key and the nearest valid ones.
+    """
+    import difflib
+
+    from roberta_pl.errors import ConfigError
+
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    root = OmegaConf.structured(schema)
+    for arg in args:
+        key = arg.partition("=")[0]
+        if "=" not in arg or arg.startswith(("-", "+", "~")) or key in groups or key.split(".")[0] == "hydra" \
+                or any(c in key for c in "/@[$"):
+            continue
+        node, prefix = root, ""
+        for part in key.split("."):
+            if not isinstance(node, DictConfig) or node._is_none() or part.isdigit():
+                break  # a free-form value (a dict or list field): its keys are the user's
+            items = dict(node.items_ex(resolve=False))
+            if part not in items:
+                near = difflib.get_close_matches(part, [str(k) for k in items], n=2)
+                hint = f"; did you mean {' or '.join(prefix + n for n in near)}?" if near else \
+                    f"; {prefix.rstrip('.') or 'the config'} has {', '.join(prefix + str(k) for k in items)}"
+                raise ConfigError(f"unknown config key {key}{hint}")
+            node, prefix = node._get_node(part), f"{prefix}{part}."
 
 
 def preset_yaml(name: str) -> str:

@@ -1,9 +1,12 @@
 """The run skeleton both entry points share (``roberta-pl-train``, ``roberta-pl-finetune``).
 
-Each entry point is compose -> check -> build -> fit -> finish; what wraps those steps is written once here:
-errors a user can fix end the run with one line (``prog: error: ...``) and no traceback, whatever happened the
-process is left as the run found it (W&B runs finished, process group destroyed, environment restored, so
-the next job of a multirun starts clean), and Lightning's extra DDP ranks re-run the right multirun job.
+A run is compose -> check -> prepare -> trainer -> module -> fit -> finish. :func:`run` does those steps in that
+order for a :class:`RunSpec`, the few functions an entry point supplies (like lightning-hydra-template's task
+wrapper), and :func:`entry_point` makes the Hydra command of a spec. What wraps the steps is written once here:
+unknown keys and ``_target_``s are refused before any work, errors a user can fix end the run with one line
+(``prog: error: ...``) and no traceback, whatever happened the process is left as the run found it (W&B runs
+finished, process group destroyed, environment restored, so the next job of a multirun starts clean), and
+Lightning's extra DDP ranks re-run the right multirun job.
 """
 
 from __future__ import annotations
@@ -11,25 +14,126 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
 
+from roberta_pl.batch_plan import BatchPlanError
 from roberta_pl.errors import ConfigError, TrainingFault
 from roberta_pl.lightning_compat import wandb_run_started
-from roberta_pl.optim import BatchPlanError
+
+
+@dataclass
+class Run:
+    """What a run knows, filled in step by step: the spec's functions read and write it."""
+
+    cfg: DictConfig
+    out_dir: Path
+    own_process: bool = False  # the process exists for this run (the CLI): process-wide tuning is allowed
+    plan: Any = None  # the batch plan, from the spec's check
+    resolved: dict | None = None  # the config as plain data (enums as strings), for loggers and checkpoints
+    summary: dict | None = None  # set by prepare when there is nothing to train (a finished run)
+    trainer: pl.Trainer | None = None
+    module: pl.LightningModule | None = None
+    datamodule: pl.LightningDataModule | None = None
+    fit_args: dict = field(default_factory=dict)  # extra pl.Trainer.fit arguments (ckpt_path, ...)
+    parts: SimpleNamespace = field(default_factory=SimpleNamespace)  # what prepare found (data, encoder, ...)
+    after_end: list = field(default_factory=list)  # callables run once the run has ended (a Slurm requeue)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """An entry point's part of the skeleton.
+
+    Attributes:
+        prog: the command's name, in its one-line errors.
+        schema: the config schema; keys outside it are refused.
+        check: refuse a config that cannot run, before any work; returns the batch plan.
+        prepare: load what the run needs (data, a pretrained model, a checkpoint to resume) into ``run.parts``;
+            set ``run.summary`` to end the run here.
+        trainer: build the ``pl.Trainer``.
+        module: build ``run.module`` and ``run.datamodule`` (and ``run.fit_args``); the seed is set before.
+        finish: after fit, write the outputs; returns the run's summary.
+    """
+
+    prog: str
+    schema: type
+    check: Callable[[Run], Any]
+    prepare: Callable[[Run], None]
+    trainer: Callable[[Run], pl.Trainer]
+    module: Callable[[Run], None]
+    finish: Callable[[Run], dict]
+
+
+def run(spec: RunSpec, cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None = None,
+        own_process: bool = False) -> dict:
+    """Check -> prepare -> trainer -> module -> fit -> finish, for one composed config. Returns the run's summary.
+
+    ``overrides`` are the user's command-line overrides, the only place besides ``conf/`` a ``_target_`` may come
+    from (default: the ones Hydra recorded; see :mod:`roberta_pl.safety`)."""
+    from roberta_pl.config import check_known_keys
+    from roberta_pl.safety import check_hydra_targets
+
+    r = Run(cfg, out_dir, own_process)
+    with run_scope(spec.prog, out_dir) as scope:
+        r.after_end = scope.after_end
+        check_known_keys(cfg, spec.schema)
+        check_hydra_targets(cfg, overrides)
+        r.plan = spec.check(r)
+        spec.prepare(r)
+        if r.summary is not None:
+            return r.summary
+        r.resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        r.trainer = scope.trainer = spec.trainer(r)
+        pl.seed_everything(cfg.seed, workers=True)
+        spec.module(r)
+        r.trainer.fit(r.module, datamodule=r.datamodule, **r.fit_args)
+        return spec.finish(r)
+
+
+def entry_point(spec: RunSpec, config_name: str, register: Callable[[], None],
+                objective: Callable[[DictConfig, dict], float | None]) -> Callable[[], None]:
+    """The ``main`` of a Hydra command running ``spec``: ``conf/<config_name>.yaml`` over the schemas ``register``
+    stores. ``objective(cfg, summary)`` is the value a sweeper (Optuna) minimises."""
+    import hydra
+
+    from roberta_pl.config import CONF_DIR, check_override_keys
+    from roberta_pl.loggers import quiet_notices
+
+    def task(cfg: DictConfig) -> float | None:
+        pin_multirun_job_for_rank_processes()
+        summary = run(spec, cfg, Path(HydraConfig.get().runtime.output_dir), own_process=True)
+        return objective(cfg, summary)
+
+    def main() -> None:
+        quiet_notices()
+        register()
+        if not CONF_DIR.is_dir():
+            sys.exit(f"{spec.prog}: error: config directory {CONF_DIR} not found (install with `pip install -e .`)")
+        try:  # a misspelt key gets "did you mean", not Hydra's advice to add it with `+`
+            check_override_keys(sys.argv[1:], spec.schema)
+        except ConfigError as e:
+            raise SystemExit(f"{spec.prog}: error: {e}") from None
+        hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)()
+
+    return main
 
 
 @contextlib.contextmanager
-def run_scope(prog: str) -> Iterator[SimpleNamespace]:
+def run_scope(prog: str, out_dir: Path | None = None) -> Iterator[SimpleNamespace]:
     """Run the body as one run: set ``scope.trainer`` once it exists; append to ``scope.after_end`` what must
     wait until the run has ended (W&B runs finished, process group destroyed), e.g. a Slurm requeue.
 
     :class:`ConfigError`, :class:`BatchPlanError`, data errors and :class:`TrainingFault` become
-    ``SystemExit("<prog>: error: <one line>")``; checkpoints written so far are kept.
+    ``SystemExit("<prog>: error: <one line>")``; checkpoints written so far are kept. A run refused that way leaves
+    no ``out_dir`` behind if it holds nothing but what Hydra wrote on start (its config record and log).
     """
     from data_pipelines.errors import DataError
 
@@ -38,6 +142,8 @@ def run_scope(prog: str) -> Iterator[SimpleNamespace]:
     try:
         yield scope
     except (ConfigError, BatchPlanError, DataError, TrainingFault) as e:
+        if out_dir is not None and scope.trainer is None:
+            remove_if_only_hydra(out_dir)
         raise SystemExit(f"{prog}: error: {one_line(e)}") from None
     except SIGTERMException:  # Lightning's, at the next batch after SIGTERM (a requeue, scancel, preemption)
         step = scope.trainer.global_step if scope.trainer is not None else 0
@@ -48,6 +154,22 @@ def run_scope(prog: str) -> Iterator[SimpleNamespace]:
         end_run(scope.trainer, environ)
         for action in scope.after_end:
             action()
+
+
+def remove_if_only_hydra(out_dir: Path) -> None:
+    """Remove a run directory that holds only Hydra's start-up files (``.hydra/``, ``<job>.log``): a refused
+    config leaves no empty ``runs/<name>`` behind. Anything else in it (checkpoints, logs of a run) keeps it."""
+    import shutil
+
+    try:
+        entries = list(out_dir.iterdir())
+    except OSError:
+        return
+    if all((e.name == ".hydra" and e.is_dir()) or (e.suffix == ".log" and e.is_file()) for e in entries):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if out_dir.parent.name == "runs":  # the default parent, when this run was all it held
+            with contextlib.suppress(OSError):
+                out_dir.parent.rmdir()
 
 
 def one_line(error: BaseException) -> str:

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
+from roberta_pl.batch_plan import BatchPlan
 from roberta_pl.callbacks import (
     LossScaleMonitor,
     NonFiniteLossGuard,
@@ -24,7 +25,6 @@ from roberta_pl.checkpoints import AtomicCheckpointIO
 from roberta_pl.errors import ConfigError
 from roberta_pl.lightning_compat import slurm_environment
 from roberta_pl.loggers import StepLearningRateMonitor, build_loggers
-from roberta_pl.optim import BatchPlan
 
 
 def deepspeed_config(cfg: DictConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def build_strategy(cfg: DictConfig, plan: BatchPlan):
 
         # Lightning's default checkpoint I/O is replaced by the atomic one.
         return RendezvousDDPStrategy(checkpoint_io=AtomicCheckpointIO(), process_group_backend=None)
-    return cfg.trainer.strategy
+    return str(cfg.trainer.strategy)  # a plain string for Lightning
 
 
 def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -109,12 +109,12 @@ def build_trainer(cfg: DictConfig, out_dir: Path, resolved_config: dict, callbac
     loggers = build_loggers(cfg, out_dir, resolved_config)
     if loggers:
         callbacks.append(StepLearningRateMonitor(logging_interval="step"))
-    strategy = t.strategy if strategy is None else strategy
+    strategy = str(t.strategy) if strategy is None else strategy
     # Checkpoints are written to a temp file and renamed; a strategy object carries its own CheckpointIO.
     plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) else []
     precision, precision_plugins = precision_setting(t)
     trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+        accelerator=str(t.accelerator), devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val or None, deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers or False,

@@ -7,18 +7,10 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
-from roberta_pl.lightning_compat import (
-    micro_batches_started,
-    set_max_steps,
-)
-from roberta_pl.optim import budget_max_steps, micro_batches_before
-
-_PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
-                    "16-true": torch.float16}
-
-from roberta_pl.callbacks.steps import StepBoundary, ValidationSchedule
+from roberta_pl.batch_plan import StepHorizon, budget_max_steps
+from roberta_pl.callbacks.steps import StepBoundary
+from roberta_pl.lightning_compat import micro_batches_started
 
 
 class BudgetPlanner(StepBoundary):
@@ -29,8 +21,8 @@ class BudgetPlanner(StepBoundary):
     of the budget holds the remaining steps, the validations due until then and one more for the end (the last
     step always validates). Under a mask-rate schedule the steps after the warm-up are counted cheaper, by the
     FLOPs the falling rate saves in the MLM head (:func:`falling_mask_cost`). From then on the run is a
-    step-count run: the LR decays to the fixed step (the module's ``hparams.max_steps``, which the schedule
-    reads), the mask-rate schedule's horizon is that step, and the figure is saved in the checkpoint
+    step-count run: the figure is set on the run's :class:`~roberta_pl.batch_plan.StepHorizon`, which the LR
+    schedule, the mask-rate schedule, the validation schedule and the loop read, and it is saved in the checkpoint
     (``state_dict``). A resume
     reuses it and does not measure again: it trains to the same step whatever time is left, exactly as the
     uninterrupted run. A run stopped before the figure was fixed measures afresh, with the budget it had
@@ -41,23 +33,22 @@ class BudgetPlanner(StepBoundary):
 
     Args:
         seconds: the budget.
-        phases: the batch plan's ``(start_step, start_micro_batch, accumulation)`` (a batch ramp's steps grow).
+        horizon: the run's step horizon; its ``max_steps`` (``trainer.max_steps``) is the cap the budget never
+            exceeds, and its batch plan prices the steps (a batch ramp's steps grow).
         warmup_steps: ``optim.warmup_steps``; the figure is fixed within it, so the LR and mask rates of the
             warm-up never depend on it (the scheduler computes step ``s + 1``'s LR at the end of step ``s``,
             and a step's batches are masked ahead of it).
-        cap: ``trainer.max_steps``, which the budget never exceeds.
         val_every_n_steps: the validation interval, whose validations the budget must also hold.
     """
 
-    def __init__(self, seconds: float, phases: list[tuple[int, int, int]], warmup_steps: int, cap: int,
-                 val_every_n_steps: int) -> None:
+    def __init__(self, seconds: float, horizon: StepHorizon, warmup_steps: int, val_every_n_steps: int) -> None:
         super().__init__()
         if warmup_steps < 4:
             raise ValueError(f"optim.warmup_steps={warmup_steps}: a time budget (trainer.max_time) measures the step "
                              f"rate inside the warm-up, which needs at least 4 steps")
         self.seconds = seconds
-        self.phases = [tuple(p) for p in phases]
-        self.cap = cap
+        self.horizon = horizon
+        self.cap = horizon.max_steps
         self.val_every_n_steps = val_every_n_steps
         self.warmup_steps = warmup_steps
         # Fixed at step `fix_step`, at most warmup - 2: the batch prefetched at that point is still in the warm-up.
@@ -92,7 +83,7 @@ class BudgetPlanner(StepBoundary):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.max_steps is not None:  # resumed after the figure was fixed: the same run from here on
-            self._apply(trainer, pl_module)
+            self.horizon.set(self.max_steps)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -125,10 +116,10 @@ class BudgetPlanner(StepBoundary):
         left = self.seconds - self.elapsed()
         ratio = falling_mask_cost(trainer, pl_module)
         cheaper = None if ratio is None else (self.warmup_steps, ratio)
-        max_steps = budget_max_steps(self.phases, step, left - per_validation, per_micro, self.cap, cheaper)
+        max_steps = budget_max_steps(self.horizon.plan, step, left - per_validation, per_micro, self.cap, cheaper)
         for _ in range(2):  # the validations due before the last step take their share of the budget
             validations = max_steps // self.val_every_n_steps - step // self.val_every_n_steps
-            max_steps = budget_max_steps(self.phases, step, left - (validations + 1) * per_validation, per_micro,
+            max_steps = budget_max_steps(self.horizon.plan, step, left - (validations + 1) * per_validation, per_micro,
                                          self.cap, cheaper)
         if trainer.world_size > 1:  # every rank must stop at the same step: rank 0's measurement decides
             max_steps = int(trainer.strategy.broadcast(max_steps, src=0))
@@ -136,26 +127,13 @@ class BudgetPlanner(StepBoundary):
         self.measured = {"seconds_per_micro_batch": per_micro, "seconds_per_validation": per_validation,
                          "measured_from_step": step0, "fixed_at_step": step, "seconds_left": left,
                          "cost_after_warmup": 1.0 if ratio is None else ratio}
-        self._apply(trainer, pl_module)
+        self.horizon.set(max_steps)
         if trainer.is_global_zero:
             falling = "" if ratio is None or abs(ratio - 1) < 5e-3 else \
                 f" ({ratio:.2f}x that after the warm-up, at the mask schedule's mean rate)"
             print(f"Time budget {_clock(self.seconds)}: {per_micro * 1e3:.1f} ms a micro-batch over steps {step0}-{step}"
                   f"{falling}, {_clock(left)} left -> trainer.max_steps fixed at {max_steps:,} (the LR decays to it; "
                   f"a resume trains to it)", flush=True)
-
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Make the run a step-count run of ``self.max_steps``: the loop, the LR schedule, the mask-rate
-        schedule (shared with the DataLoader workers) and the final validation."""
-        set_max_steps(trainer, self.max_steps)
-        if "max_steps" in pl_module.hparams:  # what MaskedLMModule's LR schedule reads at every step
-            pl_module.hparams.max_steps = self.max_steps
-        schedule = getattr(trainer.datamodule, "mask_schedule", None)
-        if schedule is not None:
-            schedule.set_horizon(micro_batches_before(self.phases, self.max_steps))
-        for callback in trainer.callbacks:
-            if isinstance(callback, ValidationSchedule):
-                callback.final_step = self.max_steps
 
     def state_dict(self) -> dict[str, Any]:
         spent = self.elapsed() if self.max_steps is None else self.spent

@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from roberta_pl.batch_plan import BatchPlan, StepHorizon
 from roberta_pl.lightning_compat import (
     is_logging_step,
     micro_batches_started,
@@ -48,20 +49,16 @@ class BatchRamp(pl.Callback):
     """Grows the global batch during training by switching gradient accumulation at optimizer-step boundaries.
 
     Args:
-        phases: ``(start_step, start_micro_batch, accumulation)`` from :func:`roberta_pl.optim.plan_ramp`.
-            Phase starts are aligned to whole optimizer steps by construction, so every step sums exactly
-            ``accumulation`` micro-batches.
+        plan: the run's batch plan. Its phase starts are aligned to whole optimizer steps by construction
+            (:func:`roberta_pl.batch_plan.plan_ramp`), so every step sums exactly ``accumulation`` micro-batches.
     """
 
-    def __init__(self, phases: list[tuple[int, int, int]]) -> None:
-        self.phases = phases
-
-    def accumulation_at(self, micro_batch: int) -> int:
-        return [acc for _, start, acc in self.phases if start <= micro_batch][-1]
+    def __init__(self, plan: BatchPlan) -> None:
+        self.plan = plan
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         micro = micro_batches_started(trainer) - 1
-        trainer.accumulate_grad_batches = self.accumulation_at(micro)
+        trainer.accumulate_grad_batches = self.plan.phase_at_micro_batch(micro).accumulation
 
 
 class ValidationSchedule(pl.Callback):
@@ -75,24 +72,26 @@ class ValidationSchedule(pl.Callback):
 
     Args:
         every_n_steps: validate after optimizer steps ``every_n_steps``, ``2 * every_n_steps``, ...
-        phases: ``(start_step, start_micro_batch, accumulation)`` from :func:`roberta_pl.optim.plan_ramp`.
+        horizon: the run's step horizon (and its batch plan): also validate after its last step, which a time
+            budget may fix during the run.
     """
 
-    def __init__(self, every_n_steps: int, phases: list[tuple[int, int, int]]) -> None:
+    def __init__(self, every_n_steps: int, horizon: StepHorizon, validate_last: bool = False) -> None:
         self.every_n_steps = every_n_steps
-        self.phases = phases
-        self.final_step: int | None = None  # also validate after this step (a time budget's last one)
+        self.horizon = horizon
+        self.validate_last = validate_last  # also validate after the horizon's step (a time budget's last one)
 
     def step_completed_by(self, micro: int) -> int | None:
         """The optimizer step that micro-batch ``micro`` (0-based) completes, None if it is not a step's last."""
-        start_step, start_micro, acc = [p for p in self.phases if p[1] <= micro][-1]
-        done, rest = divmod(micro - start_micro + 1, acc)
-        return start_step + done if rest == 0 else None
+        phase = self.horizon.plan.phase_at_micro_batch(micro)
+        step = phase.step_of(micro + 1)
+        return step if phase.micro_batches_before(step) == micro + 1 else None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         micro = micro_batches_started(trainer) - 1
         step = self.step_completed_by(micro)
-        due = step is not None and (step % self.every_n_steps == 0 or step == self.final_step)
+        last = self.validate_last and step == self.horizon.max_steps
+        due = step is not None and (step % self.every_n_steps == 0 or last)
         # Lightning validates after micro-batch m when (m + 1) % val_check_batch == 0.
         set_val_check_batch(trainer, micro + 1 if due else micro + 2)
 

@@ -37,8 +37,8 @@ import sys
 from dataclasses import dataclass
 
 from data_pipelines.cli import DefaultsHelpFormatter
+from roberta_pl.batch_plan import BatchPlanError, parse_duration, plan_batch
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
-from roberta_pl.optim import BatchPlanError, parse_duration, plan_batch
 
 GIB = 1024**3
 STAGE_NAMES = {0: "DDP (ZeRO-0)", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}

@@ -9,19 +9,25 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from roberta_pl.choices import choices
 from roberta_pl.config import LoggerConf, TrainerConf
 from roberta_pl.errors import ConfigError
+from roberta_pl.optim import Decay
+
+TaskKind = choices("TaskKind", ["sequence_classification", "token_classification"])
+TaskFormat = choices("TaskFormat", ["auto", "csv", "tsv", "jsonl", "conll"])
+Init = choices("Init", ["pretrained", "random"])
 
 
 @dataclass
 class TaskConf:
     name: str = "custom"
-    kind: str = "sequence_classification"  # sequence_classification | token_classification
+    kind: TaskKind = TaskKind.sequence_classification
     data_dir: Optional[str] = None  # presets: the directory holding the task's files
     train_file: Optional[str] = None
     valid_file: Optional[str] = None
     test_file: Optional[str] = None  # optional: unlabelled (or labelled) rows to predict after training
-    format: str = "auto"  # auto (by extension) | csv | tsv | jsonl | conll
+    format: TaskFormat = TaskFormat.auto  # auto: by the file's extension
     header: bool = True  # csv/tsv: the first row names the columns
     columns: list[str] = field(default_factory=list)  # csv/tsv without a header: the column names
     text_column: str = "text"  # token_classification: the words column
@@ -40,6 +46,9 @@ class FinetuneOptimConf:
     eps: float = 1e-6
     weight_decay: float = 0.1
     warmup_ratio: float = 0.06  # RoBERTa's GLUE recipe: 6% of the steps
+    decay: Decay = Decay.linear  # after the warm-up, as in pretraining (roberta_pl.optim.DECAYS); linear: RoBERTa's GLUE
+    power: float = 1.0
+    end_lr_ratio: float = 0.0
     layer_decay: float = 1.0  # layer-wise LR decay; 1.0 = off, 0.75-0.95 typical
 
 
@@ -62,7 +71,7 @@ class EarlyStoppingConf:
 class FinetuneConfig:
     pretrained: Optional[str] = None  # a roberta-pl .ckpt, a DeepSpeed checkpoint dir or a HF RoBERTa dir
     tokenizer: Optional[str] = None  # default: the one recorded in the checkpoint / found in the HF dir
-    init: str = "pretrained"  # pretrained | random (same architecture from scratch: the no-pretraining baseline)
+    init: Init = Init.pretrained  # random: the same architecture from scratch (the no-pretraining baseline)
     task: TaskConf = field(default_factory=TaskConf)
     batch_size: int = 32  # sequences per optimizer step, over all ranks
     micro_batch_size: Optional[int] = None  # per rank per forward; None: batch_size / ranks

@@ -22,7 +22,7 @@ from roberta_pl.model import (
     RobertaForSequenceClassification,
     RobertaForTokenClassification,
 )
-from roberta_pl.optim import build_adamw, layer_decay_groups, lr_lambda
+from roberta_pl.optim import build_adamw, layer_decay_groups, lr_scheduler
 
 # The metric each task kind can monitor; all higher-is-better except loss.
 SEQUENCE_METRICS = ("accuracy", "f1", "mcc", "loss")
@@ -98,8 +98,9 @@ class FinetuneModule(pl.LightningModule):
         kind: ``sequence_classification`` or ``token_classification``.
         labels: class names in logit order (regression: one name for the score).
         regression: one output trained with mean squared error.
-        optim: ``lr, betas, eps, weight_decay, layer_decay``.
-        total_steps, warmup_steps: the linear warm-up then linear decay schedule, in optimizer steps.
+        optim: ``lr, betas, eps, weight_decay, layer_decay`` and the LR schedule's ``decay, power, end_lr_ratio``
+            (:func:`roberta_pl.optim.lr_scheduler`).
+        total_steps, warmup_steps: the schedule's length and linear warm-up, in optimizer steps.
     """
 
     def __init__(self, model: dict[str, Any], kind: str, labels: list[str], regression: bool, optim: dict[str, Any],
@@ -206,6 +207,4 @@ class FinetuneModule(pl.LightningModule):
         groups = layer_decay_groups(self.model, o["lr"], o["weight_decay"], o.get("layer_decay", 1.0),
                                     self.model.config.num_layers)
         optimizer = build_adamw(self.model, o["lr"], o["betas"], o["eps"], o["weight_decay"], groups=groups)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, warmup_steps=h.warmup_steps, total_steps=h.total_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": lr_scheduler(optimizer, o, h.warmup_steps, lambda: h.total_steps)}

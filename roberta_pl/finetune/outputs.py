@@ -82,3 +82,26 @@ def finish(cfg: DictConfig, out_dir: Path, module: FinetuneModule, data: TaskDat
     print(f"Done: {cfg.task.name}, {summary['global_step']} steps in {summary['epochs']} epochs; best checkpoint: {shown}")
     outputs = [p for p in ("checkpoints/best.ckpt", "predictions", "hf", "summary.json") if (out_dir / p).exists()]
     print(f"Outputs in {out_dir}: {', '.join(outputs)}")
+
+
+def finish_run(r) -> dict:
+    """After fit (``r`` is the harness's Run): rank 0 scores the best checkpoint's weights over the exact validation
+    set, on the training device (the same rows, once each, as the predictions file), then writes the outputs."""
+    cfg, trainer, module, p = r.cfg, r.trainer, r.module, r.parts
+    best_path = p.best.best_model_path
+    metrics = {}
+    if trainer.is_global_zero:
+        if best_path:
+            module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
+        module.to(trainer.strategy.root_device)  # Lightning's teardown left the module on CPU
+        metrics = module.evaluate(make_loader(p.data.valid, r.plan.micro_batch_size, p.tokenizer.pad_id,
+                                              cfg.task.regression))
+    data = p.data
+    summary = {"run_dir": str(r.out_dir), "task": cfg.task.name, "kind": str(cfg.task.kind), "init": str(cfg.init),
+               "pretrained": str(cfg.pretrained), "labels": data.labels, "best_checkpoint": best_path,
+               "epochs": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics,
+               "examples": {"train": len(data.train), "valid": len(data.valid)},
+               "truncated": {"train": len(data.train.truncated), "valid": len(data.valid.truncated)}}
+    if trainer.is_global_zero:
+        finish(cfg, r.out_dir, module, data, p.tokenizer, summary)
+    return summary

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
-from roberta_pl.callbacks import (
-    EpochProgressBar,
-)
-from roberta_pl.optim import BatchPlan
+from roberta_pl.batch_plan import BatchPlan
+from roberta_pl.callbacks import EpochProgressBar
 from roberta_pl.trainer import build_trainer
 
 
@@ -22,6 +21,8 @@ def finetuning_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved
 
     from roberta_pl.finetune.module import metric_mode
 
+    # Task sets are small and held in memory: a single-process loader is the right one, not a warning.
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     t, monitor = cfg.trainer, f"val/{cfg.task.metric}"
     mode = metric_mode(cfg.task.metric)
     best = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor=monitor, mode=mode,

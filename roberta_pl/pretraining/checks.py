@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from roberta_pl.batch_plan import BatchPlan, parse_duration, plan_schedule
 from roberta_pl.checks import (
+    check_free_space,
     check_model_and_optim,
+    check_precision,
     check_writable,
     find_resume_checkpoint,
+    read_checkpoint,
     world_size,
 )
 from roberta_pl.errors import ConfigError
 from roberta_pl.loggers import check_logger
-from roberta_pl.optim import (
-    BatchPlan,
-    parse_duration,
-    plan_schedule,
-)
 
 
 def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
@@ -27,12 +29,12 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
     phases included), the only one computed."""
     t, b = cfg.trainer, cfg.batch
     check_logger(cfg)
+    check_precision(cfg)
     check_model_and_optim(cfg)
+    check_masking(cfg)
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible; use trainer=cpu, or add "
                           f"trainer.accelerator=cpu (DDP and DeepSpeed ZeRO also run on CPU ranks)")
-    if cfg.data.packing not in ("full_sentences", "doc"):
-        raise ConfigError(f"data.packing={cfg.data.packing}: choose full_sentences or doc")
     if b.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"batch.seq_len={b.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} "
                           f"(the position table has {cfg.model.max_seq_len + 2} rows)")
@@ -78,6 +80,17 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
 
 
 
+def check_masking(cfg: DictConfig) -> None:
+    """The masking recipe of ``cfg.data`` is valid (rates, strategy settings): the data side's own check, run here,
+    before any data is prepared."""
+    from roberta_pl.pretraining.data import masking_config
+
+    try:
+        masking_config(cfg)
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+
+
 def check_budget(cfg: DictConfig) -> float | None:
     """The seconds of ``trainer.max_time`` (None without one), and the settings a time budget or a mask-rate
     schedule needs; one line naming the field and value otherwise."""
@@ -109,7 +122,8 @@ def describe_resume(ckpt: Path, state: dict, wandb_id: str | None = None) -> str
     data = state.get("MLMDataModule") or {}
     parts = [f"step {state.get('global_step', '?')}"]
     if "consumed" in data:
-        parts.append(f"data position {data['consumed']} micro-batches per rank ({data.get('world_size', '?')} ranks "
+        ranks = data.get("world_size", "?")
+        parts.append(f"data position {data['consumed']} micro-batches per rank ({ranks} rank{'' if ranks == 1 else 's'} "
                      f"of {data.get('micro_batch_size', '?')} sequences)")
     if wandb_id:
         parts.append(f"W&B run {wandb_id}")
@@ -170,3 +184,50 @@ def check_vocab(model_vocab: int | None, tokenizer_vocab: int) -> int:
                           f"ids >= {model_vocab} would index past the embedding table")
     return model_vocab
 
+
+
+@dataclass
+class ResumePoint:
+    """Where a pretraining run starts: the checkpoint to resume (None: from scratch) as read, and for a run that
+    already finished, its summary instead (``finished``)."""
+
+    ckpt: Path | None = None
+    saved: dict | None = None
+    finished: dict | None = None
+
+
+def resume_point(cfg: DictConfig, out_dir: Path, model: dict, tokenizer_hash: str) -> ResumePoint:
+    """Clear what killed saves left, find the checkpoint ``resume`` names and refuse it here (not half-way into
+    fit) if it does not fit the model, tokenizer or strategy, and check the disk has room for checkpoints. Read
+    without running pickled code."""
+    from roberta_pl.callbacks import fixed_max_steps
+    from roberta_pl.pretraining.outputs import finished_run
+
+    rank_zero = not any(int(os.environ.get(v, 0) or 0) for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
+    if rank_zero:  # before any rank exists that could be saving: what killed saves left is garbage
+        report_removed_saves(out_dir / "checkpoints")
+    point = ResumePoint()
+    point.ckpt = find_resume_checkpoint(out_dir) if cfg.resume == "auto" else None if cfg.resume == "never" \
+        else Path(cfg.resume)
+    if point.ckpt:
+        point.saved = read_checkpoint(point.ckpt)  # memory-mapped, read once: the fit check, finished run, resume line
+        check_resume_checkpoint(point.ckpt, point.saved, model, tokenizer_hash, cfg.trainer.strategy)
+        # A time-budgeted run trains to the max_steps it fixed (saved in the checkpoint), not to the cap.
+        fixed = fixed_max_steps(point.saved)
+        point.finished = finished_run(point.ckpt, point.saved, fixed or cfg.trainer.max_steps, out_dir,
+                                      budgeted=fixed is not None)
+    if rank_zero and point.finished is None:
+        check_free_space(out_dir, checkpoint_bytes(model))  # one probe per run, not one per rank
+    return point
+
+
+def report_removed_saves(folder: Path) -> None:
+    """Remove what checkpoint saves killed half-way left in ``folder`` (see
+    :func:`roberta_pl.checkpoints.remove_interrupted_saves`), saying so in one line."""
+    from roberta_pl.checkpoints import remove_interrupted_saves
+
+    removed = remove_interrupted_saves(folder)
+    if removed:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in removed[:4]) + (", ..." if len(removed) > 4 else "")
+        logging.getLogger("roberta_pl").info("Removed %d leftover(s) of checkpoint saves interrupted before they "
+                                             "completed, in %s: %s", len(removed), folder, names)

@@ -8,7 +8,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from data_pipelines.masking import MaskingStrategy
+from roberta_pl.choices import choices
 from roberta_pl.config import LoggerConf, ModelConf, OptimConf, TrainerConf
+
+Packing = choices("Packing", ["full_sentences", "doc"])
+OnError = choices("OnError", ["raise", "skip"])
 
 
 @dataclass
@@ -33,7 +37,7 @@ class DataConf:
     require_shards: bool = False
     cache_dir: str = "${oc.env:ROBERTA_PL_CACHE,${oc.env:HOME}/.cache/roberta-pl}"
     default_vocab_size: int = 8192  # tokenizer size when the default corpus is built
-    packing: str = "full_sentences"  # full_sentences | doc (the data side's DataSettings.pack_mode)
+    packing: Packing = Packing.full_sentences  # the data side's DataSettings.pack_mode
     mask_prob: float = 0.15  # the rate validation masks at, and where a mask-rate schedule ends
     # Mask-rate schedule: start here, hold through the LR warm-up, fall linearly to mask_prob at the last step
     # (Ankner et al., 2023: 0.3 -> 0.15). None: mask_prob throughout.
@@ -47,7 +51,7 @@ class DataConf:
     # allow, at most 4 (data_pipelines.epochs.default_num_workers); the choice is logged once.
     num_workers: Optional[int] = None
     shuffle_window: int = 1000  # blocks shuffled together per reader (a window, permuted whole; exact resume keeps it)
-    on_error: str = "raise"  # raise | skip
+    on_error: OnError = OnError["raise"]  # a bad shard read: raise, or skip it with a counted warning
 
 
 

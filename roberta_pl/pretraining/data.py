@@ -14,7 +14,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from data_pipelines.tokenizer import SpmTokenizer, load_tokenizer
-from roberta_pl.optim import BatchPlan
+from roberta_pl.batch_plan import BatchPlan, StepHorizon
+from roberta_pl.checks import uses_cuda
 
 DEFAULT_DATASET_VERSION = 5  # bump when the default corpus, tokenizer or shard settings change (4: shard format 2; 5: whitespace pieces)
 
@@ -87,7 +88,7 @@ def check_data_source(d: DictConfig) -> None:
             f"(the tokenizer the shards were written with), or use data=default for the embedded corpus")
 
 
-def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
+def build_datamodule(cfg: DictConfig, data: PretrainData, horizon: StepHorizon):
     """The streaming MLM DataModule for this config, connected to the run's batch plan.
 
     ``cfg.data`` becomes two objects, the masking recipe and the stream settings, built once here; the batch plan
@@ -97,9 +98,10 @@ def build_datamodule(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
     accumulation at each epoch end: a smaller global batch, and a drifting step count)."""
     from data_pipelines.datamodule import MLMDataModule
 
+    plan = horizon.plan
     dm = MLMDataModule(data.train_shards, str(data.tokenizer.path), valid_shards=data.valid_shards,
                        masking=masking_config(cfg), settings=data_settings(cfg, data, plan),
-                       mask_schedule=mask_schedule(cfg, plan))
+                       mask_schedule=mask_schedule(cfg, horizon))
     return dm.connect(plan.seq_len, plan.micro_batch_size, accumulation=plan.phases)
 
 
@@ -113,12 +115,12 @@ def masking_config(cfg: DictConfig):
 
 def data_settings(cfg: DictConfig, data: PretrainData, plan: BatchPlan):
     """How the streams of ``cfg.data`` are read: packing, the run's seed, workers (chosen when unset), shuffle
-    window, bad shards."""
+    window, bad shards, and page-locked batches when they go to a CUDA device."""
     from data_pipelines.datamodule import DataSettings
 
     d = cfg.data
-    return DataSettings(pack_mode=d.packing, seed=cfg.seed, num_workers=data_workers(cfg, data, plan),
-                        shuffle_window=d.shuffle_window, on_error=d.on_error)
+    return DataSettings(pack_mode=str(d.packing), seed=cfg.seed, num_workers=data_workers(cfg, data, plan),
+                        shuffle_window=d.shuffle_window, on_error=str(d.on_error), pin_memory=uses_cuda(cfg))
 
 
 def data_workers(cfg: DictConfig, data: PretrainData, plan: BatchPlan) -> int:
@@ -144,16 +146,15 @@ def data_workers(cfg: DictConfig, data: PretrainData, plan: BatchPlan) -> int:
     return workers
 
 
-def mask_schedule(cfg: DictConfig, plan: BatchPlan):
+def mask_schedule(cfg: DictConfig, horizon: StepHorizon):
     """The training mask-rate schedule of ``data.mask_prob_start`` (None without one), in micro-batches per rank:
-    ``mask_prob_start`` through the LR warm-up, then linear to ``data.mask_prob`` at ``trainer.max_steps``. Under a
-    time budget (``trainer.max_time``) the horizon is fixed during the warm-up by the BudgetPlanner."""
+    ``mask_prob_start`` through the LR warm-up, then linear to ``data.mask_prob`` at the run's step horizon, which it
+    follows (a time budget fixes it during the warm-up; the DataLoader workers read it from shared memory)."""
     from data_pipelines.masking import MaskSchedule
-    from roberta_pl.optim import micro_batches_before
 
-    d, t = cfg.data, cfg.trainer
+    d = cfg.data
     if d.mask_prob_start is None:
         return None
-    horizon = None if t.max_time is not None else micro_batches_before(plan.phases, t.max_steps)
-    return MaskSchedule(d.mask_prob_start, d.mask_prob, micro_batches_before(plan.phases, cfg.optim.warmup_steps),
-                        horizon)
+    schedule = MaskSchedule(d.mask_prob_start, d.mask_prob, horizon.micro_batches_before(cfg.optim.warmup_steps))
+    horizon.follow(lambda steps: schedule.set_horizon(horizon.micro_batches_before(steps)))
+    return schedule

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from data_pipelines.contract import STEP_WINDOW
+from roberta_pl.batch_plan import StepHorizon
 from roberta_pl.lightning_compat import (
     completes_step,
     is_logging_step,
@@ -25,7 +26,7 @@ from roberta_pl.model import (
     mlm_flops_per_token,
     mlm_head_flops,
 )
-from roberta_pl.optim import build_adamw, lr_lambda
+from roberta_pl.optim import build_adamw, lr_scheduler
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -61,23 +62,27 @@ class MaskedLMModule(pl.LightningModule):
     Args:
         model: fields of :class:`~roberta_pl.model.RobertaConfig` (``vocab_size`` resolved).
         optim: ``lr, betas, eps, weight_decay, warmup_steps, decay, power, end_lr_ratio``.
-        max_steps: optimizer steps, the length of the LR schedule.
+        max_steps: optimizer steps, the length of the LR schedule (recorded; ``horizon`` follows a budget's figure).
         seq_len: the sequence length, for the encoder's FLOPs per position behind MFU (attention grows with it).
         micro_batch_size: sequences per micro-batch (recorded with the run).
         seed: base of the per-step dropout seed.
         compile: ``torch.compile`` the encoder.
         tokenizer: the tokenizer directory, recorded so export and fill-mask find it from the checkpoint.
         tokenizer_hash: the tokenizer's content hash, recorded so a resume with another tokenizer is refused.
+        horizon: the run's step horizon, which the LR schedule decays to (default: ``max_steps``, fixed). A time
+            budget fixes it during the run; ``hparams.max_steps`` records the fixed figure.
     """
 
     def __init__(self, model: dict[str, Any], optim: dict[str, Any], max_steps: int, seq_len: int,
                  micro_batch_size: int, seed: int = 0, compile: bool = False, tokenizer: str | None = None,
-                 tokenizer_hash: str | None = None, **retired: Any):
+                 tokenizer_hash: str | None = None, horizon: StepHorizon | None = None, **retired: Any):
         unknown = sorted(set(retired) - _RETIRED_HPARAMS)
         if unknown:
             raise TypeError(f"MaskedLMModule got unexpected keyword argument(s) {', '.join(unknown)}")
         super().__init__()
-        self.save_hyperparameters(ignore=sorted(retired))
+        self.save_hyperparameters(ignore=sorted({*retired, "horizon"}))
+        self.horizon = horizon if horizon is not None else StepHorizon(max_steps)
+        self.horizon.follow(lambda steps: self.hparams.__setitem__("max_steps", steps))
         self.config = RobertaConfig(**model)
         self.model = RobertaForMaskedLM(self.config)
         if compile:
@@ -222,9 +227,5 @@ class MaskedLMModule(pl.LightningModule):
         o = self.hparams.optim
         optimizer = build_adamw(self.model, o["lr"], o["betas"], o["eps"], o["weight_decay"],
                                 cpu_adam=self._offloads_optimizer())
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_lambda(step, warmup_steps=o["warmup_steps"], total_steps=self.hparams.max_steps,
-                                   decay=o["decay"], power=o.get("power", 1.0), end_ratio=o.get("end_lr_ratio", 0.0)),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": lr_scheduler(optimizer, o, o["warmup_steps"], lambda: self.horizon.max_steps)}

@@ -27,6 +27,20 @@ def describe_model(module: MaskedLMModule, plan) -> str:
             f"accumulation {plan.accumulation} x {plan.world_size} rank{'s' if plan.world_size > 1 else ''})")
 
 
+def describe_start(r) -> None:
+    """Rank 0, before fit: the model line, and where a resumed run picks up (``r`` is the harness's Run)."""
+    from roberta_pl.loggers import wandb_run_id
+    from roberta_pl.pretraining.checks import describe_resume
+
+    if not r.trainer.is_global_zero:
+        return
+    print(describe_model(r.module, r.plan), flush=True)
+    resume = r.parts.resume
+    if resume.ckpt:
+        wandb_id = wandb_run_id(r.out_dir) if r.cfg.logger.kind == "wandb" else None
+        print(describe_resume(resume.ckpt, resume.saved, wandb_id), flush=True)
+
+
 def finished_run(ckpt: Path, saved: dict, max_steps: int, out_dir: Path, budgeted: bool = False) -> dict | None:
     """The summary of a run that already reached ``max_steps`` (None if it has steps to go). Rerunning a
     finished run keeps every output as it is (summary, export, W&B run); raising ``trainer.max_steps``

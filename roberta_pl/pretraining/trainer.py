@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
+from roberta_pl.batch_plan import StepHorizon, parse_duration
 from roberta_pl.callbacks import (
     BatchRamp,
     BudgetPlanner,
@@ -20,7 +21,7 @@ from roberta_pl.callbacks import (
     ValidationSchedule,
     WorldSizeResume,
 )
-from roberta_pl.optim import BatchPlan, parse_duration
+from roberta_pl.lightning_compat import set_max_steps
 from roberta_pl.trainer import (
     ReturnFreedMemory,
     build_strategy,
@@ -29,12 +30,13 @@ from roberta_pl.trainer import (
 )
 
 
-def pretraining_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolved_config: dict,
+def pretraining_trainer(cfg: DictConfig, out_dir: Path, horizon: StepHorizon, resolved_config: dict,
                         tune_allocator: bool = False) -> pl.Trainer:
     """The pretraining Trainer: step-boundary checkpoints, SIGUSR1 requeue, loss curve, throughput, the batch
-    ramp and validation on optimizer-step boundaries (``plan.phases``). ``tune_allocator``: this process exists to
-    train, so glibc may keep the memory a step freed (:func:`keep_freed_memory`)."""
-    t = cfg.trainer
+    ramp and validation on optimizer-step boundaries (``horizon.plan``), a time budget that fixes the horizon, and the
+    loop's step limit following it. ``tune_allocator``: this process exists to train, so glibc may keep the memory
+    a step freed (:func:`keep_freed_memory`)."""
+    t, plan = cfg.trainer, horizon.plan
     checkpoints = StepCheckpoint(
         dirpath=out_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=cfg.checkpoint.keep,
@@ -48,18 +50,18 @@ def pretraining_trainer(cfg: DictConfig, out_dir: Path, plan: BatchPlan, resolve
     if t.stop_at_step is not None:
         later.append(StopAtStep(t.stop_at_step))
     if len(plan.phases) > 1:
-        later.append(BatchRamp(list(plan.phases)))
-    later.append(ValidationSchedule(t.val_every_n_steps, list(plan.phases)))
+        later.append(BatchRamp(plan))
+    later.append(ValidationSchedule(t.val_every_n_steps, horizon, validate_last=t.max_time is not None))
     if t.max_time is not None:  # a wall-clock budget: max_steps fixed from the rate measured in the warm-up
-        later.append(BudgetPlanner(parse_duration(t.max_time), list(plan.phases), cfg.optim.warmup_steps, t.max_steps,
-                                   t.val_every_n_steps))
+        later.append(BudgetPlanner(parse_duration(t.max_time), horizon, cfg.optim.warmup_steps, t.val_every_n_steps))
     trainer = build_trainer(
         cfg, out_dir, resolved_config, callbacks, later, strategy=build_strategy(cfg, plan),
-        max_steps=t.max_steps, accumulate_grad_batches=plan.phases[0][2],
+        max_steps=horizon.max_steps, accumulate_grad_batches=plan.phases[0].accumulation,
         # Validation every N optimizer steps; Lightning counts micro-batches here, and ValidationSchedule
         # keeps it on step boundaries when a ramp changes the accumulation.
         val_check_interval=t.val_every_n_steps * plan.accumulation, check_val_every_n_epoch=None,
     )
+    horizon.follow(lambda steps: set_max_steps(trainer, steps))
     if tune_allocator and keep_freed_memory(trainer):
         trainer.callbacks.append(ReturnFreedMemory())
     return trainer

@@ -39,6 +39,7 @@ def masked_rows(shard_dir, tokenizer_dir, seq_len: int, **data) -> dict[str, tor
     :func:`data_fixtures.mlm_datamodule` takes them): ``input_ids``, ``attention_mask``, ``labels`` and the
     tokenizer's ``vocab`` size."""
     from data_fixtures import mlm_datamodule
+
     from data_pipelines.tokenizer import load_tokenizer
 
     dm = mlm_datamodule(shard_dir, tokenizer_dir, seq_len=seq_len, micro_batch_size=GLOBAL * STEPS, **data)

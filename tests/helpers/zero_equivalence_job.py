@@ -17,12 +17,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from ddp_equivalence_job import GLOBAL, MICRO, SEQ, STEPS, VOCAB, Data, Module
 from omegaconf import OmegaConf
 
-from ddp_equivalence_job import GLOBAL, MICRO, SEQ, STEPS, VOCAB, Data, Module
-from roberta_pl.trainer import deepspeed_config
-from roberta_pl.optim import plan_batch
+from roberta_pl.batch_plan import plan_batch
 from roberta_pl.strategies import ZeroStrategy
+from roberta_pl.trainer import deepspeed_config
 
 WORLD = 2
 

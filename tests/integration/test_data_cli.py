@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from data_fixtures import corpus_file, shard_dir, tokenizer_dir  # noqa: F401
+
 from data_pipelines.cli import main
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
-
-import pytest
-
-import hashlib
 import sysconfig
 from pathlib import Path
+
+import pytest
 
 from data_pipelines import corpus as corpus_mod
 from data_pipelines.corpus import build_default_corpus, default_corpus, iter_documents

@@ -8,8 +8,15 @@ import logging
 import lightning as L
 import pytest
 import torch
+from data_fixtures import (  # noqa: F401
+    corpus_file,
+    mlm_datamodule,
+    one_thread,
+    shard_dir,
+    tok,
+    tokenizer_dir,
+)
 
-from data_fixtures import corpus_file, mlm_datamodule, one_thread, shard_dir, tok, tokenizer_dir  # noqa: F401
 from data_pipelines.contract import IGNORE_INDEX, STEP_WINDOW
 from data_pipelines.datamodule import DataSettings, MLMDataModule
 from data_pipelines.errors import DataError

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_pretrain import TINY, compose_cfg
 
-from data_pipelines.errors import DataError, SkipReport
 from data_pipelines.corpus import iter_documents
+from data_pipelines.errors import DataError, SkipReport
 from data_pipelines.manifest import load_manifest, merge_manifests, resolve_shards
 from data_pipelines.shards import write_shards
 from data_pipelines.tokenizer import train_tokenizer
 from roberta_pl.pretraining.app import run
-from test_pretrain import TINY, compose_cfg
 
 FAST = ["trainer.max_steps=1", "trainer.val_every_n_steps=1000", "export_hf=false", "logger=none"]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ddp_equivalence_job import GLOBAL, STEPS, main, masked_rows, mean_ce_gradient
 
 JOB = Path(__file__).resolve().parents[1] / "helpers" / "ddp_equivalence_job.py"
@@ -62,7 +61,6 @@ def test_two_rank_tokens_per_second_agrees_with_tokens_trained_over_wall_time(tm
     import os
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from test_pretrain import TINY
 
     data = [f"data.train_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from test_finetune import finetune
+from test_pretrain import TINY, compose_cfg
 
 from roberta_pl.checkpoints import export, load_pretrained
 from roberta_pl.cli.embed import main as embed_main
@@ -20,8 +22,6 @@ from roberta_pl.cli.export import main as export_main
 from roberta_pl.cli.fill_mask import main as fill_mask_main
 from roberta_pl.hf import _umask
 from roberta_pl.pretraining.app import run
-from test_finetune import finetune
-from test_pretrain import TINY, compose_cfg
 
 TOKENIZER_FILES = ("spm.model", "tokenizer_meta.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")

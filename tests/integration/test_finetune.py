@@ -15,19 +15,28 @@ import transformers
 from hydra import compose, initialize_config_dir
 
 from data_pipelines.cli import main as data_cli
+from data_pipelines.demo_tasks import SOURCES, code_tags, docstrings, tagging_task
 from data_pipelines.errors import DataError
 from data_pipelines.tabular import read_sequence_examples, read_token_examples
-from data_pipelines.demo_tasks import SOURCES, code_tags, docstrings, tagging_task
+from data_pipelines.task_data import (
+    HFTokenizerJson,
+    align_word_labels,
+    load_text_tokenizer,
+    name_tag_ids,
+)
 from roberta_pl.cli.embed import main as embed_main
 from roberta_pl.config import CONF_DIR
-from roberta_pl.pretraining.config import register_configs as register_pretrain_configs
 from roberta_pl.finetune.app import run
 from roberta_pl.finetune.config import register_configs
-from data_pipelines.task_data import HFTokenizerJson, align_word_labels, load_text_tokenizer, name_tag_ids
 from roberta_pl.finetune.module import EntityF1, entity_spans
-from roberta_pl.model import IGNORE_INDEX, RobertaConfig, RobertaForSequenceClassification
+from roberta_pl.model import (
+    IGNORE_INDEX,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 from roberta_pl.optim import layer_decay_groups
 from roberta_pl.pretraining.app import run as pretrain
+from roberta_pl.pretraining.config import register_configs as register_pretrain_configs
 
 register_configs()
 register_pretrain_configs()

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 import transformers
+from test_pretrain import TINY, compose_cfg, run
 
 from roberta_pl.checkpoints import load_pretrained
-from test_pretrain import TINY, compose_cfg, run
 
 pytestmark = pytest.mark.gpu
 

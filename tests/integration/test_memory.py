@@ -5,14 +5,11 @@ cause it found that a count can show without timing: the processes holding memor
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import lightning.pytorch as pl
 import psutil
+from test_pretrain import TINY, compose_cfg
 
 from roberta_pl.pretraining.app import run
-from test_pretrain import TINY, compose_cfg
 
 WORKERS_SEEN: list[tuple[int, int]] = []  # (optimizer step, live DataLoader worker processes) after each step
 

@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 
 from roberta_pl.checkpoints import load_pretrained
 from roberta_pl.config import CONF_DIR
-from roberta_pl.pretraining.config import register_configs
 from roberta_pl.hf import load_hf
 from roberta_pl.pretraining.app import run
+from roberta_pl.pretraining.config import register_configs
 
 register_configs()
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",

@@ -1,11 +1,10 @@
 """`make quickstart` in CI: the real command on the embedded default corpus, with fewer steps."""
 
 import json
+import math
 import os
 import subprocess
 import sys
-
-import math
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from data_pipelines.errors import SkipReport
 from data_pipelines.manifest import resolve_shards
 from data_pipelines.shard_format import iter_shard
 from data_pipelines.tokenizer import load_tokenizer
-
 from roberta_pl.checkpoints import load_pretrained
 
 

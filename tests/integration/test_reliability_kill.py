@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from reliability_faults import surviving_batches
 from test_pretrain import TINY
 

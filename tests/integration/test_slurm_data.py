@@ -16,9 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from data_fixtures import corpus_docs, corpus_file, tok, tokenizer_dir, write_corpus_dir  # noqa: F401
 from slurm_helpers import REPO_ROOT, slurm_cluster, wait_until  # noqa: F401  (slurm_cluster is a fixture)
 
-from data_fixtures import corpus_docs, corpus_file, tok, tokenizer_dir, write_corpus_dir  # noqa: F401
 from data_pipelines.cli import main
 from data_pipelines.errors import SkipReport
 from data_pipelines.manifest import TASKS_DIR, load_manifest, task_record_name

@@ -24,9 +24,9 @@ from hydra import compose, initialize_config_dir
 from roberta_pl.checkpoints import load_encoder, load_pretrained
 from roberta_pl.cli.export import main as export_main
 from roberta_pl.config import CONF_DIR
-from roberta_pl.pretraining.config import register_configs
-from roberta_pl.pretraining.checks import preflight
 from roberta_pl.errors import ConfigError
+from roberta_pl.pretraining.checks import preflight
+from roberta_pl.pretraining.config import register_configs
 
 JOB = Path(__file__).resolve().parents[1] / "helpers" / "zero_equivalence_job.py"
 BIN = Path(sys.executable).parent

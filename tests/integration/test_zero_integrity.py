@@ -23,9 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from roberta_pl.checkpoints import UnsafeCheckpointError, load_encoder, load_pretrained, load_zero_file, zero_tag_dir
 from zero_save_faults import Payload, file_step
+
+from roberta_pl.checkpoints import (
+    UnsafeCheckpointError,
+    load_encoder,
+    load_pretrained,
+    load_zero_file,
+    zero_tag_dir,
+)
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 BIN = Path(sys.executable).parent

@@ -4,10 +4,10 @@ import re
 
 import pytest
 import torch
-
 from data_fixtures import corpus_file, tok, tokenizer_dir  # noqa: F401
+
 from data_pipelines.masking import Masker, MaskingConfig, MaskSchedule, mask_generator
-from roberta_pl.optim import budget_max_steps, micro_batches_before, parse_duration
+from roberta_pl.batch_plan import BatchPlan, budget_max_steps, parse_duration
 
 
 @pytest.mark.parametrize("text, seconds", [("00:00:10:00", 600), ("01:02:03:04", 93784), ("00:10:00", 600),
@@ -24,26 +24,32 @@ def test_a_bad_duration_is_one_line_naming_the_field_and_value(text):
     assert "\n" not in str(err.value) and repr(text) in str(err.value)
 
 
+def plan_of(*phases) -> BatchPlan:
+    return BatchPlan(global_batch_size=8, micro_batch_size=1, world_size=1, accumulation=phases[-1][2], seq_len=8,
+                     phases=phases)
+
+
 def test_budget_buys_the_steps_that_fit_and_a_ramp_makes_later_steps_dearer():
-    flat = [(0, 0, 2)]  # accumulation 2 throughout
+    flat = plan_of((0, 0, 2))  # accumulation 2 throughout
     # 10 s left at 0.1 s a micro-batch = 100 micro-batches = 50 more steps after step 10.
     assert budget_max_steps(flat, 10, 10.0, 0.1, cap=10_000) == 60
     assert budget_max_steps(flat, 10, 10.0, 0.1, cap=30) == 30  # never past trainer.max_steps
     assert budget_max_steps(flat, 10, -5.0, 0.1, cap=10_000) == 11  # an exhausted budget still ends on a step
-    ramp = [(0, 0, 1), (20, 20, 4)]  # 1 micro-batch a step until step 20, then 4
-    assert micro_batches_before(ramp, 20) == 20 and micro_batches_before(ramp, 25) == 40
+    ramp = plan_of((0, 0, 1), (20, 20, 4))  # 1 micro-batch a step until step 20, then 4
+    assert ramp.micro_batches_before(20) == 20 and ramp.micro_batches_before(25) == 40
+    assert ramp.step_of(19) == 19 and ramp.step_of(20) == 20 and ramp.step_of(23) == 20 and ramp.step_of(24) == 21
     # From step 10: 10 cheap steps (10 micro-batches), then 90 micro-batches buy 22 steps of 4 (88).
     assert budget_max_steps(ramp, 10, 10.0, 0.1, cap=10_000) == 42
 
 
 def test_steps_after_the_warmup_cost_less_when_the_mask_rate_falls():
-    flat = [(0, 0, 1)]
+    flat = plan_of((0, 0, 1))
     # From step 10: 10 micro-batches at the measured 0.1 s to the warm-up's end (step 20), then the other 9 s buy
     # 180 micro-batches at half the cost.
     assert budget_max_steps(flat, 10, 10.0, 0.1, cap=10_000, cheaper_from=(20, 0.5)) == 200
     assert budget_max_steps(flat, 10, 10.0, 0.1, cap=10_000, cheaper_from=(20, 1.0)) == 110  # as without
     assert budget_max_steps(flat, 30, 10.0, 0.1, cap=10_000, cheaper_from=(20, 0.5)) == 230  # fixed after it
-    ramp = [(0, 0, 1), (20, 20, 4)]
+    ramp = plan_of((0, 0, 1), (20, 20, 4))
     assert budget_max_steps(ramp, 10, 10.0, 0.1, cap=10_000, cheaper_from=(20, 0.5)) == 20 + 180 // 4
 
 
@@ -105,10 +111,10 @@ def test_masker_follows_the_schedule_and_is_a_function_of_the_step(unit, tok):
 def test_preflight_names_a_bad_budget_or_mask_schedule_in_one_line(override, message):
     from hydra import compose, initialize_config_dir
 
-    from roberta_pl.pretraining.checks import check_budget
     from roberta_pl.config import CONF_DIR
-    from roberta_pl.pretraining.config import register_configs
     from roberta_pl.errors import ConfigError
+    from roberta_pl.pretraining.checks import check_budget
+    from roberta_pl.pretraining.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

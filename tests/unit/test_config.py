@@ -6,12 +6,13 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from roberta_pl.batch_plan import BatchPlanError, plan_batch, plan_ramp, plan_schedule
 from roberta_pl.config import CONF_DIR
-from roberta_pl.pretraining.config import register_configs
-from roberta_pl.pretraining.checks import preflight
 from roberta_pl.errors import ConfigError
+from roberta_pl.optim import lr_lambda
+from roberta_pl.pretraining.checks import preflight
+from roberta_pl.pretraining.config import register_configs
 from roberta_pl.trainer import build_strategy, deepspeed_config
-from roberta_pl.optim import BatchPlanError, lr_lambda, plan_batch, plan_ramp
 
 register_configs()
 GROUPS = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in
@@ -85,10 +86,23 @@ def test_batch_ramp_plan_is_step_aligned():
     assert phases == [(0, 0, 2), (10, 20, 4), (25, 80, 8)]
     with pytest.raises(BatchPlanError, match="must increase"):
         plan_ramp([(10, 16), (5, 32)], final)
-    with pytest.raises(BatchPlanError, match="not divisible"):
-        plan_ramp([(10, 12)], final)
     with pytest.raises(BatchPlanError, match="switch to global_batch_size=16 at step 3 comes after 3 micro-batches"):
         plan_ramp([(3, 8)], plan_batch(16, 8, 1, 16))
+
+
+def test_a_ramp_size_that_does_not_split_over_the_ranks_is_rounded_up_and_said(caplog):
+    # A preset's ramp (budget_cpu: 16 sequences for 300 steps, micro-batch 16) on 2 ranks: 16 does not make a
+    # micro-batch on each rank. The ramp adapts, with a notice; the user's final global batch is never rounded.
+    final = plan_batch(64, 8, 1, 16)
+    with caplog.at_level("INFO", logger="roberta_pl"):
+        assert plan_ramp([(8, 12)], final) == [(0, 0, 2), (8, 16, 8)]
+    assert "global_batch_size=12 until step 8 does not split into micro-batches of 8 on 1 rank; it trains at 16" \
+        in caplog.text
+    two_ranks = plan_schedule(32, 16, 2, 128, [(300, 16)])
+    assert two_ranks.phases == ((0, 0, 1),)  # rounded to 32, the final batch: no ramp left
+    assert plan_schedule(64, 16, 2, 128, [(300, 16)]).phases == ((0, 0, 1), (300, 300, 2))
+    with pytest.raises(BatchPlanError, match="global_batch_size=48 is not divisible"):
+        plan_schedule(48, 16, 2, 128, [(300, 16)])
 
 
 def test_lr_schedule_shape():
@@ -160,3 +174,109 @@ def test_model_yaml_is_generated_from_the_one_preset_table(name):
 
     assert (CONF_DIR / "model" / f"{name}.yaml").read_text() == preset_yaml(name), \
         "conf/model/ differs from roberta_pl/model.py PRESETS: run `python -m roberta_pl.config`"
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("optim.decay=cosin", "[linear, polynomial, cosine, constant]"),
+    ("trainer.strategy=deepspeedd", "[auto, ddp, deepspeed]"),
+    ("trainer.nonfinite_loss=skipp", "[stop, skip]"),
+    ("logger.kind=wandbb", "[csv, wandb, tensorboard, none]"),
+    ("data.packing=full_sentence", "[full_sentences, doc]"),
+    ("data.on_error=ignore", "[raise, skip]"),
+])
+def test_a_misspelt_choice_fails_when_the_config_is_composed_naming_the_allowed_values(override, allowed):
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose([override])
+    assert allowed in str(err.value.__cause__)
+
+
+def test_the_lr_schedule_choices_are_the_schedule_registry():
+    from roberta_pl.config import OptimConf
+    from roberta_pl.optim import DECAYS, Decay
+
+    assert [d.value for d in Decay] == list(DECAYS)  # a new schedule in DECAYS is a new choice, nothing else
+    assert OptimConf().decay == "linear" and f"{OptimConf().decay}" == "linear"
+    # Resolved for loggers and checkpoints, the choices are plain strings (a checkpoint loads with weights_only).
+    from omegaconf import OmegaConf
+    resolved = OmegaConf.to_container(_compose(["optim.decay=cosine"]), resolve=True, enum_to_str=True)
+    assert type(resolved["optim"]["decay"]) is str and resolved["optim"]["decay"] == "cosine"
+
+
+def test_the_precision_is_checked_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"^trainer.precision=bf17: choose one of 32-true, .*bf16-mixed"):
+        preflight(_compose(["trainer.precision=bf17"]), tmp_path / "run")
+
+
+def test_a_bad_mask_rate_is_refused_in_preflight_before_data(tmp_path):
+    with pytest.raises(ConfigError, match=r"^data: mask_prob must be in \(0, 1\), got 1.5"):
+        preflight(_compose(["data.mask_prob=1.5"]), tmp_path / "run")
+
+
+def test_cli_misspelt_key_gets_did_you_mean_and_a_refused_config_leaves_no_run_dir(tmp_path):
+    import subprocess
+    import sys
+
+    def train(*args):
+        return subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    done = train("optim.lrr=1e-3")  # without `+`: Hydra alone would advise adding the key with `+optim.lrr`
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == "roberta-pl-train: error: unknown config key optim.lrr; did you mean optim.lr?"
+    assert not (tmp_path / "runs").exists()
+    done = train("trainer.precision=bf17")  # refused after Hydra made runs/default: it is removed again
+    assert done.returncode != 0 and "error: trainer.precision=bf17" in done.stderr
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "default" / "checkpoints").mkdir(parents=True)  # a run's own files keep its directory
+    done = train("trainer.precision=bf17")
+    assert done.returncode != 0 and (tmp_path / "runs" / "default" / "checkpoints").is_dir()
+
+
+def test_the_step_horizon_is_read_and_followed():
+    from roberta_pl.batch_plan import StepHorizon
+
+    plan = plan_schedule(32, 8, 1, 16, [(10, 16)])  # accumulation 2 until step 10, then 4
+    seen = []
+    budget = StepHorizon(1_000_000, plan, fixed=False)  # a time budget: only a cap until fixed
+    budget.follow(seen.append)
+    assert seen == [] and budget.max_steps == 1_000_000
+    budget.set(50)
+    assert seen == [50] and budget.max_steps == 50 and budget.micro_batches_before(50) == 20 + 40 * 4
+    fixed = StepHorizon(30, plan)
+    fixed.follow(seen.append)
+    assert seen == [50, 30]
+
+
+def test_fine_tuning_follows_optim_decay_like_pretraining():
+    import torch
+
+    from roberta_pl.finetune.module import FinetuneModule
+    from roberta_pl.model import RobertaConfig
+
+    model = {**RobertaConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                             max_seq_len=16).__dict__}
+    optim = {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.0, "layer_decay": 1.0,
+             "decay": "cosine", "power": 1.0, "end_lr_ratio": 0.1}
+    module = FinetuneModule(model=model, kind="sequence_classification", labels=["a", "b"], regression=False,
+                            optim=optim, total_steps=20, warmup_steps=4)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [1e-3 * lr_lambda(s, warmup_steps=4, total_steps=20, decay="cosine", end_ratio=0.1) for s in range(20)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[12] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # cosine, half-way through the decay: not linear's
+    del torch
+
+
+def test_pinned_batches_only_for_cuda():
+    from types import SimpleNamespace
+
+    from roberta_pl.checks import uses_cuda
+
+    assert not uses_cuda(_compose([]))
+    assert uses_cuda(_compose(["trainer=gpu"]))
+    assert uses_cuda(SimpleNamespace(trainer=SimpleNamespace(accelerator="cuda")))

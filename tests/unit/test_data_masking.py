@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from data_fixtures import corpus_docs, corpus_file, one_thread, tok, tokenizer_dir  # noqa: F401
+
 from data_pipelines.contract import IGNORE_INDEX
 from data_pipelines.masking import STRATEGIES, Masker, MaskingConfig, MaskingStrategy, Strategy, mask_generator
 from data_pipelines.packing import pack_documents, pack_full_sentences
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

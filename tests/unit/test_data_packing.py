@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from data_fixtures import corpus_docs, corpus_file, tok, tokenizer_dir  # noqa: F401
-from data_pipelines.packing import block_count_lower_bound, pack, pack_documents, pack_full_sentences
+
+from data_pipelines.packing import (
+    block_count_lower_bound,
+    pack,
+    pack_documents,
+    pack_full_sentences,
+)
 
 BOS, PAD, EOS = 0, 1, 2
 

@@ -17,8 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from data_fixtures import (  # noqa: F401
+    corpus_docs,
+    corpus_file,
+    shard_dir,
+    tok,
+    tokenizer_dir,
+    write_corpus_dir,
+)
 
-from data_fixtures import corpus_docs, corpus_file, shard_dir, tok, tokenizer_dir, write_corpus_dir  # noqa: F401
 from data_pipelines import shard_format
 from data_pipelines.errors import DataError, SkipReport
 from data_pipelines.manifest import TASKS_DIR, load_manifest, merge_manifests, task_record_name

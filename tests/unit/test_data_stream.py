@@ -9,9 +9,16 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from data_fixtures import (  # noqa: F401
+    corpus_docs,
+    corpus_file,
+    one_thread,
+    shard_dir,
+    tok,
+    tokenizer_dir,
+)
 from torch.utils.data import DataLoader
 
-from data_fixtures import corpus_docs, corpus_file, one_thread, shard_dir, tok, tokenizer_dir  # noqa: F401
 from data_pipelines.contract import IGNORE_INDEX
 from data_pipelines.epochs import epoch_order, partition_shards
 from data_pipelines.errors import DataError, SkipReport

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from data_fixtures import corpus_docs, corpus_file, tok, tokenizer_dir  # noqa: F401
+
 from data_pipelines.errors import DataError
 from data_pipelines.tokenizer import META_FILE, load_tokenizer, train_tokenizer
 

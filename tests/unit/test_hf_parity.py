@@ -10,7 +10,14 @@ import pytest
 import torch
 import transformers
 
-from roberta_pl.hf import config_to_hf, load_hf, load_hf_encoder, save_hf, save_hf_classifier, to_hf_state_dict
+from roberta_pl.hf import (
+    config_to_hf,
+    load_hf,
+    load_hf_encoder,
+    save_hf,
+    save_hf_classifier,
+    to_hf_state_dict,
+)
 from roberta_pl.model import (
     IGNORE_INDEX,
     RobertaConfig,

@@ -1,7 +1,8 @@
 """The install is reproducible: constraints.txt pins the tested set, and pyproject's floors are that set."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from roberta_pl.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
+from roberta_pl.model import (
+    IGNORE_INDEX,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    mlm_flops_per_token,
+)
 
 
 @pytest.fixture(params=[False, True], ids=["post_ln", "pre_ln"])

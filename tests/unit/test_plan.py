@@ -4,9 +4,9 @@ import subprocess
 
 import pytest
 
+from roberta_pl.batch_plan import BatchPlanError
 from roberta_pl.cli.plan import estimate, main
 from roberta_pl.model import RobertaConfig
-from roberta_pl.optim import BatchPlanError
 
 
 def test_roberta_base_recipe_on_64_gpus():

@@ -111,13 +111,14 @@ def test_only_the_training_command_tunes_the_allocator(tmp_path, monkeypatch):
     fine-tuning trainer leave glibc alone; ``roberta-pl-train``'s own process asks for it."""
     import inspect
 
-    from roberta_pl import trainer
+    from roberta_pl import harness, trainer
     from roberta_pl.pretraining import app as train
     from roberta_pl.pretraining import trainer as pretraining_trainer
 
     assert "keep_freed_memory" not in inspect.getsource(trainer.build_trainer)  # fine-tuning builds through it
-    assert "tune_allocator=own_process" in inspect.getsource(train.run)
-    assert "own_process=True" in inspect.getsource(train._hydra_main)
+    assert "r.own_process" in inspect.getsource(train)  # the spec passes the harness's flag on
+    assert "own_process=True" in inspect.getsource(harness.entry_point)  # which only the CLI sets
+    assert "own_process: bool = False" in inspect.getsource(harness.run)
     assert "if tune_allocator and keep_freed_memory(trainer):" in inspect.getsource(pretraining_trainer.pretraining_trainer)
 
 
