@@ -141,29 +141,47 @@ class _DropNotice(logging.Filter):
 
 
 def quiet_notices() -> None:
-    """Silence Lightning notices that do not apply to roberta-pl runs, for both entry points:
+    """Silence library notices that do not apply to roberta-pl runs, for both entry points (ranks a launcher starts
+    run the same ``main``, and DataLoader workers are forked with these filters). Each filter names the message and
+    the library module that raises it, so the same words from roberta-pl, or anything else, still show:
 
-    - the ``srun`` hint (a plain run on a machine that has Slurm installed is not a Slurm run);
+    - Lightning's ``srun`` hint (a plain run on a machine that has Slurm installed is not a Slurm run);
     - the LitLogger advertisement;
-    - ``IterableDataset has __len__`` (our stream's length is already split per worker) and an internal
-      pytree deprecation;
+    - ``IterableDataset has __len__`` (our stream's length is already split per worker);
+    - deprecated torch APIs that libraries call, not roberta-pl: Lightning's pytree ``LeafSpec`` check, and
+      DeepSpeed's ``all_gather_into_tensor`` (every ZeRO step, on every rank);
     - the device inventory, "Seed set to", the ``limit_val_batches=1.0`` notices and the logging-interval
       warning of a short epoch;
-    - "You have overridden ``transfer_batch_to_device`` in ``LightningModule``": it is meant to be the module's.
+    - "Checkpoint directory ... exists and is not empty": a resume writes on into its own run directory (a new run
+      into one that holds checkpoints is refused before any work: ``resume=never``);
+    - "You have overridden ``transfer_batch_to_device`` in ``LightningModule``": it is meant to be the module's;
+    - the compiler lines of DeepSpeed's probe for libaio (its async-I/O op, which roberta-pl does not use).
     """
     import warnings
 
-    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
-    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")  # a short fine-tuning epoch
+    def drop(message: str, module: str, category: type[Warning] = UserWarning) -> None:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+    drop(r"The `srun` command is available on your system but is not used", r"lightning\.fabric\.plugins\.environments\.slurm")
+    drop(r"Your `IterableDataset` has `__len__` defined", r"lightning\.pytorch\.utilities\.data")
+    drop(r"The number of training batches \(\d+\) is smaller than the logging interval",  # a short fine-tuning epoch
+         r"lightning\.pytorch\.loops\.fit_loop")
+    drop(r"Checkpoint directory .* exists and is not empty", r"lightning\.pytorch\.callbacks\.model_checkpoint")
     # MaskedLMModule.transfer_batch_to_device drops an all-ones attention mask; the DataModule has no such hook,
     # so Lightning uses the module's, which is what it warns about.
-    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device` in `LightningModule` but have "
-                                              "passed in a `LightningDataModule`.*")
+    drop(r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a `LightningDataModule`",
+         r"lightning\.pytorch\.trainer\.connectors\.data_connector")
+    # Deprecated torch APIs called by libraries (checked with torch 2.13.0, lightning 2.6.6, deepspeed 0.19.8); they
+    # go when the libraries move. torch's c10d wrapper is where the all-gather warning points: roberta-pl never calls
+    # all_gather_into_tensor, DeepSpeed's ZeRO gathers its partitions with it at every step.
+    drop(r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree", FutureWarning)
+    drop(r"`torch\.distributed\.all_gather_into_tensor` is deprecated", r"torch\.distributed\.c10d_logger", FutureWarning)
     # Lightning's start-up lines: the device inventory (the run's own lines say what it uses), and the notices
     # that limit_val_batches=1.0 / val_check_interval=1.0 mean "all" and "each epoch", which is what they say.
     notices = _DropNotice("litlogger", "GPU available: ", "TPU available: ", "HPU available: ", "was configured so")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(notices)
     logging.getLogger("lightning.fabric.utilities.seed").addFilter(_DropNotice("Seed set to"))  # the config records it
+    # DeepSpeed's CPU accelerator checks for libaio by compiling a test program through setuptools' compiler, which
+    # logs each gcc command at INFO (Hydra sets the root logger to INFO); a failed compile is DeepSpeed's to report.
+    logging.getLogger("compilers.C.base").setLevel(logging.WARNING)
