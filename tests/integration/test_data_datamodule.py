@@ -189,6 +189,8 @@ def _trainer(tmp_path, max_steps: int, **kw) -> L.Trainer:
     )
 
 
+# The resumed fit leaves out the ModelCheckpoint that wrote the checkpoint, on purpose; Lightning says so.
+@pytest.mark.filterwarnings(r"ignore:Be aware that when using `ckpt_path`:UserWarning:lightning\.pytorch\.trainer\.call")
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_lightning_resume_replays_the_same_batches(shard_dir, tokenizer_dir, tok, tmp_path, num_workers):
     def _dm(*args, **kw):  # bigger batches: fewer steps per epoch keep three fits quick

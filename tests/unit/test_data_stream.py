@@ -241,6 +241,7 @@ def test_corrupt_shard_mid_stream_is_skipped_and_counted_but_batches_stay_equal(
     assert lenient.report.counts == {"bad_shard": 2} and lenient.skipped_shards == 2
 
 
+@pytest.mark.filterwarnings(r"ignore:This DataLoader will create 3 worker processes:UserWarning:torch\.utils\.data")  # on purpose
 @pytest.mark.parametrize("world, workers, batch_multiple", [(2, 2, 1), (1, 3, 2), (3, 2, 4)])
 def test_at_most_one_global_batch_is_left_unused_and_no_block_is_used_twice(shard_dir, tok, world, workers, batch_multiple):
     # Issue 13, finding 6: equal batches per *reader* left up to 13% of the blocks unused every epoch.
@@ -296,6 +297,7 @@ def _epoch_rows(tok, shards, world, workers, multiple, epoch, start=0, carry=Non
     return rows, first, length
 
 
+@pytest.mark.filterwarnings(r"ignore:This DataLoader will create 3 worker processes:UserWarning:torch\.utils\.data")  # on purpose
 @pytest.mark.parametrize("plans", [[(2, 1, 1), (1, 1, 2)], [(1, 1, 2), (2, 1, 1)], [(2, 2, 1), (1, 3, 2), (2, 2, 1)]],
                          ids=["2to1", "1to2", "2x2workers-to-1x3-to-2x2"])
 def test_a_new_world_size_finishes_the_epoch_with_exactly_the_blocks_not_yet_trained_on(shard_dir, tok, plans):
