@@ -194,9 +194,21 @@ def preset_yaml(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # rewrite conf/model/*.yaml from the preset table
+def help_with_presets(text: str) -> str:
+    """``conf/pretrain.yaml`` with its help's ``model:`` line listing the presets of the table."""
+    import re
+
+    from roberta_pl.model import PRESETS
+
+    return re.sub(r"(?m)^(\s+model: ).*$", lambda m: m.group(1) + ", ".join(PRESETS), text, count=1)
+
+
+if __name__ == "__main__":  # rewrite conf/model/*.yaml and the help's preset list from the preset table
     from roberta_pl.model import PRESETS
 
     for preset in PRESETS:
         (CONF_DIR / "model" / f"{preset}.yaml").write_text(preset_yaml(preset))
         print(f"wrote {CONF_DIR / 'model' / f'{preset}.yaml'}")
+    main_config = CONF_DIR / "pretrain.yaml"
+    main_config.write_text(help_with_presets(main_config.read_text()))
+    print(f"wrote the model presets into {main_config}'s help")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from data_pipelines.cli import DefaultsHelpFormatter
 from roberta_pl.batch_plan import BatchPlanError, parse_duration, plan_batch
-from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
+from roberta_pl.model import PRESETS, RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
 
 GIB = 1024**3
 STAGE_NAMES = {0: "DDP (ZeRO-0)", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                     "roberta-pl-plan --model base --global-batch 8192 --micro-batch 32 --nodes 8 --gpus-per-node 8",
         formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="base", choices=["tiny", "small", "base", "large"], help="model preset")
+    p.add_argument("--model", default="base", choices=list(PRESETS), help="model preset")
     p.add_argument("--seq-len", type=int, help=f"default: {DEFAULT_SEQ_LEN}, or the preset's max_seq_len if shorter")
     p.add_argument("--global-batch", type=int, default=8192, help="sequences per optimizer step")
     p.add_argument("--micro-batch", type=int, default=32, help="sequences per forward pass per GPU")

@@ -176,6 +176,14 @@ def test_model_yaml_is_generated_from_the_one_preset_table(name):
         "conf/model/ differs from roberta_pl/model.py PRESETS: run `python -m roberta_pl.config`"
 
 
+def test_the_help_lists_the_presets_of_the_one_table():
+    from roberta_pl.config import help_with_presets
+
+    text = (CONF_DIR / "pretrain.yaml").read_text()
+    assert help_with_presets(text) == text, "run `python -m roberta_pl.config`"
+    assert help_with_presets(text.replace("model: tiny, small, base, large", "model: tiny")) == text
+
+
 @pytest.mark.parametrize("override, allowed", [
     ("optim.decay=cosin", "[linear, polynomial, cosine, constant]"),
     ("trainer.strategy=deepspeedd", "[auto, ddp, deepspeed]"),
