@@ -63,6 +63,11 @@ def check_model_and_optim(cfg: DictConfig) -> None:
         bad = next(f"optim.{k}={o[k]}" for k in ("eps", "weight_decay", "warmup_steps")
                    if (o[k] <= 0 if k == "eps" else o[k] < 0))
         raise ConfigError(f"{bad}: eps must be positive, weight_decay and warmup_steps not negative")
+    if o.decay == "wsd" and not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction={o.decay_fraction}: the share of the steps after the warm-up that "
+                          f"decays, in (0, 1] (e.g. 0.2)")
+    if o.decay == "wsd" and o.decay_steps is not None and o.decay_steps < 1:
+        raise ConfigError(f"optim.decay_steps={o.decay_steps}: a positive number of last steps to decay over")
 
 
 def read_checkpoint(ckpt: Path) -> dict:

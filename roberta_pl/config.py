@@ -62,8 +62,12 @@ class OptimConf:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     decay: Decay = Decay.linear  # the LR decay after the warm-up: one of roberta_pl.optim.DECAYS
-    power: float = 1.0
-    end_lr_ratio: float = 0.0
+    power: float = 1.0  # polynomial: the exponent
+    end_lr_ratio: float = 0.0  # the LR at the last step, as a fraction of the peak
+    # wsd (warmup-stable-decay): the last decay_steps steps decay, or when None the last decay_fraction of the steps
+    # after the warm-up; before them the LR holds the peak. A time budget sizes the stable phase.
+    decay_fraction: float = 0.2
+    decay_steps: Optional[int] = None
 
 
 @dataclass

@@ -65,36 +65,43 @@ def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, layer_d
 
 
 # After the warm-up, the fraction of the way from the peak LR down to ``end_lr_ratio`` x peak that is still left, as a
-# function of progress through the decay (0 -> 1) and ``optim.power``.
-DECAYS: dict[str, Callable[[float, float], float]] = {
-    "linear": lambda progress, power: 1.0 - progress,  # RoBERTa (fairseq polynomial_decay, power 1)
-    "polynomial": lambda progress, power: (1.0 - progress) ** power,
-    "cosine": lambda progress, power: 0.5 * (1.0 + math.cos(math.pi * progress)),
-    "constant": lambda progress, power: 1.0,
+# function of progress through the steps after the warm-up (0 -> 1), ``optim.power`` and the share of those steps
+# that decays (``optim.decay_fraction``, or ``optim.decay_steps`` of them; wsd only).
+DECAYS: dict[str, Callable[[float, float, float], float]] = {
+    "linear": lambda progress, power, fraction: 1.0 - progress,  # RoBERTa (fairseq polynomial_decay, power 1)
+    "polynomial": lambda progress, power, fraction: (1.0 - progress) ** power,
+    "cosine": lambda progress, power, fraction: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "constant": lambda progress, power, fraction: 1.0,
+    # Warmup-stable-decay (MiniCPM, Hu et al., 2024; ModernBERT): hold the peak, then decay linearly over the last
+    # `fraction` of the steps. A stable-phase checkpoint can be decayed on its own later (docs: continue pretraining).
+    "wsd": lambda progress, power, fraction: min(1.0, (1.0 - progress) / max(fraction, 1e-12)),
 }
 Decay = choices("Decay", DECAYS)  # the type of optim.decay in the schemas
 
 
-def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, decay: str = "linear",
-              power: float = 1.0, end_ratio: float = 0.0) -> float:
+def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, decay: str = "linear", power: float = 1.0,
+              end_ratio: float = 0.0, decay_fraction: float = 0.2, decay_steps: int | None = None) -> float:
     """Multiplier of the peak LR at ``step``: linear warm-up over ``warmup_steps``, then ``decay`` (a :data:`DECAYS`
     name) to ``end_ratio`` at ``total_steps``.
 
     RoBERTa (fairseq ``polynomial_decay`` with power 1) warms up linearly for ``warmup_steps`` then decays
-    linearly to 0 at ``total_steps``.
+    linearly to 0 at ``total_steps``. ``wsd`` holds the peak and decays over the last ``decay_steps`` steps (or the
+    last ``decay_fraction`` of the steps after the warm-up).
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if decay not in DECAYS:
         raise ValueError(f"optim.decay={decay!r}; choose one of {', '.join(DECAYS)}")
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return end_ratio + (1.0 - end_ratio) * DECAYS[decay](progress, power)
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    fraction = min(1.0, decay_steps / span) if decay_steps is not None else decay_fraction
+    return end_ratio + (1.0 - end_ratio) * DECAYS[decay](progress, power, fraction)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], warmup_steps: int,
                  total_steps: Callable[[], int]) -> dict[str, Any]:
     """The LR schedule of a run, for ``configure_optimizers``: :func:`lr_lambda` with ``optim``'s ``decay``,
-    ``power`` and ``end_lr_ratio``, stepped every optimizer step.
+    ``power``, ``end_lr_ratio``, ``decay_fraction`` and ``decay_steps``, stepped every optimizer step.
 
     Args:
         optimizer: the optimizer whose groups' LRs it scales.
@@ -102,9 +109,11 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], war
         warmup_steps: optimizer steps of linear warm-up.
         total_steps: returns the step the decay ends at, read at every step (a time budget fixes it during the run).
     """
-    decay, power, end = str(optim.get("decay", "linear")), optim.get("power", 1.0), optim.get("end_lr_ratio", 0.0)
+    settings = {"decay": str(optim.get("decay", "linear")), "power": optim.get("power", 1.0),
+                "end_ratio": optim.get("end_lr_ratio", 0.0), "decay_fraction": optim.get("decay_fraction", 0.2),
+                "decay_steps": optim.get("decay_steps")}
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
-        step, warmup_steps=warmup_steps, total_steps=total_steps(), decay=decay, power=power, end_ratio=end))
+        step, warmup_steps=warmup_steps, total_steps=total_steps(), **settings))
     return {"scheduler": schedule, "interval": "step"}
 
 

@@ -47,8 +47,10 @@ class FinetuneOptimConf:
     weight_decay: float = 0.1
     warmup_ratio: float = 0.06  # RoBERTa's GLUE recipe: 6% of the steps
     decay: Decay = Decay.linear  # after the warm-up, as in pretraining (roberta_pl.optim.DECAYS); linear: RoBERTa's GLUE
-    power: float = 1.0
-    end_lr_ratio: float = 0.0
+    power: float = 1.0  # polynomial: the exponent
+    end_lr_ratio: float = 0.0  # the LR at the last step, as a fraction of the peak
+    decay_fraction: float = 0.2  # wsd: the share of the steps after the warm-up that decays
+    decay_steps: Optional[int] = None  # wsd: or this many last steps
     layer_decay: float = 1.0  # layer-wise LR decay; 1.0 = off, 0.75-0.95 typical
 
 

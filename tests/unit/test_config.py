@@ -116,6 +116,35 @@ def test_lr_schedule_shape():
         lr_lambda(50, decay="sawtooth", **kw)
 
 
+def test_wsd_holds_the_peak_then_decays_over_the_last_steps_of_whatever_horizon_is_set():
+    kw = dict(warmup_steps=10, total_steps=110, decay="wsd")
+    assert lr_lambda(5, **kw) == pytest.approx(0.6)  # the warm-up is the same
+    assert lr_lambda(10, **kw) == lr_lambda(89, **kw) == 1.0 and lr_lambda(90, **kw) == pytest.approx(1.0)  # stable: 80%
+    assert lr_lambda(100, **kw) == pytest.approx(0.5) and lr_lambda(110, **kw) == pytest.approx(0.0)
+    assert lr_lambda(100, decay_steps=40, **kw) == pytest.approx(0.25)  # decay_steps wins over the fraction
+    assert lr_lambda(60, decay_steps=40, **kw) == 1.0 and lr_lambda(80, decay_steps=40, **kw) == pytest.approx(0.75)
+    # The schedule reads the run's horizon at every step: a budget that fixes it later moves the decay with it.
+    import torch
+
+    from roberta_pl.batch_plan import StepHorizon
+    from roberta_pl.optim import lr_scheduler
+
+    horizon = StepHorizon(1_000_000, fixed=False)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = lr_scheduler(optimizer, {"decay": "wsd", "decay_steps": 10}, 2, lambda: horizon.max_steps)["scheduler"]
+    lrs = []
+    for step in range(30):
+        if step == 3:
+            horizon.set(30)  # the budget's figure, inside the warm-up's measuring window
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[2:20] == [1.0] * 18 and lrs[25] == pytest.approx(0.5) and lrs[29] == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"^optim.decay_fraction=0.0: "):
+        from roberta_pl.checks import check_model_and_optim
+        check_model_and_optim(_compose(["optim.decay=wsd", "optim.decay_fraction=0"]))
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["batch.global_batch_size=33"], "not divisible"),
     (["batch.seq_len=256"], "exceeds model.max_seq_len=128"),
