@@ -355,3 +355,27 @@ def test_a_resume_within_the_same_second_gets_its_own_wandb_folder(tmp_path):
     _wait_for_a_new_segment_name(tmp_path, "abc123")
     assert time.strftime("%Y%m%d_%H%M%S") != stamp
     _wait_for_a_new_segment_name(tmp_path, "other")  # another run id never waits
+
+
+def test_a_wsd_stable_phase_checkpoint_decays_on_its_own_in_a_new_run(tmp_path, data_overrides):
+    # Warmup-stable-decay: a long run at the peak LR, stopped in its stable phase; the decay is then run alone from
+    # that checkpoint, in a run dir of its own, by resuming it with a nearer trainer.max_steps.
+    wsd = [*data_overrides, "optim.decay=wsd", "optim.warmup_steps=2", "optim.lr=1e-3", "trainer.val_every_n_steps=100"]
+    train(tmp_path / "stable", [*wsd, "trainer.max_steps=100", "trainer.stop_at_step=8"])
+    stable = torch.load(tmp_path / "stable" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stable["global_step"] == 8 and stable["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    summary = train(tmp_path / "decay", [*wsd, "trainer.max_steps=12", "optim.decay_steps=4",
+                                         f"resume={tmp_path / 'stable' / 'checkpoints' / 'last.ckpt'}"])
+    assert summary["global_step"] == 12
+    # The loggers number a step's records from 1: record s holds the LR of optimizer step s - 1.
+    lrs = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in csv_rows(tmp_path / "decay") if r.get("lr-AdamW/pg1")}
+    assert [lrs[s] for s in (9, 10, 11, 12)] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+
+
+def csv_rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    rows = []
+    for f in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        rows += list(csv.DictReader(f.open()))
+    return rows
