@@ -4,7 +4,8 @@ Our parameter names mirror HF's ``RobertaForMaskedLM``, so conversion is the tab
 the decoder is tied to the word embeddings (HF stores it once), and our embedding table may be padded to a
 multiple of 64 rows (those rows are dropped on save and re-added on load). A pre-LN model
 (``pre_layernorm=True``) is written as HF's ``roberta-prelayernorm`` type: the same table with the encoder
-under ``roberta_prelayernorm.`` and the LayerNorms where that architecture keeps them. No pooler is written (a
+under ``roberta_prelayernorm.`` and the LayerNorms where that architecture keeps them; one loaded from XLM-R or CamemBERT
+(the same architecture under another model type) is written back as that type. No pooler is written (a
 masked LM has none): ``AutoModelForMaskedLM``, the fill-mask pipeline and the classifier classes then load every
 key without a report, and ``AutoModel`` reports its pooler MISSING (the README says where hidden states load
 silently).
@@ -82,6 +83,19 @@ TOKENIZER_FILES = (*_OUR_TOKENIZER_FILES, "vocab.json", "merges.txt", "added_tok
 _VOCAB_SIZED = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias")
 
 
+# The transformers model types we read and write, and the prefix of their classes' names: ``RobertaForMaskedLM``,
+# ``XLMRobertaForMaskedLM`` ... An export keeps the type it was loaded as (``RobertaConfig.hf_model_type``), so a
+# model continued from XLM-R goes back out as XLM-R; all but pre-LN store the encoder under ``roberta.``.
+_CLASS_PREFIX = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
+                 "roberta-prelayernorm": "RobertaPreLayerNorm"}
+
+
+def hf_model_type(config: RobertaConfig) -> str:
+    """The transformers model type ``config`` is written as: the one it was loaded as, else ``roberta`` (or
+    ``roberta-prelayernorm`` for a pre-LN model)."""
+    return config.hf_model_type or ("roberta-prelayernorm" if config.pre_layernorm else "roberta")
+
+
 def hf_prefix(config: RobertaConfig) -> str:
     """The attribute HF names the encoder by (its ``base_model_prefix``): ``roberta`` or ``roberta_prelayernorm``."""
     return "roberta_prelayernorm" if config.pre_layernorm else "roberta"
@@ -108,17 +122,17 @@ def config_to_hf(config: RobertaConfig, architecture: str = "RobertaForMaskedLM"
     """Our config as a ``transformers`` config dict (what goes in ``config.json``).
 
     Args:
-        config: our model config; ``pre_layernorm`` selects HF's ``roberta-prelayernorm`` model type.
-        architecture: the post-LN class name (``RobertaForMaskedLM``, ``RobertaForSequenceClassification`` ...);
-            for pre-LN the matching ``RobertaPreLayerNorm...`` class is written.
+        config: our model config; its model type (:func:`hf_model_type`: ``roberta``, ``xlm-roberta``,
+            ``camembert``, or ``roberta-prelayernorm`` for pre-LN) is written.
+        architecture: the RoBERTa class name (``RobertaForMaskedLM``, ``RobertaForSequenceClassification`` ...);
+            the model type's matching class is written (``XLMRobertaForMaskedLM``, ``RobertaPreLayerNorm...``).
     Returns:
         The ``config.json`` dict.
     """
-    if config.pre_layernorm:
-        architecture = architecture.replace("Roberta", "RobertaPreLayerNorm", 1)
+    model_type = hf_model_type(config)
     return {
-        "architectures": [architecture],
-        "model_type": "roberta-prelayernorm" if config.pre_layernorm else "roberta",
+        "architectures": [architecture.replace("Roberta", _CLASS_PREFIX[model_type], 1)],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_layers,
@@ -141,11 +155,11 @@ def config_to_hf(config: RobertaConfig, architecture: str = "RobertaForMaskedLM"
 
 
 def config_from_hf(hf: dict) -> RobertaConfig:
-    """Read a ``transformers`` RoBERTa (or RoBERTa-PreLayerNorm) ``config.json`` dict; refuses what our model
-    cannot represent."""
+    """Read a ``transformers`` RoBERTa-family ``config.json`` dict (``roberta``, ``xlm-roberta``, ``camembert``,
+    ``roberta-prelayernorm``), keeping the model type for the export; refuses what our model cannot represent."""
     model_type = hf.get("model_type", "roberta")
-    if model_type not in ("roberta", "xlm-roberta", "roberta-prelayernorm"):
-        raise ValueError(f"config.json has model_type={model_type!r}; expected 'roberta' or 'roberta-prelayernorm'")
+    if model_type not in _CLASS_PREFIX:
+        raise ValueError(f"config.json has model_type={model_type!r}; expected one of {', '.join(_CLASS_PREFIX)}")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"config.json has hidden_act={hf['hidden_act']!r}; only 'gelu' is supported")
     if hf.get("type_vocab_size", 1) != 1:
@@ -168,6 +182,7 @@ def config_from_hf(hf: dict) -> RobertaConfig:
         bos_token_id=hf.get("bos_token_id", 0),
         eos_token_id=hf.get("eos_token_id", 2),
         pre_layernorm=model_type == "roberta-prelayernorm",
+        hf_model_type=model_type if model_type in ("xlm-roberta", "camembert") else None,  # roberta's are derived
     )
 
 

@@ -38,6 +38,10 @@ from torch.utils.checkpoint import checkpoint
 from data_pipelines.contract import IGNORE_INDEX
 
 
+# transformers model types with exactly this post-LN architecture (their heads differ only in class name).
+POST_LN_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert")
+
+
 @dataclass
 class RobertaConfig:
     """Shape and regularisation of a RoBERTa encoder.
@@ -62,6 +66,9 @@ class RobertaConfig:
     pad_vocab_multiple: int = 1
     activation_checkpointing: bool = False
     pre_layernorm: bool = False  # LayerNorm before attention/FFN plus a final one (HF's roberta-prelayernorm)
+    # The transformers model type an export writes, kept from a loaded model (``xlm-roberta``, ``camembert``: RoBERTa's
+    # architecture under another name). None: ``roberta``, or ``roberta-prelayernorm`` with pre_layernorm.
+    hf_model_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -70,6 +77,10 @@ class RobertaConfig:
             )
         if self.vocab_size <= max(self.pad_token_id, self.bos_token_id, self.eos_token_id):
             raise ValueError(f"vocab_size={self.vocab_size} is smaller than the special token ids")
+        named = ("roberta-prelayernorm",) if self.pre_layernorm else POST_LN_MODEL_TYPES
+        if self.hf_model_type is not None and self.hf_model_type not in named:
+            raise ValueError(f"hf_model_type={self.hf_model_type!r} with pre_layernorm={self.pre_layernorm}; "
+                             f"choose one of {', '.join(named)} (or None)")
 
     @property
     def head_dim(self) -> int:

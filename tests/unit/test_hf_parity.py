@@ -157,6 +157,45 @@ def test_sparse_head_loss_equals_dense_loss(pre_layernorm):
     torch.testing.assert_close(sparse.loss, hf_loss, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type,prefix", [("xlm-roberta", "XLMRoberta"), ("camembert", "Camembert")])
+def test_other_roberta_family_types_load_and_go_back_out_as_themselves(tmp_path, model_type, prefix):
+    """XLM-R and CamemBERT are RoBERTa's architecture under other names: they load with the same logits, and an
+    export (masked LM or classifier) keeps the model type and class names it came with."""
+    config = _random_config(9)
+    fields = {k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(9)
+    hf = transformers.AutoModelForMaskedLM.from_config(transformers.AutoConfig.for_model(model_type, **fields)).eval()
+    assert type(hf).__name__ == f"{prefix}ForMaskedLM"
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "in")
+    ours = load_hf(tmp_path / "in")
+    assert ours.config.hf_model_type == model_type
+    ids, mask = _padded_batch(config, 9)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        assert (ours(ids, mask).logits[real] - expected[real]).abs().max() <= 1e-4
+    save_hf(ours, tmp_path / "out")
+    again, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert type(again).__name__ == f"{prefix}ForMaskedLM" and again.config.model_type == model_type
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        assert (again.eval()(input_ids=ids, attention_mask=mask).logits[real] - expected[real]).abs().max() <= 1e-4
+    classifier = RobertaForSequenceClassification(ours.config, num_labels=2)
+    save_hf_classifier(classifier, tmp_path / "cls", labels=["a", "b"])
+    assert type(transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls")).__name__ == \
+        f"{prefix}ForSequenceClassification"
+
+
+def test_a_model_type_must_fit_the_layernorm_placement():
+    with pytest.raises(ValueError, match="hf_model_type='xlm-roberta' with pre_layernorm=True"):
+        RobertaConfig(pre_layernorm=True, hf_model_type="xlm-roberta")
+    with pytest.raises(ValueError, match="hf_model_type='bert'"):
+        RobertaConfig(hf_model_type="bert")
+
+
 def test_load_hf_rejects_wrong_architecture(tmp_path):
     config = _random_config(6)
     model = RobertaForMaskedLM(config)
