@@ -20,7 +20,7 @@ Output directory layout (what :func:`load_tokenizer` reads)::
 
     spm.model               the SentencePiece model
     tokenizer_meta.json     vocab size, special ids, content hash, training settings, lines read and sampled
-    tokenizer.json          HuggingFace fast-tokenizer file (written without transformers)
+    tokenizer.json          HuggingFace fast-tokenizer file (written without transformers: data_pipelines.spm_to_hf)
     tokenizer_config.json   so AutoTokenizer adds <s> … </s> and knows <mask>
     special_tokens_map.json
 """
@@ -226,6 +226,8 @@ def _train(out: Path, inputs, vocab_size, input_sentence_size, text_field, on_er
         "skipped_inputs": report.to_dict(),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    from data_pipelines.spm_to_hf import write_hf_files  # it reads this module's constants
+
     write_hf_files(tok, out, model_max_length=model_max_length)
     log.info("trained tokenizer %s: vocab %d, hash %s, on %d sampled of %d lines", out, tok.vocab_size, tok.hash,
              lines_sampled, lines_read)
@@ -369,102 +371,3 @@ def load_tokenizer(path: str | os.PathLike) -> SpmTokenizer:
         An :class:`SpmTokenizer`.
     """
     return SpmTokenizer(Path(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# HuggingFace files, written by hand so transformers/tokenizers stay dev-only dependencies.
-# ---------------------------------------------------------------------------------------------
-
-
-def _bpe_merges(tok: SpmTokenizer) -> list[list[str]]:
-    """Recover BPE merges from a SentencePiece BPE vocabulary.
-
-    SentencePiece BPE applies the merge whose *result* has the best score (lowest id) first, so a
-    merge ``(a, b)`` ranks by the id of ``a+b``; ties between splits of the same piece rank by the
-    ids of the parts, as in transformers' ``SentencePieceExtractor``.
-    """
-    vocab = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
-    control = set(SPECIAL_TOKENS)
-    merges = []
-    for piece, pid in vocab.items():
-        if piece in control or len(piece) < 2:
-            continue
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in vocab and right in vocab and left not in control and right not in control:
-                merges.append((pid, vocab[left], vocab[right], left, right))
-    merges.sort()
-    return [[left, right] for _, _, _, left, right in merges]
-
-
-def write_hf_files(tok: SpmTokenizer, out_dir: str | os.PathLike, model_max_length: int = 512) -> None:
-    """Write ``tokenizer.json`` and configs so ``AutoTokenizer.from_pretrained(out_dir)`` matches.
-
-    The fast tokenizer mirrors the SentencePiece model: Metaspace pre-tokenisation ("▁" for
-    spaces, one prepended at the start, no splitting), the same BPE vocabulary and merges with
-    byte fallback, and a RoBERTa post-processor adding ``<s> … </s>`` (pairs:
-    ``<s> A </s></s> B </s>``).
-
-    Args:
-        tok: the loaded tokenizer.
-        out_dir: directory to write into.
-        model_max_length: longest sequence HuggingFace should accept.
-    """
-    out = Path(out_dir)
-    vocab = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
-    added = [
-        {"id": i, "content": piece, "single_word": False, "lstrip": piece == "<mask>", "rstrip": False,
-         "normalized": False, "special": True}  # <mask> takes the space before it, as in roberta-base
-        for i, piece in enumerate(SPECIAL_TOKENS)
-    ]
-    spec = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": WORD_START, "prepend_scheme": "first", "split": False},
-        "post_processor": {
-            "type": "RobertaProcessing",
-            "sep": ["</s>", EOS_ID],
-            "cls": ["<s>", BOS_ID],
-            "trim_offsets": False,
-            "add_prefix_space": False,
-        },
-        "decoder": {
-            "type": "Sequence",
-            "decoders": [
-                {"type": "Replace", "pattern": {"String": WORD_START}, "content": " "},
-                {"type": "ByteFallback"},
-                {"type": "Fuse"},
-                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-            ],
-        },
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": "<unk>",
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": True,
-            "byte_fallback": True,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": _bpe_merges(tok),
-        },
-    }
-    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
-    specials = {
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
-        "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>",
-    }
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
-        "add_prefix_space": False,
-        "model_input_names": ["input_ids", "attention_mask"],
-        **specials,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
