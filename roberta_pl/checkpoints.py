@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -220,17 +221,98 @@ def _read_zero_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def _read_lightning_checkpoint(path: Path) -> dict:
+def _read_lightning_checkpoint(path: Path, mmap: bool = False) -> dict:
     if path.is_dir():  # DeepSpeed: shards of parameters and optimizer state per rank
         return _read_zero_checkpoint(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (IsADirectoryError, FileNotFoundError):
         raise
     except Exception as e:  # pickled code, or not a torch file at all
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         why = next((line for line in lines if "unsupported global" in line.lower()), lines[0].split(". ")[0])
         raise UnsafeCheckpointError(f"{path} cannot be loaded safely (weights_only=True): {why[:200]}") from None
+
+
+def _read_hyper_parameters(path: Path) -> dict:
+    """The hyper-parameters of a ``.ckpt`` file or DeepSpeed directory, without reading the weights: the file is
+    memory-mapped, and of a DeepSpeed directory only rank 0's model-states file is read (every file vetted first)."""
+    if not path.is_dir():
+        ckpt = _read_lightning_checkpoint(path, mmap=True)
+    else:
+        tag = vet_zero_checkpoint(path)
+        states = sorted(tag.glob("*mp_rank_00_model_states.pt"))
+        if not states:
+            raise UnsafeCheckpointError(f"{tag}: no model-states file (*mp_rank_00_model_states.pt)")
+        ckpt = load_zero_file(states[0])
+    hparams = (ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None) or {}
+    # A DeepSpeed directory's weights are its ranks' partitions, which load_pretrained consolidates.
+    _check_pretraining_checkpoint(path, hparams, path.is_dir() or "state_dict" in ckpt)
+    return hparams
+
+
+def _check_pretraining_checkpoint(path: Path, hparams: dict, has_weights: bool) -> None:
+    """Refuse a checkpoint that holds no masked LM: a fine-tuning one (saying where its export is), or none of ours."""
+    if "kind" in hparams and "labels" in hparams:  # a roberta-pl-finetune checkpoint: a classifier, no MLM head
+        run_hf = path.parent.parent / "hf"
+        where = f"roberta-pl-finetune exported it to {run_hf}" if run_hf.is_dir() else "roberta-pl-finetune exports it to <run_dir>/hf"
+        raise ValueError(f"{path} is a fine-tuning checkpoint ({hparams['kind']}, labels {', '.join(map(str, hparams['labels']))}), "
+                         f"not a masked LM; {where} (transformers' AutoModelFor{'Token' if hparams['kind'] == 'token_classification' else 'Sequence'}"
+                         f"Classification loads it)")
+    if "model" not in hparams or not has_weights:
+        raise ValueError(f"{path}: not a roberta-pl pretraining checkpoint (no model hyper-parameters)")
+
+
+@dataclass(frozen=True)
+class PretrainedInfo:
+    """What a pretrained model is, read without its weights (:func:`read_pretrained`).
+
+    Attributes:
+        path: the HF directory, ``.ckpt`` file or DeepSpeed directory.
+        config: its architecture (``hf_model_type`` included, so an export keeps its type).
+        tokenizer: the tokenizer directory to use: the one passed, else the HF directory's own or the checkpoint's
+            recorded one (checked); None when it has none.
+        tokenizer_hash: the content hash of the tokenizer it was trained with (None: unknown), which a tokenizer
+            passed instead must match.
+    """
+
+    path: Path
+    config: RobertaConfig
+    tokenizer: Path | None
+    tokenizer_hash: str | None
+
+
+def read_pretrained(path: str | Path, tokenizer: str | Path | None = None, *,
+                    flag: str = "--tokenizer") -> PretrainedInfo:
+    """The architecture and tokenizer of what :func:`load_pretrained` loads, without loading its weights.
+
+    Args:
+        path: a HF directory (its tokenizer: the tokenizer files beside the model, if any), a ``.ckpt`` file or a
+            DeepSpeed checkpoint directory (its tokenizer: the one it records, if its hash is the recorded one).
+        tokenizer: a tokenizer directory the user chose: returned as it is (the caller compares its hash with
+            ``tokenizer_hash``), the recorded one left unread.
+        flag: how the caller's user passes a tokenizer, named in the errors.
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_pretrained`.
+    """
+    from data_pipelines.tokenizer import load_tokenizer
+    from roberta_pl.hf import read_hf_config
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
+    chosen = Path(tokenizer) if tokenizer else None
+    if path.is_dir() and (path / "config.json").exists():
+        own = path if any((path / name).is_file() for name in _HF_TOKENIZER_MODELS) else None
+        found = load_tokenizer(own).hash if own else None
+        return PretrainedInfo(path, read_hf_config(path), chosen or own, found)
+    hparams = _read_hyper_parameters(path)
+    recorded = chosen or _recorded_tokenizer(path, hparams, flag)
+    return PretrainedInfo(path, RobertaConfig(**hparams["model"]), recorded, hparams.get("tokenizer_hash"))
+
+
+# Files that hold a HF tokenizer's model: a HF directory with none of them has no tokenizer of its own.
+_HF_TOKENIZER_MODELS = ("tokenizer.json", "vocab.json", "sentencepiece.bpe.model", "spm.model")
 
 
 def load_pretrained(path: str | Path, tokenizer: str | Path | None = None, *,
@@ -257,14 +339,7 @@ def load_pretrained(path: str | Path, tokenizer: str | Path | None = None, *,
         return load_hf(path), Path(tokenizer) if tokenizer else path
     ckpt = _read_lightning_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
-    if "kind" in hparams and "labels" in hparams:  # a roberta-pl-finetune checkpoint: a classifier, no MLM head
-        run_hf = path.parent.parent / "hf"
-        where = f"roberta-pl-finetune exported it to {run_hf}" if run_hf.is_dir() else "roberta-pl-finetune exports it to <run_dir>/hf"
-        raise ValueError(f"{path} is a fine-tuning checkpoint ({hparams['kind']}, labels {', '.join(map(str, hparams['labels']))}), "
-                         f"not a masked LM; {where} (transformers' AutoModelFor{'Token' if hparams['kind'] == 'token_classification' else 'Sequence'}"
-                         f"Classification loads it)")
-    if "model" not in hparams or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: not a roberta-pl pretraining checkpoint (no model hyper-parameters)")
+    _check_pretraining_checkpoint(path, hparams, "state_dict" in ckpt)
     model = RobertaForMaskedLM(RobertaConfig(**hparams["model"]))
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

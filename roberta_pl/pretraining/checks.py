@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -23,10 +24,13 @@ from roberta_pl.checks import (
 from roberta_pl.errors import ConfigError
 from roberta_pl.loggers import check_logger
 
+if TYPE_CHECKING:
+    from roberta_pl.checkpoints import PretrainedInfo
 
-def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
+
+def preflight(cfg: DictConfig, out_dir: Path, source: PretrainedInfo | None = None) -> BatchPlan:
     """Refuse a pretraining config that cannot run, before any work. Returns the run's batch plan (ramp
-    phases included), the only one computed."""
+    phases included), the only one computed. ``source``: what ``pretrained=`` names (its architecture), if set."""
     t, b = cfg.trainer, cfg.batch
     check_logger(cfg)
     check_precision(cfg)
@@ -35,9 +39,11 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible; use trainer=cpu, or add "
                           f"trainer.accelerator=cpu (DDP and DeepSpeed ZeRO also run on CPU ranks)")
-    if b.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"batch.seq_len={b.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} "
-                          f"(the position table has {cfg.model.max_seq_len + 2} rows)")
+    max_seq_len, which = (source.config.max_seq_len, f"pretrained={cfg.pretrained}'s max_seq_len") if source \
+        else (cfg.model.max_seq_len, "model.max_seq_len")
+    if b.seq_len > max_seq_len:
+        raise ConfigError(f"batch.seq_len={b.seq_len} exceeds {which}={max_seq_len} "
+                          f"(the position table has {max_seq_len + 2} rows)")
     plan = plan_schedule(b.global_batch_size, b.micro_batch_size, world_size(cfg), b.seq_len, b.ramp)
     check_budget(cfg)
     if b.ramp and t.strategy == "deepspeed":
@@ -62,9 +68,9 @@ def preflight(cfg: DictConfig, out_dir: Path) -> BatchPlan:
             raise ConfigError(f"trainer.deepspeed.offload_optimizer=true needs DeepSpeed's CPU Adam op, which could not "
                               f"be built here ({why}); use trainer=deepspeed_zero3 (no offload)")
     if cfg.data.train_shards is not None:
-        if cfg.data.tokenizer is None:
+        if cfg.data.tokenizer is None and source is None:  # a continued run's default is the model's own
             raise ConfigError("data.tokenizer is required with data.train_shards (the tokenizer the shards were made with)")
-        if not Path(cfg.data.tokenizer).is_dir():
+        if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_dir():
             raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: no such directory")
         for field in ("train_shards", "valid_shards"):
             spec = cfg.data.get(field)

@@ -71,6 +71,10 @@ class PretrainConfig:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    # Continue pretraining: a HuggingFace RoBERTa-family dir (roberta, xlm-roberta, camembert, roberta-prelayernorm), a
+    # roberta-pl .ckpt or a DeepSpeed checkpoint dir. Its weights (encoder and MLM head), architecture and tokenizer;
+    # of model.*, only dropout, attention_dropout, activation_checkpointing, pad_vocab_multiple and compile are settable.
+    pretrained: Optional[str] = None
     run_name: str = "default"
     run_dir: str = "runs/${run_name}"  # stable, so requeues and resume=auto find their checkpoints
     resume: str = "auto"  # auto | never | path to a checkpoint

@@ -1,7 +1,8 @@
 """What pretraining needs from data_pipelines: a tokenizer, shard specs and the DataModule.
 
 With no shards configured, the embedded default corpus (docstrings of the Python stdlib and torch) is
-turned into a tokenizer and shards once, under ``data.cache_dir``, and reused by every later run.
+turned into a tokenizer and shards once, under ``data.cache_dir``, and reused by every later run; a continued run
+(``pretrained=PATH``) shards it with PATH's tokenizer instead, cached under that tokenizer's hash.
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ import contextlib
 import fcntl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from data_pipelines.tokenizer import SpmTokenizer, load_tokenizer
 from roberta_pl.batch_plan import BatchPlan, StepHorizon
 from roberta_pl.checks import uses_cuda
+
+if TYPE_CHECKING:
+    from roberta_pl.checkpoints import PretrainedInfo
 
 DEFAULT_DATASET_VERSION = 5  # bump when the default corpus, tokenizer or shard settings change (4: shard format 2; 5: whitespace pieces)
 
@@ -39,18 +44,20 @@ def file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _default_dataset(cache_dir: Path, vocab_size: int) -> PretrainData:
+def _default_dataset(cache_dir: Path, vocab_size: int, tokenizer: SpmTokenizer | None = None) -> PretrainData:
     from data_pipelines.corpus import default_corpus, default_corpus_path
     from data_pipelines.manifest import load_manifest
     from data_pipelines.shards import write_shards
     from data_pipelines.tokenizer import META_FILE, train_tokenizer
 
-    # Keyed on the corpus's own name (Python minor version, torch release), so a new torch gets new shards.
-    root = cache_dir / f"default-dataset-v{DEFAULT_DATASET_VERSION}-{default_corpus_path().stem}-vocab{vocab_size}"
+    # Keyed on the corpus's own name (Python minor version, torch release), so a new torch gets new shards, and on
+    # the tokenizer: the vocabulary of the one trained here, or the hash of a given one (a pretrained model's).
+    key = f"tok{tokenizer.hash}" if tokenizer is not None else f"vocab{vocab_size}"
+    root = cache_dir / f"default-dataset-v{DEFAULT_DATASET_VERSION}-{default_corpus_path().stem}-{key}"
     with file_lock(root / ".lock"):  # concurrent ranks or jobs: one builds, the others wait and reuse
-        tok_dir, shard_dir = root / "tokenizer", root / "shards"
+        tok_dir, shard_dir = (root / "tokenizer" if tokenizer is None else tokenizer.path), root / "shards"
         corpus = default_corpus()
-        if not (tok_dir / META_FILE).exists():
+        if tokenizer is None and not (tok_dir / META_FILE).exists():
             print(f"Training a {vocab_size}-token SentencePiece tokenizer on the default corpus -> {tok_dir}")
             train_tokenizer(corpus, tok_dir, vocab_size=vocab_size, input_sentence_size=300_000)
         if not (shard_dir / "manifest.json").exists():
@@ -59,28 +66,36 @@ def _default_dataset(cache_dir: Path, vocab_size: int) -> PretrainData:
         manifest = load_manifest(shard_dir / "manifest.json")
     has_valid = manifest["splits"].get("valid", {}).get("num_shards", 0) > 0
     # A shard directory stands for its manifest's train (or valid) split.
-    return PretrainData(load_tokenizer(tok_dir), str(shard_dir), str(shard_dir) if has_valid else None)
+    return PretrainData(tokenizer if tokenizer is not None else load_tokenizer(tok_dir), str(shard_dir), str(shard_dir) if has_valid else None)
 
 
-def prepare_data(cfg: DictConfig) -> PretrainData:
-    """The tokenizer and shard specs of ``cfg.data``, building the default dataset when none is given."""
+def prepare_data(cfg: DictConfig, source: PretrainedInfo | None = None) -> PretrainData:
+    """The tokenizer and shard specs of ``cfg.data``, building the default dataset when none is given. A continued
+    run (``source``: what ``pretrained=`` names) takes PATH's tokenizer, or a ``data.tokenizer`` with its hash."""
     d = cfg.data
-    check_data_source(d)
+    check_data_source(d, continued=source is not None)
+    tokenizer = None
+    if source is not None:
+        from roberta_pl.pretraining.init import continued_tokenizer
+
+        tokenizer = continued_tokenizer(cfg, source)
     if d.train_shards is None:
-        return _default_dataset(Path(d.cache_dir).expanduser(), d.default_vocab_size)
-    return PretrainData(load_tokenizer(d.tokenizer), str(d.train_shards), str(d.valid_shards) if d.valid_shards else None)
+        return _default_dataset(Path(d.cache_dir).expanduser(), d.default_vocab_size, tokenizer)
+    return PretrainData(tokenizer if tokenizer is not None else load_tokenizer(d.tokenizer), str(d.train_shards),
+                        str(d.valid_shards) if d.valid_shards else None)
 
 
-def check_data_source(d: DictConfig) -> None:
+def check_data_source(d: DictConfig, continued: bool = False) -> None:
     """Refuse ``data=shards`` (``data.require_shards``) without the shards and tokenizer it needs: without them
-    the run would train on the embedded default corpus, which nobody asked for.
+    the run would train on the embedded default corpus, which nobody asked for. A ``continued`` run
+    (``pretrained=``) needs no ``data.tokenizer``: its default is the model's own.
 
     Raises:
         ConfigError: one line naming the unset keys and what to set.
     """
     from roberta_pl.errors import ConfigError
 
-    missing = [key for key in ("train_shards", "tokenizer") if d.get(key) is None]
+    missing = [key for key in ("train_shards", *(() if continued else ("tokenizer",))) if d.get(key) is None]
     if d.get("require_shards") and missing:
         raise ConfigError(
             f"data=shards but {' and '.join('data.' + k for k in missing)} {'is' if len(missing) == 1 else 'are'} not "

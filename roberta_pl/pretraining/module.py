@@ -71,11 +71,13 @@ class MaskedLMModule(pl.LightningModule):
         tokenizer_hash: the tokenizer's content hash, recorded so a resume with another tokenizer is refused.
         horizon: the run's step horizon, which the LR schedule decays to (default: ``max_steps``, fixed). A time
             budget fixes it during the run; ``hparams.max_steps`` records the fixed figure.
+        pretrained: where the weights started (``pretrained=PATH``; None: random init), recorded with the run.
     """
 
     def __init__(self, model: dict[str, Any], optim: dict[str, Any], max_steps: int, seq_len: int,
                  micro_batch_size: int, seed: int = 0, compile: bool = False, tokenizer: str | None = None,
-                 tokenizer_hash: str | None = None, horizon: StepHorizon | None = None, **retired: Any):
+                 tokenizer_hash: str | None = None, horizon: StepHorizon | None = None, pretrained: str | None = None,
+                 **retired: Any):
         unknown = sorted(set(retired) - _RETIRED_HPARAMS)
         if unknown:
             raise TypeError(f"MaskedLMModule got unexpected keyword argument(s) {', '.join(unknown)}")

@@ -36,6 +36,10 @@ def describe_start(r) -> None:
         return
     print(describe_model(r.module, r.plan), flush=True)
     resume = r.parts.resume
+    if r.parts.source is not None and not resume.ckpt:
+        from roberta_pl.pretraining.init import describe_source
+
+        print(describe_source(r.parts.source), flush=True)
     if resume.ckpt:
         wandb_id = wandb_run_id(r.out_dir) if r.cfg.logger.kind == "wandb" else None
         print(describe_resume(resume.ckpt, resume.saved, wandb_id), flush=True)
@@ -79,6 +83,21 @@ def save_final_checkpoint(trainer: pl.Trainer) -> None:
     callback = trainer.checkpoint_callback
     if callback is not None and last_saved_step(trainer) != trainer.global_step:
         trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt", weights_only=False)  # a full, resumable checkpoint
+
+
+def finish(r) -> dict:
+    """After fit (``r`` is the harness's Run): the data report, then either the Slurm requeue of a run stopped by
+    its signal (checkpointed at a step boundary; the job resumes from it) or the final checkpoint and outputs."""
+    from roberta_pl.callbacks import RequeueOnSignal, requeue_slurm_job
+
+    requeue = next(c for c in r.trainer.callbacks if isinstance(c, RequeueOnSignal))
+    data_report = report_data(r.datamodule, r.trainer.is_global_zero)
+    if requeue.stopped_at is not None:
+        if requeue.requeue_job:
+            r.after_end.append(lambda: requeue_slurm_job(requeue.requeue_job))
+        return {"run_dir": str(r.out_dir), "global_step": r.trainer.global_step, "metrics": {}, "stopped_by_signal": True}
+    save_final_checkpoint(r.trainer)
+    return finish_run(r.cfg, r.trainer, r.module, r.parts.data.tokenizer, r.out_dir, data_report)
 
 
 def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tokenizer, out_dir: Path,
