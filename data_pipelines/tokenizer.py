@@ -27,6 +27,7 @@ Output directory layout (what :func:`load_tokenizer` reads)::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -285,7 +286,7 @@ class SpmTokenizer:
         return (self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without ``<s>``/``</s>``. A literal ``<mask>`` takes the space before it, as in
+        """Token ids of ``text`` without ``<s>``/``</s>``. A literal ``<mask>`` takes the spaces before it, as in
         pretraining, where a masked "▁word" becomes a bare ``<mask>`` (and as roberta-base's tokenizer does)."""
         return self._mask_takes_space(self.sp.encode(text, out_type=int))
 
@@ -294,11 +295,22 @@ class SpmTokenizer:
         return [self._mask_takes_space(ids) for ids in self.sp.encode(list(texts), out_type=int)]
 
     def _mask_takes_space(self, ids: list[int]) -> list[int]:
+        # All the whitespace before it, as the lstrip of <mask> in our tokenizer.json (and roberta-base's) takes it:
+        # "a  <mask>" and "a\t<mask>" are "▁a <mask>" too.
         mask = self.mask_id
         if mask not in ids:
             return ids
-        space = self.sp.piece_to_id(WORD_START)
-        return [t for i, t in enumerate(ids) if not (t == space and i + 1 < len(ids) and ids[i + 1] == mask)]
+        whitespace, out = self._whitespace_ids, []
+        for t in ids:
+            if t == mask:
+                while out and out[-1] in whitespace:
+                    out.pop()
+            out.append(t)
+        return out
+
+    @functools.cached_property
+    def _whitespace_ids(self) -> frozenset[int]:
+        return frozenset(np.flatnonzero(self.whitespace_table()).tolist())
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; control tokens (``<s>``, ``</s>``, ``<pad>``) decode to nothing."""
