@@ -172,7 +172,7 @@ def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samp
     Returns:
         ``{"splits": counts per split, "skipped", "histogram": [(lo, hi, count)], "samples": [text],
         "whitespace": the share of the tokens read that are whitespace only ("▁", "▁▁▁▁", newline, tab) and of
-        bare "▁" pieces, "epoch_plan": the train split's unused blocks and tokens per epoch}``.
+        bare "▁" pieces ("Ġ" for a byte-level BPE), "epoch_plan": the train split's unused blocks and tokens per epoch}``.
     """
     from data_pipelines.manifest import load_manifest
     from data_pipelines.shard_format import iter_shard
@@ -184,7 +184,8 @@ def inspect_shards(shard_dir: Path, tokenizer_dir: Path | None, split: str, samp
     if split not in manifest["splits"]:
         raise DataError(f"{shard_dir}: no {split!r} split (has {sorted(manifest['splits'])})")
     lengths, decoded = [], []
-    whitespace, bare = tok.whitespace_table(), tok.piece_to_id("\u2581")
+    whitespace = tok.whitespace_table()
+    bare = -1 if tok.space_id is None else tok.space_id  # the lone space piece: "▁", or byte-level BPE's "Ġ"
     counts = np.zeros(3, dtype=np.int64)  # tokens, whitespace-only tokens, bare "▁" tokens
     for shard in manifest["splits"][split]["shards"][:max_shards]:
         for ids in iter_shard(str(Path(manifest["root"]) / shard["name"]), expected_hash=tok.hash, vocab_size=tok.vocab_size,

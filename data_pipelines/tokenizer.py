@@ -16,7 +16,8 @@ eight spaces of indentation are one or two tokens, not eight bare "▁" (on Pyth
 pieces fall from 36% of the tokens to 9%, and the text takes 30% fewer tokens). The text is unchanged:
 decode still returns it exactly, indentation included.
 
-Output directory layout (what :func:`load_tokenizer` reads)::
+Output directory layout (what :func:`load_tokenizer` reads; it reads any HuggingFace RoBERTa-family tokenizer
+directory too, as :class:`data_pipelines.hf_tokenizer.HFTokenizer`)::
 
     spm.model               the SentencePiece model
     tokenizer_meta.json     vocab size, special ids, content hash, training settings, lines read and sampled
@@ -38,12 +39,16 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece as spm
 
 from data_pipelines.corpus import iter_documents
 from data_pipelines.errors import DataError, OnError, SkipReport
+
+if TYPE_CHECKING:
+    from data_pipelines.hf_tokenizer import HFTokenizer
 
 log = logging.getLogger("data_pipelines")
 
@@ -57,7 +62,7 @@ WORD_START = "\u2581"  # SentencePiece's "▁": the piece begins a new whitespac
 # Flags of :meth:`SpmTokenizer.word_start_table` (whole-word and span masking read them).
 STARTS_WORD = 1  # the piece starts a word
 ENDS_WORD = 2  # the piece is a word on its own: the piece after it starts a new word
-_WHITESPACE_BYTES = frozenset(b"\t\n\v\f\r ")
+WHITESPACE_BYTES = frozenset(b"\t\n\v\f\r ")
 
 
 def _sentences(docs: Iterator[str], max_chars: int, keep_indent: bool = True) -> Iterator[str]:
@@ -265,6 +270,16 @@ class SpmTokenizer:
         if ids != list(range(5)):
             raise DataError(f"{model}: special ids are {ids}, expected <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4")
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The names of its files in ``path`` (what an export copies back out)."""
+        return tuple(name for name in TOKENIZER_FILES if (self.path / name).is_file())
+
+    @property
+    def space_id(self) -> int:
+        """The id of the lone space piece "▁"."""
+        return self.sp.piece_to_id(WORD_START)
+
     def _content_hash(self) -> str:
         # Hash what decides the ids (pieces, scores, piece types), not the file bytes: the proto
         # also records trainer settings such as the thread count, which differ between machines.
@@ -312,6 +327,24 @@ class SpmTokenizer:
     def _whitespace_ids(self) -> frozenset[int]:
         return frozenset(np.flatnonzero(self.whitespace_table()).tolist())
 
+    def token_text(self, token_id: int) -> str:
+        """What one predicted token puts in the text, as a user reads it.
+
+        A word piece loses its word-start space ("▁the" → "the", as ``transformers``' fill-mask ``token_str``); a
+        whitespace piece stays the whitespace it stands for ("▁▁▁▁" → four spaces, byte piece ``<0x0A>`` → a
+        newline); other ASCII byte pieces are their character. A lone non-ASCII byte (one byte of a multi-byte
+        character) and the specials keep their piece (``<0xE2>``, ``<unk>``): no text stands for them alone.
+        """
+        token_id = int(token_id)
+        piece, sp = self.id_to_piece(token_id), self.sp
+        if sp.is_byte(token_id):
+            byte = int(piece[3:-1], 16)
+            return chr(byte) if byte < 0x80 else piece
+        if sp.is_control(token_id) or sp.is_unknown(token_id) or token_id in self.special_ids:
+            return piece
+        text = piece.replace(WORD_START, " ")
+        return text.strip() or text
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; control tokens (``<s>``, ``</s>``, ``<pad>``) decode to nothing."""
         return self.sp.decode([int(i) for i in ids])
@@ -331,7 +364,7 @@ class SpmTokenizer:
         for i in range(self.vocab_size):
             piece = self.sp.id_to_piece(i)
             if self.sp.is_byte(i):
-                table[i] = int(piece[3:-1], 16) in _WHITESPACE_BYTES
+                table[i] = int(piece[3:-1], 16) in WHITESPACE_BYTES
             elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
                 table[i] = piece.strip(WORD_START) == ""
         return table
@@ -357,7 +390,7 @@ class SpmTokenizer:
             if self.sp.is_byte(i):
                 byte = int(piece[3:-1], 16)
                 text = chr(byte) if byte < 0x80 else ""  # a non-ASCII byte is part of a character
-                if byte in _WHITESPACE_BYTES:
+                if byte in WHITESPACE_BYTES:
                     table[i] = STARTS_WORD | ENDS_WORD
                     continue
             elif self.sp.is_control(i) or self.sp.is_unknown(i):
@@ -373,13 +406,26 @@ class SpmTokenizer:
         return table
 
 
-def load_tokenizer(path: str | os.PathLike) -> SpmTokenizer:
-    """Load a tokenizer directory written by :func:`train_tokenizer`.
+def load_tokenizer(path: str | os.PathLike) -> "SpmTokenizer | HFTokenizer":
+    """Load a tokenizer directory: ours, or any HuggingFace RoBERTa-family tokenizer.
 
     Args:
-        path: the directory (containing ``spm.model``).
+        path: a directory written by :func:`train_tokenizer` (``spm.model``), or an HF tokenizer or model
+            directory (``tokenizer.json``, ``vocab.json`` + ``merges.txt``, or ``sentencepiece.bpe.model``; see
+            :mod:`data_pipelines.hf_tokenizer`).
 
     Returns:
-        An :class:`SpmTokenizer`.
+        An :class:`SpmTokenizer` or an :class:`~data_pipelines.hf_tokenizer.HFTokenizer`; both give the ids,
+        specials, word tables and files the data side uses.
     """
-    return SpmTokenizer(Path(path))
+    from data_pipelines.hf_tokenizer import EXPECTED, HFTokenizer, is_hf_tokenizer_dir  # it reads this module's flags
+
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return SpmTokenizer(path)
+    if is_hf_tokenizer_dir(path):
+        return HFTokenizer(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: not a tokenizer directory (no such directory); expected one with {MODEL_FILE} "
+                        f"(`roberta-pl-data tokenizer`) or {EXPECTED}")
+    raise DataError(f"{path}: not a tokenizer directory: expected {MODEL_FILE} (`roberta-pl-data tokenizer`) or {EXPECTED}")
