@@ -8,7 +8,6 @@ the other pieces get -100 (ignored by the loss and the metrics).
 
 from __future__ import annotations
 
-import bisect
 import functools
 import logging
 import math
@@ -58,58 +57,14 @@ class SentencePieceWords:
         return self.encode_batch(words)
 
 
-class HFTokenizerJson:
-    """A ``tokenizer.json`` (HF ``tokenizers``) for HF directories that carry no SentencePiece model,
-    e.g. the byte-level BPE of the original RoBERTa checkpoints."""
-
-    def __init__(self, path: Path):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise DataError(f"{path}: this tokenizer is a tokenizer.json; `pip install tokenizers` to use it") from None
-        self.path = path
-        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        self.tok.no_padding()  # we add specials, cut and pad ourselves
-        self.tok.no_truncation()
-        ids = [self.tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>")]
-        if None in ids:
-            raise DataError(f"{path}/tokenizer.json: no <s>, </s> or <pad> token; not a RoBERTa tokenizer")
-        self.bos_id, self.eos_id, self.pad_id = ids
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def encode_words(self, words: Sequence[str]) -> list[list[int]]:
-        # Encode the words as running text and give each token to the word its characters start in: the
-        # pieces are then exactly those of the sentence (byte-level BPE marks word starts with a leading
-        # space, which encoding words one by one would lose).
-        text, starts = "", []
-        for w in words:
-            text += " " if text else ""
-            starts.append(len(text))
-            text += w
-        enc = self.tok.encode(text, add_special_tokens=False)
-        pieces: list[list[int]] = [[] for _ in words]
-        for token_id, (begin, end) in zip(enc.ids, enc.offsets):
-            while begin < end and text[begin] == " ":  # offsets may include the separating space
-                begin += 1
-            pieces[max(0, bisect.bisect_right(starts, begin) - 1)].append(token_id)
-        return pieces
-
-
 def load_text_tokenizer(path: str | Path) -> TextTokenizer:
-    """The tokenizer of a model directory or tokenizer directory: our ``spm.model``, else a ``tokenizer.json``."""
-    from data_pipelines.tokenizer import MODEL_FILE, load_tokenizer
+    """The tokenizer of a model directory or tokenizer directory: ours (``spm.model``), else any HF RoBERTa-family
+    tokenizer (:class:`data_pipelines.hf_tokenizer.HFTokenizer`, whose ``encode_words`` gives each word the pieces
+    it has in the running sentence)."""
+    from data_pipelines.tokenizer import SpmTokenizer, load_tokenizer
 
-    path = Path(path)
-    if (path / MODEL_FILE).is_file():
-        return SentencePieceWords(load_tokenizer(path))
-    if (path / "tokenizer.json").is_file():
-        return HFTokenizerJson(path)
-    raise DataError(f"{path}: no tokenizer (neither {MODEL_FILE} nor tokenizer.json); pass tokenizer=DIR")
+    tok = load_tokenizer(path)
+    return SentencePieceWords(tok) if isinstance(tok, SpmTokenizer) else tok
 
 
 # -- labels --------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from data_pipelines.cli import main as data_cli
 from data_pipelines.demo_tasks import SOURCES, code_tags, docstrings, tagging_task
 from data_pipelines.errors import DataError
+from data_pipelines.hf_tokenizer import HFTokenizer as HFTokenizerJson  # the one HF tokenizer class
 from data_pipelines.tabular import read_sequence_examples, read_token_examples
 from data_pipelines.task_data import (
-    HFTokenizerJson,
     align_word_labels,
     load_text_tokenizer,
     name_tag_ids,
