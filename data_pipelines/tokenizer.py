@@ -412,13 +412,14 @@ def load_tokenizer(path: str | os.PathLike) -> "SpmTokenizer | HFTokenizer":
     Args:
         path: a directory written by :func:`train_tokenizer` (``spm.model``), or an HF tokenizer or model
             directory (``tokenizer.json``, ``vocab.json`` + ``merges.txt``, or ``sentencepiece.bpe.model``; see
-            :mod:`data_pipelines.hf_tokenizer`).
+            :mod:`data_pipelines.hf_tokenizer_files`).
 
     Returns:
         An :class:`SpmTokenizer` or an :class:`~data_pipelines.hf_tokenizer.HFTokenizer`; both give the ids,
         specials, word tables and files the data side uses.
     """
-    from data_pipelines.hf_tokenizer import EXPECTED, HFTokenizer, is_hf_tokenizer_dir  # it reads this module's flags
+    from data_pipelines.hf_tokenizer import HFTokenizer  # both read this module's flags
+    from data_pipelines.hf_tokenizer_files import EXPECTED, is_hf_tokenizer_dir
 
     path = Path(path)
     if (path / MODEL_FILE).is_file():
