@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "token ids per sample, ~2 bytes a token) and manifest.json. As a Slurm job array, each "
                                    "task writes its share (see launch/slurm/prepare_data.sbatch). Rerun to resume.")
     _add_input_args(p)
-    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory")
+    p.add_argument("--tokenizer", required=True, type=Path,
+                   help="tokenizer directory: ours (`roberta-pl-data tokenizer`) or an HF RoBERTa-family model's "
+                        "(tokenizer.json, vocab.json + merges.txt, or sentencepiece.bpe.model)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--num-shards", type=int, default=None,
                    help="train shards in all; unset: chosen from the input size (shards of at most 128 MiB, and up to 64 "

@@ -1,7 +1,8 @@
 """HuggingFace files for our SentencePiece tokenizer, written by hand so transformers/tokenizers stay dev-only
-dependencies: ``tokenizer.json`` (the same ids as ``spm.model``), ``tokenizer_config.json`` and
-``special_tokens_map.json``, so ``AutoTokenizer.from_pretrained(dir)`` works on a directory
-:func:`data_pipelines.tokenizer.train_tokenizer` wrote.
+dependencies.
+
+``tokenizer.json`` (the same ids as ``spm.model``), ``tokenizer_config.json`` and ``special_tokens_map.json`` make
+``AutoTokenizer.from_pretrained(dir)`` work on a directory :func:`data_pipelines.tokenizer.train_tokenizer` wrote.
 """
 
 from __future__ import annotations
