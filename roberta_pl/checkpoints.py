@@ -295,7 +295,8 @@ def read_pretrained(path: str | Path, tokenizer: str | Path | None = None, *,
     Raises:
         FileNotFoundError, ValueError: as :func:`load_pretrained`.
     """
-    from data_pipelines.tokenizer import load_tokenizer
+    from data_pipelines.hf_tokenizer_files import is_hf_tokenizer_dir
+    from data_pipelines.tokenizer import MODEL_FILE, load_tokenizer
     from roberta_pl.hf import read_hf_config
 
     path = Path(path)
@@ -303,16 +304,12 @@ def read_pretrained(path: str | Path, tokenizer: str | Path | None = None, *,
         raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
     chosen = Path(tokenizer) if tokenizer else None
     if path.is_dir() and (path / "config.json").exists():
-        own = path if any((path / name).is_file() for name in _HF_TOKENIZER_MODELS) else None
+        own = path if (path / MODEL_FILE).is_file() or is_hf_tokenizer_dir(path) else None  # its tokenizer, if any
         found = load_tokenizer(own).hash if own else None
         return PretrainedInfo(path, read_hf_config(path), chosen or own, found)
     hparams = _read_hyper_parameters(path)
     recorded = chosen or _recorded_tokenizer(path, hparams, flag)
     return PretrainedInfo(path, RobertaConfig(**hparams["model"]), recorded, hparams.get("tokenizer_hash"))
-
-
-# Files that hold a HF tokenizer's model: a HF directory with none of them has no tokenizer of its own.
-_HF_TOKENIZER_MODELS = ("tokenizer.json", "vocab.json", "sentencepiece.bpe.model", "spm.model")
 
 
 def load_pretrained(path: str | Path, tokenizer: str | Path | None = None, *,

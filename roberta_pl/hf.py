@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipelines.hf_tokenizer_files import HF_TOKENIZER_FILES
 from data_pipelines.tokenizer import TOKENIZER_FILES as _OUR_TOKENIZER_FILES
 from roberta_pl.model import (
     RobertaConfig,
@@ -78,8 +79,8 @@ _IGNORED_HF_KEYS = re.compile(
     r"^(lm_head\.decoder\.(weight|bias)|roberta(_prelayernorm)?\.(embeddings\.position_ids|pooler\..*))$"
 )
 # The tokenizer files an export copies, by name: ours, and those of HF RoBERTa-family tokenizers (byte-level BPE's
-# vocab and merges, XLM-R's SentencePiece model) that fine-tuning a HF directory exports again.
-TOKENIZER_FILES = (*_OUR_TOKENIZER_FILES, "vocab.json", "merges.txt", "added_tokens.json", "sentencepiece.bpe.model")
+# vocab and merges, XLM-R's SentencePiece model) that continued pretraining and fine-tuning export again as they are.
+TOKENIZER_FILES = tuple(dict.fromkeys((*_OUR_TOKENIZER_FILES, *HF_TOKENIZER_FILES)))
 _VOCAB_SIZED = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias")
 
 
