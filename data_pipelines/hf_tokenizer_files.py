@@ -60,9 +60,10 @@ def read_own_file(path: Path, name: str) -> bytes:
 
 
 def read_json(path: Path, name: str):
+    data = read_own_file(path, name)
     try:
-        return json.loads(read_own_file(path, name).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and json's JSONDecodeError both are
         raise DataError(f"{path / name}: not JSON ({str(exc).splitlines()[0]})") from None
 
 

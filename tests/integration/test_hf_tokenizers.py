@@ -315,5 +315,9 @@ def test_a_directory_of_neither_kind_is_a_one_line_error(tmp_path, capsys, hf_di
     # A file linked out of its directory is not read.
     (tmp_path / "tokenizer.json").unlink()
     (tmp_path / "tokenizer.json").symlink_to(hf_dirs["byte_bpe"] / "tokenizer.json")
-    with pytest.raises(DataError, match="symbolic link out of its directory"):
+    with pytest.raises(DataError, match=r"^\S+/tokenizer.json is a symbolic link out of its directory \(to "):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"tokenizer.json: not JSON \(Expecting"):
         load_tokenizer(tmp_path)
