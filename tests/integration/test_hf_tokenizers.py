@@ -108,6 +108,18 @@ def test_other_forms_of_the_directory_are_the_same_tokenizer(hf_dir, kind, texts
         assert alone.encode_batch(lines) == [hf(t, add_special_tokens=False).input_ids for t in lines]
 
 
+def test_a_hub_cache_snapshot_reads_through_its_links(hf_dir, tmp_path):
+    """~/.cache/huggingface/hub/models--NAME/snapshots/REV/NAME -> ../../blobs/SHA: links inside the repository."""
+    repo = tmp_path / "models--roberta-base"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(hf_dir.iterdir())):
+        shutil.copy(file, repo / "blobs" / f"sha{i}")
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", f"sha{i}"))
+    assert load_tokenizer(snapshot).hash == load_tokenizer(hf_dir).hash
+
+
 def test_hash_is_the_content(hf_dir, tmp_path):
     tok = load_tokenizer(hf_dir)
     shutil.copytree(hf_dir, tmp_path / "copy")
@@ -124,7 +136,7 @@ def test_hash_is_the_content(hf_dir, tmp_path):
     assert load_tokenizer(tmp_path / "copy").hash == changed
 
 
-def test_shards_from_the_cli_decode_back_to_the_text(hf_dir, kind, texts, tmp_path):
+def test_shards_from_the_cli_decode_back_to_the_text(hf_dir, kind, texts, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join("\n".join(texts[i:i + 6]) for i in range(0, 1800, 6)) + "\n")
     out = tmp_path / "shards"
@@ -145,6 +157,11 @@ def test_shards_from_the_cli_decode_back_to_the_text(hf_dir, kind, texts, tmp_pa
         tuple(hf(d, add_special_tokens=False).input_ids) for d in docs)
     back = Counter(tok.decode(d.tolist()) for d in read)
     assert back == Counter(docs if kind == "byte_bpe" else [hf.decode(hf(d, add_special_tokens=False).input_ids) for d in docs])
+    # inspect reads them with the tokenizer the manifest records, counting its own bare space ("Ġ" or "▁").
+    assert data_cli(["inspect", str(out), "--samples", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tokenizer_hash"] == tok.hash and summary["samples"][0] in back
+    assert 0 < summary["whitespace"]["bare_space_share"] <= summary["whitespace"]["whitespace_share"] < 0.5
 
 
 def _batch(tok, texts: list[str], width: int = 128) -> torch.Tensor:
