@@ -83,6 +83,7 @@ def test_a_stopped_budget_run_resumes_to_its_fixed_step_as_the_step_run_of_that_
     assert _lrs(steps) == _lrs(stopped) and len(_lrs(steps)) == 30
 
 
+@pytest.mark.slow
 def test_two_ranks_with_skewed_clocks_fix_the_same_step_count(tmp_path, data, reliability):
     """Rank 1's clock runs 200x fast, so by its own clock 5% of the budget went into measuring at once, while
     rank 0's says not yet. Were each rank to decide alone, rank 1's broadcast of the figure would meet rank 0's

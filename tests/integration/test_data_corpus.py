@@ -151,6 +151,7 @@ def test_default_corpus_reads_only_the_stdlib_and_the_named_packages(tmp_path, m
     assert firsts == ["Alpha", "Torch", "Numpy"]  # stdlib, then torch before numpy; no stray package, no tests
 
 
+@pytest.mark.slow
 def test_default_corpus_matches_its_reference_hash():
     """The real default corpus (built once per test session) is the one the README's figures come from."""
     path = default_corpus()

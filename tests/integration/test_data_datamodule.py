@@ -229,6 +229,7 @@ class _RankRecorder(_Recorder):
         Path(self.out_dir, f"rank{self.global_rank}.json").write_text(json.dumps({"batches": len(self.seen), "digest": digest}))
 
 
+@pytest.mark.slow
 def test_ddp_ranks_take_equal_steps_on_different_data(shard_dir, tokenizer_dir, tok, tmp_path):
     import json
 

@@ -448,6 +448,7 @@ def test_embed_cli_writes_pooled_embeddings_matching_transformers(tmp_path, pret
     assert bad.stderr.strip().endswith("texts.csv, line 2: missing column 'text' (columns: id, body)")
 
 
+@pytest.mark.slow
 def test_finetune_cli_help_and_error(tmp_path):
     done = subprocess.run(["roberta-pl-finetune", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0

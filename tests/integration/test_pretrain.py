@@ -285,6 +285,7 @@ def test_checkpoint_loads_weights_only_and_exports(tmp_path, data_overrides):
     assert (tmp_path / "exported" / "tokenizer.json").exists()  # the tokenizer travels with the export
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("batch.global_batch_size=33", "global_batch_size=33 is not divisible"),
     ("batch.seq_len=600", "batch.seq_len=600 exceeds model.max_seq_len=128"),
@@ -324,6 +325,7 @@ def test_cli_prints_no_notices_that_do_not_apply(tmp_path, data_overrides):
     assert "Model: 0.05M parameters (2 layers x 32, 2 heads" in proc.stdout
 
 
+@pytest.mark.slow
 def test_console_scripts_print_help():
     for script in ("roberta-pl-train", "roberta-pl-finetune", "roberta-pl-data", "roberta-pl-export",
                    "roberta-pl-fill-mask"):

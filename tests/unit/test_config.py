@@ -249,6 +249,7 @@ def test_a_bad_mask_rate_is_refused_in_preflight_before_data(tmp_path):
         preflight(_compose(["data.mask_prob=1.5"]), tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_cli_misspelt_key_gets_did_you_mean_and_a_refused_config_leaves_no_run_dir(tmp_path):
     import subprocess
     import sys

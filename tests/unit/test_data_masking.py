@@ -175,6 +175,7 @@ def test_a_new_strategy_is_one_registry_entry(tok, blocks, monkeypatch):
     assert torch.equal(masked[~expected], blocks[~expected])
 
 
+@pytest.mark.slow
 def test_a_misspelt_strategy_fails_at_compose_time_naming_the_allowed_ones():
     def train(*overrides):  # roberta-pl-train, printing the composed job config
         return subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *overrides, "--cfg", "job"],
