@@ -214,7 +214,7 @@ def test_the_help_lists_the_presets_of_the_one_table():
 
 
 @pytest.mark.parametrize("override, allowed", [
-    ("optim.decay=cosin", "[linear, polynomial, cosine, constant]"),
+    ("optim.decay=cosin", "[linear, polynomial, cosine, constant, wsd]"),
     ("trainer.strategy=deepspeedd", "[auto, ddp, deepspeed]"),
     ("trainer.nonfinite_loss=skipp", "[stop, skip]"),
     ("logger.kind=wandbb", "[csv, wandb, tensorboard, none]"),
