@@ -149,7 +149,7 @@ def quiet_notices() -> None:
     - the LitLogger advertisement;
     - ``IterableDataset has __len__`` (our stream's length is already split per worker);
     - deprecated torch APIs that libraries call, not roberta-pl: Lightning's pytree ``LeafSpec`` check, and
-      DeepSpeed's ``all_gather_into_tensor`` (every ZeRO step, on every rank);
+      DeepSpeed's ``all_gather_into_tensor`` (every ZeRO step, on every rank), torch's own ``script_method``;
     - the device inventory, "Seed set to", the ``limit_val_batches=1.0`` notices and the logging-interval
       warning of a short epoch;
     - "Checkpoint directory ... exists and is not empty": a resume writes on into its own run directory (a new run
@@ -176,6 +176,10 @@ def quiet_notices() -> None:
     # all_gather_into_tensor, DeepSpeed's ZeRO gathers its partitions with it at every step.
     drop(r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree", FutureWarning)
     drop(r"`torch\.distributed\.all_gather_into_tensor` is deprecated", r"torch\.distributed\.c10d_logger", FutureWarning)
+    # DeepSpeed's optimizer check imports its Muon optimizer, whose torch.compile loads torch's MKL-DNN modules, which
+    # use torch.jit.script_method: 14 warnings per rank where DeprecationWarnings show (python -W default, say).
+    # roberta-pl has no TorchScript.
+    drop(r"`torch\.jit\.script_method` is deprecated", r"torch\.jit\._script", DeprecationWarning)
     # Lightning's start-up lines: the device inventory (the run's own lines say what it uses), and the notices
     # that limit_val_batches=1.0 / val_check_interval=1.0 mean "all" and "each epoch", which is what they say.
     notices = _DropNotice("litlogger", "GPU available: ", "TPU available: ", "HPU available: ", "was configured so")
