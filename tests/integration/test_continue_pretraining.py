@@ -174,6 +174,7 @@ def test_a_key_that_would_change_the_architecture_is_refused_in_one_line(tmp_pat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_is_read_too(tmp_path, family):
     # model.max_seq_len=128 is the tiny preset's own value, so only the command line tells that it was set.
     cmd = [sys.executable, "-m", "roberta_pl.pretraining.app", *SMALL, f"pretrained={family.model_dir}",

@@ -177,6 +177,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_dataloader_workers_die_with_a_sigkilled_trainer(tmp_path, shard_dir, tokenizer_dir, reliability):
     # Batches of 64 x 64 tokens are larger than a pipe's buffer (64 KiB), so a worker whose parent is gone blocks
     # writing one and (before the fix) never reaches torch's own check of its parent.

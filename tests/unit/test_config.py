@@ -183,6 +183,7 @@ def test_deepspeed_configs_build(tmp_path):
         assert isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == stage
 
 
+@pytest.mark.slow
 def test_pretraining_help_lists_every_option_of_its_groups_and_no_finetuning_group():
     import re
     import subprocess

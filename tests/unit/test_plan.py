@@ -29,6 +29,7 @@ def test_time_follows_throughput():
     assert e.total_hours == pytest.approx(e.step_seconds * 1000 / 3600)
 
 
+@pytest.mark.slow
 def test_cli_prints_plan_and_one_line_errors():
     ok = subprocess.run(["roberta-pl-plan", "--model", "base", "--nodes", "8"], capture_output=True, text=True)
     assert ok.returncode == 0 and "accumulation 4 x 64 GPUs" in ok.stdout and "memory per GPU" in ok.stdout
