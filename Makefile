@@ -23,6 +23,10 @@ install: $(STAMP)  ## install torch (if none) and this package with its dev extr
 test: install  ## run the whole test suite (CPU; gpu-marked tests run only where CUDA is present)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
+.PHONY: test-fast
+test-fast: install  ## the edit loop, ~2.5 min on 2 cores: unit and fast integration tests (not slow- or gpu-marked)
+	$(PYTHON) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
 test-gpu: install  ## run only the gpu-marked tests
 	$(PYTHON) -m pytest -m gpu $(PYTEST_ARGS)
 
