@@ -41,6 +41,9 @@ def pretraining_trainer(cfg: DictConfig, out_dir: Path, horizon: StepHorizon, re
         dirpath=out_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=cfg.checkpoint.keep,
         monitor="step", mode="max",
+        # The run dir is the run's own: last.ckpt is always the newest (resume=auto reads it). Lightning's counter
+        # would write last-v1.ckpt beside a last.ckpt it did not write itself, as in a run dir moved or copied.
+        enable_version_counter=False,
     )
     callbacks = [checkpoints, RequeueOnSignal(out_dir / "checkpoints" / "last.ckpt"), LossCurve(out_dir),
                  ThroughputLogger(), DataSkipMonitor(), WorldSizeResume()]

@@ -232,12 +232,6 @@ def test_a_two_rank_continued_checkpoint_resumes_on_one_rank_to_the_end(ddp_runs
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a run directory moved (or copied) elsewhere and resumed writes checkpoints/last-v1.ckpt and leaves last.ckpt at "
-    "the step it was moved at, so the next resume=auto (checks.find_resume_checkpoint reads last.ckpt) goes back: "
-    "Lightning's ModelCheckpoint.load_state_dict restores last_model_path only when the checkpoint's dirpath is this "
-    "run's, and _save_last_checkpoint then versions the name of the last.ckpt it finds (StepCheckpoint, "
-    "roberta_pl/callbacks/checkpointing.py, keeps Lightning's enable_version_counter=True)"))
 def test_a_continued_run_moved_to_another_directory_resumes_into_its_own_last_checkpoint(ddp_runs):
     run = ddp_runs.stopped  # 2 DDP ranks stopped at step 3 in `resumed`, copied here before it resumed
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"] == STOP
