@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--general-minutes", type=float, default=4, help="budget of the general model")
     p.add_argument("--minutes", type=float, default=5, help="budget of each contender (continued, scratch)")
     p.add_argument("--sweep-steps", type=int, default=250, help="steps of each LR sweep run (~1 min at 1 thread)")
-    p.add_argument("--continued-lrs", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3], help="peak LRs to try")
-    p.add_argument("--scratch-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3], help="peak LRs to try "
+    p.add_argument("--continued-lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3], help="peak LRs to try")
+    p.add_argument("--scratch-lrs", type=float, nargs="+", default=[2e-3, 4e-3, 8e-3], help="peak LRs to try "
                    "(budget_cpu's is 2e-3)")
     p.add_argument("--quick", action="store_true", help="1-minute budgets, 2 LRs each on 100 steps, a 2 MB domain: a "
                    "smoke check")
