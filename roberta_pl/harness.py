@@ -157,19 +157,21 @@ def run_scope(prog: str, out_dir: Path | None = None) -> Iterator[SimpleNamespac
 
 
 def remove_if_only_hydra(out_dir: Path) -> None:
-    """Remove a run directory that holds only Hydra's start-up files (``.hydra/``, ``<job>.log``): a refused
-    config leaves no empty ``runs/<name>`` behind. Anything else in it (checkpoints, logs of a run) keeps it."""
+    """Remove a default run directory (``runs/<name>``) that holds only Hydra's start-up files (``.hydra/``,
+    ``<job>.log``): a refused config leaves no empty ``runs/default`` behind. A directory anywhere else (a
+    ``run_dir`` the user chose, which may have existed before) is left alone, as is one holding anything else."""
     import shutil
 
+    if out_dir.parent.name != "runs":
+        return
     try:
         entries = list(out_dir.iterdir())
     except OSError:
         return
     if all((e.name == ".hydra" and e.is_dir()) or (e.suffix == ".log" and e.is_file()) for e in entries):
         shutil.rmtree(out_dir, ignore_errors=True)
-        if out_dir.parent.name == "runs":  # the default parent, when this run was all it held
-            with contextlib.suppress(OSError):
-                out_dir.parent.rmdir()
+        with contextlib.suppress(OSError):
+            out_dir.parent.rmdir()  # runs/ itself, when this run was all it held
 
 
 def one_line(error: BaseException) -> str:

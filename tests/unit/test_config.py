@@ -269,6 +269,10 @@ def test_cli_misspelt_key_gets_did_you_mean_and_a_refused_config_leaves_no_run_d
     (tmp_path / "runs" / "default" / "checkpoints").mkdir(parents=True)  # a run's own files keep its directory
     done = train("trainer.precision=bf17")
     assert done.returncode != 0 and (tmp_path / "runs" / "default" / "checkpoints").is_dir()
+    chosen = tmp_path / "mine"  # a run_dir of the user's choice may have existed before: it is never removed
+    chosen.mkdir()
+    done = train("trainer.precision=bf17", f"run_dir={chosen}")
+    assert done.returncode != 0 and chosen.is_dir()
 
 
 def test_the_step_horizon_is_read_and_followed():
