@@ -6,22 +6,22 @@
    HF RoBERTa-family directory with its tokenizer.
 2. **The domain**: prose it never saw, the documentation of this machine's packages (``/usr/share/doc``: READMEs,
    change logs, copyright notices), built by ``bench/quality.py``'s :func:`build_corpus` (paragraphs de-duplicated,
-   1 in 20 held out by paragraph hash), and sharded with the general model's own tokenizer:
+   1 in 20 held out by paragraph hash; "paragraphs" over 20,000 characters dropped), and sharded with the general model's own tokenizer:
    ``roberta-pl-data shards train.txt --tokenizer <general> --valid-fraction 0.02``.
 3. **Two contenders, trained at the same time** for the same wall-clock budget on an equal share of the threads:
-   ``continued`` (``roberta-pl-train experiment=budget_cpu pretrained=<general>``, warmup-stable-decay, a short
-   warm-up, 15% masking throughout) and ``scratch`` (the same shape from random weights, ``experiment=budget_cpu
-   data.tokenizer=<general>``). Each one's peak LR is chosen first, as a user would: a short run per value, all at
-   once in pairs, the lowest final validation loss on the domain's valid split winning (the held-out split is never
+   ``continued`` (``roberta-pl-train experiment=budget_cpu pretrained=<general>``, warmup-stable-decay, 15% masking
+   throughout) and ``scratch`` (the same shape from random weights, ``experiment=budget_cpu
+   data.tokenizer=<general>``). Each one's peak LR is chosen first, as a user would: a short run per value (a step
+   count), the two contenders' runs in pairs, the lowest final validation loss on the domain's valid split winning (the held-out split is never
    looked at for the choice).
 4. **One score**: the general model before continuing, and both final models, loaded with
    ``transformers.AutoModelForMaskedLM`` and scored by ``quality.py``'s :func:`evaluate` on the same held-out blocks
    (the general tokenizer's, packed as training packs, masked once at 15%, 80/10/10, fixed seed): masked-token
    accuracy and loss.
 
-    python bench/domain_adaptation.py                    # about 18 minutes on 2 cores
-    python bench/domain_adaptation.py --quick            # 1-minute budgets: a smoke check (~6 minutes)
-    python bench/domain_adaptation.py --general runs/mine/hf --minutes 10 --continued-lrs 1e-4 3e-4
+    python bench/domain_adaptation.py                    # 12-20 minutes on 2 cores, as loaded
+    python bench/domain_adaptation.py --quick            # 1-minute budgets: a smoke check (~3 minutes)
+    python bench/domain_adaptation.py --general runs/mine/hf --minutes 10 --continued-lrs 2e-4 5e-4 1e-3
 
 Writes ``bench/results/domain_adaptation.json`` (``_quick`` with ``--quick``). Nothing asserts a figure.
 """
@@ -139,8 +139,9 @@ def prepare_domain(work: Path, source: Path, max_bytes: int, tokenizer_dir: Path
 # -- training runs ----------------------------------------------------------------------------------
 def train_command(recipe: list[str], out: Path, seconds: float | None = None, steps: int | None = None) -> list[str]:
     """roberta-pl-train with ``recipe`` for a wall-clock budget (``seconds``) or a step count."""
-    length = f"trainer.max_time={int(seconds)}s" if seconds is not None else f"trainer.max_steps={steps}"
-    return [sys.executable, "-m", "roberta_pl.pretraining.app", *recipe, length, f"run_dir={out}", "fill_mask=[]", "logger=csv", "trainer.enable_progress_bar=false", "resume=never"]
+    length = ([f"trainer.max_time={int(seconds)}s"] if seconds is not None else  # a budget validates at its end itself
+              [f"trainer.max_steps={steps}", "trainer.max_time=null", f"trainer.val_every_n_steps={steps}"])
+    return [sys.executable, "-m", "roberta_pl.pretraining.app", *recipe, *length, f"run_dir={out}", "fill_mask=[]", "logger=csv", "trainer.enable_progress_bar=false", "resume=never"]
 
 
 def contender_recipe(name: str, lr: float, general: Path, shards: Path, shape: list[str]) -> list[str]:
