@@ -75,3 +75,40 @@ class FirstBatchLoss(pl.Callback):
         model.train()
         tensors = {k: v.cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}
         torch.save({"batch": tensors, "loss": float(loss)}, self.path)
+
+
+EXPORT_SAMPLES = ["The <mask> statement is used to leave a loop early.", "  Indented:\tand tabbed, naïve café — ünïcode.",
+                  "x = [1, 2, 3]  # a list"]
+
+
+def check_exported_as_it_came_in(hf_dir: Path, model_dir: Path, model_type: str, checkpoint: Path,
+                                 samples: list[str] = EXPORT_SAMPLES):
+    """An export of a run continued from ``model_dir``: its model type and class, the tokenizer's own files byte for
+    byte (tokenizer_config.json records the model's length) with the same ids, a clean load in ``transformers``, and
+    logits equal to ``checkpoint``'s. Returns ``(tokenizer, hf model, encoded samples)`` for further checks."""
+    import json
+
+    import transformers
+
+    from roberta_pl.checkpoints import load_pretrained
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["model_type"] == model_type and config["architectures"] == [MASKED_LM_CLASS[model_type]]
+    for f in model_dir.iterdir():
+        if f.name not in ("config.json", "model.safetensors", "tokenizer_config.json"):
+            assert (hf_dir / f.name).read_bytes() == f.read_bytes(), f.name
+    original, tok = (transformers.AutoTokenizer.from_pretrained(d) for d in (model_dir, hf_dir))
+    assert type(tok) is type(original)
+    for text in samples:
+        assert tok(text)["input_ids"] == original(text)["input_ids"], text
+    hf, info = transformers.AutoModelForMaskedLM.from_pretrained(hf_dir, output_loading_info=True)
+    assert type(hf).__name__ == MASKED_LM_CLASS[model_type]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ours, _ = load_pretrained(checkpoint)
+    enc = tok(samples, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = ours(enc["input_ids"], enc["attention_mask"]).logits
+        got = hf.eval()(**enc).logits
+    real = enc["attention_mask"].bool()
+    assert (got[real] - expected[real]).abs().max() < 1e-4
+    return tok, hf, enc

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from hf_models import MASKED_LM_CLASS, hf_masked_lm_dir
+from hf_models import check_exported_as_it_came_in, hf_masked_lm_dir
 from hf_tokenizers import byte_bpe_tokenizer_dir, local_texts, xlmr_tokenizer_dir
 from hydra import compose, initialize_config_dir
 
@@ -107,29 +107,9 @@ def test_a_continued_run_resumes_exactly(tmp_path, family, capsys):
 
 
 def test_the_export_goes_back_out_as_it_came_in(tmp_path, family):
-    original = transformers.AutoTokenizer.from_pretrained(family.model_dir)
-    for hf_dir in (family.straight / "hf", export(family.straight / "checkpoints" / "last.ckpt", tmp_path / "exported")):
-        config = json.loads((hf_dir / "config.json").read_text())
-        assert config["model_type"] == family.model_type
-        assert config["architectures"] == [MASKED_LM_CLASS[family.model_type]]
-        # The tokenizer's own files, byte for byte (tokenizer_config.json records the model's length).
-        for f in family.model_dir.iterdir():
-            if f.name not in ("config.json", "model.safetensors", "tokenizer_config.json"):
-                assert (hf_dir / f.name).read_bytes() == f.read_bytes(), f.name
-        tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-        assert type(tok) is type(original)
-        for text in SAMPLES:
-            assert tok(text)["input_ids"] == original(text)["input_ids"], text
-        hf, info = transformers.AutoModelForMaskedLM.from_pretrained(hf_dir, output_loading_info=True)
-        assert type(hf).__name__ == MASKED_LM_CLASS[family.model_type]
-        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-        ours, _ = load_pretrained(family.straight / "checkpoints" / "last.ckpt")
-        enc = tok(SAMPLES, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            expected = ours(enc["input_ids"], enc["attention_mask"]).logits
-            got = hf.eval()(**enc).logits
-        real = enc["attention_mask"].bool()
-        assert (got[real] - expected[real]).abs().max() < 1e-4
+    last = family.straight / "checkpoints" / "last.ckpt"
+    for hf_dir in (family.straight / "hf", export(last, tmp_path / "exported")):
+        tok, hf, enc = check_exported_as_it_came_in(hf_dir, family.model_dir, family.model_type, last, SAMPLES)
     # The trained weights, not the loaded ones; and fine-tuning starts from the same encoder either way.
     before = transformers.AutoModelForMaskedLM.from_pretrained(family.model_dir).state_dict()
     after = hf.state_dict()
