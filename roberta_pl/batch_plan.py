@@ -75,10 +75,6 @@ class BatchPlan:
         """Micro-batches per rank that optimizer steps ``0 .. step - 1`` consume (a ramp's smaller steps included)."""
         return self.phase_at_step(step).micro_batches_before(step)
 
-    def step_of(self, micro_batch: int) -> int:
-        """The optimizer step that micro-batch ``micro_batch`` (per rank, from 0) belongs to."""
-        return self.phase_at_micro_batch(micro_batch).step_of(micro_batch)
-
 
 def plan_batch(global_batch_size: int, micro_batch_size: int, world_size: int, seq_len: int) -> BatchPlan:
     """Derive gradient accumulation from the global batch.
