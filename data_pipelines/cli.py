@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank")
     g.add_argument("--batch-multiple", type=int, default=1, help="gradient accumulation (batches per rank per epoch are a multiple of it)")
-    g.add_argument("--pack-mode", choices=("full_sentences", "doc"), default="full_sentences", help="FULL-SENTENCES or doc packing")
+    g.add_argument("--pack-mode", choices=("full_sentences", "doc", "packed_docs"), default="full_sentences",
+                   help="FULL-SENTENCES, doc or packed_docs packing")
     g.add_argument("--seed", type=int, default=0, help="the run's seed (assigns shards to readers)")
 
     p = sub.add_parser("demo-task", help="write a small fine-tuning task built from standard-library docstrings",

@@ -12,5 +12,9 @@ IGNORE_INDEX = -100  # the label of a position that is not predicted (torch.nn.f
 # where a token is to be predicted (IGNORE_INDEX elsewhere). Stacked batches hold them in this order.
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
+# packed_docs batches (data.packing=packed_docs) also carry, after those three, a LongTensor [B, T] of which document of
+# its row each token is in (runs of equal ids); the model then restarts positions and attends within each document.
+DOCUMENT_IDS = "document_ids"
+
 # Train batches also carry their optimizer step's masked-token count (data_pipelines.loaders.StepWindow).
 STEP_WINDOW = "step_window"

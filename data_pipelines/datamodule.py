@@ -12,8 +12,8 @@ built once from a run's config); the batch shape and the trainer's accumulation 
 (litgpt's ``data.connect(tokenizer, batch_size, max_seq_length)``), and everything the data side derives from them
 (the epoch rounded to whole optimizer steps, the step windows) follows from that one call.
 
-Batches are ``{"input_ids", "attention_mask", "labels"}`` LongTensors ``[B, T]`` (see
-:mod:`data_pipelines.stream`).
+Batches are ``{"input_ids", "attention_mask", "labels"}`` LongTensors ``[B, T]``, plus ``"document_ids"`` with
+``pack_mode="packed_docs"`` (see :mod:`data_pipelines.stream`).
 
 Resume. The whole data position is one number: ``consumed``, the micro-batches this rank has
 trained on since the start of training. ``state_dict()`` saves it and Lightning stores it in the
@@ -55,7 +55,7 @@ from data_pipelines.tokenizer import load_tokenizer
 
 log = logging.getLogger("data_pipelines")
 
-PACK_MODES = typing.get_args(PackMode)  # ("full_sentences", "doc")
+PACK_MODES = typing.get_args(PackMode)  # ("full_sentences", "doc", "packed_docs")
 _LEGACY_PACK_MODES = {"full": "full_sentences"}  # checkpoints from before the stream took the YAML's name
 
 
@@ -65,7 +65,9 @@ class DataSettings:
     batch shape (:meth:`MLMDataModule.connect`). Built once from a run's config.
 
     Attributes:
-        pack_mode: ``"full_sentences"`` (FULL-SENTENCES, crosses documents, no padding) or ``"doc"``.
+        pack_mode: ``"full_sentences"`` (FULL-SENTENCES, crosses documents, no padding), ``"doc"`` (one document a
+            row, padded) or ``"packed_docs"`` (documents packed with their boundaries, no padding; batches carry
+            ``document_ids`` for attention within each document).
         seed: seed of shard assignment, order, shuffle and masks.
         num_workers: DataLoader workers per rank (0 reads in the main process).
         shuffle_window: blocks shuffled together in the train stream.
@@ -86,7 +88,7 @@ class DataSettings:
     def __post_init__(self) -> None:
         check_on_error(self.on_error)
         if self.pack_mode not in PACK_MODES:
-            raise DataError(f"pack_mode must be 'full_sentences' or 'doc', got {self.pack_mode!r}")
+            raise DataError(f"pack_mode must be one of {', '.join(PACK_MODES)}; got {self.pack_mode!r}")
         if self.num_workers < 0:
             raise DataError(f"need num_workers >= 0, got {self.num_workers}")
 

@@ -45,7 +45,12 @@ import numpy as np
 
 from data_pipelines.errors import DataError
 from data_pipelines.manifest import ShardInfo
-from data_pipelines.packing import block_count_lower_bound
+from data_pipelines.packing import (
+    STREAM_MODES,
+    block_count_lower_bound,
+    block_width,
+    stream_tokens,
+)
 
 if TYPE_CHECKING:
     from data_pipelines.stream import StreamConfig
@@ -172,8 +177,8 @@ def plan_epoch(config: "StreamConfig") -> EpochPlan:
     else:
         partition = partition_shards(shards, readers, cfg.seed)
     batch = cfg.batch_size
-    body = cfg.seq_len - 2
-    total_tokens = sum(s.num_tokens + s.num_docs for s in shards) if cfg.shards.has_counts else None
+    body = block_width(cfg.seq_len, cfg.pack_mode)  # stream tokens per block (a stream mode's)
+    total_tokens = sum(stream_tokens(s.num_docs, s.num_tokens, cfg.pack_mode) for s in shards) if cfg.shards.has_counts else None
     if cfg.batches_per_epoch is not None:
         if cfg.batches_per_epoch < workers or cfg.batches_per_epoch % workers:
             raise DataError(f"batches_per_epoch={cfg.batches_per_epoch} must be a positive multiple of num_workers={workers}")
@@ -192,9 +197,9 @@ def plan_epoch(config: "StreamConfig") -> EpochPlan:
         # for 90% of it, and a reader that still runs short refills by cycling.
         whole = block_count_lower_bound(sum(s.num_docs for s in shards), sum(s.num_tokens for s in shards), cfg.seq_len, cfg.pack_mode)
         blocks = [whole * 9 // (10 * readers)] * readers
-    elif cfg.pack_mode == "full_sentences":
+    elif cfg.pack_mode in STREAM_MODES:
         # Exact: a reader's shards form one contiguous packed stream.
-        blocks = [block_count_lower_bound(sum(shards[i].num_docs for i in o), sum(shards[i].num_tokens for i in o), cfg.seq_len, "full_sentences")
+        blocks = [block_count_lower_bound(sum(shards[i].num_docs for i in o), sum(shards[i].num_tokens for i in o), cfg.seq_len, cfg.pack_mode)
                   for o in partition]
     else:
         blocks = [sum(block_count_lower_bound(shards[i].num_docs, shards[i].num_tokens, cfg.seq_len, "doc") for i in o) for o in partition]
@@ -233,7 +238,7 @@ def plan_epoch(config: "StreamConfig") -> EpochPlan:
                 if not source[2]:
                     spare.pop(0)
     used = sum(quotas)
-    unused_tokens = total_tokens - used * body if (cfg.pack_mode == "full_sentences" and not strided) else None
+    unused_tokens = total_tokens - used * body if (cfg.pack_mode in STREAM_MODES and not strided) else None
     return EpochPlan(tuple(map(tuple, partition)), strided, role_batches, tuple(blocks), tuple(own),
                      tuple(map(tuple, borrowed)), sum(blocks) - used, total_tokens, unused_tokens)
 

@@ -3,8 +3,8 @@
 
 Exact resume. Batch ``g`` of an epoch is produced by the reader with role ``g % num_workers`` (the
 DataLoader round-robins over workers). To restart at batch ``k``, worker ``w`` takes role
-``(w + k) % num_workers`` and skips the blocks its role already produced: with counts, ``full``
-mode seeks by token arithmetic to the right group of shards and only reads that group's documents
+``(w + k) % num_workers`` and skips the blocks its role already produced: with counts, ``full_sentences``
+and ``packed_docs`` modes seek by token arithmetic to the right group of shards and only reads that group's documents
 up to the cursor (O(``interleave_shards`` shards)), in its own stream or in the one it borrows from;
 ``doc`` mode, or shards without counts, replay the reader's blocks without masking them (O(blocks
 skipped)).
@@ -22,12 +22,29 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipelines.contract import BATCH_KEYS
-from data_pipelines.epochs import Carry, Piece, batches_before, deal_carry, epoch_order, plan_epoch, take_pieces
+from data_pipelines.contract import BATCH_KEYS, DOCUMENT_IDS
+from data_pipelines.epochs import (
+    Carry,
+    Piece,
+    batches_before,
+    deal_carry,
+    epoch_order,
+    plan_epoch,
+    take_pieces,
+)
 from data_pipelines.errors import DataError, OnError, SkipReport
 from data_pipelines.manifest import ShardSet
 from data_pipelines.masking import Masker, mask_generator
-from data_pipelines.packing import PackMode, pack
+from data_pipelines.packing import (
+    STREAM_MODES,
+    PackMode,
+    block_width,
+    document_ids,
+    frame_documents,
+    pack,
+    pack_framed,
+    stream_tokens,
+)
 from data_pipelines.shard_format import iter_shard
 
 log = logging.getLogger("data_pipelines")
@@ -48,7 +65,8 @@ class StreamConfig:
         shards: the split's shards.
         seq_len: block length (incl. ``<s>``/``</s>``).
         batch_size: blocks per batch (the micro-batch).
-        pack_mode: ``"full_sentences"`` (FULL-SENTENCES) or ``"doc"``.
+        pack_mode: ``"full_sentences"`` (FULL-SENTENCES), ``"doc"`` or ``"packed_docs"`` (documents packed with
+            their boundaries: batches carry ``document_ids``).
         seed: the run's seed.
         rank: this process's data-parallel rank.
         world_size: number of data-parallel ranks.
@@ -67,7 +85,7 @@ class StreamConfig:
             shards of its epoch order; 1: one shard after another). A shard of a job array's task holds only
             that task's files, so this mixes several tasks' documents from the first block; it costs one open
             shard (about 1 MiB of ids) each, and a resume reads up to this many shards to its cursor.
-        stacked: yield one int64 numpy array ``[3, B, T]`` instead of a dict of tensors (see
+        stacked: yield one int64 numpy array ``[3, B, T]`` (``[4, B, T]`` with ``document_ids``) instead of a dict of tensors (see
             :func:`unstack_batch`). A DataLoader worker sends tensors through a fresh
             shared-memory segment each (~10M tokens/s at best on one core) but numpy arrays by
             value through its pipe (~33M tokens/s), so the worker→main hop stops being the
@@ -103,7 +121,8 @@ class StreamConfig:
 
 
 def unstack_batch(stacked: np.ndarray, pin_memory: bool = False) -> dict[str, torch.Tensor]:
-    """Turn a ``[3, B, T]`` stacked batch into the ``{"input_ids", "attention_mask", "labels"}`` dict.
+    """Turn a ``[3, B, T]`` stacked batch into the ``{"input_ids", "attention_mask", "labels"}`` dict (a
+    ``[4, B, T]`` one, of ``packed_docs``, adds ``"document_ids"``).
 
     Args:
         stacked: the array a ``stacked=True`` stream yields.
@@ -115,7 +134,7 @@ def unstack_batch(stacked: np.ndarray, pin_memory: bool = False) -> dict[str, to
     tensor = torch.from_numpy(stacked)
     if pin_memory:
         tensor = tensor.pin_memory()
-    return dict(zip(BATCH_KEYS, tensor.unbind(0)))
+    return dict(zip((*BATCH_KEYS, DOCUMENT_IDS), tensor.unbind(0)))
 
 
 def keep_as_is(item):
@@ -126,8 +145,9 @@ def keep_as_is(item):
 class MaskedBatchStream(IterableDataset):
     """An ``IterableDataset`` of masked MLM batches for one rank (use with ``batch_size=None``).
 
-    Each item is ``{"input_ids", "attention_mask", "labels"}``, LongTensors ``[B, T]`` (or, with
-    ``config.stacked``, the same as one int64 array ``[3, B, T]``; see :func:`unstack_batch`).
+    Each item is ``{"input_ids", "attention_mask", "labels"}``, LongTensors ``[B, T]``, with ``"document_ids"`` in
+    ``packed_docs`` mode (or, with ``config.stacked``, the same as one int64 array ``[3 or 4, B, T]``; see
+    :func:`unstack_batch`).
 
     Args:
         config: the :class:`StreamConfig`.
@@ -252,10 +272,12 @@ class MaskedBatchStream(IterableDataset):
             reader: global reader index, ``rank * workers + worker``.
             cycle: pass number within the epoch (> 0 only when data ran short).
             skip_tokens: start this many tokens into the reader's packed stream (documents plus
-                one separator each); whole groups of shards are skipped using the manifest counts.
+                one separator each; in ``packed_docs``, plus their ``<s>`` and ``</s>``); whole groups of shards
+                are skipped using the manifest counts.
 
         Returns:
-            An iterator of token arrays (the first one possibly a suffix of a document).
+            An iterator of token arrays (the first one possibly a suffix of a document); in ``packed_docs`` mode
+            each framed as ``<s> … </s>`` (:func:`~data_pipelines.packing.frame_documents`), the suffix too.
         """
         cfg = self.config
         owned = self.partition[reader]
@@ -263,17 +285,22 @@ class MaskedBatchStream(IterableDataset):
         order_key = 0 if self.strided else reader
         order = epoch_order(owned, cfg.seed, self.epoch, order_key, cycle) if cfg.shuffle_shards else list(owned)
         size = cfg.interleave_shards
+        framed = cfg.pack_mode == "packed_docs"
+        sep = 0 if framed else 1  # the separator full_sentences adds after each document (framed: in the document)
         for group in (order[g : g + size] for g in range(0, len(order), size)):
             shards = [cfg.shards.shards[i] for i in group]
             if skip_tokens and all(s.num_tokens is not None for s in shards):
-                tokens = sum(s.num_tokens + s.num_docs for s in shards)  # a separator follows every document
+                tokens = sum(stream_tokens(s.num_docs, s.num_tokens, cfg.pack_mode) for s in shards)
                 if skip_tokens >= tokens:
                     skip_tokens -= tokens
                     continue  # seek past the whole group without opening its shards
-            for ids in self._group_documents(group, reader):
+            docs = self._group_documents(group, reader)
+            if framed:
+                docs = frame_documents(docs, bos=cfg.bos_id, eos=cfg.eos_id)
+            for ids in docs:
                 if skip_tokens:
-                    if skip_tokens > len(ids):
-                        skip_tokens -= len(ids) + 1
+                    if skip_tokens >= len(ids) + sep:
+                        skip_tokens -= len(ids) + sep
                         continue
                     # The cursor is inside this document (or on its separator): resume from there.
                     # (An empty suffix is fine: it packs to exactly the separator that is left.)
@@ -314,14 +341,17 @@ class MaskedBatchStream(IterableDataset):
     def _raw_blocks(self, reader: int, skip_blocks: int) -> Iterator[np.ndarray]:
         """Unshuffled blocks of a reader from block ``skip_blocks`` on, cycling if data runs short."""
         cfg = self.config
-        seekable = cfg.pack_mode == "full_sentences" and cfg.shards.has_counts and not self.strided
-        skip_tokens = skip_blocks * (cfg.seq_len - 2) if seekable else 0
+        seekable = cfg.pack_mode in STREAM_MODES and cfg.shards.has_counts and not self.strided
+        skip_tokens = skip_blocks * block_width(cfg.seq_len, cfg.pack_mode) if seekable else 0
         replay = 0 if seekable else skip_blocks
         cycle = 0
         while True:
             produced = 0
-            blocks = pack(self.reader_documents(reader, cycle, skip_tokens), cfg.seq_len, cfg.pack_mode,
-                          bos=cfg.bos_id, eos=cfg.eos_id, pad=cfg.pad_id)
+            docs = self.reader_documents(reader, cycle, skip_tokens)
+            if cfg.pack_mode == "packed_docs":
+                blocks = pack_framed(docs, cfg.seq_len)  # reader_documents framed them
+            else:
+                blocks = pack(docs, cfg.seq_len, cfg.pack_mode, bos=cfg.bos_id, eos=cfg.eos_id, pad=cfg.pad_id)
             for block in blocks:
                 produced += 1
                 if replay:
@@ -388,9 +418,9 @@ class MaskedBatchStream(IterableDataset):
             blocks = self._blocks(reader, done * cfg.batch_size, batches * cfg.batch_size)
         steps_per_epoch = len(self)
         for local in range(done, batches):
-            rows = [next(blocks) for _ in range(cfg.batch_size)]
+            rows = np.stack([next(blocks) for _ in range(cfg.batch_size)])
             batch_index = local * workers + role  # index of this batch within the epoch
-            input_ids = torch.from_numpy(np.stack(rows).astype(np.int64))
+            input_ids = torch.from_numpy(rows.astype(np.int64))
             if cfg.mask_stream == TRAIN_STREAM:
                 step = self.epoch * steps_per_epoch + batch_index  # global micro-batch index
             else:
@@ -398,7 +428,10 @@ class MaskedBatchStream(IterableDataset):
             generator = mask_generator(cfg.seed, step, cfg.rank, cfg.mask_stream)
             masked, labels = self.masker(input_ids, generator, step)  # step: a mask-rate schedule's clock
             attention_mask = (input_ids != cfg.pad_id).long()
+            fields = [masked, attention_mask, labels]
+            if cfg.pack_mode == "packed_docs":  # from the unmasked rows: <s> marks each document's start
+                fields.append(torch.from_numpy(document_ids(rows, cfg.bos_id)))
             if cfg.stacked:
-                yield torch.stack((masked, attention_mask, labels)).numpy()
+                yield torch.stack(fields).numpy()
             else:
-                yield {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+                yield dict(zip((*BATCH_KEYS, DOCUMENT_IDS), fields))

@@ -11,7 +11,7 @@ from data_pipelines.masking import MaskingStrategy
 from roberta_pl.choices import choices
 from roberta_pl.config import LoggerConf, ModelConf, OptimConf, TrainerConf
 
-Packing = choices("Packing", ["full_sentences", "doc"])
+Packing = choices("Packing", ["full_sentences", "doc", "packed_docs"])
 OnError = choices("OnError", ["raise", "skip"])
 
 

@@ -17,7 +17,7 @@ from data_fixtures import (  # noqa: F401
     tokenizer_dir,
 )
 
-from data_pipelines.contract import IGNORE_INDEX, STEP_WINDOW
+from data_pipelines.contract import DOCUMENT_IDS, IGNORE_INDEX, STEP_WINDOW
 from data_pipelines.datamodule import DataSettings, MLMDataModule
 from data_pipelines.errors import DataError
 
@@ -42,8 +42,8 @@ def _take(dm: MLMDataModule, n: int) -> list[dict]:
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:
-    keys = ("input_ids", "attention_mask", "labels")
-    return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in keys) for x, y in zip(a, b))
+    keys = ("input_ids", "attention_mask", "labels", DOCUMENT_IDS)
+    return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in keys if k in x or k in y) for x, y in zip(a, b))
 
 
 def test_batch_contract(shard_dir, tokenizer_dir, tok):
@@ -69,9 +69,30 @@ def test_batch_contract(shard_dir, tokenizer_dir, tok):
     assert (labels[mask == 0] == IGNORE_INDEX).all()
 
 
-@pytest.mark.parametrize("num_workers, pack_mode", [(0, "full_sentences"), (2, "full_sentences"), (2, "doc")])
+def test_packed_docs_batches_carry_each_documents_boundaries_and_never_predict_its_specials(shard_dir, tokenizer_dir,
+                                                                                             tok):
+    dm = _dm(shard_dir, tokenizer_dir, pack_mode="packed_docs", num_workers=2)
+    batches = list(itertools.islice(iter(dm.train_dataloader()), 12)) + list(dm.val_dataloader())
+    assert all(set(b) >= {"input_ids", "attention_mask", "labels", DOCUMENT_IDS} for b in batches)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    docs = torch.cat([b[DOCUMENT_IDS] for b in batches])
+    original = torch.where(labels != IGNORE_INDEX, labels, ids)
+    assert docs.dtype == torch.long and docs.shape == ids.shape
+    assert (torch.cat([b["attention_mask"] for b in batches]) == 1).all()  # no padding
+    # Every <s> starts a document and every document but a row's first starts with <s>; the specials are kept.
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    assert torch.equal(starts[:, 1:], original[:, 1:] == tok.bos_id)
+    assert torch.equal(ids == tok.bos_id, original == tok.bos_id) and torch.equal(ids == tok.eos_id, original == tok.eos_id)
+    assert (labels[(original == tok.bos_id) | (original == tok.eos_id)] == IGNORE_INDEX).all()
+    assert (docs[:, -1] > 1).any() and (labels != IGNORE_INDEX).any()  # several documents a row, and masked tokens
+
+
+@pytest.mark.parametrize("num_workers, pack_mode", [(0, "full_sentences"), (2, "full_sentences"), (2, "doc"),
+                                                    (2, "packed_docs")])
 def test_exact_resume_from_state_dict(shard_dir, tokenizer_dir, num_workers, pack_mode):
-    def _dm(*args, **kw):  # "doc" mode resumes by replaying; "full_sentences" seeks by token counts
+    def _dm(*args, **kw):  # "doc" mode resumes by replaying; "full_sentences" and "packed_docs" seek by token counts
         return globals()["_dm"](*args, pack_mode=pack_mode, **kw)
 
     reference = _dm(shard_dir, tokenizer_dir, num_workers=num_workers)
@@ -134,7 +155,7 @@ def test_the_batch_plan_is_connected_once_and_the_epoch_follows_the_accumulation
     assert dm.batches_per_epoch_per_rank % 6 == 0 and raw - dm.batches_per_epoch_per_rank < 6
     with pytest.raises(DataError, match="micro_batch_size >= 1"):
         dm.connect(64, 0)
-    with pytest.raises(DataError, match="pack_mode must be 'full_sentences' or 'doc', got 'full'"):
+    with pytest.raises(DataError, match="pack_mode must be one of full_sentences, doc, packed_docs; got 'full'"):
         DataSettings(pack_mode="full")
     with pytest.raises(DataError, match="num_workers >= 0"):
         DataSettings(num_workers=-1)

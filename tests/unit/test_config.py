@@ -219,7 +219,7 @@ def test_the_help_lists_the_presets_of_the_one_table():
     ("trainer.strategy=deepspeedd", "[auto, ddp, deepspeed]"),
     ("trainer.nonfinite_loss=skipp", "[stop, skip]"),
     ("logger.kind=wandbb", "[csv, wandb, tensorboard, none]"),
-    ("data.packing=full_sentence", "[full_sentences, doc]"),
+    ("data.packing=full_sentence", "[full_sentences, doc, packed_docs]"),
     ("data.on_error=ignore", "[raise, skip]"),
 ])
 def test_a_misspelt_choice_fails_when_the_config_is_composed_naming_the_allowed_values(override, allowed):

@@ -1,4 +1,4 @@
-"""FULL-SENTENCES and doc packing are lossless and shaped as specified."""
+"""FULL-SENTENCES, doc and packed_docs packing are lossless and shaped as specified."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from data_fixtures import corpus_docs, corpus_file, tok, tokenizer_dir  # noqa: 
 
 from data_pipelines.packing import (
     block_count_lower_bound,
+    document_ids,
     pack,
     pack_documents,
     pack_full_sentences,
+    pack_packed_docs,
 )
 
 BOS, PAD, EOS = 0, 1, 2
@@ -59,5 +61,25 @@ def test_doc_mode_never_crosses_documents(docs):
 def test_bad_seq_len_and_mode():
     with pytest.raises(ValueError, match="seq_len"):
         list(pack_full_sentences([np.arange(5)], 2))
-    with pytest.raises(ValueError, match="pack mode"):
+    with pytest.raises(ValueError, match="pack mode must be one of full_sentences, doc, packed_docs; got 'bogus'"):
         pack([np.arange(5)], 16, "bogus")
+
+
+@pytest.mark.parametrize("seq_len", [3, 64, 512])
+def test_packed_docs_frames_every_document_and_is_lossless_and_unpadded(docs, seq_len):
+    blocks = np.stack(list(pack_packed_docs(docs, seq_len)))
+    assert blocks.shape[1] == seq_len and not (blocks == PAD).any()
+    stream = np.concatenate([np.concatenate([[BOS], d, [EOS]]) for d in docs])
+    assert len(blocks) == len(stream) // seq_len == block_count_lower_bound(len(docs), sum(map(len, docs)), seq_len,
+                                                                             "packed_docs")
+    # The blocks, concatenated, are the documents each as <s> ... </s>, in order: nothing lost, nothing added.
+    np.testing.assert_array_equal(blocks.reshape(-1), stream[: blocks.size])
+    ids = document_ids(blocks, BOS)
+    for row, row_ids in zip(blocks, ids):
+        # A document of the row: a run of equal ids; it starts with <s> unless it is the row's first (the rest of
+        # a document the previous block cut), and it holds no other special than its own </s> at its end.
+        for d in np.unique(row_ids):
+            tokens = row[row_ids == d]
+            assert (tokens[0] == BOS) or (d == 0 and row[0] != BOS)
+            assert not (tokens[1:] == BOS).any() and not (tokens[:-1] == EOS).any()
+    assert (ids[:, -1] > 0).any()  # blocks hold several documents (the corpus's are shorter than 512 tokens)

@@ -24,6 +24,7 @@ from data_pipelines.epochs import epoch_order, partition_shards
 from data_pipelines.errors import DataError, SkipReport
 from data_pipelines.manifest import ShardInfo, ShardSet, resolve_shards
 from data_pipelines.masking import Masker
+from data_pipelines.packing import block_width, stream_tokens
 from data_pipelines.shard_format import iter_shard
 from data_pipelines.stream import MaskedBatchStream, StreamConfig
 
@@ -129,21 +130,26 @@ def test_ranks_get_equal_batches_and_blocks_follow_the_reader_streams(shard_dir,
     assert counts[0] * world * 4 > 0.8 * total_blocks
 
 
-def test_seeking_by_counts_matches_replaying(shard_dir, tok):
+@pytest.mark.parametrize("pack_mode", ["full_sentences", "packed_docs"])
+def test_seeking_by_counts_matches_replaying(shard_dir, tok, pack_mode):
     shards = resolve_shards(shard_dir)
     no_counts = ShardSet(tuple(ShardInfo(s.url) for s in shards.shards), shards.tokenizer_hash)
     seq_len = 7
-    body = seq_len - 2
+    body = block_width(seq_len, pack_mode)
     # Reader 1 owns 4 shards: read 2 at a time, they form 2 groups, so one group is skipped whole by counts.
-    seek = _stream(tok, shards, seq_len=seq_len, num_workers=2, shuffle_window=1, interleave_shards=2)
+    seek = _stream(tok, shards, seq_len=seq_len, num_workers=2, shuffle_window=1, interleave_shards=2, pack_mode=pack_mode)
     replay = _stream(tok, no_counts, seq_len=seq_len, num_workers=2, shuffle_window=1, batches_per_epoch=2,
-                     interleave_shards=2)
+                     interleave_shards=2, pack_mode=pack_mode)
     replay.partition = seek.partition  # same reader → shards assignment for the comparison
     for epoch in (0, 3):
         seek.set_position(epoch)
         replay.set_position(epoch)
         docs = list(seek.reader_documents(1))
-        stream = np.concatenate([np.append(d, tok.eos_id) for d in docs])
+        if pack_mode == "packed_docs":  # framed: <s> ... </s> each
+            assert all(d[0] == tok.bos_id and d[-1] == tok.eos_id for d in docs)
+            stream = np.concatenate(docs)
+        else:
+            stream = np.concatenate([np.append(d, tok.eos_id) for d in docs])
         full = list(itertools.islice(seek._raw_blocks(1, 0), len(stream) // body))
         # The tricky cursors: on a separator, right after one (a document start), and the blocks
         # around each group's start (whole groups of shards skipped by counts).
@@ -151,14 +157,16 @@ def test_seeking_by_counts_matches_replaying(shard_dir, tok):
         after_sep = [m for m in range(1, len(full)) if stream[m * body - 1] == tok.eos_id][:6]
         order = epoch_order(seek.partition[1], seek.config.seed, epoch, 1)
         assert len(order) == 4
-        edges = np.cumsum([sum(shards.shards[i].num_tokens + shards.shards[i].num_docs for i in order[g : g + 2])
-                           for g in (0, 2)])[:-1]
+        edges = np.cumsum([sum(stream_tokens(shards.shards[i].num_docs, shards.shards[i].num_tokens, pack_mode)
+                               for i in order[g : g + 2]) for g in (0, 2)])[:-1]
         group_starts = [int(e) // body + d for e in edges for d in (0, 1)]
         assert on_sep and after_sep and group_starts
         for skip in [0, 1, 2, len(full) - 1] + on_sep + after_sep + group_starts:
             got = next(seek._raw_blocks(1, skip))
             np.testing.assert_array_equal(got, full[skip], err_msg=f"skip={skip}")
             np.testing.assert_array_equal(next(replay._raw_blocks(1, skip)), got, err_msg=f"skip={skip}")
+        if pack_mode == "packed_docs":  # the blocks are the framed documents cut every seq_len tokens
+            np.testing.assert_array_equal(np.concatenate(full), stream[: len(full) * seq_len])
 
 
 def test_a_reader_interleaves_its_shards_four_at_a_time_from_its_first_batch(shard_dir, tok):
@@ -281,13 +289,14 @@ def test_at_most_one_global_batch_is_left_unused_and_no_block_is_used_twice(shar
 SEQ, BATCH = 64, 8  # the world-size test: 8 x 62 tokens a batch
 
 
-def _epoch_rows(tok, shards, world, workers, multiple, epoch, start=0, carry=None) -> tuple[list[tuple], int, int]:
+def _epoch_rows(tok, shards, world, workers, multiple, epoch, start=0, carry=None,
+                pack_mode="full_sentences") -> tuple[list[tuple], int, int]:
     """The unmasked token rows every rank of a ``world x workers`` plan trains on in ``epoch`` from batch ``start``
     on (all ranks at the same position), with the plan's batches per rank and, under ``carry``, its first batch."""
     rows, first, length = [], 0, 0
     for rank in range(world):
         stream = _stream(tok, shards, rank=rank, world_size=world, num_workers=workers, seq_len=SEQ, batch_size=BATCH,
-                         batch_multiple=multiple, shuffle_window=8)
+                         batch_multiple=multiple, shuffle_window=8, pack_mode=pack_mode)
         first = stream.set_carry(carry)
         stream.set_position(epoch, max(start, first))
         batches = list(DataLoader(stream, batch_size=None, num_workers=workers))
@@ -298,9 +307,12 @@ def _epoch_rows(tok, shards, world, workers, multiple, epoch, start=0, carry=Non
 
 
 @pytest.mark.filterwarnings(r"ignore:This DataLoader will create 3 worker processes:UserWarning:torch\.utils\.data")  # on purpose
-@pytest.mark.parametrize("plans", [[(2, 1, 1), (1, 1, 2)], [(1, 1, 2), (2, 1, 1)], [(2, 2, 1), (1, 3, 2), (2, 2, 1)]],
-                         ids=["2to1", "1to2", "2x2workers-to-1x3-to-2x2"])
-def test_a_new_world_size_finishes_the_epoch_with_exactly_the_blocks_not_yet_trained_on(shard_dir, tok, plans):
+@pytest.mark.parametrize("plans, pack_mode", [([(2, 1, 1), (1, 1, 2)], "full_sentences"),
+                                              ([(1, 1, 2), (2, 1, 1)], "full_sentences"),
+                                              ([(2, 2, 1), (1, 3, 2), (2, 2, 1)], "full_sentences"),
+                                              ([(2, 1, 1), (1, 1, 2)], "packed_docs")],
+                         ids=["2to1", "1to2", "2x2workers-to-1x3-to-2x2", "2to1-packed_docs"])
+def test_a_new_world_size_finishes_the_epoch_with_exactly_the_blocks_not_yet_trained_on(shard_dir, tok, plans, pack_mode):
     """Resume mid-epoch under another (world_size, num_workers, batch_multiple): the blocks trained on before and
     after each change, within the epoch, are the epoch's blocks under the first plan, each once, but for less than
     one global batch of the new plan left over (the first plan's own per-epoch leftover is not of the epoch)."""
@@ -308,20 +320,21 @@ def test_a_new_world_size_finishes_the_epoch_with_exactly_the_blocks_not_yet_tra
 
     shards, epoch = resolve_shards(shard_dir), 1
     world, workers, multiple = plans[0]
-    epoch_blocks, _, length = _epoch_rows(tok, shards, world, workers, multiple, epoch)
+    epoch_blocks, _, length = _epoch_rows(tok, shards, world, workers, multiple, epoch, pack_mode=pack_mode)
     trained: Counter = Counter()
     carry = None
     for (world, workers, multiple), (new_world, new_workers, new_multiple) in zip(plans, plans[1:]):
         # Train the old plan to a step boundary about a third of the way into what is left of the epoch.
-        rows, first, length = _epoch_rows(tok, shards, world, workers, multiple, epoch, carry=carry)
+        rows, first, length = _epoch_rows(tok, shards, world, workers, multiple, epoch, carry=carry, pack_mode=pack_mode)
         start = first + (length - first) // 3 // multiple * multiple
         done = Counter(r for rank in range(world) for r in rows[rank * len(rows) // world:][:(start - first) * BATCH])
         trained += done
         config = _stream(tok, shards, world_size=world, num_workers=workers, seq_len=SEQ, batch_size=BATCH,
-                         batch_multiple=multiple, shuffle_window=8).config
+                         batch_multiple=multiple, shuffle_window=8, pack_mode=pack_mode).config
         carry = rest_of_epoch(config, epoch * length + start, carry)
         assert carry.epoch == epoch and carry.blocks + sum(trained.values()) <= len(epoch_blocks)
-    rows, first, length = _epoch_rows(tok, shards, new_world, new_workers, new_multiple, epoch, carry=carry)
+    rows, first, length = _epoch_rows(tok, shards, new_world, new_workers, new_multiple, epoch, carry=carry,
+                                     pack_mode=pack_mode)
     trained += Counter(rows)
     assert not trained - Counter(epoch_blocks), "a block trained on twice, or one not of the epoch"
     left = len(epoch_blocks) - sum(trained.values())
@@ -329,7 +342,7 @@ def test_a_new_world_size_finishes_the_epoch_with_exactly_the_blocks_not_yet_tra
     assert first > 0 and (length - first) % new_multiple == 0 and first % new_multiple == 0
     # Exact resume inside the carried part under the same plan: the same batches as without the interruption.
     tail, _, _ = _epoch_rows(tok, shards, new_world, new_workers, new_multiple, epoch, start=first + new_multiple,
-                             carry=carry)
+                             carry=carry, pack_mode=pack_mode)
     per_rank = (length - first) * BATCH
     assert tail == [r for rank in range(new_world) for r in rows[rank * per_rank:][new_multiple * BATCH:per_rank]]
 
