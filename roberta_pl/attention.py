@@ -156,14 +156,17 @@ def prepare(document_ids: Tensor | None, attention_mask: Tensor | None, window: 
 
     Returns:
         A :class:`VarlenLayout` for FlashAttention varlen (CUDA, ``flash_attn`` installed, fp16/bf16), else the
-        boolean mask of :func:`attention_bias` (None when nothing restricts). Pass it to :func:`attend` as ``layout``.
+        boolean mask of :func:`attention_bias`. With neither documents nor a window: a ``[B, 1, 1, T]`` key mask of
+        the padding, or None. Pass it to :func:`attend` as ``layout``.
     """
-    restricted = document_ids is not None or attention_mask is not None or window is not None
-    if (restricted and device.type == "cuda" and _flash_varlen() is not None
-            and _activation_dtype(device, dtype) in (torch.float16, torch.bfloat16)):
+    if document_ids is None and window is None:
+        # Padding alone: SDPA with a [B, 1, 1, T] key mask, the path the RoBERTa model always had (None: no mask).
+        return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+    if device.type == "cuda" and _flash_varlen() is not None and _activation_dtype(device, dtype) in (torch.float16,
+                                                                                                      torch.bfloat16):
         return varlen_layout(document_ids, attention_mask, window, shape, device)
     mask = attention_bias(document_ids, attention_mask, window, shape[1])
-    return None if mask is None else mask.to(device)
+    return mask.to(device)
 
 
 _UNSET = object()

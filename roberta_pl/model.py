@@ -15,8 +15,8 @@ Geiping & Goldstein, 2022, "Cramming"). Our names stay ``roberta.*``; :mod:`robe
 Parameter names mirror HuggingFace's ``RobertaForMaskedLM`` (``roberta.encoder.layer.{i}.attention.self.query``,
 ``lm_head.dense`` ...), so conversion in :mod:`roberta_pl.hf` is a table, not code.
 
-Attention goes through :func:`torch.nn.functional.scaled_dot_product_attention`: with no padding mask
-(packed FULL-SENTENCES blocks) GPUs get the flash kernel; with padding a boolean key mask is passed.
+Attention goes through :mod:`roberta_pl.attention`: SDPA, unmasked for FULL-SENTENCES blocks, with a key mask for padding;
+``document_ids`` (``packed_docs``) restart positions at each document and keep attention within it (flash varlen on CUDA).
 
 Arithmetic for ``base`` (12 layers, 768 hidden, 50265 vocab): embeddings 50265*768 + 514*768 ≈ 39.0M,
 each layer 12*768^2 + 13*768 ≈ 7.1M, so 12 layers ≈ 85.1M; the MLM head adds 768^2 + vocab bias ≈ 0.6M
@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from data_pipelines.contract import IGNORE_INDEX
+from roberta_pl.attention import attend, document_positions, prepare
 
 
 # transformers model types with exactly this post-LN architecture (their heads differ only in class name).
@@ -163,10 +164,11 @@ class RobertaEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # fairseq's make_positions: real tokens count up from pad_id + 1, padding stays at pad_id.
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # fairseq's make_positions: real tokens count up from pad_id + 1 (in each document), padding stays at pad_id.
         not_pad = input_ids.ne(self.pad_token_id).int()
-        position_ids = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_token_id
+        counts = torch.cumsum(not_pad, dim=1) if document_ids is None else document_positions(document_ids) + 1
+        position_ids = counts * not_pad + self.pad_token_id
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids.long())
         x = x + self.token_type_embeddings.weight[0]
         return self.dropout(self.LayerNorm(x))
@@ -181,13 +183,13 @@ class RobertaSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask) -> torch.Tensor:  # attn_mask: roberta_pl.attention.prepare's layout
         B, T, C = x.shape
         # One [C, 3C] GEMM instead of three [C, C] ones; the three Linears stay separate parameters (HF names).
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         q, k, v = F.linear(x, w, b).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0)
+        y = attend(q, k, v, layout=attn_mask, dropout_p=self.dropout_p if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, C)
 
 
@@ -283,21 +285,21 @@ class RobertaModel(nn.Module):
         for layer in self.encoder.layer:
             layer.compile(*args, **kwargs)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask=None, document_ids=None) -> torch.Tensor:
         """Args:
             input_ids: ``[B, T]`` token ids.
             attention_mask: ``[B, T]``, 1 for real tokens and 0 for padding; None when nothing is padded
                 (packed blocks), which lets SDPA pick the flash kernel.
+            document_ids: ``[B, T]``, runs of equal ids are documents (``packed_docs`` batches), or None.
         Returns:
             hidden states ``[B, T, H]``.
         """
         T = input_ids.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        attn_mask = None
-        if attention_mask is not None:
-            attn_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]: True = attend to this key
-        h = self.encoder(self.embeddings(input_ids), attn_mask)
+        attn_mask = prepare(document_ids, attention_mask, None, input_ids.shape, device=input_ids.device,
+                            dtype=self.embeddings.word_embeddings.weight.dtype)  # once for all layers
+        h = self.encoder(self.embeddings(input_ids, document_ids), attn_mask)
         return h if self.LayerNorm is None else self.LayerNorm(h)
 
 
@@ -349,16 +351,18 @@ class RobertaForMaskedLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> MaskedLMOutput:
         """Args:
             input_ids: ``[B, T]`` token ids.
             attention_mask: ``[B, T]`` 1/0 padding mask, or None for unpadded (packed) batches.
             labels: ``[B, T]`` target ids, -100 where nothing is predicted. Optional.
+            document_ids: ``[B, T]`` (``packed_docs``; see :class:`RobertaModel`), or None.
         Returns:
             :class:`MaskedLMOutput`; with labels the loss is the mean cross-entropy over predicted positions.
         """
         V = self.config.vocab_size
-        h = self.roberta(input_ids, attention_mask)
+        h = self.roberta(input_ids, attention_mask, document_ids)
         if labels is None:
             return MaskedLMOutput(None, self.lm_head(h)[..., :V])
         # Sparse: only the masked positions reach the vocab projection. One nonzero (one host sync on GPU)
@@ -406,8 +410,8 @@ class RobertaForSequenceClassification(nn.Module):
         self.classifier = RobertaClassificationHead(config, num_labels)
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classifier(self.roberta(input_ids, attention_mask))
+    def forward(self, input_ids, attention_mask=None, document_ids=None) -> torch.Tensor:
+        return self.classifier(self.roberta(input_ids, attention_mask, document_ids))
 
 
 class RobertaForTokenClassification(nn.Module):
@@ -424,8 +428,8 @@ class RobertaForTokenClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classifier(self.dropout(self.roberta(input_ids, attention_mask)))
+    def forward(self, input_ids, attention_mask=None, document_ids=None) -> torch.Tensor:
+        return self.classifier(self.dropout(self.roberta(input_ids, attention_mask, document_ids)))
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from data_pipelines.contract import STEP_WINDOW
+from data_pipelines.contract import DOCUMENT_IDS, STEP_WINDOW
 from roberta_pl.batch_plan import StepHorizon
 from roberta_pl.lightning_compat import (
     completes_step,
@@ -122,7 +122,8 @@ class MaskedLMModule(pl.LightningModule):
         """``(mean cross-entropy over the masked tokens, their accuracy, the cross-entropy summed over them,
         how many there are)`` of one batch."""
         labels = batch["labels"]
-        out = self.model(batch["input_ids"], batch.get("attention_mask"), labels)  # None: nothing padded
+        # attention_mask None: nothing padded; document_ids only in packed_docs batches (attention within documents)
+        out = self.model(batch["input_ids"], batch.get("attention_mask"), labels, document_ids=batch.get(DOCUMENT_IDS))
         targets = out.targets  # the model's own gather of the masked labels: no second one here
         if targets.numel() == 0:  # nothing masked (tiny batches): a zero loss that keeps the graph
             zero = out.logits.sum() * 0.0
