@@ -3,6 +3,8 @@ so fine-tuning can be tried, and tested, without downloading a dataset. The same
 
 - ``sources``: which part of the standard library a docstring comes from (the mail/web stack or the
   concurrency stack), a balanced two-class CSV (``text``, ``source``);
+- ``topics``: the same question over five parts (mail/web, concurrency, files, data formats, developer tools),
+  a balanced five-class CSV (``text``, ``source``);
 - ``tagging``: find the code identifiers (``os.path``, ``set_result()``) in docstring prose, BIO tags in
   CoNLL format.
 
@@ -46,10 +48,23 @@ def docstrings(names: tuple[str, ...], max_words: int = 40) -> list[str]:
     return sorted(set(out))
 
 
-def two_source_task(out_dir: Path, n_train: int = 160, n_valid: int = 120, seed: int = 0) -> dict[str, Path]:
-    """A balanced two-class CSV task (``text``, ``source``): which part of the stdlib a docstring is from."""
+# Five parts of the standard library, for a harder (five-way) version of the same question.
+TOPICS = SOURCES | {
+    "files": ("pathlib.py", "shutil.py", "tarfile.py", "zipfile", "glob.py", "fnmatch.py", "tempfile.py", "filecmp.py",
+              "os.py", "posixpath.py", "genericpath.py"),
+    "data": ("json", "csv.py", "pickle.py", "sqlite3", "xml", "plistlib.py", "configparser.py", "tomllib", "shelve.py",
+             "dbm", "copyreg.py"),
+    "tools": ("unittest", "doctest.py", "pdb.py", "bdb.py", "cProfile.py", "profile.py", "pstats.py", "trace.py",
+              "timeit.py", "logging", "argparse.py", "inspect.py", "dis.py", "ast.py"),
+}
+
+
+def two_source_task(out_dir: Path, n_train: int = 160, n_valid: int = 120, seed: int = 0,
+                    sources: dict[str, tuple[str, ...]] = SOURCES) -> dict[str, Path]:
+    """A balanced CSV task (``text``, ``source``): which part of the stdlib a docstring is from, one class per
+    entry of ``sources`` (two by default; :data:`TOPICS` for five)."""
     rng = random.Random(seed)
-    per_class = {label: docstrings(names) for label, names in SOURCES.items()}
+    per_class = {label: docstrings(names) for label, names in sources.items()}
     n = min(len(v) for v in per_class.values())
     rows = []
     for label, texts in per_class.items():
@@ -67,6 +82,11 @@ def two_source_task(out_dir: Path, n_train: int = 160, n_valid: int = 120, seed:
             w.writerow(["text", "source"])
             w.writerows(part)
     return files
+
+
+def topics_task(out_dir: Path, n_train: int = 250, n_valid: int = 150, seed: int = 0) -> dict[str, Path]:
+    """The five-class version of :func:`two_source_task` (:data:`TOPICS`)."""
+    return two_source_task(out_dir, n_train, n_valid, seed, sources=TOPICS)
 
 
 _CODE = re.compile(r"^[\w.]*([._]\w|\(\)|\w\.\w)[\w.()]*$")

@@ -86,7 +86,10 @@ class FinetuneConfig:
     overwrite: bool = False  # replace an earlier fine-tuning in run_dir
     seed: int = 1234
     num_workers: int = 0
-    dropout: Optional[float] = None  # override the pretrained model's dropout
+    # Fine-tuning's own regularisation, not the pretraining recipe's (the budget recipe pretrains with dropout 0):
+    # RoBERTa's GLUE recipe, 0.1 on hidden states, the head and attention probabilities (Liu et al., 2019).
+    dropout: Optional[float] = 0.1  # null: keep the pretrained model's own
+    attention_dropout: Optional[float] = None  # null: as dropout
     export_hf: bool = True  # write <run_dir>/hf for transformers' AutoModelFor*Classification
 
 
@@ -136,6 +139,22 @@ def fill_size_defaults(cfg, hidden_size: int) -> str | None:
     if not chosen:
         return None
     return f"{', '.join(chosen)}: the defaults for a {row.preset}-size encoder (hidden size {hidden_size}); set them to override"
+
+
+def regularisation(cfg, model_cfg: dict) -> tuple[dict, str]:
+    """The encoder's fields with fine-tuning's dropout (``dropout``, ``attention_dropout``; null keeps the pretrained
+    model's own), and a line saying what the run uses and where it came from."""
+    chosen = {"dropout": cfg.dropout,
+              "attention_dropout": cfg.attention_dropout if cfg.attention_dropout is not None else cfg.dropout}
+    for key, value in chosen.items():
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"{key}={value}: a dropout probability is in [0, 1)")
+    out = model_cfg | {k: v for k, v in chosen.items() if v is not None}
+    pretrained = f"the pretrained model had {model_cfg['dropout']:g} / {model_cfg['attention_dropout']:g}"
+    line = (f"regularisation: dropout {out['dropout']:g}, attention_dropout {out['attention_dropout']:g}, "
+            f"optim.weight_decay {cfg.optim.weight_decay:g} ({pretrained}; set dropout=, attention_dropout=, "
+            f"optim.weight_decay= to change)")
+    return out, line
 
 
 def register_configs() -> None:
