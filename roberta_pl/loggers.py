@@ -62,6 +62,15 @@ def _no_end_of_run_tables():
         return None
 
 
+def log_at_step(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` to every logger of ``trainer`` under optimizer step ``step`` (the step they follow), from
+    outside Lightning's logging steps (``self.log`` reaches the loggers only every ``log_every_n_steps``). The
+    loggers here number by optimizer step themselves (:class:`_OptimizerStep`: Lightning's step plus one)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step - 1 if isinstance(logger, _OptimizerStep) else step)
+        logger.save()
+
+
 class StepLearningRateMonitor(LearningRateMonitor):
     """Lightning's LearningRateMonitor, once per optimizer step: it logs at the start of every micro-batch of a
     logging step, so under gradient accumulation each learning rate was recorded once per micro-batch."""

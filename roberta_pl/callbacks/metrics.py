@@ -121,6 +121,10 @@ class LossCurve(StepBoundary):
             self.history.append({"step": trainer.global_step, "val_loss": float(m["val/loss"]),
                                  "val_accuracy": float(m.get("val/accuracy", float("nan")))})
 
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        """Add ``metrics`` computed after optimizer step ``step`` outside the logging hooks (live probes)."""
+        self.history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}
 

@@ -23,6 +23,7 @@ from roberta_pl.checks import (
 )
 from roberta_pl.errors import ConfigError
 from roberta_pl.loggers import check_logger
+from roberta_pl.probe import check_probe
 
 if TYPE_CHECKING:
     from roberta_pl.checkpoints import PretrainedInfo
@@ -36,6 +37,7 @@ def preflight(cfg: DictConfig, out_dir: Path, source: PretrainedInfo | None = No
     check_precision(cfg)
     check_model_and_optim(cfg)
     check_masking(cfg)
+    check_probe(cfg)
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible; use trainer=cpu, or add "
                           f"trainer.accelerator=cpu (DDP and DeepSpeed ZeRO also run on CPU ranks)")

@@ -62,6 +62,45 @@ class CheckpointConf:
 
 
 
+ProbeMethod = choices("ProbeMethod", ["linear", "finetune"])
+ProbePooling = choices("ProbePooling", ["mean", "cls"])
+# Fine-tuning's task kinds and file formats that a probe scores: one text (or a pair) -> one class.
+ProbeTaskKind = choices("ProbeTaskKind", ["sequence_classification"])
+ProbeTaskFormat = choices("ProbeTaskFormat", ["auto", "csv", "tsv", "jsonl"])
+
+
+@dataclass
+class ProbeTaskConf:
+    """A probe task, in fine-tuning's task schema (conf/task/): labelled train and valid files."""
+
+    name: str = "task"  # the metric: probe/<name>/accuracy
+    kind: ProbeTaskKind = ProbeTaskKind.sequence_classification
+    train_file: Optional[str] = None
+    valid_file: Optional[str] = None
+    format: ProbeTaskFormat = ProbeTaskFormat.auto  # auto: by the file's extension
+    header: bool = True
+    columns: list[str] = field(default_factory=list)
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    labels: Optional[list[str]] = None
+    max_seq_len: int = 128
+
+
+@dataclass
+class ProbeConf:
+    every_n_steps: int = 0  # 0: no probes
+    tasks: list[ProbeTaskConf] = field(default_factory=list)
+    method: ProbeMethod = ProbeMethod.linear  # linear: logistic regression on frozen features | finetune: a copy
+    pooling: ProbePooling = ProbePooling.mean  # the features: mean over real tokens | cls: the <s> position
+    batch_size: int = 64
+    seed: int = 0
+    l2: float = 1e-3  # linear: the L2 penalty of the logistic regression
+    max_iter: int = 100  # linear: L-BFGS iterations
+    finetune_steps: int = 20  # finetune: AdamW steps on the train split
+    finetune_lr: float = 1e-4
+
+
 @dataclass
 class PretrainConfig:
     model: ModelConf = field(default_factory=ModelConf)
@@ -71,6 +110,7 @@ class PretrainConfig:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    probe: ProbeConf = field(default_factory=ProbeConf)  # live downstream probes (off by default)
     # Continue pretraining: a HuggingFace RoBERTa-family dir (roberta, xlm-roberta, camembert, roberta-prelayernorm), a
     # roberta-pl .ckpt or a DeepSpeed checkpoint dir. Its weights (encoder and MLM head), architecture and tokenizer;
     # of model.*, only dropout, attention_dropout, activation_checkpointing, pad_vocab_multiple and compile are settable.

@@ -21,6 +21,7 @@ from roberta_pl.callbacks import (
     ValidationSchedule,
     WorldSizeResume,
 )
+from roberta_pl.callbacks.probes import LiveProbe
 from roberta_pl.lightning_compat import set_max_steps
 from roberta_pl.trainer import (
     ReturnFreedMemory,
@@ -55,6 +56,8 @@ def pretraining_trainer(cfg: DictConfig, out_dir: Path, horizon: StepHorizon, re
     if len(plan.phases) > 1:
         later.append(BatchRamp(plan))
     later.append(ValidationSchedule(t.val_every_n_steps, horizon, validate_last=t.max_time is not None))
+    if cfg.probe.every_n_steps:  # live downstream probes
+        later.append(LiveProbe(cfg.probe))
     if t.max_time is not None:  # a wall-clock budget: max_steps fixed from the rate measured in the warm-up
         later.append(BudgetPlanner(parse_duration(t.max_time), horizon, cfg.optim.warmup_steps, t.val_every_n_steps))
     trainer = build_trainer(
