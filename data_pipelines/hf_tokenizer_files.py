@@ -30,6 +30,7 @@ HF_TOKENIZER_FILES = (TOKENIZER_JSON, VOCAB_JSON, MERGES_TXT, SPM_MODEL, "added_
                       "special_tokens_map.json")
 EXPECTED = (f"an HF RoBERTa-family tokenizer ({TOKENIZER_JSON}, {VOCAB_JSON} + {MERGES_TXT}, or {SPM_MODEL})")
 ROLES = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>", "mask": "<mask>"}
+_BERT_ROLES = {"bos": "cls_token", "eos": "sep_token"}  # where a tokenizer names no bos/eos token
 
 
 def is_hf_tokenizer_dir(path: Path) -> bool:
@@ -69,18 +70,19 @@ def read_json(path: Path, name: str):
 
 def special_names(path: Path) -> dict[str, str]:
     """The specials' names by role, from ``special_tokens_map.json`` or ``tokenizer_config.json`` (RoBERTa's
-    names where neither says)."""
-    names = dict(ROLES)
+    names where neither says). A BERT-style tokenizer without ``bos``/``eos`` tokens (ModernBERT's ``[CLS] A [SEP]``)
+    gives its ``cls``/``sep`` tokens those roles: they open and close every sequence."""
+    names, bert = dict(ROLES), {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the map wins where both say
         if not (path / name).is_file():
             continue
         config = read_json(path, name)
-        for role in ROLES:
-            value = config.get(f"{role}_token")
+        for role, key, into in [(r, f"{r}_token", names) for r in ROLES] + [(r, k, bert) for r, k in _BERT_ROLES.items()]:
+            value = config.get(key)
             value = value.get("content") if isinstance(value, dict) else value
             if isinstance(value, str):
-                names[role] = value
-    return names
+                into[role] = value
+    return names | {role: value for role, value in bert.items() if names[role] == ROLES[role]}
 
 
 def tokenizer_spec(path: Path, names: dict[str, str]) -> dict:

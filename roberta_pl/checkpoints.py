@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from roberta_pl.hf import load_hf, load_hf_encoder
 from roberta_pl.model import RobertaConfig, RobertaForMaskedLM, RobertaModel
+from roberta_pl.models import encoder_of, masked_lm
 
 # -- DeepSpeed ZeRO checkpoint directories -------------------------------------------------------------------------
 # DeepSpeed writes each rank's files straight to their final names under a tag directory, and its ``latest`` file
@@ -337,7 +338,7 @@ def load_pretrained(path: str | Path, tokenizer: str | Path | None = None, *,
     ckpt = _read_lightning_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
     _check_pretraining_checkpoint(path, hparams, "state_dict" in ckpt)
-    model = RobertaForMaskedLM(RobertaConfig(**hparams["model"]))
+    model = masked_lm(RobertaConfig(**hparams["model"]))
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state, strict=True)
@@ -380,7 +381,7 @@ def load_encoder(path: str | Path, tokenizer: str | Path | None = None, *,
     if path.is_dir() and (path / "config.json").exists():
         return load_hf_encoder(path), Path(tokenizer) if tokenizer else path
     model, tok_dir = load_pretrained(path, tokenizer, flag=flag)
-    return model.roberta, tok_dir
+    return encoder_of(model), tok_dir
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:

@@ -182,11 +182,12 @@ def preset_yaml(name: str) -> str:
 
     import torch
 
-    from roberta_pl.model import PRESET_SOURCES, PRESETS, RobertaForMaskedLM
+    from roberta_pl.model import PRESET_SOURCES, PRESETS, RobertaConfig
+    from roberta_pl.models import masked_lm
 
     c = PRESETS[name]
     with torch.device("meta"):
-        params = RobertaForMaskedLM(dataclasses.replace(c, pad_vocab_multiple=1)).num_parameters()
+        params = masked_lm(dataclasses.replace(c, pad_vocab_multiple=1)).num_parameters()
     lines = [f"# {PRESET_SOURCES[name]}: L={c.num_layers}, H={c.hidden_size}, A={c.num_heads}, "
              f"FFN {c.intermediate_size}; {params / 1e6:.2f}M parameters with a {c.vocab_size}-token vocabulary.",
              "# Generated from roberta_pl/model.py PRESETS by `python -m roberta_pl.config`: edit the table, not this file.",
@@ -195,6 +196,13 @@ def preset_yaml(name: str) -> str:
     if c.pad_vocab_multiple != 1:
         lines.append(f"pad_vocab_multiple: {c.pad_vocab_multiple}  # tensor-core friendly rows; padding never "
                      f"reaches the loss or an export")
+    if c.architecture != "roberta":  # its own fields, and the defaults it does not share with RoBERTa's
+        default, always = RobertaConfig(), ("local_attention", "global_attn_every_n_layers", "global_rope_theta",
+                                            "local_rope_theta")
+        shown = {"vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len",
+                 "pad_vocab_multiple"}
+        lines += [f"{f.name}: {getattr(c, f.name)}" for f in dataclasses.fields(c) if f.name not in shown
+                  and (f.name in always or getattr(c, f.name) != getattr(default, f.name))]
     return "\n".join(lines) + "\n"
 
 

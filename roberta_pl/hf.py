@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from data_pipelines.hf_tokenizer_files import HF_TOKENIZER_FILES
 from data_pipelines.tokenizer import TOKENIZER_FILES as _OUR_TOKENIZER_FILES
+from roberta_pl import hf_modernbert
 from roberta_pl.model import (
     RobertaConfig,
     RobertaForMaskedLM,
@@ -37,6 +38,7 @@ from roberta_pl.model import (
     RobertaForTokenClassification,
     RobertaModel,
 )
+from roberta_pl.models import encoder, encoder_prefix, masked_lm
 
 # HF key -> our key, identity by design (pre-LN renames the encoder's prefix only); ``_key_table`` expands the
 # layers, and the table is the contract that every key is accounted for (strict check in ``convert_hf_state_dict``).
@@ -76,12 +78,12 @@ _HEAD_KEYS = {
 }
 # Present in some HF checkpoints but carrying nothing we need: tied copies, buffers, the NSP-era pooler.
 _IGNORED_HF_KEYS = re.compile(
-    r"^(lm_head\.decoder\.(weight|bias)|roberta(_prelayernorm)?\.(embeddings\.position_ids|pooler\..*))$"
+    r"^(lm_head\.decoder\.(weight|bias)|roberta(_prelayernorm)?\.(embeddings\.position_ids|pooler\..*)|decoder\.weight)$"
 )
 # The tokenizer files an export copies, by name: ours, and those of HF RoBERTa-family tokenizers (byte-level BPE's
 # vocab and merges, XLM-R's SentencePiece model) that continued pretraining and fine-tuning export again as they are.
 TOKENIZER_FILES = tuple(dict.fromkeys((*_OUR_TOKENIZER_FILES, *HF_TOKENIZER_FILES)))
-_VOCAB_SIZED = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias")
+_VOCAB_SIZED = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias", *hf_modernbert.VOCAB_SIZED)
 
 
 # The transformers model types we read and write, and the prefix of their classes' names: ``RobertaForMaskedLM``,
@@ -94,16 +96,20 @@ _CLASS_PREFIX = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert":
 def hf_model_type(config: RobertaConfig) -> str:
     """The transformers model type ``config`` is written as: the one it was loaded as, else ``roberta`` (or
     ``roberta-prelayernorm`` for a pre-LN model)."""
+    if config.architecture == "modernbert":
+        return hf_modernbert.MODEL_TYPE
     return config.hf_model_type or ("roberta-prelayernorm" if config.pre_layernorm else "roberta")
 
 
 def hf_prefix(config: RobertaConfig) -> str:
     """The attribute HF names the encoder by (its ``base_model_prefix``): ``roberta`` or ``roberta_prelayernorm``."""
-    return "roberta_prelayernorm" if config.pre_layernorm else "roberta"
+    return "roberta_prelayernorm" if config.pre_layernorm else encoder_prefix(config)
 
 
 def _encoder_key_table(config: RobertaConfig) -> dict[str, str]:
-    """HF key -> our key for the encoder of ``config`` (its depth and LayerNorm placement)."""
+    """HF key -> our key for the encoder of ``config`` (its architecture, depth and LayerNorm placement)."""
+    if config.architecture == "modernbert":
+        return hf_modernbert.encoder_key_table(config)
     modules = _PRE_LN_LAYER_MODULES if config.pre_layernorm else _LAYER_MODULES
     table = dict(_EMBEDDING_KEYS)
     for i in range(config.num_layers):
@@ -116,6 +122,8 @@ def _encoder_key_table(config: RobertaConfig) -> dict[str, str]:
 
 
 def _key_table(config: RobertaConfig) -> dict[str, str]:
+    if config.architecture == "modernbert":
+        return hf_modernbert.key_table(config)
     return _encoder_key_table(config) | _HEAD_KEYS
 
 
@@ -130,6 +138,8 @@ def config_to_hf(config: RobertaConfig, architecture: str = "RobertaForMaskedLM"
     Returns:
         The ``config.json`` dict.
     """
+    if config.architecture == "modernbert":
+        return hf_modernbert.config_to_hf(config, architecture)
     model_type = hf_model_type(config)
     return {
         "architectures": [architecture.replace("Roberta", _CLASS_PREFIX[model_type], 1)],
@@ -159,8 +169,11 @@ def config_from_hf(hf: dict) -> RobertaConfig:
     """Read a ``transformers`` RoBERTa-family ``config.json`` dict (``roberta``, ``xlm-roberta``, ``camembert``,
     ``roberta-prelayernorm``), keeping the model type for the export; refuses what our model cannot represent."""
     model_type = hf.get("model_type", "roberta")
+    if model_type == hf_modernbert.MODEL_TYPE:
+        return hf_modernbert.config_from_hf(hf)
     if model_type not in _CLASS_PREFIX:
-        raise ValueError(f"config.json has model_type={model_type!r}; expected one of {', '.join(_CLASS_PREFIX)}")
+        raise ValueError(f"config.json has model_type={model_type!r}; expected one of "
+                         f"{', '.join((*_CLASS_PREFIX, hf_modernbert.MODEL_TYPE))}")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"config.json has hidden_act={hf['hidden_act']!r}; only 'gelu' is supported")
     if hf.get("type_vocab_size", 1) != 1:
@@ -197,7 +210,8 @@ def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], config: RobertaConf
     unexpected = sorted(k for k in hf_state if k not in table and not _IGNORED_HF_KEYS.match(k))
     missing = sorted(k for k in table if k not in hf_state)
     if missing or unexpected:
-        kind = "RoBERTa-PreLayerNorm" if config.pre_layernorm else "RoBERTa"
+        kind = {"modernbert": "ModernBERT"}.get(config.architecture,
+                                                 "RoBERTa-PreLayerNorm" if config.pre_layernorm else "RoBERTa")
         raise KeyError(f"HF state dict does not match a {config.num_layers}-layer {kind} MLM: "
                        f"missing={missing[:5]}{'...' if len(missing) > 5 else ''} "
                        f"unexpected={unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
@@ -263,8 +277,9 @@ def save_hf_classifier(model: RobertaForSequenceClassification | RobertaForToken
     config = model.config
     state = model.state_dict()
     tensors = _export_tensors(state, _encoder_key_table(config), config)
-    tensors |= {k: _export_tensor(v) for k, v in state.items() if k.startswith("classifier.")}
-    token = isinstance(model, RobertaForTokenClassification)
+    prefix = encoder_prefix(config)  # the rest is the head: classifier.* (and ModernBERT's head.*)
+    tensors |= {k: _export_tensor(v) for k, v in state.items() if not k.startswith(f"{prefix}.")}
+    token = type(model).__name__.endswith("ForTokenClassification")
     hf_config = config_to_hf(config, "RobertaForTokenClassification" if token else "RobertaForSequenceClassification")
     hf_config |= {
         "id2label": {str(i): name for i, name in enumerate(labels)},
@@ -365,7 +380,8 @@ def _fit_tokenizer_to_model(path: Path, hf_config: dict) -> None:
     if not config_path.exists():
         return
     config = json.loads(config_path.read_text())
-    config["model_max_length"] = int(hf_config["max_position_embeddings"]) - int(hf_config.get("pad_token_id", 1)) - 1
+    offset = 0 if hf_config["model_type"] == hf_modernbert.MODEL_TYPE else int(hf_config.get("pad_token_id", 1)) + 1
+    config["model_max_length"] = int(hf_config["max_position_embeddings"]) - offset
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -412,11 +428,12 @@ def load_hf(path: str | Path, **config_overrides) -> RobertaForMaskedLM:
     """
     path = Path(path)
     config = read_hf_config(path, **config_overrides)
-    model = RobertaForMaskedLM(config)
+    model = masked_lm(config)
     state = convert_hf_state_dict(load_hf_state_dict(path), config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # The tied decoder weight is the only key our own state dict holds that the table does not.
-    assert unexpected == [] and missing == ["lm_head.decoder.weight"], (missing, unexpected)
+    tied = hf_modernbert.TIED_KEY if config.architecture == "modernbert" else "lm_head.decoder.weight"
+    assert unexpected == [] and missing == [tied], (missing, unexpected)
     return model.eval()
 
 
@@ -439,6 +456,6 @@ def load_hf_encoder(path: str | Path, **config_overrides) -> RobertaModel:
     if missing:
         raise KeyError(f"{path}: not a {config.num_layers}-layer RoBERTa encoder; missing {missing[:5]}")
     ours = _pad_vocab({table[k]: hf_state[k] for k in table}, config)
-    encoder = RobertaModel(config)
-    encoder.load_state_dict({k.removeprefix("roberta."): v for k, v in ours.items()}, strict=True)
-    return encoder.eval()
+    model = encoder(config)
+    model.load_state_dict({k.removeprefix(f"{encoder_prefix(config)}."): v for k, v in ours.items()}, strict=True)
+    return model.eval()

@@ -37,10 +37,13 @@ from torch.utils.checkpoint import checkpoint
 
 from data_pipelines.contract import IGNORE_INDEX
 from roberta_pl.attention import attend, document_positions, prepare
-
+from roberta_pl.flops import mlm_flops_per_token, mlm_head_flops  # noqa: F401 - the model's FLOPs, asked for here
 
 # transformers model types with exactly this post-LN architecture (their heads differ only in class name).
 POST_LN_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert")
+
+
+ARCHITECTURES = ("roberta", "modernbert")
 
 
 @dataclass
@@ -70,6 +73,13 @@ class RobertaConfig:
     # The transformers model type an export writes, kept from a loaded model (``xlm-roberta``, ``camembert``: RoBERTa's
     # architecture under another name). None: ``roberta``, or ``roberta-prelayernorm`` with pre_layernorm.
     hf_model_type: str | None = None
+    # "roberta" (the classes below) or "modernbert" (roberta_pl.modernbert, HF's ModernBertForMaskedLM). The fields
+    # after it are ModernBERT's alone; it reads dropout as its embedding/MLP dropout, layer_norm_eps as norm_eps.
+    architecture: str = "roberta"
+    local_attention: int = 128  # the local layers' window in tokens: local_attention // 2 on each side
+    global_attn_every_n_layers: int = 3  # layer i is global when i % n == 0 (ModernBERT: 0, 3, 6 ...)
+    global_rope_theta: float = 160_000.0  # RoPE base of the global layers (ModernBERT's 8k phase)
+    local_rope_theta: float = 10_000.0  # RoPE base of the local layers
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -78,6 +88,11 @@ class RobertaConfig:
             )
         if self.vocab_size <= max(self.pad_token_id, self.bos_token_id, self.eos_token_id):
             raise ValueError(f"vocab_size={self.vocab_size} is smaller than the special token ids")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.architecture == "modernbert":
+            _check_modernbert(self)
+            return
         named = ("roberta-prelayernorm",) if self.pre_layernorm else POST_LN_MODEL_TYPES
         if self.hf_model_type is not None and self.hf_model_type not in named:
             raise ValueError(f"hf_model_type={self.hf_model_type!r} with pre_layernorm={self.pre_layernorm}; "
@@ -108,6 +123,26 @@ class RobertaConfig:
         return dataclasses.asdict(self)
 
 
+def _check_modernbert(config: RobertaConfig) -> None:  # one line naming the field out of range
+    if config.pre_layernorm or config.hf_model_type not in (None, "modernbert"):
+        raise ValueError("architecture=modernbert is pre-norm by construction; leave pre_layernorm=false and "
+                         f"hf_model_type unset (got {config.pre_layernorm}, {config.hf_model_type!r})")
+    if config.local_attention < 2 or config.local_attention % 2:
+        raise ValueError(f"local_attention={config.local_attention}: an even window of at least 2 tokens")
+    if config.global_attn_every_n_layers < 1:
+        raise ValueError(f"global_attn_every_n_layers={config.global_attn_every_n_layers}: at least 1")
+    for name in ("global_rope_theta", "local_rope_theta"):
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name}={getattr(config, name)}: a RoPE base is positive")
+    if config.head_dim % 2:
+        raise ValueError(f"hidden_size/num_heads={config.head_dim}: RoPE needs an even head dimension")
+
+
+# ModernBERT's shapes (Warner et al., 2024, Table 3; answerdotai/ModernBERT-*): no dropout, 8,192 tokens, 50,368 ids
+# (a run's vocabulary and special ids come from its tokenizer; the rows are padded to a multiple of 64).
+_MODERNBERT = dict(architecture="modernbert", dropout=0.0, attention_dropout=0.0, vocab_size=50368,
+                   max_seq_len=8192, pad_vocab_multiple=64)
+
 PRESETS: dict[str, RobertaConfig] = {
     "tiny": RobertaConfig(
         vocab_size=8192, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512, max_seq_len=128
@@ -117,6 +152,10 @@ PRESETS: dict[str, RobertaConfig] = {
     ),
     "base": RobertaConfig(pad_vocab_multiple=64),
     "large": RobertaConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, pad_vocab_multiple=64),
+    "modernbert_tiny": RobertaConfig(**{**_MODERNBERT, "vocab_size": 8192, "max_seq_len": 1024}, hidden_size=128,
+                                     num_layers=3, num_heads=2, intermediate_size=256, local_attention=32),
+    "modernbert_base": RobertaConfig(**_MODERNBERT, hidden_size=768, num_layers=22, num_heads=12, intermediate_size=1152),
+    "modernbert_large": RobertaConfig(**_MODERNBERT, hidden_size=1024, num_layers=28, num_heads=16, intermediate_size=2624),
 }
 # Where each preset's shape comes from; conf/model/<name>.yaml is generated from PRESETS and these lines
 # (roberta_pl.config.preset_yaml), with the parameter count computed, never typed.
@@ -125,6 +164,9 @@ PRESET_SOURCES: dict[str, str] = {
     "small": 'BERT-small\'s shape (Turc et al., 2019, "Well-Read Students Learn Better")',
     "base": "RoBERTa-base (Liu et al., 2019, Table 9; BERT-base shape)",
     "large": "RoBERTa-large (Liu et al., 2019, Table 9; BERT-large shape)",
+    "modernbert_tiny": "ModernBERT-class, for tests and a CPU quickstart (3 layers: global, local, local; window 32)",
+    "modernbert_base": "ModernBERT-base (Warner et al., 2024, Table 3; answerdotai/ModernBERT-base)",
+    "modernbert_large": "ModernBERT-large (Warner et al., 2024, Table 3; answerdotai/ModernBERT-large)",
 }
 
 
@@ -440,21 +482,3 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mea
         raise ValueError(f"pooling={pooling!r}; choose mean or cls")
     m = attention_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
-def mlm_flops_per_token(config: RobertaConfig, seq_len: int, mask_prob: float = 0.15, sparse: bool = True) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), counting matmuls as 2 FLOPs per MAC.
-
-    Per layer forward: 24*H^2 (QKV, output, 2 FFN matmuls with FFN=4H generalised to 8*H*F + 8*H^2)
-    plus 4*T*H for attention scores and values. The head: 2*H^2 (dense) + 2*H*V (decoder), applied
-    to ``mask_prob`` of the tokens when sparse. For base at T=512: ≈ 0.60 GFLOP sparse, 0.80 dense.
-    """
-    H, F_, L = config.hidden_size, config.intermediate_size, config.num_layers
-    per_layer = 2 * (4 * H * H + 2 * H * F_) + 4 * seq_len * H
-    return 3.0 * L * per_layer + (mask_prob if sparse else 1.0) * mlm_head_flops(config)
-
-
-def mlm_head_flops(config: RobertaConfig) -> float:
-    """Training FLOPs of the MLM head for one predicted position: 2*H^2 (dense) + 2*H*V (decoder), x3."""
-    H, V = config.hidden_size, config.vocab_size
-    return 3.0 * (2 * H * H + 2 * H * V)

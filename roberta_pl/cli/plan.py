@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 from data_pipelines.cli import DefaultsHelpFormatter
 from roberta_pl.batch_plan import BatchPlanError, parse_duration, plan_batch
-from roberta_pl.model import PRESETS, RobertaConfig, RobertaForMaskedLM, mlm_flops_per_token
+from roberta_pl.model import PRESETS, RobertaConfig, mlm_flops_per_token
+from roberta_pl.models import masked_lm
 
 GIB = 1024**3
 STAGE_NAMES = {0: "DDP (ZeRO-0)", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
@@ -114,7 +115,7 @@ def count_parameters(config: RobertaConfig) -> int:
     import torch
 
     with torch.device("meta"):
-        return RobertaForMaskedLM(config).num_parameters()
+        return masked_lm(config).num_parameters()
 
 
 def default_seq_len(model: str) -> int:

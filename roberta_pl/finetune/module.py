@@ -19,9 +19,8 @@ from torchmetrics import regression as R
 from roberta_pl.model import (
     IGNORE_INDEX,
     RobertaConfig,
-    RobertaForSequenceClassification,
-    RobertaForTokenClassification,
 )
+from roberta_pl.models import encoder_of, sequence_classifier, token_classifier
 from roberta_pl.optim import build_adamw, layer_decay_groups, lr_scheduler
 
 # The metric each task kind can monitor; all higher-is-better except loss.
@@ -112,8 +111,8 @@ class FinetuneModule(pl.LightningModule):
         if regression and self.token_level:
             raise ValueError("regression applies to sequence_classification only")
         num_labels = 1 if regression else len(labels)
-        cls = RobertaForTokenClassification if self.token_level else RobertaForSequenceClassification
-        self.model = cls(config, num_labels)
+        build = token_classifier if self.token_level else sequence_classifier
+        self.model = build(config, num_labels)
         self.num_labels = num_labels
         self.metrics = self._build_metrics()
 
@@ -135,7 +134,7 @@ class FinetuneModule(pl.LightningModule):
 
     def load_encoder(self, encoder: torch.nn.Module) -> None:
         """Start from pretrained encoder weights (the head keeps its fresh init)."""
-        self.model.roberta.load_state_dict(encoder.state_dict(), strict=True)
+        encoder_of(self.model).load_state_dict(encoder.state_dict(), strict=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, attention_mask)

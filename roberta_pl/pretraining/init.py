@@ -2,7 +2,7 @@
 
 PATH is read with the same loader as fine-tuning (:func:`roberta_pl.checkpoints.read_pretrained` and
 :func:`~roberta_pl.checkpoints.load_pretrained`): a HuggingFace RoBERTa-family directory (``roberta``,
-``xlm-roberta``, ``camembert``, ``roberta-prelayernorm``), one of our ``.ckpt`` files or a DeepSpeed directory. It
+``xlm-roberta``, ``camembert``, ``roberta-prelayernorm``) or a ModernBERT one (``modernbert``), one of our ``.ckpt`` files or a DeepSpeed directory. It
 fixes the architecture (its config, not the ``model=`` preset) and the tokenizer (the HF directory's own files, or
 the one a checkpoint records): a ``model.*`` key that would change the architecture is refused, and a
 ``data.tokenizer`` is accepted only with the hash of PATH's. What only changes how the run trains stays settable.
@@ -24,6 +24,14 @@ from roberta_pl.errors import ConfigError
 # The model.* keys a continued run may set: they change how it trains, not what PATH's weights mean. Every other
 # RobertaConfig field is PATH's (`name`, the preset's, means nothing here; `compile` is the run's).
 TRAINING_KEYS = ("dropout", "attention_dropout", "activation_checkpointing", "pad_vocab_multiple")
+# ModernBERT has no position table: a continued run may lengthen its context and raise its RoPE bases, as ModernBERT's
+# own long-context phase did (1,024 -> 8,192 tokens, global base 10k -> 160k); docs/guides/modernbert.md.
+CONTEXT_KEYS = ("max_seq_len", "global_rope_theta", "local_rope_theta")
+
+
+def settable_keys(config) -> tuple[str, ...]:
+    """The ``model.*`` keys a run continued from a model of ``config`` may set."""
+    return TRAINING_KEYS + (CONTEXT_KEYS if config.architecture == "modernbert" else ())
 
 
 def read_source(cfg: DictConfig) -> PretrainedInfo | None:
@@ -42,11 +50,12 @@ def read_source(cfg: DictConfig) -> PretrainedInfo | None:
     if not path.exists():
         raise ConfigError(f"pretrained={cfg.pretrained}: no such file or directory (a HuggingFace RoBERTa directory, a "
                           f"roberta-pl .ckpt or a DeepSpeed checkpoint directory)")
-    check_model_keys(cfg)
     try:
-        return read_pretrained(path, cfg.data.tokenizer, flag="data.tokenizer=DIR")
+        source = read_pretrained(path, cfg.data.tokenizer, flag="data.tokenizer=DIR")
     except (FileNotFoundError, ValueError, KeyError, DataError) as e:  # KeyError: a state dict of another shape
         raise ConfigError(f"pretrained={cfg.pretrained}: {e.args[0] if e.args else e}") from None
+    check_model_keys(cfg, settable_keys(source.config))
+    return source
 
 
 def chosen_model_keys(cfg: DictConfig) -> list[str]:
@@ -66,14 +75,15 @@ def chosen_model_keys(cfg: DictConfig) -> list[str]:
     return sorted(chosen & {f.name for f in dataclasses.fields(RobertaConfig)})
 
 
-def check_model_keys(cfg: DictConfig) -> None:
-    """Refuse ``model.*`` keys that would change the architecture ``pretrained=PATH`` fixes (one line naming them)."""
-    refused = [k for k in chosen_model_keys(cfg) if k not in TRAINING_KEYS]
+def check_model_keys(cfg: DictConfig, settable: tuple[str, ...] = TRAINING_KEYS) -> None:
+    """Refuse ``model.*`` keys that would change the architecture ``pretrained=PATH`` fixes (one line naming them);
+    ``settable``: the keys PATH's architecture leaves to the run (:func:`settable_keys`)."""
+    refused = [k for k in chosen_model_keys(cfg) if k not in settable]
     if refused:
         keys = ", ".join(f"model.{k}={cfg.model[k]}" for k in refused)
         raise ConfigError(f"{keys}: pretrained={cfg.pretrained} fixes the architecture (its config, not a model preset); "
                           f"drop {'it' if len(refused) == 1 else 'them'} (settable: "
-                          f"{', '.join('model.' + k for k in (*TRAINING_KEYS, 'compile'))})")
+                          f"{', '.join('model.' + k for k in (*settable, 'compile'))})")
 
 
 def continued_tokenizer(cfg: DictConfig, source: PretrainedInfo):
@@ -108,12 +118,12 @@ def model_settings(cfg: DictConfig, tokenizer_vocab: int, source: PretrainedInfo
         model = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
         return from_model_group(model, check_vocab(cfg.model.vocab_size, tokenizer_vocab))
     check_vocab(source.config.vocab_size, tokenizer_vocab)
-    chosen = [k for k in chosen_model_keys(cfg) if k in TRAINING_KEYS]
+    chosen = [k for k in chosen_model_keys(cfg) if k in settable_keys(source.config)]
     return source.config.to_dict() | {k: cfg.model[k] for k in chosen}
 
 
 def initialise(model, source: PretrainedInfo | None, resuming: bool) -> None:
-    """Load PATH's encoder and MLM head into ``model`` (our ``RobertaForMaskedLM``, built from
+    """Load PATH's encoder and MLM head into ``model`` (our masked LM of its architecture, built from
     :func:`model_settings`); nothing without ``pretrained``, or when the run resumes from its own checkpoint.
 
     The weights go through the HF key table both ways (:func:`~roberta_pl.hf.to_hf_state_dict`, then
@@ -128,7 +138,8 @@ def initialise(model, source: PretrainedInfo | None, resuming: bool) -> None:
     loaded, _ = load_pretrained(source.path, source.tokenizer)  # the tokenizer was checked already
     state = convert_hf_state_dict(to_hf_state_dict(loaded), model.config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing != ["lm_head.decoder.weight"] or unexpected:  # the decoder is tied to the word embeddings
+    tied = "decoder.weight" if model.config.architecture == "modernbert" else "lm_head.decoder.weight"
+    if missing != [tied] or unexpected:  # the decoder is tied to the word embeddings
         raise RuntimeError(f"pretrained={source.path}: weights did not load whole (missing {missing}, unexpected "
                            f"{unexpected})")
 

@@ -125,3 +125,44 @@ def _write_special_tokens_map(out: Path) -> None:
         specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
                     "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"}
         path.write_text(json.dumps(specials, indent=2) + "\n")
+
+
+MODERNBERT_SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")  # after the BPE's ids, as ModernBERT's 50280..4
+
+
+def modernbert_tokenizer_dir(out: Path, texts: list[str], vocab_size: int = 1000) -> Path:
+    """A ModernBERT-style tokenizer directory: byte-level BPE trained on ``texts`` with no specials of its own, then
+    ``[UNK] [CLS] [SEP] [PAD] [MASK]`` appended as the last ids (``[MASK]`` taking the space before it), and the
+    ``[CLS] A [SEP]`` template, as answerdotai/ModernBERT-base's ``tokenizer.json`` has them.
+
+    Args:
+        out: the directory to write (created).
+        texts: training text.
+        vocab_size: ids in all, the five specials included (at most, as for :func:`byte_bpe_tokenizer_dir`).
+
+    Returns:
+        ``out``, holding ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+    """
+    from tokenizers import AddedToken, ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size - len(MODERNBERT_SPECIALS), min_frequency=2,
+                            show_progress=False)
+    tok = bpe._tokenizer
+    tok.add_special_tokens([AddedToken(t, lstrip=t == "[MASK]", rstrip=False, normalized=False, special=True)
+                            for t in MODERNBERT_SPECIALS])
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS]:0 $A:0 [SEP]:0",
+                                                       pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                   pad_token="[PAD]", mask_token="[MASK]", model_input_names=["input_ids",
+                                                                                              "attention_mask"])
+    fast.save_pretrained(out)
+    specials = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                "mask_token": "[MASK]"}
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return out
