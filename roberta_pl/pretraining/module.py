@@ -22,10 +22,10 @@ from roberta_pl.lightning_compat import (
 )
 from roberta_pl.model import (
     RobertaConfig,
-    RobertaForMaskedLM,
     mlm_flops_per_token,
     mlm_head_flops,
 )
+from roberta_pl.models import encoder_of, masked_lm
 from roberta_pl.optim import build_adamw, lr_scheduler
 
 
@@ -86,9 +86,9 @@ class MaskedLMModule(pl.LightningModule):
         self.horizon = horizon if horizon is not None else StepHorizon(max_steps)
         self.horizon.follow(lambda steps: self.hparams.__setitem__("max_steps", steps))
         self.config = RobertaConfig(**model)
-        self.model = RobertaForMaskedLM(self.config)
+        self.model = masked_lm(self.config)
         if compile:
-            self.model.roberta.compile()  # in place: parameter names (and so checkpoints/exports) unchanged
+            encoder_of(self.model).compile()  # in place: parameter names (and so checkpoints/exports) unchanged
         # Read by ThroughputLogger for MFU: the encoder runs on every position, the sparse head only on the
         # positions a batch masks (its labels other than -100), so the two are counted apart.
         self.flops_per_position = mlm_flops_per_token(self.config, seq_len, mask_prob=0.0)
