@@ -120,7 +120,7 @@ def check_budget(cfg: DictConfig) -> float | None:
 
 # Fields that fix parameter shapes or token meaning: a checkpoint must agree on all of them to resume.
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len",
-                 "pad_vocab_multiple", "pad_token_id", "bos_token_id", "eos_token_id", "pre_layernorm")
+                 "pad_vocab_multiple", "pad_token_id", "bos_token_id", "eos_token_id", "pre_layernorm", "architecture")
 
 
 
@@ -175,10 +175,11 @@ def check_resume_checkpoint(ckpt: Path, saved: dict, model: dict, tokenizer_hash
 
 def checkpoint_bytes(model: dict) -> int:
     """Bytes one checkpoint of this model takes: fp32 weights plus AdamW's two moments, plus 10% slack."""
-    from roberta_pl.model import RobertaConfig, RobertaForMaskedLM
+    from roberta_pl.model import RobertaConfig
+    from roberta_pl.models import masked_lm
 
     with torch.device("meta"):  # shapes only: nothing is allocated
-        n = sum(p.numel() for p in RobertaForMaskedLM(RobertaConfig(**model)).parameters())
+        n = sum(p.numel() for p in masked_lm(RobertaConfig(**model)).parameters())
     return int(n * 4 * 3 * 1.1)
 
 
