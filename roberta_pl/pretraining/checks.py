@@ -43,9 +43,12 @@ def preflight(cfg: DictConfig, out_dir: Path, source: PretrainedInfo | None = No
                           f"trainer.accelerator=cpu (DDP and DeepSpeed ZeRO also run on CPU ranks)")
     max_seq_len, which = (source.config.max_seq_len, f"pretrained={cfg.pretrained}'s max_seq_len") if source \
         else (cfg.model.max_seq_len, "model.max_seq_len")
+    if source and "max_seq_len" in _longer_context_keys(cfg, source):  # RoPE: a continued ModernBERT may lengthen it
+        max_seq_len, which = cfg.model.max_seq_len, "model.max_seq_len"
     if b.seq_len > max_seq_len:
-        raise ConfigError(f"batch.seq_len={b.seq_len} exceeds {which}={max_seq_len} "
-                          f"(the position table has {max_seq_len + 2} rows)")
+        rows = "" if (source.config if source else cfg.model).architecture == "modernbert" else \
+            f" (the position table has {max_seq_len + 2} rows)"
+        raise ConfigError(f"batch.seq_len={b.seq_len} exceeds {which}={max_seq_len}{rows}")
     plan = plan_schedule(b.global_batch_size, b.micro_batch_size, world_size(cfg), b.seq_len, b.ramp)
     check_budget(cfg)
     if b.ramp and t.strategy == "deepspeed":
@@ -171,6 +174,13 @@ def check_resume_checkpoint(ckpt: Path, saved: dict, model: dict, tokenizer_hash
         raise ConfigError(f"resume checkpoint {ckpt} does not fit this run: {'; '.join(diffs)}; "
                           f"match the config, or start a new run (another run_name, or resume=never in a new run_dir)")
 
+
+
+def _longer_context_keys(cfg: DictConfig, source: PretrainedInfo) -> set[str]:
+    """The context keys (max_seq_len, RoPE bases) a run continued from ``source`` sets itself."""
+    from roberta_pl.pretraining import init
+
+    return set(init.chosen_model_keys(cfg)) & set(init.settable_keys(source.config)) & set(init.CONTEXT_KEYS)
 
 
 def checkpoint_bytes(model: dict) -> int:

@@ -112,3 +112,29 @@ def check_exported_as_it_came_in(hf_dir: Path, model_dir: Path, model_type: str,
     real = enc["attention_mask"].bool()
     assert (got[real] - expected[real]).abs().max() < 1e-4
     return tok, hf, enc
+
+
+def hf_modernbert_dir(out: Path, tokenizer_dir: Path, *, hidden_size: int = 64, num_layers: int = 3,
+                      num_heads: int = 2, intermediate_size: int = 96, max_seq_len: int = 64,
+                      local_attention: int = 16, seed: int = 0) -> Path:
+    """A ``transformers`` ``ModernBertForMaskedLM`` saved to ``out`` with ``tokenizer_dir``'s files beside it: its
+    vocabulary and [CLS]/[SEP]/[PAD] ids the tokenizer's, its weights random and nudged (as :func:`hf_masked_lm_dir`)."""
+    import transformers
+
+    out = Path(out)
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = transformers.ModernBertConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=max_seq_len, local_attention=local_attention,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+        cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id)
+    torch.manual_seed(seed)
+    model = transformers.ModernBertForMaskedLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
+    return out

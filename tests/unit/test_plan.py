@@ -6,7 +6,7 @@ import pytest
 
 from roberta_pl.batch_plan import BatchPlanError
 from roberta_pl.cli.plan import estimate, main
-from roberta_pl.model import RobertaConfig
+from roberta_pl.model import RobertaConfig, mlm_flops_per_token
 
 
 def test_roberta_base_recipe_on_64_gpus():
@@ -183,3 +183,12 @@ def test_a_budget_buys_the_steps_and_tokens_that_fit(capsys):
     assert f"budget 2h buys {steps:,} steps = {tokens:,} tokens" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"--budget='two hours'"):
         main(["--budget", "two hours"])
+
+
+def test_cli_plans_modernbert_base_with_local_attention_over_its_window(capsys):
+    main(["--model", "modernbert_base", "--seq-len", "8192", "--global-batch", "64", "--micro-batch", "4"])
+    out = capsys.readouterr().out
+    assert "model modernbert_base: 149.7M parameters" in out
+    windowed = estimate("modernbert_base", 8192, 64, 4, 1, 8).flops_per_token
+    all_global = mlm_flops_per_token(RobertaConfig.from_name("modernbert_base", global_attn_every_n_layers=1), 8192)
+    assert f"{windowed / 1e9:.2f} GFLOP/token" in out and windowed < 0.6 * all_global
