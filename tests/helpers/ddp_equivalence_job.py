@@ -36,15 +36,15 @@ def random_rows() -> dict[str, torch.Tensor]:
 
 def masked_rows(shard_dir, tokenizer_dir, seq_len: int, **data) -> dict[str, torch.Tensor]:
     """``GLOBAL * STEPS`` rows as the real pipeline makes them (``data``: packing and masking options, as
-    :func:`data_fixtures.mlm_datamodule` takes them): ``input_ids``, ``attention_mask``, ``labels`` and the
-    tokenizer's ``vocab`` size."""
+    :func:`data_fixtures.mlm_datamodule` takes them): ``input_ids``, ``attention_mask``, ``labels`` (and
+    ``document_ids`` in packed_docs packing) and the tokenizer's ``vocab`` size."""
     from data_fixtures import mlm_datamodule
 
     from data_pipelines.tokenizer import load_tokenizer
 
     dm = mlm_datamodule(shard_dir, tokenizer_dir, seq_len=seq_len, micro_batch_size=GLOBAL * STEPS, **data)
     batch = next(iter(dm.train_dataloader()))
-    return {k: batch[k].clone() for k in ("input_ids", "attention_mask", "labels")} | {
+    return {k: batch[k].clone() for k in ("input_ids", "attention_mask", "labels", "document_ids") if k in batch} | {
         "vocab": torch.tensor(load_tokenizer(tokenizer_dir).vocab_size)}
 
 
@@ -72,7 +72,7 @@ def mean_ce_gradient(init: dict[str, torch.Tensor], rows: dict, parts: int = 1) 
     for start in range(0, GLOBAL, size):
         part = slice(start, start + size)
         out = model(rows["input_ids"][part], rows["attention_mask"][part] if "attention_mask" in rows else None,
-                    rows["labels"][part])
+                    rows["labels"][part], rows["document_ids"][part] if "document_ids" in rows else None)
         (out.loss / parts).backward()
     return {k: p.grad.clone() for k, p in model.named_parameters()}
 
