@@ -5,6 +5,8 @@ and pretraining ``model=modernbert_tiny`` from scratch."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -14,10 +16,13 @@ from hydra import compose, initialize_config_dir
 
 from roberta_pl.checkpoints import export, load_pretrained
 from roberta_pl.config import CONF_DIR
+from roberta_pl.finetune.app import run as finetune
+from roberta_pl.finetune.config import register_configs as register_finetune_configs
 from roberta_pl.pretraining.app import run
 from roberta_pl.pretraining.config import register_configs
 
 register_configs()
+register_finetune_configs()
 SMALL = ["batch.seq_len=64", "batch.global_batch_size=8", "batch.micro_batch_size=4", "trainer=cpu",
          "trainer.max_steps=4", "trainer.val_every_n_steps=2", "trainer.limit_val_batches=2",
          "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2",
@@ -25,9 +30,9 @@ SMALL = ["batch.seq_len=64", "batch.global_batch_size=8", "batch.micro_batch_siz
 pytestmark = pytest.mark.slow
 
 
-def compose_cfg(overrides):
+def compose_cfg(overrides, name: str = "pretrain"):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="pretrain", overrides=list(overrides))
+        return compose(config_name=name, overrides=list(overrides))
 
 
 def _same_logits_in_transformers(hf_dir, ckpt, tok_dir):
@@ -89,3 +94,30 @@ def test_pretraining_modernbert_tiny_from_scratch_exports_to_transformers(tmp_pa
     ids = torch.randint(5, ours.config.vocab_size, (2, 80))  # longer than the tiny preset's 32-token window
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_finetuning_from_a_modernbert_directory_exports_a_transformers_classifier(tmp_path, modernbert_dir):
+    import csv
+
+    from data_pipelines.cli import main as data_cli
+
+    model_dir, _ = modernbert_dir
+    assert data_cli(["demo-task", str(tmp_path / "task")]) == 0
+    overrides = [f"pretrained={model_dir}", f"task.train_file={tmp_path / 'task' / 'train.csv'}",
+                 f"task.valid_file={tmp_path / 'task' / 'valid.csv'}", "task.label_column=source",
+                 "trainer.max_epochs=1", "batch_size=16", "task.max_seq_len=64", "trainer.enable_progress_bar=false",
+                 "logger=csv"]
+    out = tmp_path / "run"
+    finetune(compose_cfg(overrides, "finetune"), out)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "hf").eval()
+    assert type(hf).__name__ == "ModernBertForSequenceClassification"
+    tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    with (tmp_path / "task" / "valid.csv").open() as f:
+        texts = [row["text"] for row in csv.DictReader(f)][:8]
+    enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    assert bool((enc["input_ids"][:, 0] == tok.cls_token_id).all())
+    rows = [json.loads(line) for line in (out / "predictions" / "valid.jsonl").read_text().splitlines()][:8]
+    with torch.no_grad():
+        probs = hf(**enc).logits.softmax(-1)
+    ours = torch.tensor([[r["probabilities"][hf.config.id2label[i]] for i in range(2)] for r in rows])
+    torch.testing.assert_close(probs, ours, atol=1e-5, rtol=0)
