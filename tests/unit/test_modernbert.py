@@ -5,11 +5,16 @@ export, the FLOP count and the config checks."""
 import pytest
 import torch
 import transformers
+from packed_docs import (
+    assert_no_token_attends_across_documents,
+    assert_packed_equals_each_document_alone,
+    packed_batch,
+)
 
 from roberta_pl.hf import load_hf, load_hf_encoder, save_hf, save_hf_classifier
 from roberta_pl.model import RobertaConfig, mlm_flops_per_token
 from roberta_pl.models import masked_lm, sequence_classifier, token_classifier
-from roberta_pl.modernbert import ModernBertForMaskedLM, ModernBertModel
+from roberta_pl.modernbert import ModernBertForMaskedLM
 
 
 def _config(**overrides) -> RobertaConfig:
@@ -99,37 +104,24 @@ def test_classifier_export_matches_transformers_auto_class(tmp_path, token):
     torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
 
 
-def _packed_against_alone(model: torch.nn.Module, lengths: list[int], seed: int = 0) -> None:
-    """One row packing documents of ``lengths`` gives each document's logits as if it ran alone."""
-    g = torch.Generator().manual_seed(seed)
-    docs = [torch.randint(5, model.config.vocab_size, (n,), generator=g) for n in lengths]
-    ids = torch.cat(docs)[None]
-    document_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
-    with torch.no_grad():
-        packed = model(ids, document_ids=document_ids).logits[0]
-        alone = torch.cat([model(d[None]).logits[0] for d in docs])
-    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+def test_packed_documents_give_each_documents_logits_alone_and_never_see_each_other():
+    # Real packed_docs rows of 64 tokens: documents of 3-40 tokens, some longer than the 16-token window, some cut.
+    model = _nudged(masked_lm(_config(max_seq_len=64)))
+    ids, doc_ids = packed_batch(3, 64, 300, lengths=(3, 40))
+    assert assert_packed_equals_each_document_alone(model, ids, doc_ids) > 6
+    assert_no_token_attends_across_documents(model, ids, doc_ids, 300)
 
 
-def test_packed_documents_give_each_documents_logits_alone():
+def test_packed_positions_restart_at_each_document():
+    """RoPE positions restart per document: a document placed later in a packed row gives the logits it gives first."""
     model = _nudged(masked_lm(_config()))
-    _packed_against_alone(model, [5, 30, 13])  # one longer than the window, one shorter than its half
-    _packed_against_alone(model, [48])
-
-
-def test_a_document_never_sees_its_neighbour():
-    """Changing one document's tokens leaves every other document's hidden states exactly as they were."""
-    model = _nudged(ModernBertModel(_config()))
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(5, 300, (1, 40), generator=g)
-    document_ids = torch.tensor([[0] * 12 + [1] * 16 + [2] * 12])
-    changed = ids.clone()
-    changed[0, 12:28] = torch.randint(5, 300, (16,), generator=g)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(5, 300, (20,), generator=g), torch.randint(5, 300, (20,), generator=g)
+    doc_ids = torch.tensor([[0] * 20 + [1] * 20])
     with torch.no_grad():
-        a, b = model(ids, document_ids=document_ids), model(changed, document_ids=document_ids)
-    outside = document_ids[0] != 1
-    assert torch.equal(a[0, outside], b[0, outside])
-    assert (a[0, ~outside] - b[0, ~outside]).abs().max() > 1e-3
+        first = model(torch.cat([a, b])[None], document_ids=doc_ids).logits[0, :20]
+        second = model(torch.cat([b, a])[None], document_ids=doc_ids).logits[0, 20:]
+    torch.testing.assert_close(first, second, atol=1e-5, rtol=0)
 
 
 def test_sparse_head_loss_equals_dense_loss():
