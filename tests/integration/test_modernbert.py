@@ -83,9 +83,10 @@ def test_continued_pretraining_exports_and_extends_its_context(tmp_path, modernb
     _same_logits_in_transformers(long_export, long_ckpt, model_dir)
 
 
-def test_pretraining_modernbert_tiny_from_scratch_exports_to_transformers(tmp_path, shard_dir, tokenizer_dir):
+@pytest.mark.parametrize("packing", ["full_sentences", "packed_docs"])
+def test_pretraining_modernbert_tiny_from_scratch_exports_to_transformers(tmp_path, shard_dir, tokenizer_dir, packing):
     overrides = ["model=modernbert_tiny", f"data.tokenizer={tokenizer_dir}", f"data.train_shards={shard_dir}",
-                 f"data.valid_shards={shard_dir}"]
+                 f"data.valid_shards={shard_dir}", f"data.packing={packing}"]
     run(compose_cfg([*SMALL, *overrides]), tmp_path / "run", overrides=overrides)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     exported = export(ckpt, tmp_path / "hf")
