@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -197,7 +198,7 @@ def budget_max_steps(plan: BatchPlan, step: int, seconds_left: float,
                      seconds_per_micro_batch: float, cap: int, cheaper_from: tuple[int, float] | None = None) -> int:
     """The step count a time budget buys: the last optimizer step whose micro-batches, from ``step`` on,
     fit in ``seconds_left`` at the measured rate (a batch ramp's longer steps included). At least
-    ``step + 1``; at most ``cap``.
+    ``step + 1`` (the run ends on a step of its own), at most ``cap``; ``cap`` itself when decided at the cap.
 
     Args:
         plan: the run's batch plan (a ramp's phases make later steps dearer).
@@ -210,6 +211,8 @@ def budget_max_steps(plan: BatchPlan, step: int, seconds_left: float,
     Returns:
         The ``max_steps`` to fix.
     """
+    if step >= cap:  # decided at the cap: the run ends there (cap + 1 would pass trainer.max_steps)
+        return cap
     before = plan.micro_batches_before(step)
     split, ratio = (plan.micro_batches_before(max(step, cheaper_from[0])) - before, cheaper_from[1]) \
         if cheaper_from is not None else (math.inf, 1.0)
@@ -230,33 +233,82 @@ def budget_max_steps(plan: BatchPlan, step: int, seconds_left: float,
     return lo
 
 
+def robust_seconds(samples: Sequence[float], windows: int = 5) -> float:
+    """A step time robust to transient load: ``samples`` (seconds per micro-batch of consecutive steps) cut into
+    ``windows`` consecutive windows, the median of their means. A slowdown that hits fewer than half the windows
+    (another job starting on the same cores for 30 s) does not move it; periodic costs inside every window
+    (a checkpoint, a log write) count at their share."""
+    if not samples:
+        raise ValueError("no step times to plan from")
+    n = min(windows, len(samples))
+    bounds = [round(i * len(samples) / n) for i in range(n + 1)]
+    return statistics.median(statistics.fmean(samples[a:b]) for a, b in zip(bounds, bounds[1:]))
+
+
 class StepHorizon:
     """The run's last optimizer step, owned in one place.
 
     ``trainer.max_steps`` sets it; under a time budget (``trainer.max_time``) it is only a cap until the
-    :class:`~roberta_pl.callbacks.BudgetPlanner` fixes the figure, once, early in the run. The LR schedule and the
-    validation schedule read it; what cannot read it (Lightning's own step limit, the mask-rate schedule shared
-    with the DataLoader workers, the module's recorded ``max_steps``) follows it: each follower is called with the
-    figure once it is fixed, and again whenever it is set.
+    :class:`~roberta_pl.callbacks.BudgetPlanner` fixes the figure early in the run (:meth:`set`) and re-plans it
+    at a few later steps (:meth:`replan`). The LR schedule and the validation schedule read it; what cannot read it
+    (Lightning's own step limit, the mask-rate schedule shared with the DataLoader workers, the module's recorded
+    ``max_steps``) follows it: each follower is called with the figure once it is fixed, and again whenever it is
+    set; one registered with ``replans=True`` also at every re-plan. The mask-rate schedule is computed ahead of the
+    trainer (batches are masked in advance), so it follows only the first figure, fixed inside the warm-up: a
+    batch's masks never depend on how far the data loading had run when a re-plan came.
+
+    ``history`` holds ``(from_step, max_steps)``: the first figure from step 0, then each re-plan from the first
+    LR-schedule step it shapes. :meth:`progress` reads it.
     """
 
     def __init__(self, max_steps: int, plan: BatchPlan | None = None, fixed: bool = True) -> None:
         self.max_steps = int(max_steps)
         self.plan = plan
         self.fixed = fixed
-        self._followers: list[Callable[[int], None]] = []
+        self.history: list[tuple[int, int]] = [(0, self.max_steps)]
+        self._followers: list[tuple[Callable[[int], None], bool]] = []
 
-    def follow(self, follower: Callable[[int], None]) -> None:
-        """Call ``follower(max_steps)`` now if the figure is fixed, and whenever it is set."""
-        self._followers.append(follower)
+    def follow(self, follower: Callable[[int], None], replans: bool = False) -> None:
+        """Call ``follower(max_steps)`` now if the figure is fixed, and whenever it is set (``replans``: and
+        whenever it is re-planned)."""
+        self._followers.append((follower, replans))
         if self.fixed:
             follower(self.max_steps)
 
     def set(self, max_steps: int) -> None:
-        """Fix the figure (a time budget, or its value saved in the checkpoint on resume)."""
+        """Fix the figure (a time budget's first decision, or its value saved in the checkpoint on resume)."""
         self.max_steps, self.fixed = int(max_steps), True
-        for follower in self._followers:
+        self.history = [(0, self.max_steps)]
+        for follower, _ in self._followers:
             follower(self.max_steps)
+
+    def replan(self, from_step: int, max_steps: int) -> None:
+        """Move the fixed figure to ``max_steps`` for LR-schedule steps ``from_step`` on (a time budget's re-plan,
+        or its replay on resume); the decay continues from where it is (:meth:`progress`)."""
+        if not self.fixed:
+            raise ValueError("re-planning a horizon that was never fixed")
+        self.max_steps = int(max_steps)
+        self.history.append((int(from_step), self.max_steps))
+        for follower, replans in self._followers:
+            if replans:
+                follower(self.max_steps)
+
+    def progress(self, step: int, warmup_steps: int) -> float:
+        """How far the LR decay is at LR-schedule step ``step``: 0 at the end of the warm-up, 1 at the last step.
+
+        Without a re-plan, ``(step - warmup) / (max_steps - warmup)``. A re-plan from step ``r`` keeps the progress
+        ``p`` reached at ``r`` and spreads the rest over the steps now left, ``p + (1 - p) (step - r) /
+        (max_steps - r)``: every decay shape (linear, cosine, wsd ...) continues from the LR it had, without a jump,
+        and ends at the new last step. A figure re-planned inside the warm-up counts from the warm-up's end."""
+        start, done, total = warmup_steps, 0.0, self.history[0][1]
+        for from_step, max_steps in self.history[1:]:
+            if from_step > step:
+                break
+            if from_step > start:
+                done = min(1.0, done + (1.0 - done) * (from_step - start) / max(1, total - start))
+                start = from_step
+            total = max_steps
+        return min(1.0, done + (1.0 - done) * max(0, step - start) / max(1, total - start))
 
     def micro_batches_before(self, step: int) -> int:
         """Micro-batches per rank before optimizer step ``step``, under the run's batch plan."""

@@ -80,26 +80,29 @@ Decay = choices("Decay", DECAYS)  # the type of optim.decay in the schemas
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, decay: str = "linear", power: float = 1.0,
-              end_ratio: float = 0.0, decay_fraction: float = 0.2, decay_steps: int | None = None) -> float:
+              end_ratio: float = 0.0, decay_fraction: float = 0.2, decay_steps: int | None = None,
+              progress: float | None = None) -> float:
     """Multiplier of the peak LR at ``step``: linear warm-up over ``warmup_steps``, then ``decay`` (a :data:`DECAYS`
     name) to ``end_ratio`` at ``total_steps``.
 
     RoBERTa (fairseq ``polynomial_decay`` with power 1) warms up linearly for ``warmup_steps`` then decays
     linearly to 0 at ``total_steps``. ``wsd`` holds the peak and decays over the last ``decay_steps`` steps (or the
-    last ``decay_fraction`` of the steps after the warm-up).
+    last ``decay_fraction`` of the steps after the warm-up). ``progress``: how far the decay is (0 -> 1) when the
+    horizon moved during the run (a time budget's re-plan, :meth:`~roberta_pl.batch_plan.StepHorizon.progress`);
+    default: ``(step - warmup_steps) / (total_steps - warmup_steps)``.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if decay not in DECAYS:
         raise ValueError(f"optim.decay={decay!r}; choose one of {', '.join(DECAYS)}")
     span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
+    progress = min(1.0, (step - warmup_steps) / span) if progress is None else progress
     fraction = min(1.0, decay_steps / span) if decay_steps is not None else decay_fraction
     return end_ratio + (1.0 - end_ratio) * DECAYS[decay](progress, power, fraction)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], warmup_steps: int,
-                 total_steps: Callable[[], int]) -> dict[str, Any]:
+                 total_steps: Callable[[], int], progress: Callable[[int], float] | None = None) -> dict[str, Any]:
     """The LR schedule of a run, for ``configure_optimizers``: :func:`lr_lambda` with ``optim``'s ``decay``,
     ``power``, ``end_lr_ratio``, ``decay_fraction`` and ``decay_steps``, stepped every optimizer step.
 
@@ -108,12 +111,15 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], war
         optim: the resolved ``optim`` group.
         warmup_steps: optimizer steps of linear warm-up.
         total_steps: returns the step the decay ends at, read at every step (a time budget fixes it during the run).
+        progress: the decay's progress at a step, when a time budget re-plans the horizon (default: from
+            ``total_steps``).
     """
     settings = {"decay": str(optim.get("decay", "linear")), "power": optim.get("power", 1.0),
                 "end_ratio": optim.get("end_lr_ratio", 0.0), "decay_fraction": optim.get("decay_fraction", 0.2),
                 "decay_steps": optim.get("decay_steps")}
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
-        step, warmup_steps=warmup_steps, total_steps=total_steps(), **settings))
+        step, warmup_steps=warmup_steps, total_steps=total_steps(),
+        progress=None if progress is None or step < warmup_steps else progress(step), **settings))
     return {"scheduler": schedule, "interval": "step"}
 
 

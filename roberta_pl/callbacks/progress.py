@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
@@ -19,10 +19,6 @@ from roberta_pl.lightning_compat import (
     set_progress,
     start_train_progress,
 )
-
-_PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
-                    "16-true": torch.float16}
-
 
 
 class RunProgressBar(DescribedProgressBar):
@@ -109,8 +105,83 @@ class StepProgressBar(RunProgressBar):
                            batch_idx: int) -> None:
         if not self.is_disabled and self.train_progress_bar_id is None:  # resumed mid-epoch
             start_train_progress(self)
+        total = self.total_train_batches
+        if self.progress is not None and self.train_progress_bar_id is not None and math.isfinite(total) and \
+                self.progress.tasks[self.train_progress_bar_id].total != total:  # a time budget fixed or re-planned it
+            self.progress.update(self.train_progress_bar_id, total=total)
         set_progress(self, self.train_progress_bar_id, trainer.global_step)
         refresh_progress_metrics(self, trainer, pl_module)
+
+
+class ProgressLog(ProgressBar):
+    """Pretraining's progress where stdout is not a terminal (a pipe, a batch job's log file), where a Rich bar
+    draws nothing until the end: one line every ``every_seconds`` of training and after each validation, with the
+    step out of the run's total (a time budget's figure once fixed), the loss, the step rate and the elapsed and
+    remaining time of this process's training (as :class:`StepProgressBar`)::
+
+        step 1,250/3,104 (40%) | train/loss 5.812 | val/loss 5.790 | 95.3 ms/step | 0:02:01 elapsed, 0:02:57 left
+
+    A progress bar to Lightning (it replaces the Rich one; rank 0 alone prints)."""
+
+    def __init__(self, every_seconds: float = 30.0) -> None:
+        super().__init__()
+        self.every_seconds = every_seconds
+        self._enabled = True
+        self._started: float | None = None
+        self._steps_before = 0
+        self._last_line = 0.0
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = self._last_line = time.monotonic()
+        self._steps_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if time.monotonic() - self._last_line >= self.every_seconds:
+            self.log_line(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self._started is not None:
+            self.log_line(trainer, pl_module)
+
+    def log_line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Print the progress line now (rank 0)."""
+        self._last_line = now = time.monotonic()
+        if not self._enabled or self._started is None:
+            return
+        step, total = trainer.global_step, self.total_train_batches
+        done, elapsed = step - self._steps_before, now - self._started
+        parts = [f"step {step:,}/{total:,} ({step / total:.0%})" if math.isfinite(total) else f"step {step:,}"]
+        metrics = self.get_metrics(trainer, pl_module)
+        parts += [f"{k} {float(metrics[k]):.3f}" for k in ("train/loss", "val/loss", "val/accuracy")
+                  if _is_number(metrics.get(k))]
+        if done > 0:
+            left = (total - step) * elapsed / done if math.isfinite(total) else None
+            parts.append(f"{elapsed / done * 1e3:.1f} ms/step")
+            parts.append(f"{timedelta(seconds=int(elapsed))} elapsed" +
+                         ("" if left is None else f", {timedelta(seconds=int(left))} left"))
+        print(" | ".join(parts), flush=True)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 class _RunTimeColumn(ProgressColumn):

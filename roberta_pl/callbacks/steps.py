@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
 from roberta_pl.batch_plan import BatchPlan, StepHorizon
 from roberta_pl.lightning_compat import (
@@ -15,10 +14,6 @@ from roberta_pl.lightning_compat import (
     set_resumed_batch_progress,
     set_val_check_batch,
 )
-
-_PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
-                    "16-true": torch.float16}
-
 
 
 class StepBoundary(pl.Callback):

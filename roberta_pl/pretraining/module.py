@@ -84,7 +84,7 @@ class MaskedLMModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=sorted({*retired, "horizon"}))
         self.horizon = horizon if horizon is not None else StepHorizon(max_steps)
-        self.horizon.follow(lambda steps: self.hparams.__setitem__("max_steps", steps))
+        self.horizon.follow(lambda steps: self.hparams.__setitem__("max_steps", steps), replans=True)
         self.config = RobertaConfig(**model)
         self.model = masked_lm(self.config)
         if compile:
@@ -231,4 +231,5 @@ class MaskedLMModule(pl.LightningModule):
         optimizer = build_adamw(self.model, o["lr"], o["betas"], o["eps"], o["weight_decay"],
                                 cpu_adam=self._offloads_optimizer())
         return {"optimizer": optimizer,
-                "lr_scheduler": lr_scheduler(optimizer, o, o["warmup_steps"], lambda: self.horizon.max_steps)}
+                "lr_scheduler": lr_scheduler(optimizer, o, o["warmup_steps"], lambda: self.horizon.max_steps,
+                                             lambda step: self.horizon.progress(step, o["warmup_steps"]))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,6 +23,7 @@ from roberta_pl.callbacks import (
     WorldSizeResume,
 )
 from roberta_pl.callbacks.probes import LiveProbe
+from roberta_pl.callbacks.progress import ProgressLog
 from roberta_pl.lightning_compat import set_max_steps
 from roberta_pl.trainer import (
     ReturnFreedMemory,
@@ -49,8 +51,8 @@ def pretraining_trainer(cfg: DictConfig, out_dir: Path, horizon: StepHorizon, re
     callbacks = [checkpoints, RequeueOnSignal(out_dir / "checkpoints" / "last.ckpt"), LossCurve(out_dir),
                  ThroughputLogger(), DataSkipMonitor(), WorldSizeResume()]
     later: list[pl.Callback] = []
-    if t.enable_progress_bar:
-        later.append(StepProgressBar())
+    if t.enable_progress_bar:  # a bar on a terminal; progress lines in a pipe or a log file, where a bar is silent
+        later.append(StepProgressBar() if sys.stdout.isatty() else ProgressLog())
     if t.stop_at_step is not None:
         later.append(StopAtStep(t.stop_at_step))
     if len(plan.phases) > 1:
@@ -58,7 +60,7 @@ def pretraining_trainer(cfg: DictConfig, out_dir: Path, horizon: StepHorizon, re
     later.append(ValidationSchedule(t.val_every_n_steps, horizon, validate_last=t.max_time is not None))
     if cfg.probe.every_n_steps:  # live downstream probes
         later.append(LiveProbe(cfg.probe))
-    if t.max_time is not None:  # a wall-clock budget: max_steps fixed from the rate measured in the warm-up
+    if t.max_time is not None:  # a wall-clock budget: max_steps fixed in the warm-up, re-planned later
         later.append(BudgetPlanner(parse_duration(t.max_time), horizon, cfg.optim.warmup_steps, t.val_every_n_steps))
     trainer = build_trainer(
         cfg, out_dir, resolved_config, callbacks, later, strategy=build_strategy(cfg, plan),
@@ -67,7 +69,7 @@ def pretraining_trainer(cfg: DictConfig, out_dir: Path, horizon: StepHorizon, re
         # keeps it on step boundaries when a ramp changes the accumulation.
         val_check_interval=t.val_every_n_steps * plan.accumulation, check_val_every_n_epoch=None,
     )
-    horizon.follow(lambda steps: set_max_steps(trainer, steps))
+    horizon.follow(lambda steps: set_max_steps(trainer, steps), replans=True)
     if tune_allocator and keep_freed_memory(trainer):
         trainer.callbacks.append(ReturnFreedMemory())
     return trainer

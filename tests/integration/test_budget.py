@@ -1,15 +1,25 @@
 """Time-budgeted pretraining (trainer.max_time) through the real entry point: the step count is fixed from the
-measured rate and saved; a stopped and resumed budget run is the step-count run of that many steps, bit for bit."""
+measured rate, re-planned when the rate changes, and every decision saved; a stopped and resumed budget run is the
+uninterrupted one, bit for bit (with a fixed figure, the step-count run of that many steps).
+
+Load is simulated without timing anything: :class:`StepClock` drives the planner's clock by the step number, so
+"step 11 on takes 3x as long" is exact, and the planner's decisions are a function of the step in every job."""
 
 import csv
 import json
+import os
+import re
+import subprocess
+import sys
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from data_fixtures import one_thread  # noqa: F401
 from test_pretrain import TINY, compose_cfg
 
-from roberta_pl.callbacks import fixed_max_steps
+from roberta_pl.batch_plan import StepHorizon
+from roberta_pl.callbacks import BudgetPlanner, fixed_max_steps
 from roberta_pl.optim import lr_lambda
 from roberta_pl.pretraining.app import run
 
@@ -22,6 +32,46 @@ BUDGET = ["optim.warmup_steps=20", "data.mask_prob_start=0.3", "checkpoint.every
 @pytest.fixture
 def data(shard_dir, tokenizer_dir):
     return [f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
+
+
+class StepClock(pl.Callback):
+    """The :class:`BudgetPlanner`'s clock, driven by the step: each optimizer step costs ``seconds`` of budget,
+    ``factor`` times that for steps ``slow_from .. slow_until`` (validation costs nothing). Each job counts from the
+    step it resumed at (its planner adds the time the checkpoint says was spent), as a real clock would."""
+
+    def __init__(self, seconds: float, factor: float = 1.0, slow_from: int = 10**9, slow_until: int = 10**9) -> None:
+        self.seconds, self.factor, self.slow_from, self.slow_until = seconds, factor, slow_from, slow_until
+        self.trainer: pl.Trainer | None = None
+        self.start: int | None = None
+
+    def at(self, step: int) -> float:
+        """Budget seconds steps 1 .. ``step`` take."""
+        slow = max(0, min(step, self.slow_until) - self.slow_from + 1)
+        return self.seconds * (step + (self.factor - 1) * slow)
+
+    def now(self) -> float:
+        return 0.0 if self.start is None else self.at(self.trainer.global_step) - self.at(self.start)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.trainer = trainer
+        next(c for c in trainer.callbacks if isinstance(c, BudgetPlanner)).use_clock(self.now)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = trainer.global_step
+
+
+def clock(**kwargs) -> str:
+    return "trainer.callbacks=[{_target_:test_budget.StepClock," + ",".join(f"{k}:{v}" for k, v in kwargs.items()) + "}]"
+
+
+def train(overrides, run_dir) -> dict:
+    """A run with the overrides on its command line (a test clock's _target_ is named there)."""
+    return run(compose_cfg(overrides), run_dir, overrides=list(overrides))
+
+
+def decisions(run_dir) -> list[dict]:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return ckpt["callbacks"][BudgetPlanner.__qualname__]["decisions"]
 
 
 def _lrs(run_dir):
@@ -43,23 +93,33 @@ def test_a_budget_run_ends_at_the_step_it_fixed_with_validation_checkpoint_and_e
     assert fixed is not None and 10 < fixed < 100000  # from the time left, not the cap
     out = capsys.readouterr().out
     assert "trainer.max_steps fixed at" in out and "x that after the warm-up, at the mask schedule's mean rate" in out
-    summary = run(compose_cfg(budget), tmp_path)  # resumed: to the saved figure, whatever time is left
+    summary = run(compose_cfg(budget), tmp_path)  # resumed: the saved figure, then re-planned on this job's clock
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert summary["global_step"] == ckpt["global_step"] == fixed_max_steps(ckpt) == fixed
-    assert ckpt["hyper_parameters"]["max_steps"] == fixed  # what the LR schedule decays to
-    # Warm-up over 20 steps, then linear decay to 0 at the fixed step, across the stop and the resume.
+    last = fixed_max_steps(ckpt)
+    assert summary["global_step"] == ckpt["global_step"] == last
+    made = decisions(tmp_path)
+    assert made[0]["max_steps"] == fixed and made[-1]["max_steps"] == last and made[0]["at_step"] <= 10
+    assert ckpt["hyper_parameters"]["max_steps"] == last  # what the LR schedule decays to
+    # Warm-up over 20 steps, then linear decay to 0 at the last figure, continued at each re-plan, across the stop
+    # and the resume.
+    horizon = StepHorizon(100000, fixed=False)
+    horizon.set(made[0]["max_steps"])
+    for decision in made[1:]:
+        horizon.replan(decision["from_step"], decision["max_steps"])
     peak = compose_cfg(budget).optim.lr
     lrs = _lrs(tmp_path)
-    assert sorted(lrs) == list(range(1, fixed + 1))
+    assert sorted(lrs) == list(range(1, last + 1))
     for step, lr in lrs.items():  # the row of step s holds the LR step s trained with
-        assert lr == pytest.approx(peak * lr_lambda(step - 1, warmup_steps=20, total_steps=fixed), rel=1e-6), step
+        s = step - 1
+        expected = lr_lambda(s, warmup_steps=20, total_steps=last, progress=horizon.progress(s, 20) if s >= 20 else None)
+        assert lr == pytest.approx(peak * expected, rel=1e-6, abs=1e-12), step
     history = json.loads((tmp_path / "metrics_history.json").read_text())
-    assert [h["step"] for h in history if "val_loss" in h][-1] == fixed  # the last step validates
+    assert [h["step"] for h in history if "val_loss" in h][-1] == last  # the last step validates
     assert (tmp_path / "hf" / "model.safetensors").exists()
     capsys.readouterr()
     again = run(compose_cfg(budget), tmp_path)  # finished: the fixed figure, not the cap, says so
     out = capsys.readouterr().out
-    assert again["global_step"] == fixed and "already finished" in out and "the steps its budget bought" in out
+    assert again["global_step"] == last and "already finished" in out and "the steps its budget bought" in out
     assert "Raise trainer.max_steps" not in out  # the cap is not what stopped it; raising it changes nothing
 
 
@@ -81,6 +141,104 @@ def test_a_stopped_budget_run_resumes_to_its_fixed_step_as_the_step_run_of_that_
     for k, v in straight["state_dict"].items():
         assert torch.equal(v, end["state_dict"][k]), k  # bit for bit on CPU: same LR, masks and data at every step
     assert _lrs(steps) == _lrs(stopped) and len(_lrs(steps)) == 30
+
+
+LOAD = [*TINY, *BUDGET, "trainer.max_steps=100000", "trainer.val_every_n_steps=1000", "export_hf=false"]
+
+
+def _spent(run_dir, clock_kwargs) -> tuple[int, float]:
+    """The run's last step and the budget seconds its steps took by the test clock."""
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    return step, StepClock(**clock_kwargs).at(step)
+
+
+def test_a_run_that_slows_down_3x_after_the_plan_replans_to_a_figure_that_fits_the_budget(tmp_path, data, capsys):
+    # 1 s a step until step 10, by which the figure is fixed for a 100-s budget (about 100 steps; at step 7, where
+    # 5% of the budget went into measuring); 3 s a step from step 11 on.
+    slow = {"seconds": 1.0, "factor": 3.0, "slow_from": 11}
+    train([*LOAD, *data, "trainer.max_time=100", clock(**slow)], tmp_path)
+    made = decisions(tmp_path)
+    first, last = made[0]["max_steps"], made[-1]["max_steps"]
+    assert made[0]["at_step"] <= 10 and first > 90  # planned at 1 s a step
+    assert StepClock(**slow).at(first) > 250  # kept, it would have taken 2.7x the budget
+    assert len(made) >= 2 and last < 45 and made[1]["seconds_per_micro_batch"] == pytest.approx(1.5)  # 3 s / 2
+    step, spent = _spent(tmp_path, slow)
+    assert step == last and 90 <= spent <= 110, (made, spent)  # within 10% of the budget
+    assert "re-planned at step" in capsys.readouterr().out
+
+
+def test_a_transient_slowdown_while_measuring_is_corrected_by_a_later_replan(tmp_path, data):
+    # Another job on the cores while the planner measures: 4 s a step until step 10, then 1 s. The first figure
+    # (about 37 steps of 4 s) would end the run at 45% of its 150-s budget.
+    transient = {"seconds": 1.0, "factor": 4.0, "slow_from": 1, "slow_until": 10}
+    train([*LOAD, *data, "trainer.max_time=150", clock(**transient)], tmp_path)
+    made = decisions(tmp_path)
+    assert StepClock(**transient).at(made[0]["max_steps"]) < 0.5 * 150
+    step, spent = _spent(tmp_path, transient)
+    assert step == made[-1]["max_steps"] > 2.5 * made[0]["max_steps"] and 135 <= spent <= 165, (made, spent)
+
+
+def test_a_run_stopped_right_after_a_replan_and_right_after_a_resume_is_the_uninterrupted_run_bit_for_bit(tmp_path,
+                                                                                                      data):
+    slow = {"seconds": 1.0, "factor": 3.0, "slow_from": 11}
+    budget = [*LOAD, *data, "trainer.max_time=100", "checkpoint.every_n_steps=1", clock(**slow)]
+    straight = tmp_path / "straight"
+    train(budget, straight)
+    made = decisions(straight)
+    replan = made[1]["at_step"]  # the first re-plan
+    assert len(made) >= 3
+    stopped = tmp_path / "stopped"
+    train([*budget, f"trainer.stop_at_step={replan}"], stopped)  # right after the re-plan
+    assert [d["max_steps"] for d in decisions(stopped)] == [d["max_steps"] for d in made[:2]]
+    train([*budget, f"trainer.stop_at_step={replan + 1}"], stopped)  # right after the resume
+    train(budget, stopped)
+    key = ("at_step", "from_step", "max_steps", "seconds_per_micro_batch", "seconds_left")
+    assert [[d[k] for k in key] for d in decisions(stopped)] == [[d[k] for k in key] for d in made]
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == made[-1]["max_steps"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k  # same LR, masks and data at every step
+    assert _lrs(straight) == _lrs(stopped)
+
+
+def progress_lines(stdout: str) -> list[tuple[int, int]]:
+    """(step, total) of each progress line after the budget fixed its figure; each total is checked against the
+    figure fixed or re-planned last before it."""
+    lines = stdout.splitlines()
+    fixed = next(i for i, x in enumerate(lines) if "trainer.max_steps fixed at" in x)
+    figure = int(re.search(r"fixed at ([\d,]+)", lines[fixed])[1].replace(",", ""))
+    shown = []
+    for line in lines[fixed + 1:]:
+        if replanned := re.search(r"-> trainer.max_steps [\d,]+ -> ([\d,]+)", line):
+            figure = int(replanned[1].replace(",", ""))
+        elif progress := re.fullmatch(r"step ([\d,]+)/([\d,]+) \(\d+%\) \| train/loss [\d.]+ \| val/loss [\d.]+ \| "
+                                      r"val/accuracy [\d.]+ \| [\d.]+ ms/step \| [\d:]+ elapsed, [\d:]+ left", line):
+            shown.append((int(progress[1].replace(",", "")), int(progress[2].replace(",", ""))))
+            assert shown[-1][1] == figure, line  # the fixed (or re-planned) total, never the 100,000 cap
+    return shown
+
+
+PIPED = [*TINY, *BUDGET, "trainer.max_time=4", "trainer.max_steps=100000", "trainer.val_every_n_steps=8",
+         "trainer.enable_progress_bar=true", "export_hf=false"]
+
+
+def test_a_budget_run_without_a_terminal_logs_progress_lines_with_the_fixed_total(tmp_path, data, capsys):
+    train([*PIPED, *data], tmp_path)  # pytest's captured stdout is not a terminal, as a pipe
+    shown = progress_lines(capsys.readouterr().out)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert len(shown) >= 2 and shown[-1] == (last, last), shown  # one after each validation, the last at the end
+
+
+@pytest.mark.slow
+def test_a_piped_budget_run_logs_progress_lines_with_the_fixed_total(tmp_path, data):
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.pretraining.app", *PIPED, *data, f"run_dir={tmp_path}"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = progress_lines(done.stdout)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert len(shown) >= 2 and shown[-1] == (last, last), (shown, done.stdout[-2000:])
 
 
 @pytest.mark.slow

@@ -7,7 +7,14 @@ import torch
 from data_fixtures import corpus_file, tok, tokenizer_dir  # noqa: F401
 
 from data_pipelines.masking import Masker, MaskingConfig, MaskSchedule, mask_generator
-from roberta_pl.batch_plan import BatchPlan, budget_max_steps, parse_duration
+from roberta_pl.batch_plan import (
+    BatchPlan,
+    StepHorizon,
+    budget_max_steps,
+    parse_duration,
+    robust_seconds,
+)
+from roberta_pl.optim import lr_lambda
 
 
 @pytest.mark.parametrize("text, seconds", [("00:00:10:00", 600), ("01:02:03:04", 93784), ("00:10:00", 600),
@@ -41,6 +48,52 @@ def test_budget_buys_the_steps_that_fit_and_a_ramp_makes_later_steps_dearer():
     assert step_of == {19: 19, 20: 20, 23: 20, 24: 21}
     # From step 10: 10 cheap steps (10 micro-batches), then 90 micro-batches buy 22 steps of 4 (88).
     assert budget_max_steps(ramp, 10, 10.0, 0.1, cap=10_000) == 42
+
+
+def test_a_budget_decided_at_the_cap_ends_there_not_one_past_it():
+    flat = plan_of((0, 0, 2))
+    assert budget_max_steps(flat, 30, 100.0, 0.1, cap=30) == 30  # was 31: one step past trainer.max_steps
+    assert budget_max_steps(flat, 29, 100.0, 0.1, cap=30) == 30
+    assert budget_max_steps(flat, 29, -1.0, 0.1, cap=30) == 30  # one more step, still within the cap
+
+
+def test_the_rate_a_budget_plans_from_ignores_a_transient_slowdown_and_follows_a_lasting_one():
+    steady = [0.1] * 50
+    transient = [0.1] * 20 + [1.0] * 10 + [0.1] * 20  # another job on the cores for a fifth of the window
+    assert robust_seconds(transient) == pytest.approx(0.1)
+    assert sum(transient) / len(transient) > 0.25  # the mean the planner used to take: 2.8x too slow
+    lasting = [0.1] * 20 + [0.3] * 30  # slowed 3x for the latter 60%
+    assert robust_seconds(lasting) == pytest.approx(0.3)
+    assert robust_seconds(steady) == pytest.approx(0.1) and robust_seconds([0.2, 0.4]) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="no step times"):
+        robust_seconds([])
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine", "wsd", "polynomial"])
+def test_a_replanned_horizon_continues_the_lr_from_where_it_was_to_the_new_last_step(decay):
+    warmup, settings = 10, {"decay": decay, "power": 2.0, "decay_fraction": 0.3}
+    horizon = StepHorizon(1_000_000, fixed=False)
+    seen, every = [], []
+    horizon.follow(seen.append)  # follows the first figure only (the mask schedule)
+    horizon.follow(every.append, replans=True)  # follows every re-plan (the loop's limit, the LR)
+    horizon.set(100)
+
+    def lr(step):
+        return lr_lambda(step, warmup_steps=warmup, total_steps=horizon.max_steps,
+                         progress=horizon.progress(step, warmup) if step >= warmup else None, **settings)
+
+    before = [lr(s) for s in range(0, 100)]
+    assert before == [lr_lambda(s, warmup_steps=warmup, total_steps=100, **settings) for s in range(100)]  # as planned
+    horizon.replan(61, 40 + 61)  # at step 60 the budget buys 40 more steps, not 40 + (100 - 61)
+    after = [lr(s) for s in range(0, 102)]
+    assert after[:61] == before[:61]  # the steps already trained keep their LR
+    assert seen == [100] and every == [100, 101] and horizon.history == [(0, 100), (61, 101)]
+    assert abs(after[61] - after[60]) <= abs(before[61] - before[60]) * 1.01 + 1e-9  # no jump
+    assert after[101] == pytest.approx(lr_lambda(10**6, warmup_steps=warmup, total_steps=100, **settings))  # the end
+    horizon.replan(81, 90)  # and shorter again: still monotone (none of these rises after the warm-up)
+    final = [lr(s) for s in range(warmup, 91)]
+    assert all(b <= a + 1e-12 for a, b in zip(final, final[1:]))
+    assert final[-1] == pytest.approx(after[101]) and final[:71] == after[warmup:81]
 
 
 def test_steps_after_the_warmup_cost_less_when_the_mask_rate_falls():
@@ -146,3 +199,31 @@ def test_a_horizon_fixed_after_the_workers_started_reaches_them(context):
     batches = iter(loader)
     schedule.set_horizon(6)  # the worker is started; it masks steps 2 and 3 only once this is visible to it
     assert [float(r) for r in batches] == pytest.approx([0.3, 0.3, 0.3, 0.2625])
+
+
+def test_the_step_bar_shows_the_figure_a_budget_fixed_and_replanned_not_the_cap(tmp_path):
+    import lightning.pytorch as pl
+    from test_lightning_compat import Tiny
+
+    from roberta_pl.callbacks import StepProgressBar
+    from roberta_pl.lightning_compat import set_max_steps
+
+    horizon, totals = StepHorizon(1_000_000, fixed=False), {}
+
+    class Budget(pl.Callback):  # what the BudgetPlanner does to the horizon: fix at step 2, re-plan at step 4
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                horizon.set(9)
+            elif trainer.global_step == 4:
+                horizon.replan(5, 7)
+
+    class Seen(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            totals[trainer.global_step] = bar.progress.tasks[bar.train_progress_bar_id].total
+
+    bar = StepProgressBar()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1_000_000, callbacks=[Budget(), bar, Seen()], logger=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    horizon.follow(lambda steps: set_max_steps(trainer, steps), replans=True)
+    trainer.fit(Tiny())
+    assert totals == {1: 1_000_000, 2: 9, 3: 9, 4: 7, 5: 7, 6: 7, 7: 7} and trainer.global_step == 7
