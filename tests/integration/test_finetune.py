@@ -634,3 +634,28 @@ def test_tagging_demo_with_size_defaults_trains_through_its_ten_epochs(tmp_path,
     with next((tmp_path / "run" / "csv").glob("*/metrics.csv")).open() as f:
         val_loss = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
     assert len(val_loss) == 10 and val_loss[-1] < val_loss[3] - 0.01, val_loss  # learning where patience 3 stopped
+
+
+def test_finetuning_uses_its_own_dropout_not_the_pretraining_recipes(tmp_path, shard_dir, tokenizer_dir, source_task,
+                                                                     capsys):
+    """A checkpoint pretrained with dropout 0 (the budget recipe's) fine-tunes with fine-tuning's 0.1, says so, and
+    `dropout=` / `attention_dropout=` override it (null keeps the pretrained model's)."""
+    data = [f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
+    steps = ["trainer.max_steps=10", "trainer.val_every_n_steps=10", "checkpoint.every_n_steps=10", "optim.warmup_steps=2"]
+    pretrain(compose_cfg("pretrain", [*SMALL, *data, *steps, "model.dropout=0.0", "model.attention_dropout=0.0"]),
+             tmp_path / "pre")
+    ckpt = tmp_path / "pre" / "checkpoints" / "last.ckpt"
+    recorded = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["model"]
+    assert recorded["dropout"] == recorded["attention_dropout"] == 0.0
+    base = [f"pretrained={ckpt}", f"task.train_file={source_task['train']}", f"task.valid_file={source_task['valid']}",
+            "task.label_column=source", "trainer.max_epochs=1", "export_hf=false"]
+    for i, (extra, hidden, attention) in enumerate((([], 0.1, 0.1), (["dropout=0.3", "attention_dropout=0.05"], 0.3, 0.05),
+                                                     (["dropout=null"], 0.0, 0.0))):
+        out = tmp_path / f"run{i}"
+        finetune(out, [*base, *extra])
+        assert (f"regularisation: dropout {hidden:g}, attention_dropout {attention:g}, optim.weight_decay 0.1 "
+                f"(the pretrained model had 0 / 0; set dropout=") in capsys.readouterr().out
+        model = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]["model"]
+        assert (model["dropout"], model["attention_dropout"]) == (hidden, attention), extra
+    with pytest.raises(SystemExit, match="dropout=1.5: a dropout probability is in"):
+        finetune(tmp_path / "bad", [*base, "dropout=1.5"])

@@ -72,11 +72,12 @@ def finetune_compose():
 
 def finetune_config(cfg: DictConfig, task: SuiteTask, seed: int, out_dir: Path, start: str,
                     export: bool) -> tuple[DictConfig, list[str]]:
-    """The fine-tuning config of one task-seed, and the overrides it was composed from."""
+    """The fine-tuning config of one task-seed, and the overrides it was composed from (``export``: write the HF
+    export, which the tasks starting from this one load)."""
     from hydra import compose
 
-    overrides = [f"task={task.preset}", f"init={cfg.init}", f"seed={seed}", "overwrite=true",
-                 f"export_hf={str(export).lower()}", *cfg.finetune, *task.finetune]
+    overrides = [f"task={task.preset}", f"init={cfg.init}", f"seed={seed}", "overwrite=true", *cfg.finetune,
+                 *task.finetune, *(["export_hf=true"] if export else [])]  # a task others start from: its HF export
     with finetune_compose():
         ft = compose(config_name="finetune", overrides=overrides)
     fields = dict(task.fields)
