@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -12,6 +13,8 @@ import torch
 from roberta_pl.callbacks.metrics import LossCurve
 from roberta_pl.callbacks.steps import StepBoundary
 from roberta_pl.loggers import log_at_step
+
+log = logging.getLogger("roberta_pl")
 
 
 class LiveProbe(StepBoundary):
@@ -55,6 +58,10 @@ class LiveProbe(StepBoundary):
         self.pad_id = tokenizer.pad_id
         max_len = pl_module.model.config.max_seq_len
         self.tasks = [load_probe_task(t, tokenizer, min(int(t.max_seq_len), max_len)) for t in self.settings.tasks]
+        if trainer.is_global_zero:
+            sizes = ", ".join(f"{t.name} ({len(t.train)} train, {len(t.valid)} valid, {len(t.labels)} labels)"
+                              for t in self.tasks)
+            log.info("Live probes every %d steps (%s): %s", self.every_n_steps, self.settings.method, sizes)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
