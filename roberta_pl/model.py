@@ -388,13 +388,8 @@ class RobertaForMaskedLM(nn.Module):
         # Tied after init: initialising the decoder (an nn.Linear) would redraw the shared table, <pad> row included.
         self.lm_head.decoder.weight = self.roberta.embeddings.word_embeddings.weight
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        document_ids: torch.Tensor | None = None,
-    ) -> MaskedLMOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> MaskedLMOutput:
         """Args:
             input_ids: ``[B, T]`` token ids.
             attention_mask: ``[B, T]`` 1/0 padding mask, or None for unpadded (packed) batches.
