@@ -85,7 +85,9 @@ def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-@pytest.mark.parametrize("method", ["linear", "finetune"])
+# The fine-tune's run is slow-marked: in the fast suite, the RNG test below checks it leaves weights, mode and RNG as
+# they were.
+@pytest.mark.parametrize("method", ["linear", pytest.param("finetune", marks=pytest.mark.slow)])
 def test_probes_leave_training_as_it_was(tmp_path, data_overrides, probe_task, method):
     # The same seed with and without probes every step: the same weights, optimizer state and losses, bit for bit
     # (dropout 0.1 trains on: a probe that left the encoder in eval mode, trained it or drew from the training RNG
