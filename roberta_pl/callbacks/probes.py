@@ -79,9 +79,10 @@ class LiveProbe(StepBoundary):
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Every task's score now, as ``{"probe/<task>/accuracy": ..., "probe/seconds": ...}``."""
+        from roberta_pl.models import encoder_of
         from roberta_pl.probe import PROBES
 
-        probe, encoder, device = PROBES[str(self.settings.method)], pl_module.model.roberta, pl_module.device
+        probe, encoder, device = PROBES[str(self.settings.method)], encoder_of(pl_module.model), pl_module.device
         start = time.perf_counter()
         was_training = encoder.training
         cuda = [device] if device.type == "cuda" else []

@@ -107,13 +107,15 @@ def test_probes_leave_training_as_it_was(tmp_path, data_overrides, probe_task, m
         [h for h in losses[1] if "train_loss" in h or "val_loss" in h]
 
 
-@pytest.mark.parametrize("method", ["linear", "finetune"])
-def test_a_probe_draws_nothing_from_the_rng_and_scores_the_same_twice(tokenizer_dir, probe_task, method):
+@pytest.mark.parametrize("method, architecture", [("linear", "roberta"), ("finetune", "roberta"),
+                                                  ("finetune", "modernbert")])
+def test_a_probe_draws_nothing_from_the_rng_and_scores_the_same_twice(tokenizer_dir, probe_task, method, architecture):
     # The training path reseeds dropout every micro-batch, so the run above cannot see the RNG; this can.
     from roberta_pl.callbacks.probes import LiveProbe
     from roberta_pl.pretraining.module import MaskedLMModule
 
-    model = dict(vocab_size=800, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=64)
+    model = dict(vocab_size=800, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=64,
+                 dropout=0.1, architecture=architecture)
     module = MaskedLMModule(model=model, optim={}, max_steps=1, seq_len=64, micro_batch_size=4,
                             tokenizer=str(tokenizer_dir))
     probe = LiveProbe(compose_cfg([*TINY, *probe_overrides(probe_task, method=method, finetune_steps=3)]).probe)
