@@ -13,6 +13,7 @@ RoPE bases as ``rope_parameters`` (transformers 5) and also as the older ``globa
 from __future__ import annotations
 
 from roberta_pl.model import RobertaConfig
+from roberta_pl.modernbert import is_global_layer
 
 MODEL_TYPE = "modernbert"
 # Our RoBERTa class names (what callers ask for) -> ModernBERT's.
@@ -40,8 +41,6 @@ def key_table(config: RobertaConfig) -> dict[str, str]:
 
 def layer_types(config: RobertaConfig) -> list[str]:
     """HF's per-layer attention kinds: ``full_attention`` every ``global_attn_every_n_layers``, else sliding."""
-    from roberta_pl.modernbert import is_global_layer
-
     return ["full_attention" if is_global_layer(config, i) else "sliding_attention" for i in range(config.num_layers)]
 
 

@@ -41,7 +41,7 @@ def is_global_layer(config: RobertaConfig, i: int) -> bool:
 
 def init_modernbert(module: nn.Module, config: RobertaConfig) -> None:
     """HF's ModernBERT init: truncated normals cut at 2 std; projections into the residual stream (and the head's
-    dense) at std / sqrt(2 * layers), a classifier at hidden_size^-0.5; unit norms, zero biases; the padding row zero."""
+    dense) at std / sqrt(2 * layers), a classifier at hidden_size^-0.5; unit norms, zero biases, a zero padding row."""
     std = config.initializer_range
     out_std = std / math.sqrt(2.0 * config.num_layers)
 
@@ -66,7 +66,8 @@ def init_modernbert(module: nn.Module, config: RobertaConfig) -> None:
 class ModernBertEmbeddings(nn.Module):
     def __init__(self, config: RobertaConfig):
         super().__init__()
-        self.tok_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.tok_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size,
+                                           padding_idx=config.pad_token_id)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=False)
         self.drop = nn.Dropout(config.dropout)
 
@@ -88,7 +89,8 @@ class ModernBertMLP(nn.Module):
         return self.Wo(self.drop(F.gelu(h) * gate))
 
 
-def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cos, sin)`` ``[B or 1, 1, T, head_dim]`` for integer ``positions`` ``[B or 1, T]`` (computed in fp32)."""
     freqs = positions[..., None].float() * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]

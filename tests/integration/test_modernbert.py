@@ -79,7 +79,8 @@ def test_continued_pretraining_exports_and_extends_its_context(tmp_path, modernb
     model = torch.load(long_ckpt, weights_only=True, mmap=True)["hyper_parameters"]["model"]
     assert (model["max_seq_len"], model["global_rope_theta"]) == (256, 320000.0)
     long_export = export(long_ckpt, tmp_path / "long_export")
-    assert transformers.AutoConfig.from_pretrained(long_export).rope_parameters["full_attention"]["rope_theta"] == 320000
+    rope = transformers.AutoConfig.from_pretrained(long_export).rope_parameters
+    assert rope["full_attention"]["rope_theta"] == 320000
     _same_logits_in_transformers(long_export, long_ckpt, model_dir)
 
 
