@@ -33,6 +33,11 @@ test-gpu: install  ## run only the gpu-marked tests
 quickstart: install  ## the main job: corpus -> tokenizer -> shards -> train a tiny RoBERTa -> export -> fill-mask
 	roberta-pl-train experiment=quickstart
 
+.PHONY: eval-local
+eval-local: install  ## the local downstream suite on the quickstart model, pretrained vs random init, 3 seeds each
+	roberta-pl-eval runs/quickstart/checkpoints/last.ckpt suite=local seeds=3 out_dir=runs/eval-local-pretrained
+	roberta-pl-eval runs/quickstart/checkpoints/last.ckpt suite=local seeds=3 init=random out_dir=runs/eval-local-random
+
 bench: install  ## CPU benchmarks against HuggingFace transformers (figures to bench/results/)
 	$(PYTHON) bench/data_throughput.py
 	$(PYTHON) bench/train_throughput.py
