@@ -431,10 +431,13 @@ def load_hf(path: str | Path, **config_overrides) -> RobertaForMaskedLM:
     model = masked_lm(config)
     state = convert_hf_state_dict(load_hf_state_dict(path), config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # The tied decoder weight is the only key our own state dict holds that the table does not.
-    tied = hf_modernbert.TIED_KEY if config.architecture == "modernbert" else "lm_head.decoder.weight"
-    assert unexpected == [] and missing == [tied], (missing, unexpected)
+    assert unexpected == [] and missing == [tied_decoder_key(config)], (missing, unexpected)
     return model.eval()
+
+
+def tied_decoder_key(config: RobertaConfig) -> str:
+    """The one key our masked LM's state dict holds that the table does not: the decoder tied to the embeddings."""
+    return hf_modernbert.TIED_KEY if config.architecture == "modernbert" else "lm_head.decoder.weight"
 
 
 def load_hf_encoder(path: str | Path, **config_overrides) -> RobertaModel:

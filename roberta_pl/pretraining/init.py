@@ -133,13 +133,12 @@ def initialise(model, source: PretrainedInfo | None, resuming: bool) -> None:
     if source is None or resuming:
         return
     from roberta_pl.checkpoints import load_pretrained
-    from roberta_pl.hf import convert_hf_state_dict, to_hf_state_dict
+    from roberta_pl.hf import convert_hf_state_dict, tied_decoder_key, to_hf_state_dict
 
     loaded, _ = load_pretrained(source.path, source.tokenizer)  # the tokenizer was checked already
     state = convert_hf_state_dict(to_hf_state_dict(loaded), model.config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = "decoder.weight" if model.config.architecture == "modernbert" else "lm_head.decoder.weight"
-    if missing != [tied] or unexpected:  # the decoder is tied to the word embeddings
+    if missing != [tied_decoder_key(model.config)] or unexpected:  # the decoder is tied to the word embeddings
         raise RuntimeError(f"pretrained={source.path}: weights did not load whole (missing {missing}, unexpected "
                            f"{unexpected})")
 
