@@ -6,6 +6,7 @@ the config's ``optim.decay`` choices are generated from it (the batch plan lives
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,19 +42,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+_EMBEDDINGS = re.compile(r"(roberta|model)\.embeddings\.")
+_LAYER = re.compile(r"(?:roberta\.encoder\.layer|model\.layers)\.(\d+)\.")
+
+
 def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float,
                        num_layers: int) -> list[dict]:
     """AdamW groups with layer-wise LR decay (ELECTRA, BEiT): the head trains at ``lr``, encoder layer ``i``
     (0-based) at ``lr * layer_decay ** (num_layers - i)``, the embeddings at ``lr * layer_decay ** (num_layers + 1)``.
     ``layer_decay=1`` gives every parameter ``lr``. Biases and LayerNorms get no weight decay, as in
-    :func:`param_groups`. Parameters are named as in our models (``roberta.embeddings.*``,
-    ``roberta.encoder.layer.{i}.*``, anything else is head)."""
+    :func:`param_groups`. Parameters are named as in our models: ``roberta.embeddings.*`` and
+    ``roberta.encoder.layer.{i}.*`` (RoBERTa), ``model.embeddings.*`` and ``model.layers.{i}.*`` (ModernBERT);
+    anything else is head (ModernBERT's final norm included)."""
     groups: dict[tuple[int, bool], dict] = {}
     for qualified, module, name, p in _unique_params(model):
-        if qualified.startswith("roberta.embeddings."):
+        layer = _LAYER.match(qualified)
+        if _EMBEDDINGS.match(qualified):
             depth = 0
-        elif qualified.startswith("roberta.encoder.layer."):
-            depth = int(qualified.split(".")[3]) + 1
+        elif layer:
+            depth = int(layer.group(1)) + 1
         else:
             depth = num_layers + 1
         key = (depth, _no_decay(module, name, p))

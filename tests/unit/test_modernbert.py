@@ -161,3 +161,18 @@ def test_flops_count_local_attention_over_the_window():
 def test_config_refuses_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         RobertaConfig.from_name("modernbert_tiny", **{field: value})
+
+
+def test_layer_wise_lr_decay_knows_modernbert_layers():
+    from roberta_pl.optim import layer_decay_groups
+
+    config = RobertaConfig.from_name("modernbert_tiny", vocab_size=300)
+    model = sequence_classifier(config, 2)
+    n = config.num_layers
+    groups = layer_decay_groups(model, lr=1.0, weight_decay=0.1, layer_decay=0.5, num_layers=n)
+    lr_of = {name: g["lr"] for name, p in model.named_parameters() for g in groups if any(p is q for q in g["params"])}
+    assert len(lr_of) == len(dict(model.named_parameters()))
+    assert lr_of["model.embeddings.tok_embeddings.weight"] == 0.5 ** (n + 1)
+    assert lr_of[f"model.layers.{n - 1}.mlp.Wo.weight"] == 0.5
+    assert lr_of["model.layers.0.mlp.Wo.weight"] == 0.5 ** n
+    assert {lr for name, lr in lr_of.items() if not name.startswith("model.")} == {1.0}
