@@ -1,29 +1,36 @@
-"""Quality per wall-clock minute: our budget recipe against the HuggingFace recipe and our previous default.
+"""Quality per wall-clock minute: our budget recipe against the HuggingFace recipe at its tuned learning rate.
 
-For each budget, three contenders train **at the same time** on this machine, each on ``--threads`` torch threads,
-from the same tokenizer and training text, with the same model shape (``tiny``: 2 layers x 128, 8k vocabulary,
-128-token blocks, 32 sequences a step):
+For each budget, the contenders train **at the same time** on this machine, each on ``--threads`` torch threads,
+from the same tokenizer and training text, with 128-token blocks and 32 sequences a step:
 
-* ``ours-budget``: ``roberta-pl-train experiment=budget_cpu trainer.max_time=<budget>`` (dropout off, 30% -> 15%
-  mask-rate schedule, batch ramp, LR decayed to the step count fixed from the measured rate, clip 0.5);
-* ``ours-default``: the quickstart's recipe before it moved onto budget_cpu (dropout 0.1, 15% masking, peak LR 1e-3),
-  with the same ``trainer.max_time`` so that its LR schedule also ends at the budget;
-* ``hf``: ``transformers.RobertaForMaskedLM`` trained as ``run_mlm.py`` would: blocks of concatenated
-  documents (``group_texts``), ``DataCollatorForLanguageModeling(mlm_probability=0.15)``, AdamW with the
-  ``TrainingArguments`` defaults (lr 5e-5, betas 0.9/0.999, eps 1e-8, no weight decay, linear decay with no warm-up,
-  clip 1.0); its decay horizon is sized to the budget from the rate of its first 10 steps.
+* ``ours-budget``: ``roberta-pl-train experiment=budget_cpu trainer.max_time=<budget>`` (``tiny``: 2 layers x 128,
+  8k vocabulary; dropout off, 30% -> 15% mask-rate schedule, batch ramp, LR decayed to the step count fixed from
+  the measured rate, clip 0.5);
+* ``modernbert-tiny``: the same command with ``model=modernbert_tiny`` (our ModernBERT-class preset: RoPE, GeGLU,
+  local/global attention), present whenever ``roberta_pl.model.PRESETS`` has that preset;
+* ``hf``: ``transformers.RobertaForMaskedLM`` (the ``tiny`` shape) trained as ``run_mlm.py`` would: blocks of
+  concatenated documents (``group_texts``), ``DataCollatorForLanguageModeling(mlm_probability=0.15)``, AdamW with
+  the ``TrainingArguments`` defaults (betas 0.9/0.999, eps 1e-8, no weight decay, clip 1.0) and a linear schedule
+  with ``--warmup_ratio`` 0.05 (RoBERTa's pretraining warmed up for 24k of 500k steps), its horizon sized to the
+  budget from the rate of its first steps. Its peak LR is **tuned** as a ``run_mlm.py`` user tunes it: a sweep over
+  ``--hf-lrs`` (1e-4, 3e-4, 1e-3, 2e-3) at the shortest budget, the four runs side by side like the contenders,
+  each scored by its loss on 256 blocks held back from HF's training text (never the held-out test blocks); the
+  lowest loss wins and is used at every budget;
+* ``hf-default-lr``: the same HF recipe at ``TrainingArguments``' default LR 5e-5, labelled "HF default LR (not
+  tuned)": it shows what an untuned baseline looks like and stays out of the headline ratio (``--no-hf-default-row``).
 
 Afterwards each model is loaded with ``transformers.AutoModelForMaskedLM`` and scored on the same held-out blocks,
 masked once at 15% (80/10/10, fixed seed): masked-token accuracy and loss. The text is not the one the tests or
 the quickstart train on: documentation files of this machine's packages (``/usr/share/doc``: READMEs, change
 logs, copyright notices), paragraphs de-duplicated, split by paragraph hash into train and held-out (1 in 20).
 
-    python bench/quality.py                 # budgets 2, 5, 10, 20 minutes (about 40 minutes in all)
-    python bench/quality.py --quick         # one 1-minute budget: a smoke check
-    python bench/quality.py --budgets 5 10 --threads 1
+    python bench/quality.py                 # sweep at 2 min, then budgets 2, 5, 10, 20 minutes (~45 minutes)
+    python bench/quality.py --quick         # a 0.5-minute sweep and one 1-minute budget: a smoke check
+    python bench/quality.py --budgets 5 10 --threads 1 --hf-lr 1e-3   # a given HF LR: no sweep
 
 Writes ``bench/results/quality.json`` and ``quality.png`` (held-out accuracy by budget); budgets of an earlier
-``quality.json`` on the same corpus, setup and commit that this run does not redo are kept. Nothing asserts a figure.
+``quality.json`` on the same corpus, setup, HF LR and commit that this run does not redo are kept. Nothing asserts
+a figure.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -44,7 +52,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SEQ_LEN, GLOBAL_BATCH, VOCAB = 128, 32, 8192
-CONTENDERS = ("ours-budget", "ours-default", "hf")
+HF_LRS = (1e-4, 3e-4, 1e-3, 2e-3)  # the sweep; TrainingArguments' default 5e-5 is the labelled, untuned row
+HF_DEFAULT_LR, HF_WARMUP_RATIO, SWEEP_VALID_BLOCKS = 5e-5, 0.05, 256
+LABELS = {"ours-budget": "ours (budget_cpu)", "modernbert-tiny": "ours, modernbert_tiny", "hf": "HF, tuned LR",
+          "hf-default-lr": "HF default LR (not tuned)", "ours-default": "ours, previous default"}
 _TEXT_FILES = re.compile(r"(readme|changelog|news|copyright|changes|authors|history|todo|faq)[^/]*(\.txt|\.md|\.rst)?(\.gz)?$|"
                          r"\.(txt|md|rst)(\.gz)?$", re.I)
 
@@ -134,23 +145,50 @@ def prepare(work: Path, source: Path, max_bytes: int) -> dict:
     return meta
 
 
+def sweep_valid(work: Path) -> Path:
+    """The HF sweep's validation: the last ``SWEEP_VALID_BLOCKS`` of HF's training blocks (which HF then never trains
+    on), masked once at 15% like the held-out blocks. The held-out test blocks play no part in choosing the LR."""
+    path = work / "sweep_valid.pt"
+    if not path.exists():
+        import torch
+
+        from data_pipelines.masking import Masker, MaskingConfig, mask_generator
+        from data_pipelines.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(work / "tokenizer")
+        blocks = torch.load(work / "hf_blocks.pt", weights_only=True)[-SWEEP_VALID_BLOCKS:]
+        masker = Masker(tok.vocab_size, tok.special_ids, tok.mask_id, MaskingConfig(0.15))
+        masked, labels = masker(blocks, mask_generator(0, 0, 0, stream=8))
+        torch.save({"input_ids": masked, "labels": labels}, path)
+    return path
+
+
 # -- contenders -------------------------------------------------------------------------------------
 # The quickstart's recipe before it moved onto budget_cpu (conf/experiment/quickstart.yaml until 2026-12-02), with a
 # cap of steps the budget never reaches: dropout 0.1 (the model default), 15% masking, LR 1e-3, clip 1.0, no ramp.
 PREVIOUS_DEFAULT = ["model=tiny", "batch=tiny", "trainer=cpu", "optim.lr=1e-3", "optim.warmup_steps=100",
                     "trainer.max_steps=1000000", "trainer.val_every_n_steps=250", "trainer.limit_val_batches=20",
                     "trainer.gradient_clip_val=1.0", "checkpoint.every_n_steps=500", "data.num_workers=0"]
+OURS = {"ours-budget": ["experiment=budget_cpu"], "modernbert-tiny": ["experiment=budget_cpu", "model=modernbert_tiny"],
+        "ours-default": PREVIOUS_DEFAULT}
+
+
+def has_modernbert() -> bool:
+    """Whether this checkout has the ``modernbert_tiny`` preset (the contender appears with it)."""
+    sys.path.insert(0, str(ROOT))
+    from roberta_pl.model import PRESETS
+
+    return "modernbert_tiny" in PRESETS
 
 
 def ours_command(recipe: str, seconds: float, work: Path, out: Path) -> list[str]:
-    recipe_args = {"ours-budget": ["experiment=budget_cpu"], "ours-default": PREVIOUS_DEFAULT}[recipe]
-    return [sys.executable, "-m", "roberta_pl.pretraining.app", *recipe_args, f"trainer.max_time={int(seconds)}s",
+    return [sys.executable, "-m", "roberta_pl.pretraining.app", *OURS[recipe], f"trainer.max_time={int(seconds)}s",
             f"data.train_shards={work / 'shards'}", f"data.valid_shards={work / 'shards'}",
             f"data.tokenizer={work / 'tokenizer'}", f"run_dir={out}", "fill_mask=[]", "logger=csv",
             "trainer.enable_progress_bar=false", "resume=never"]
 
 
-def train_hf(seconds: float, work: Path, out: Path, lr: float, seed: int = 0) -> dict:
+def train_hf(seconds: float, work: Path, out: Path, lr: float, warmup_ratio: float, seed: int = 0) -> dict:
     """The HF recipe for ``seconds`` of training (clock started after data preparation and model build)."""
     import torch
     import transformers
@@ -158,7 +196,8 @@ def train_hf(seconds: float, work: Path, out: Path, lr: float, seed: int = 0) ->
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(work / "tokenizer")
-    blocks = torch.load(work / "hf_blocks.pt", weights_only=True)  # run_mlm.py's group_texts blocks (prepare())
+    # run_mlm.py's group_texts blocks (prepare()), less the sweep's validation blocks at the end.
+    blocks = torch.load(work / "hf_blocks.pt", weights_only=True)[:-SWEEP_VALID_BLOCKS]
     config = transformers.RobertaConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                                         intermediate_size=512, max_position_embeddings=SEQ_LEN + 2, type_vocab_size=1,
                                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -166,8 +205,15 @@ def train_hf(seconds: float, work: Path, out: Path, lr: float, seed: int = 0) ->
     model = transformers.RobertaForMaskedLM(config).train()
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    horizon = {"steps": 10**9}
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / horizon["steps"]))
+    # get_linear_schedule_with_warmup's shape, its horizon set once the step rate is known: until then (the
+    # 12-step probe) the warm-up is unbounded, so the LR stays near 0, as it would at the start of a warm-up.
+    horizon = {"steps": 10**9, "warmup": 10**9}
+
+    def lr_factor(s: int) -> float:
+        w, n = horizon["warmup"], horizon["steps"]
+        return s / w if s < w else max(0.0, (n - s) / max(1, n - w))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(seed)
     start, step, probe = time.monotonic(), 0, None
     while True:
@@ -185,20 +231,22 @@ def train_hf(seconds: float, work: Path, out: Path, lr: float, seed: int = 0) ->
             elapsed = time.monotonic() - start
             if step == 2:
                 probe = (time.monotonic(), step)
-            if step == 12:  # size the linear decay to the budget from the rate of steps 3-12
+            if step == 12:  # size the schedule to the budget from the rate of steps 3-12
                 per_step = (time.monotonic() - probe[0]) / (step - probe[1])
                 horizon["steps"] = step + max(1, int((seconds - elapsed) / per_step))
+                horizon["warmup"] = max(step, math.ceil(warmup_ratio * horizon["steps"]))
             if step >= horizon["steps"] or elapsed >= seconds:
                 model.save_pretrained(out / "hf")
-                return {"steps": step, "train_seconds": elapsed, "tokens": step * GLOBAL_BATCH * SEQ_LEN}
+                return {"steps": step, "train_seconds": elapsed, "tokens": step * GLOBAL_BATCH * SEQ_LEN, "lr": lr,
+                        "warmup_steps": horizon["warmup"] if step >= 12 else None}
 
 
-def evaluate(hf_dir: Path, work: Path) -> dict:
+def evaluate(hf_dir: Path, work: Path, blocks: str = "heldout.pt") -> dict:
     """Held-out masked-token accuracy and loss of an HF directory (the same blocks and masks for everyone)."""
     import torch
     import transformers
 
-    data = torch.load(work / "heldout.pt", weights_only=True)
+    data = torch.load(work / blocks, weights_only=True)
     model = transformers.AutoModelForMaskedLM.from_pretrained(hf_dir).eval()
     correct = total = 0
     loss_sum = 0.0
@@ -213,20 +261,21 @@ def evaluate(hf_dir: Path, work: Path) -> dict:
     return {"heldout_accuracy": correct / total, "heldout_loss": loss_sum / total, "heldout_masked_tokens": total}
 
 
-def run_budget(minutes: float, work: Path, threads: int, hf_lr: float) -> dict:
-    """All three contenders at once for one budget; then each is scored on the held-out blocks."""
+def side_by_side(contenders: dict[str, float | None], minutes: float, base: Path, work: Path, threads: int,
+                 blocks: str = "heldout.pt") -> dict:
+    """All ``contenders`` at once for one budget, then each scored on ``blocks``. A contender is ours (value None)
+    or the HF recipe at a peak LR (the value)."""
     seconds = minutes * 60
-    base = work / f"runs-{minutes:g}min"
     shutil.rmtree(base, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": str(ROOT), "ROBERTA_PL_CACHE": str(work / "cache")}
     procs = {}
-    for name in CONTENDERS:
+    for name, lr in contenders.items():
         out = base / name
         out.mkdir(parents=True)
-        cmd = (ours_command(name, seconds, work, out) if name != "hf" else
+        cmd = (ours_command(name, seconds, work, out) if lr is None else
                [sys.executable, __file__, "--_hf", str(seconds), "--work", str(work), "--_out", str(out),
-                "--hf-lr", str(hf_lr)])
+                "--hf-lr", str(lr)])
         log = open(out / "log.txt", "w")
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, time.monotonic())
     ended: dict[str, float] = {}
@@ -242,8 +291,8 @@ def run_budget(minutes: float, work: Path, threads: int, hf_lr: float) -> dict:
         if proc.returncode != 0:
             tail = (out / "log.txt").read_text().strip().splitlines()[-1:]
             raise SystemExit(f"bench/quality.py: {name} failed (exit {proc.returncode}): {tail}; see {out / 'log.txt'}")
-        info = {"wall_seconds": ended[name] - t0}
-        if name == "hf":
+        info = {"label": LABELS.get(name, name), "wall_seconds": ended[name] - t0}
+        if contenders[name] is not None:
             info |= json.loads((out / "train.json").read_text())
         else:
             summary = json.loads((out / "summary.json").read_text())
@@ -251,10 +300,22 @@ def run_budget(minutes: float, work: Path, threads: int, hf_lr: float) -> dict:
                      "val_loss": summary["metrics"].get("val/loss"),
                      "budget_line": next((line.strip() for line in (out / "log.txt").read_text().splitlines()
                                           if line.startswith("Time budget")), None)}
-        results[name] = info
-    for name in CONTENDERS:
-        results[name] |= evaluate(base / name / "hf", work)
+        results[name] = info | evaluate(out / "hf", work, blocks)
     return results
+
+
+def sweep_hf(lrs: list[float], minutes: float, work: Path, threads: int) -> dict:
+    """The HF recipe at each LR side by side for ``minutes``; the lowest loss on the sweep's validation wins."""
+    sweep_valid(work)
+    runs = side_by_side({f"hf-lr{lr:g}": lr for lr in lrs}, minutes, work / "sweep", work, threads, "sweep_valid.pt")
+    for lr, r in zip(lrs, runs.values()):
+        print(f"  sweep {minutes:g} m  HF lr {lr:<7g} {r['steps']:>6} steps  valid loss {r['heldout_loss']:.3f}  "
+              f"acc {r['heldout_accuracy']:.3f}", flush=True)
+    best = min(zip(lrs, runs.values()), key=lambda x: x[1]["heldout_loss"])[0]
+    return {"minutes": minutes, "lrs": lrs, "warmup_ratio": HF_WARMUP_RATIO, "best_lr": best,
+            "selected_by": f"lowest masked-token loss on the last {SWEEP_VALID_BLOCKS} of HF's training blocks "
+                           "(held back from its training), masked once at 15%",
+            "runs": {f"{lr:g}": {k: v for k, v in r.items() if k != "label"} for lr, r in zip(lrs, runs.values())}}
 
 
 def code_version() -> str:
@@ -271,14 +332,14 @@ def code_version() -> str:
 
 def kept_budgets(path: Path, report: dict, budgets: list[float]) -> list[dict]:
     """The budgets of an earlier ``quality.json`` that this run does not redo, when they are comparable: the same
-    corpus, shape, threads, HF LR, library versions and commit. So ``--budgets 20`` adds a point to the 2/5/10 table."""
+    corpus, shape, threads, HF LR, contenders, library versions and commit. So ``--budgets 20 --hf-lr X`` adds a point."""
     if not path.exists():
         return []
     old = json.loads(path.read_text())
-    same = ("corpus", "seq_len", "global_batch", "hf_lr", "code")
+    same = ("corpus", "seq_len", "global_batch", "hf_lr", "hf_warmup_ratio", "contenders", "code")
     machine = ("cpus", "threads_each", "torch", "transformers")
     if any(old.get(k) != report[k] for k in same) or any(old["machine"].get(k) != report["machine"][k] for k in machine):
-        print(f"{path}: another corpus, shape, setup or commit; its budgets are replaced, not merged", flush=True)
+        print(f"{path}: another corpus, setup, HF LR or commit; its budgets are replaced, not merged", flush=True)
         return []
     return [entry for entry in old["budgets"] if entry["minutes"] not in budgets]
 
@@ -289,30 +350,50 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     budgets = [r["minutes"] for r in report["budgets"]]
-    for name in CONTENDERS:
-        ax.plot(budgets, [r["results"][name]["heldout_accuracy"] for r in report["budgets"]], marker="o", label=name)
-    ax.set_xlabel("wall-clock budget (minutes, 3 runs at once)")
+    for name in report["contenders"]:
+        label = LABELS.get(name, name) + (f" ({report['hf_lr']:g})" if name == "hf" else "")
+        ax.plot(budgets, [r["results"][name]["heldout_accuracy"] for r in report["budgets"]], marker="o", label=label,
+                linestyle=":" if name == "hf-default-lr" else "-")
+    ax.set_xlabel(f"wall-clock budget (minutes, {len(report['contenders'])} runs at once)")
     ax.set_ylabel("held-out masked-token accuracy")
-    ax.set_title(f"tiny RoBERTa, {report['machine']['threads_each']} thread(s) each, {report['machine']['cpus']} CPUs")
+    ax.set_title(f"{report['machine']['threads_each']} thread(s) each, {report['machine']['cpus']} CPUs, "
+                 f"commit {report['code']}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def print_budget(minutes: float, results: dict) -> None:
+    for name, r in results.items():
+        print(f"{minutes:>5g} m {r['label']:<27} {r['steps']:>6} {r['heldout_accuracy']:>12.3f} {r['heldout_loss']:>13.3f}",
+              flush=True)
+    hf = results["hf"]
+    for name in (n for n in ("ours-budget", "modernbert-tiny") if n in results):
+        r = results[name]
+        ratio = f"{r['heldout_accuracy'] / hf['heldout_accuracy']:.2f}x" if hf["heldout_accuracy"] else "- (HF at 0)"
+        print(f"        {name} / HF tuned: accuracy {ratio}, loss {r['heldout_loss']:.3f} vs {hf['heldout_loss']:.3f}",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budgets", type=float, nargs="+", default=[2, 5, 10, 20], help="minutes")
-    p.add_argument("--quick", action="store_true", help="one 1-minute budget (a smoke check)")
+    p.add_argument("--quick", action="store_true", help="a 0.5-minute sweep and one 1-minute budget (a smoke check)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 3), help="torch threads per contender")
     p.add_argument("--source", type=Path, default=Path("/usr/share/doc"), help="text to train and evaluate on")
     p.add_argument("--max-bytes", type=int, default=24_000_000, help="corpus size (unique paragraphs); "
                    "--quick: 4 MB unless given")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "roberta-pl-quality")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
-    p.add_argument("--hf-lr", type=float, default=5e-5, help="the HF recipe's peak LR (TrainingArguments' default)")
+    p.add_argument("--hf-lrs", type=float, nargs="+", default=list(HF_LRS), help="the HF recipe's LR sweep")
+    p.add_argument("--sweep-minutes", type=float, help="the sweep's budget (default: the shortest budget)")
+    p.add_argument("--hf-lr", type=float, help="the HF recipe's peak LR, given: no sweep")
+    p.add_argument("--hf-default-row", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"also run HF at TrainingArguments' default LR {HF_DEFAULT_LR:g} (labelled, not in the ratio)")
+    p.add_argument("--previous-default", action="store_true", help="also run our quickstart recipe before budget_cpu")
     p.add_argument("--_hf", type=float, help=argparse.SUPPRESS)  # internal: run the HF contender for N seconds
     p.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -322,34 +403,42 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        info = train_hf(a._hf, a.work, a._out, a.hf_lr)
+        info = train_hf(a._hf, a.work, a._out, a.hf_lr, HF_WARMUP_RATIO)
         (a._out / "train.json").write_text(json.dumps(info))
         return
     budgets = [1.0] if a.quick else a.budgets
+    sweep_minutes = a.sweep_minutes or (0.5 if a.quick else min(budgets))
     a.work = a.work / f"corpus-{a.max_bytes}"
     print(f"Preparing the corpus from {a.source} in {a.work} (cached) ...", flush=True)
     corpus = prepare(a.work, a.source, a.max_bytes)
     import torch
     import transformers
 
+    sweep = None
+    if a.hf_lr is None:
+        print(f"HF LR sweep: {', '.join(f'{lr:g}' for lr in a.hf_lrs)} side by side for {sweep_minutes:g} min", flush=True)
+        sweep = sweep_hf(a.hf_lrs, sweep_minutes, a.work, a.threads)
+        a.hf_lr = sweep["best_lr"]
+        print(f"  best HF LR: {a.hf_lr:g}", flush=True)
+    contenders: dict[str, float | None] = {"ours-budget": None}
+    contenders |= {"modernbert-tiny": None} if has_modernbert() else {}
+    contenders |= {"ours-default": None} if a.previous_default else {}
+    contenders |= {"hf": a.hf_lr} | ({"hf-default-lr": HF_DEFAULT_LR} if a.hf_default_row else {})
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads_each": a.threads,
                           "torch": torch.__version__, "transformers": transformers.__version__},
-              "code": code_version(),
-              "corpus": corpus, "seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH, "hf_lr": a.hf_lr, "budgets": []}
+              "code": code_version(), "corpus": corpus, "seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH,
+              "contenders": list(contenders), "hf_lr": a.hf_lr, "hf_warmup_ratio": HF_WARMUP_RATIO,
+              "hf_sweep": sweep, "headline": "ours-budget / hf (tuned LR); hf-default-lr is not in it", "budgets": []}
     suffix = "_quick" if a.quick else ""
     out_json = a.out_dir / f"quality{suffix}.json"
     kept = kept_budgets(out_json, report, budgets)
-    print(f"{'budget':>7} {'contender':<13} {'steps':>6} {'held-out acc':>12} {'held-out loss':>13}")
+    print(f"{'budget':>7} {'contender':<27} {'steps':>6} {'held-out acc':>12} {'held-out loss':>13}")
     for minutes in budgets:
         started, load_before = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()
-        results = run_budget(minutes, a.work, a.threads, a.hf_lr)
+        results = side_by_side(contenders, minutes, a.work / f"runs-{minutes:g}min", a.work, a.threads)
         report["budgets"].append({"minutes": minutes, "started": started, "load_before": load_before,
                                   "load_after": os.getloadavg(), "results": results})
-        for name, r in results.items():
-            print(f"{minutes:>5g} m {name:<13} {r['steps']:>6} {r['heldout_accuracy']:>12.3f} {r['heldout_loss']:>13.3f}",
-                  flush=True)
-        ours, hf, old = (results[n]["heldout_accuracy"] for n in ("ours-budget", "hf", "ours-default"))
-        print(f"        ours-budget / hf = {ours / max(hf, 1e-9):.2f}x, ours-budget / ours-default = {ours / max(old, 1e-9):.2f}x")
+        print_budget(minutes, results)
     report["budgets"] = sorted(report["budgets"] + kept, key=lambda r: r["minutes"])
     a.out_dir.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=2) + "\n")
