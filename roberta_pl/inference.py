@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from roberta_pl.model import RobertaForMaskedLM
-
-
 @torch.no_grad()
-def fill_mask(model: RobertaForMaskedLM, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+def fill_mask(model: torch.nn.Module, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
     """Top-k (token, probability) for each ``<mask>`` in ``text``.
 
     Args:
-        model: our masked-LM model.
-        tokenizer: a :class:`data_pipelines.tokenizer.SpmTokenizer` (``<mask>`` is one id).
-        text: input containing at least one ``<mask>``.
+        model: our masked-LM model (either architecture).
+        tokenizer: a :class:`data_pipelines.tokenizer.SpmTokenizer` or an HF tokenizer (its mask token is one id).
+        text: input containing at least one mask token (``<mask>``; ``[MASK]`` for BERT-style vocabularies).
         top_k: candidates per mask.
     """
     vocab = tokenizer.vocab_size
@@ -25,7 +22,7 @@ def fill_mask(model: RobertaForMaskedLM, tokenizer, text: str, top_k: int = 5) -
     ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id][: model.config.max_seq_len]
     positions = [i for i, t in enumerate(ids) if t == tokenizer.mask_id]
     if not positions:
-        raise ValueError(f"no <mask> token in {text!r}")
+        raise ValueError(f"no {tokenizer.token_text(tokenizer.mask_id)} token in {text!r}")
     # Only the tokenizer's ids: the model may have more rows (model.vocab_size above the tokenizer's), none a token.
     logits = model.eval()(torch.tensor([ids])).logits[0, positions, :vocab]
     probs = logits.float().softmax(-1)
@@ -34,10 +31,10 @@ def fill_mask(model: RobertaForMaskedLM, tokenizer, text: str, top_k: int = 5) -
             for ps, ix in zip(top.values, top.indices)]
 
 
-def format_predictions(text: str, predictions: list[list[tuple[str, float]]]) -> str:
-    """``text`` and, per ``<mask>``, its candidates with probabilities; each token quoted as a Python string
-    literal, so whitespace shows (``'\\n'``, ``' '``)."""
+def format_predictions(text: str, predictions: list[list[tuple[str, float]]], mask: str = "<mask>") -> str:
+    """``text`` and, per mask (``mask``: the tokenizer's mask token, ``[MASK]`` for ModernBERT's), its candidates
+    with probabilities; each token quoted as a Python string literal, so whitespace shows (``'\\n'``, ``' '``)."""
     lines = [text]
     for n, preds in enumerate(predictions, 1):
-        lines.append(f"  <mask> #{n}: " + ", ".join(f"{tok!r} {p:.3f}" for tok, p in preds))
+        lines.append(f"  {mask} #{n}: " + ", ".join(f"{tok!r} {p:.3f}" for tok, p in preds))
     return "\n".join(lines)

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{args.model} records no tokenizer; pass --tokenizer")
         tokenizer = load_tokenizer(tok_dir)
         for text in args.text:
-            print(format_predictions(text, fill_mask(model, tokenizer, text, args.top_k)))
+            print(format_predictions(text, fill_mask(model, tokenizer, text, args.top_k),
+                                     tokenizer.token_text(tokenizer.mask_id)))
     except (FileNotFoundError, ValueError, KeyError) as e:
         sys.exit(f"roberta-pl-fill-mask: error: {e}")
 

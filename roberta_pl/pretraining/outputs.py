@@ -121,7 +121,7 @@ def finish_run(cfg: DictConfig, trainer: pl.Trainer, module: MaskedLMModule, tok
     if cfg.fill_mask and cfg.trainer.strategy != "deepspeed":
         summary["fill_mask"] = {t: fill_mask(module.model.cpu(), tokenizer, t) for t in cfg.fill_mask}
         for text, preds in summary["fill_mask"].items():
-            print(format_predictions(text, preds))
+            print(format_predictions(text, preds, tokenizer.token_text(tokenizer.mask_id)))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     acc = metrics.get("val/accuracy")
     print(f"Done: {trainer.global_step} steps in {out_dir}"

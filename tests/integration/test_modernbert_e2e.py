@@ -123,3 +123,15 @@ def test_finetuning_from_a_modernbert_directory_exports_a_transformers_classifie
         probs = hf(**enc).logits.softmax(-1)
     ours = torch.tensor([[r["probabilities"][hf.config.id2label[i]] for i in range(2)] for r in rows])
     torch.testing.assert_close(probs, ours, atol=1e-5, rtol=0)
+
+
+def test_fill_mask_on_a_modernbert_directory_names_its_mask_token(modernbert_dir, capsys):
+    from roberta_pl.cli.fill_mask import main as fill_mask_main
+
+    model_dir, _ = modernbert_dir
+    fill_mask_main([str(model_dir), "The function returns [MASK] list.", "--top-k", "3"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "The function returns [MASK] list."
+    assert out[1].startswith("  [MASK] #1: ") and out[1].count(", ") == 2
+    with pytest.raises(SystemExit, match=r"error: no \[MASK\] token in 'no mask here'"):
+        fill_mask_main([str(model_dir), "no mask here"])
