@@ -638,24 +638,32 @@ def test_tagging_demo_with_size_defaults_trains_through_its_ten_epochs(tmp_path,
 
 def test_finetuning_uses_its_own_dropout_not_the_pretraining_recipes(tmp_path, shard_dir, tokenizer_dir, source_task,
                                                                      capsys):
-    """A checkpoint pretrained with dropout 0 (the budget recipe's) fine-tunes with fine-tuning's 0.1, says so, and
-    `dropout=` / `attention_dropout=` override it (null keeps the pretrained model's)."""
+    """Fine-tuning's dropout is its own default by model size, never the pretrained model's: a checkpoint pretrained
+    with dropout 0.3 fine-tunes with the tiny default (0), says so, and `dropout=` / `attention_dropout=` override it."""
     data = [f"data.train_shards={shard_dir}", f"data.valid_shards={shard_dir}", f"data.tokenizer={tokenizer_dir}"]
     steps = ["trainer.max_steps=10", "trainer.val_every_n_steps=10", "checkpoint.every_n_steps=10", "optim.warmup_steps=2"]
-    pretrain(compose_cfg("pretrain", [*SMALL, *data, *steps, "model.dropout=0.0", "model.attention_dropout=0.0"]),
+    pretrain(compose_cfg("pretrain", [*SMALL, *data, *steps, "model.dropout=0.3", "model.attention_dropout=0.3"]),
              tmp_path / "pre")
     ckpt = tmp_path / "pre" / "checkpoints" / "last.ckpt"
     recorded = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["model"]
-    assert recorded["dropout"] == recorded["attention_dropout"] == 0.0
+    assert recorded["dropout"] == recorded["attention_dropout"] == 0.3
     base = [f"pretrained={ckpt}", f"task.train_file={source_task['train']}", f"task.valid_file={source_task['valid']}",
             "task.label_column=source", "trainer.max_epochs=1", "export_hf=false"]
-    for i, (extra, hidden, attention) in enumerate((([], 0.1, 0.1), (["dropout=0.3", "attention_dropout=0.05"], 0.3, 0.05),
-                                                     (["dropout=null"], 0.0, 0.0))):
+    for i, (extra, hidden, attention, origin) in enumerate((
+            ([], 0.0, 0.0, "the tiny-size default"),
+            (["dropout=0.2", "attention_dropout=0.05"], 0.2, 0.05, "as set"),
+            (["dropout=0.2"], 0.2, 0.2, "as set"))):
         out = tmp_path / f"run{i}"
         finetune(out, [*base, *extra])
-        assert (f"regularisation: dropout {hidden:g}, attention_dropout {attention:g}, optim.weight_decay 0.1 "
-                f"(the pretrained model had 0 / 0; set dropout=") in capsys.readouterr().out
+        assert (f"regularisation: dropout {hidden:g}, attention_dropout {attention:g} ({origin}; the pretrained model "
+                f"had 0.3 / 0.3), optim.weight_decay 0.1; set dropout=") in capsys.readouterr().out
         model = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]["model"]
         assert (model["dropout"], model["attention_dropout"]) == (hidden, attention), extra
     with pytest.raises(SystemExit, match="dropout=1.5: a dropout probability is in"):
         finetune(tmp_path / "bad", [*base, "dropout=1.5"])
+    # From small size up the default is RoBERTa's 0.1, whatever a dropout-0 pretraining recipe used.
+    from roberta_pl.finetune.config import regularisation
+
+    cfg = compose_cfg("finetune", [])
+    fields, line = regularisation(cfg, {"hidden_size": 512, "dropout": 0.0, "attention_dropout": 0.0})
+    assert (fields["dropout"], fields["attention_dropout"]) == (0.1, 0.1) and "(the small-size default; the pretrained model had 0 / 0)" in line
