@@ -197,3 +197,20 @@ def test_a_users_yaml_suite(tmp_path, model, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate(eval_cfg(tmp_path / "data", out, "suite=local"))  # a directory that is not a model
     assert f"pretrained={tmp_path / 'data'}" not in str(e.value) and f"MODEL={tmp_path / 'data'}: not a model" in str(e.value)
+
+
+@pytest.mark.slow  # a fresh interpreter: ~20 s of imports on a loaded 2-core machine
+def test_command_line_takes_model_first_and_fails_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from roberta_pl.finetune.evaluation.app import model_argument
+
+    assert model_argument(["-m", "m.ckpt", "seeds=2"]) == ["-m", "pretrained=m.ckpt", "seeds=2"]
+    assert model_argument(["--cfg", "job", "m.ckpt"]) == ["--cfg", "job", "pretrained=m.ckpt"]
+    assert model_argument(["pretrained=m.ckpt"]) == ["pretrained=m.ckpt"]
+    done = subprocess.run([sys.executable, "-m", "roberta_pl.finetune.evaluation.app", str(tmp_path / "nope"),
+                           "suite=local", "seeds=2", f"out_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"roberta-pl-eval: error: MODEL={tmp_path / 'nope'}: no such file or directory"
