@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CASE_ORDER = ["cpu-tiny", "gpu-base", "gpu-large"]
+CASE_ORDER = ["cpu-tiny", "cpu-4x256", "gpu-base", "gpu-large"]
 
 
 def plot(results_dir: Path = RESULTS) -> Path:
@@ -33,19 +33,22 @@ def plot(results_dir: Path = RESULTS) -> Path:
         bars = ax.bar(names, tps, color=colors)
         for bar, n in zip(bars, names):
             r = rec["results"][n]
-            label = f"{r['speedup_vs_hf']:.2f}x"
+            label = f"{r.get('speedup_vs_hf_median_round', r['speedup_vs_hf']):.2f}x"  # paired rounds' median
             if r.get("mfu") is not None:
                 label += f"\n{100 * r['mfu']:.0f}% MFU"
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize=9)
         s, d = rec["settings"], rec["device"]
-        ax.set_title(f"{rec['case']}: {s['preset']}, seq {s['seq_len']} x {s['micro_batch']}, {s['precision']}\n"
+        c = rec["config"]
+        ax.set_title(f"{rec['case']}: {c['num_layers']}x{c['hidden_size']}, vocab {c['vocab_size']}, seq {s['seq_len']} x "
+                     f"{s['micro_batch']}, {s['precision']}, {s.get('torch_threads') or d.get('threads', '?')} thr"
+                     f"{', fused AdamW' if d['type'] == 'cpu' and 'fused=True' in s['optimizer'] else ''}\n"
                      f"{d['name'][:40]}", fontsize=9)
         ax.set_ylabel("training tokens/s")
         ax.set_ylim(0, max(tps) * 1.25)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle("RoBERTa MLM training tokens/s: roberta-pl (blue) vs transformers (grey)\n"
-                 "same weights, batch, masks, precision and optimizer; labels: speed-up over HF", fontsize=9)
+                 "same weights, batch, masks, precision and optimizer; labels: median paired-round speed-up over HF", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

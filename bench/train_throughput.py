@@ -38,6 +38,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -82,12 +83,18 @@ class Case:
     eager_too: bool = False  # with compile: also time eager ours, to show what compile buys
     pad_vocab: int = 1
     activation_checkpointing: bool = False
+    shape: tuple[tuple[str, int], ...] = ()  # RobertaConfig fields over the preset's (a shape no preset has)
+    fused_adamw: bool = False  # CPU: torch's fused AdamW for every contender (CUDA always uses it)
 
 
 CASES = {
     # tiny: 2 layers, 128 hidden, 8k vocab. 32 x 128 = 4096 tokens a step; ~1 min for both on 2 cores.
     # 30 rounds of 2 steps: short rounds pair up well on a shared, noisy machine.
     "cpu-tiny": Case("cpu-tiny", "tiny", 128, 32, "cpu", steps=60, warmup=3, rounds=30),
+    # The outside side-by-side check of issue 27: 4 layers x 256 hidden (4 heads, FFN 1024), vocab 32000 (small's),
+    # seq 128, batch 16 = 2048 tokens a step. One step of each, alternating: 30 pairs.
+    "cpu-4x256": Case("cpu-4x256", "small", 128, 16, "cpu", steps=30, warmup=3, rounds=30,
+                      shape=(("hidden_size", 256), ("num_layers", 4), ("num_heads", 4), ("intermediate_size", 1024))),
     # base at seq 512: 32 x 512 = 16384 tokens a step (fairseq's RoBERTa reached 8k x 512 per update through
     # accumulation and data parallelism; one micro batch only has to fill the GPU). Vocab 50265 -> 50304.
     "gpu-base": Case("gpu-base", "base", 512, 32, "cuda", steps=60, warmup=8, rounds=6,
@@ -112,6 +119,7 @@ class Contender:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, labels) -> scalar loss
     optimizer: torch.optim.Optimizer
     seconds: list[float] = dataclasses.field(default_factory=list)  # one entry per timed round
+    cpu_seconds: list[float] = dataclasses.field(default_factory=list)  # the process's CPU time in each round
     steps: list[int] = dataclasses.field(default_factory=list)
     peak_memory: int | None = None
     peak_rss_delta: int | None = None  # CPU only, for reference: resident-set growth of the probe process
@@ -122,7 +130,7 @@ def build_config(case: Case) -> RobertaConfig:
     preset = RobertaConfig.from_name(case.preset)
     return RobertaConfig.from_name(case.preset, max_seq_len=max(case.seq_len, preset.max_seq_len),
                                    pad_vocab_multiple=case.pad_vocab,
-                                   activation_checkpointing=case.activation_checkpointing)
+                                   activation_checkpointing=case.activation_checkpointing, **dict(case.shape))
 
 
 def build_hf(config: RobertaConfig) -> transformers.RobertaForMaskedLM:
@@ -139,10 +147,17 @@ def copy_weights_into_hf(ours: RobertaForMaskedLM, hf: transformers.RobertaForMa
         raise RuntimeError(f"weight copy into HF is incomplete: {result}")
 
 
-def make_optimizer(model: nn.Module, device: str) -> torch.optim.Optimizer:
-    # RoBERTa's AdamW settings (betas 0.9/0.98, eps 1e-6, wd 0.01); one group, identical for both sides.
+def make_optimizer(model: nn.Module, device: str, fused: bool | None = None) -> torch.optim.Optimizer:
+    # RoBERTa's AdamW settings (betas 0.9/0.98, eps 1e-6, wd 0.01); one group, identical for both sides. Fused on
+    # CUDA; on CPU torch's default (for-each) unless --fused-adamw (what roberta-pl's build_adamw trains with).
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01,
-                             fused=device == "cuda")
+                             fused=device == "cuda" if fused is None else fused)
+
+
+def spread(values: list[float]) -> list[float]:
+    """Minimum, lower quartile, median, upper quartile and maximum."""
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return [min(values), q[0], q[1], q[2], max(values)]
 
 
 def make_batch(config: RobertaConfig, case: Case, device: str, seed: int = 0):
@@ -165,7 +180,7 @@ def contender_names(case: Case, hf_compile: bool = False) -> list[str]:
     return ["hf+compile" if hf_compile else "hf", *ours]
 
 
-def make_contender(name: str, model: nn.Module, device: str) -> Contender:
+def make_contender(name: str, model: nn.Module, device: str, fused: bool | None = None) -> Contender:
     """Wrap a model (already on ``device``, weights set) with its loss call and its own AdamW."""
     if name.endswith("+compile"):
         model.roberta.compile()  # in place: parameter names (state_dict keys) stay as they are
@@ -173,7 +188,7 @@ def make_contender(name: str, model: nn.Module, device: str) -> Contender:
         loss_fn = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
     else:
         loss_fn = lambda ids, labels: model(ids, None, labels).loss  # noqa: E731  packed: no attention mask
-    return Contender(name, model, loss_fn, make_optimizer(model, device))
+    return Contender(name, model, loss_fn, make_optimizer(model, device, fused))
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -237,11 +252,12 @@ def run_round(c: Contender, contenders: list[Contender], ids, labels, steps: int
         others = sum(resident_bytes(o) for o in contenders if o is not c)
         torch.cuda.reset_peak_memory_stats()
     sync(device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss = train_step(c, ids, labels, device)
     sync(device)
     c.seconds.append(time.perf_counter() - t0)
+    c.cpu_seconds.append(time.process_time() - cpu0)
     c.steps.append(steps)
     c.final_loss = loss.float().item()  # outside the timed region
     if device == "cuda":
@@ -278,7 +294,7 @@ def probe_memory(case: Case, name: str, device: str) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.manual_seed(0)
         model = build_hf(config) if name.startswith("hf") else RobertaForMaskedLM(config)  # nothing else resident
-        c = make_contender(name, model, device)
+        c = make_contender(name, model, device, device == "cuda" or case.fused_adamw)
         for _ in range(2):  # the first step allocates AdamW state, the second frees the first step's grads
             train_step(c, ids, labels, device)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -306,6 +322,8 @@ def case_overrides_argv(case: Case) -> list[str]:
         argv.append("--eager-too")
     if case.activation_checkpointing:
         argv.append("--activation-checkpointing")
+    if case.fused_adamw:
+        argv.append("--fused-adamw")
     return argv
 
 
@@ -349,8 +367,9 @@ def run_case(case: Case, args) -> dict:
     parity = parity_check(ours, hf, ids, labels, device)
     # Copies first (deepcopy keeps the decoder tied to the embeddings), compile after.
     ours_models = [ours] + [copy.deepcopy(ours) for _ in names[2:]]
-    contenders = [make_contender(names[0], hf, device)]
-    contenders += [make_contender(n, m, device) for n, m in zip(names[1:], ours_models)]
+    fused = device == "cuda" or case.fused_adamw
+    contenders = [make_contender(names[0], hf, device, fused)]
+    contenders += [make_contender(n, m, device, fused) for n, m in zip(names[1:], ours_models)]
     del ours, hf, ours_models
 
     if device == "cpu":
@@ -380,6 +399,7 @@ def run_case(case: Case, args) -> dict:
             "tokens_per_s": tps,
             "tokens_per_s_rounds": round_tps,
             "step_ms": 1e3 * sum(c.seconds) / sum(c.steps),
+            "cpu_ms_per_step": 1e3 * sum(c.cpu_seconds) / sum(c.steps),  # the process's CPU time (all threads)
             "timed_steps": sum(c.steps),
             "peak_memory_bytes": c.peak_memory,
             "peak_rss_delta_bytes": c.peak_rss_delta,
@@ -387,13 +407,18 @@ def run_case(case: Case, args) -> dict:
             "final_loss": c.final_loss,
             "parameters": sum(p.numel() for p in c.model.parameters()),
         }
-    hf_name = contenders[0].name
+    hf_name, by_name = contenders[0].name, {c.name: c for c in contenders}
     for name, r in results.items():
         r["speedup_vs_hf"] = r["tokens_per_s"] / results[hf_name]["tokens_per_s"]
         # Round r of every contender ran back to back, so per-round ratios cancel slow drifts of the machine.
-        paired = sorted(a / b for a, b in zip(r["tokens_per_s_rounds"], results[hf_name]["tokens_per_s_rounds"]))
-        r["speedup_vs_hf_median_round"] = paired[len(paired) // 2] if len(paired) % 2 else \
-            (paired[len(paired) // 2 - 1] + paired[len(paired) // 2]) / 2
+        paired = [a / b for a, b in zip(r["tokens_per_s_rounds"], results[hf_name]["tokens_per_s_rounds"])]
+        r["speedup_vs_hf_median_round"] = statistics.median(paired)
+        r["speedup_vs_hf_round_spread"] = spread(paired)  # min, quartiles, max of the per-round ratios
+        # CPU time: what the steps cost whatever else runs (with one thread; more threads add their spin-waits).
+        c_ours, c_hf = by_name[name].cpu_seconds, by_name[hf_name].cpu_seconds
+        cpu_paired = [b / a for a, b in zip(c_ours, c_hf)]
+        r["speedup_vs_hf_cpu_time_median_round"] = statistics.median(cpu_paired)
+        r["speedup_vs_hf_cpu_time_spread"] = spread(cpu_paired)
         r["memory_vs_hf"] = r["peak_memory_bytes"] / results[hf_name]["peak_memory_bytes"]
 
     record = {
@@ -404,7 +429,8 @@ def run_case(case: Case, args) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "settings": {**dataclasses.asdict(case), "precision": "bf16-autocast" if device == "cuda" else "fp32",
-                     "optimizer": f"AdamW(lr=1e-4, betas=(0.9, 0.98), eps=1e-6, wd=0.01, fused={device == 'cuda'})",
+                     "optimizer": f"AdamW(lr=1e-4, betas=(0.9, 0.98), eps=1e-6, wd=0.01, fused={fused})",
+                     "torch_threads": torch.get_num_threads(),
                      "mask_prob": MASK_PROB, "tokens_per_step": tokens_per_step,
                      "hf_attention": "sdpa", "hf_compile": args.hf_compile, "attention_mask": None},
         "config": config.to_dict(),
@@ -435,12 +461,14 @@ def print_table(record: dict) -> None:
              f"{s['precision']}, {d['name']}")
     table = Table(title=title)
     table.add_column("model", no_wrap=True)
-    for col in ("tokens/s", "x HF", "x HF median round", "step ms", "peak mem (MiB)", "mem / HF", "MFU",
-                "final loss"):
+    for col in ("tokens/s", "x HF", "x HF median round [IQR]", "x HF CPU time", "step ms", "peak mem (MiB)",
+                "mem / HF", "MFU", "final loss"):
         table.add_column(col, justify="right")
     for name, r in record["results"].items():
         table.add_row(name, f"{r['tokens_per_s']:,.0f}", f"{r['speedup_vs_hf']:.2f}",
-                      f"{r['speedup_vs_hf_median_round']:.2f}", f"{r['step_ms']:.1f}",
+                      f"{r['speedup_vs_hf_median_round']:.2f} [{r['speedup_vs_hf_round_spread'][1]:.2f}-"
+                      f"{r['speedup_vs_hf_round_spread'][3]:.2f}]", f"{r['speedup_vs_hf_cpu_time_median_round']:.2f}",
+                      f"{r['step_ms']:.1f}",
                       f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['memory_vs_hf']:.2f}",
                       f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", f"{r['final_loss']:.3f}")
     console = Console(width=max(130, shutil.get_terminal_size().columns))
@@ -467,6 +495,9 @@ def parse_args(argv=None):
                    help="with --compile, also time eager ours")
     p.add_argument("--pad-vocab", type=int, help="pad our vocab to this multiple (1 = none)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU: torch's fused AdamW for every contender (default: for-each, as torch and HF default)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own, one per core)")
     p.add_argument("--hf-compile", action="store_true", help="also torch.compile HF's encoder (off: HF as shipped)")
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s for MFU (default: from the device name)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="override the case's device (for smoke tests)")
@@ -481,7 +512,7 @@ def resolve_case(name: str, args) -> Case:
     overrides = {"preset": args.preset, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "micro_batch": args.micro_batch,
                  "seq_len": args.seq_len, "compile": args.compile, "eager_too": args.eager_too,
                  "pad_vocab": args.pad_vocab, "activation_checkpointing": args.activation_checkpointing,
-                 "device": args.device}
+                 "device": args.device, "fused_adamw": args.fused_adamw}
     case = dataclasses.replace(case, **{k: v for k, v in overrides.items() if v is not None})
     if case.rounds > case.steps:
         case = dataclasses.replace(case, rounds=max(1, case.steps))
@@ -499,6 +530,8 @@ def main(argv=None) -> list[dict]:
     if any(CASES[n].device == "cuda" for n in names) and (args.device or "cuda") == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # only fp32 leftovers outside autocast; same for both
         torch.backends.cudnn.allow_tf32 = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
     records = []
     args.out_dir.mkdir(parents=True, exist_ok=True)
     failed = []
@@ -517,6 +550,7 @@ def main(argv=None) -> list[dict]:
         # Smoke runs on another device or model size keep out of the way of the real figures.
         moved = "" if case.device == CASES[name].device else f"-on-{case.device}"
         moved += "" if case.preset == CASES[name].preset else f"-{case.preset}"
+        moved += "-fused-adamw" if case.fused_adamw and not CASES[name].fused_adamw else ""
         path = args.out_dir / f"train_throughput_{case.name}{moved}.json"
         path.write_text(json.dumps(record, indent=2) + "\n")
         print_table(record)

@@ -24,6 +24,7 @@ def test_cpu_tiny_bench_writes_complete_json(tmp_path):
     assert record["versions"]["torch"] and record["versions"]["transformers"]
     s = record["settings"]
     assert (s["preset"], s["seq_len"], s["micro_batch"], s["precision"]) == ("tiny", 128, 4, "fp32")
+    assert s["torch_threads"] >= 1 and "fused=False" in s["optimizer"]  # for-each AdamW on CPU unless asked
     assert record["config"]["hidden_size"] == 128 and record["config"]["vocab_size"] == 8192
     # The two models started from the same weights: their eval losses on the same batch agree.
     p = record["parity"]
@@ -34,7 +35,11 @@ def test_cpu_tiny_bench_writes_complete_json(tmp_path):
         assert r["timed_steps"] == 2, name
         assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"]), name
         assert r["tokens_per_s_rounds"] and all(t > 0 for t in r["tokens_per_s_rounds"]), name
-        assert r["speedup_vs_hf_median_round"] > 0, name
+        assert r["speedup_vs_hf_median_round"] > 0 and r["speedup_vs_hf_cpu_time_median_round"] > 0, name
+        for key in ("speedup_vs_hf_round_spread", "speedup_vs_hf_cpu_time_spread"):  # min, quartiles, max
+            assert len(r[key]) == 5 and r[key] == sorted(r[key]) and r[key][0] > 0, (name, key)
+        assert r["speedup_vs_hf_round_spread"][2] == pytest.approx(r["speedup_vs_hf_median_round"]), name
+        assert r["cpu_ms_per_step"] > 0, name
         assert r["peak_memory_bytes"] > 0, name  # the process grew by at least the weights
         assert math.isfinite(r["final_loss"]) and 0 < r["final_loss"] < 20, name
         assert r["mfu"] is None  # no peak FLOP/s known on CPU unless --peak-tflops is given
