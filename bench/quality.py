@@ -432,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     suffix = "_quick" if a.quick else ""
     out_json = a.out_dir / f"quality{suffix}.json"
     kept = kept_budgets(out_json, report, budgets)
+    if kept and sweep is None:  # --hf-lr with the LR an earlier file's sweep chose: its sweep stays on record
+        report["hf_sweep"] = json.loads(out_json.read_text()).get("hf_sweep")
     print(f"{'budget':>7} {'contender':<27} {'steps':>6} {'held-out acc':>12} {'held-out loss':>13}")
     for minutes in budgets:
         started, load_before = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()
