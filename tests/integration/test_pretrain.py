@@ -109,7 +109,7 @@ def test_batch_ramp_grows_the_global_batch_on_schedule(tmp_path, data_overrides)
 
 
 @pytest.mark.parametrize("data", [dict(pack_mode="full_sentences", strategy="whole_word"), dict(pack_mode="doc", strategy="span"),
-                                  dict(pack_mode="packed_docs", strategy="whole_word")],
+                                  pytest.param(dict(pack_mode="packed_docs", strategy="whole_word"), marks=pytest.mark.slow)],
                          ids=["full_sentences-whole_word", "doc-span", "packed_docs-whole_word"])
 def test_accumulation_splits_take_the_same_steps_on_the_mean_masked_token_loss(tmp_path, shard_dir, tokenizer_dir, data):
     # The same 16 real sequences per step as 1 x 16, 2 x 8 and 4 x 4 micro-batches (tests/integration/test_ddp.py
