@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "launch" / "README.md"]
 # The order a reader follows: the README's quickstart makes the checkpoint the fine-tuning guide starts from.
 RUN_ORDER = ["README.md", "docs/guides/own-data.md", "docs/guides/fine-tuning.md"]
-HYDRA_APPS = ("roberta-pl-train", "roberta-pl-finetune")
+HYDRA_APPS = ("roberta-pl-train", "roberta-pl-finetune", "roberta-pl-eval")
 SHELL_LANGS = {"", "bash", "sh", "shell", "console"}
 PLACEHOLDER_ROOTS = re.compile(r"(?<![\w.])/(data|shared|tmp)/")
 ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "COLUMNS": "100"}

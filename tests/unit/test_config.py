@@ -25,7 +25,7 @@ def _compose(overrides=()):
 
 
 def test_groups_are_the_documented_ones():
-    assert GROUPS["model"] == ["base", "large", "small", "tiny"]
+    assert GROUPS["model"] == ["base", "large", "modernbert_base", "modernbert_large", "modernbert_tiny", "small", "tiny"]
     assert set(GROUPS["trainer"]) == {"cpu", "gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"}
     assert set(GROUPS["logger"]) == {"wandb", "csv", "tensorboard", "none"}
     assert set(GROUPS["experiment"]) >= {"quickstart", "roberta_base", "roberta_large"}
