@@ -117,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, description="Write train/valid files of a small labelled task made from "
                        "text on this machine, to try roberta-pl-finetune without downloading a dataset.")
     p.add_argument("out", type=Path, help="output directory")
-    p.add_argument("--kind", choices=("sources", "tagging"), default="sources",
-                   help="sources: which stdlib area a docstring is from (CSV, 2 classes); tagging: code identifiers in prose (CoNLL, BIO)")
-    p.add_argument("--train", type=int, default=None, help="training examples (default: 160)")
-    p.add_argument("--valid", type=int, default=None, help="validation examples (default: 120 sources, 60 tagging)")
+    p.add_argument("--kind", choices=("sources", "topics", "tagging"), default="sources",
+                   help="sources: which of 2 stdlib areas a docstring is from (CSV); topics: which of 5 (CSV); "
+                        "tagging: code identifiers in prose (CoNLL, BIO)")
+    p.add_argument("--train", type=int, default=None, help="training examples (default: 160, 250 topics)")
+    p.add_argument("--valid", type=int, default=None, help="validation examples (default: 120 sources, 150 topics, 60 tagging)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     return parser
 
@@ -317,13 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             _print_manifest(merge_manifests(args.out), args.out)
         elif args.command == "demo-task":
-            from data_pipelines.demo_tasks import tagging_task, two_source_task
+            from data_pipelines.demo_tasks import tagging_task, topics_task, two_source_task
 
-            build = two_source_task if args.kind == "sources" else tagging_task
+            build = {"sources": two_source_task, "topics": topics_task, "tagging": tagging_task}[args.kind]
             sizes = {k: v for k, v in (("n_train", args.train), ("n_valid", args.valid)) if v is not None}
             files = build(args.out, seed=args.seed, **sizes)
-            task = ("task=sequence_classification task.label_column=source" if args.kind == "sources"
-                    else "task=token_classification")
+            task = ("task=token_classification" if args.kind == "tagging"
+                    else "task=sequence_classification task.label_column=source")
             print(f"wrote {files['train']} and {files['valid']}. Fine-tune on them with:\n"
                   f"  roberta-pl-finetune pretrained=MODEL {task} task.train_file={files['train']} "
                   f"task.valid_file={files['valid']}")

@@ -166,4 +166,13 @@ def test_help_states_each_default_once_and_never_none():
         assert not re.search(r"\(default[^()]*\)[^()]{0,3}\(default", flat), (name, flat)
         for option in re.split(r"\s(?=--?[a-z])", flat):  # one option's help: its default once at most
             assert option.count("(default") <= 1, (name, option)
-    assert "(default: 160)" in texts["roberta-pl-data demo-task"] and "(default: 0)" in texts["roberta-pl-data tokenizer"]
+    assert "(default: 160, 250 topics)" in texts["roberta-pl-data demo-task"] and "(default: 0)" in texts["roberta-pl-data tokenizer"]
+
+
+def test_demo_task_topics_writes_a_five_way_task(tmp_path, capsys):
+    import csv
+
+    assert main(["demo-task", str(tmp_path / "topics"), "--kind", "topics", "--train", "60", "--valid", "40"]) == 0
+    train = list(csv.DictReader((tmp_path / "topics" / "train.csv").open()))
+    assert len(train) == 60 and len({row["source"] for row in train}) == 5
+    assert "task=sequence_classification task.label_column=source" in capsys.readouterr().out
