@@ -30,7 +30,7 @@ class BudgetPlanner(StepBoundary):
     :class:`~roberta_pl.batch_plan.StepHorizon`, which the LR schedule, the mask-rate schedule, the validation
     schedule and the loop read.
 
-    **Re-plans.** At the steps :data:`REPLAN_AT` of the figure then planned (after the warm-up), it plans again: the
+    **Re-plans.** At the steps :data:`REPLAN_AT` of the figure then planned, it plans again: the
     budget left by the clock, at the rate of the steps since the last decision (:func:`robust_seconds`: the median
     of 5 windows, so a transient slowdown does not decide the run; a lasting one does). The LR decay continues from
     its current value to the new last step (:meth:`StepHorizon.progress`); the mask-rate schedule keeps the first
@@ -50,7 +50,7 @@ class BudgetPlanner(StepBoundary):
             exceeds, and its batch plan prices the steps (a batch ramp's steps grow).
         warmup_steps: ``optim.warmup_steps``; the first figure is fixed within it, so the LR and mask rates of the
             warm-up never depend on it (the scheduler computes step ``s + 1``'s LR at the end of step ``s``,
-            and a step's batches are masked ahead of it); re-plans come after it.
+            and a step's batches are masked ahead of it); a re-plan inside it changes no warm-up LR.
         val_every_n_steps: the validation interval, whose validations the budget must also hold.
     """
 
@@ -155,9 +155,9 @@ class BudgetPlanner(StepBoundary):
                 self._next_replan = self._replan_step(step)
 
     def _replan_step(self, step: int) -> int | None:
-        """The next re-plan after a decision at ``step``: the first :data:`REPLAN_AT` point of the figure past the
-        warm-up and a few steps past ``step`` (the rate needs some steps), before the last step."""
-        earliest = max(step + 2 * self.measure_from + 3, self.warmup_steps)
+        """The next re-plan after a decision at ``step``: the first :data:`REPLAN_AT` point of the figure a few steps
+        past ``step`` (the rate needs some steps), before the last step. One inside the warm-up changes no LR yet."""
+        earliest = step + 2 * self.measure_from + 3
         return next((s for s in (math.ceil(f * self.max_steps) for f in REPLAN_AT) if earliest <= s < self.max_steps),
                     None)
 

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
+from roberta_pl.batch_plan import StepHorizon
 from roberta_pl.lightning_compat import (
     DescribedProgressBar,
     is_rich_time_column,
@@ -121,11 +122,13 @@ class ProgressLog(ProgressBar):
 
         step 1,250/3,104 (40%) | train/loss 5.812 | val/loss 5.790 | 95.3 ms/step | 0:02:01 elapsed, 0:02:57 left
 
-    A progress bar to Lightning (it replaces the Rich one; rank 0 alone prints)."""
+    A progress bar to Lightning (it replaces the Rich one; rank 0 alone prints). ``horizon``: the run's step horizon;
+    until a time budget fixes it the lines show no total (the configured ``trainer.max_steps`` is only a cap)."""
 
-    def __init__(self, every_seconds: float = 30.0) -> None:
+    def __init__(self, every_seconds: float = 30.0, horizon: StepHorizon | None = None) -> None:
         super().__init__()
         self.every_seconds = every_seconds
+        self.horizon = horizon
         self._enabled = True
         self._started: float | None = None
         self._steps_before = 0
@@ -143,6 +146,8 @@ class ProgressLog(ProgressBar):
 
     @property
     def total_train_batches(self) -> int | float:
+        if self.horizon is not None and not self.horizon.fixed:
+            return float("inf")
         return self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -52,7 +52,7 @@ def pretraining_trainer(cfg: DictConfig, out_dir: Path, horizon: StepHorizon, re
                  ThroughputLogger(), DataSkipMonitor(), WorldSizeResume()]
     later: list[pl.Callback] = []
     if t.enable_progress_bar:  # a bar on a terminal; progress lines in a pipe or a log file, where a bar is silent
-        later.append(StepProgressBar() if sys.stdout.isatty() else ProgressLog())
+        later.append(StepProgressBar() if sys.stdout.isatty() else ProgressLog(horizon=horizon))
     if t.stop_at_step is not None:
         later.append(StopAtStep(t.stop_at_step))
     if len(plan.phases) > 1:

@@ -206,6 +206,7 @@ def progress_lines(stdout: str) -> list[tuple[int, int]]:
     """(step, total) of each progress line after the budget fixed its figure; each total is checked against the
     figure fixed or re-planned last before it."""
     lines = stdout.splitlines()
+    assert "/100,000" not in stdout  # before the figure is fixed the lines show no total: the cap is not one
     fixed = next(i for i, x in enumerate(lines) if "trainer.max_steps fixed at" in x)
     figure = int(re.search(r"fixed at ([\d,]+)", lines[fixed])[1].replace(",", ""))
     shown = []

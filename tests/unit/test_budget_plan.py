@@ -94,6 +94,10 @@ def test_a_replanned_horizon_continues_the_lr_from_where_it_was_to_the_new_last_
     final = [lr(s) for s in range(warmup, 91)]
     assert all(b <= a + 1e-12 for a, b in zip(final, final[1:]))
     assert final[-1] == pytest.approx(after[101]) and final[:71] == after[warmup:81]
+    early = StepHorizon(1_000_000, fixed=False)
+    early.set(100)
+    early.replan(6, 50)  # inside the warm-up: no LR changed yet, the decay is the one planned for 50 steps
+    assert [early.progress(s, warmup) for s in range(warmup, 51)] == [(s - warmup) / 40 for s in range(warmup, 51)]
 
 
 def test_steps_after_the_warmup_cost_less_when_the_mask_rate_falls():
