@@ -117,8 +117,9 @@ class StepProgressBar(RunProgressBar):
 class ProgressLog(ProgressBar):
     """Pretraining's progress where stdout is not a terminal (a pipe, a batch job's log file), where a Rich bar
     draws nothing until the end: one line every ``every_seconds`` of training and after each validation, with the
-    step out of the run's total (a time budget's figure once fixed), the loss, the step rate and the elapsed and
-    remaining time of this process's training (as :class:`StepProgressBar`)::
+    step out of the run's total (a time budget's figure once fixed), the loss, the time a step took since the last
+    line (validation included), this process's training time and the time left at that recent rate (a machine's
+    speed changes; the average since the start would lag it)::
 
         step 1,250/3,104 (40%) | train/loss 5.812 | val/loss 5.790 | 95.3 ms/step | 0:02:01 elapsed, 0:02:57 left
 
@@ -133,6 +134,7 @@ class ProgressLog(ProgressBar):
         self._started: float | None = None
         self._steps_before = 0
         self._last_line = 0.0
+        self._last_step = 0
 
     @property
     def is_enabled(self) -> bool:
@@ -152,7 +154,7 @@ class ProgressLog(ProgressBar):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = self._last_line = time.monotonic()
-        self._steps_before = trainer.global_step
+        self._steps_before = self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -165,18 +167,23 @@ class ProgressLog(ProgressBar):
 
     def log_line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Print the progress line now (rank 0)."""
-        self._last_line = now = time.monotonic()
-        if not self._enabled or self._started is None:
+        if self._started is None:
             return
-        step, total = trainer.global_step, self.total_train_batches
-        done, elapsed = step - self._steps_before, now - self._started
+        now, since, step = time.monotonic(), self._last_line, trainer.global_step
+        done, per_step = step - self._last_step, (now - since) / max(1, step - self._last_step)
+        if done <= 0:  # nothing new since the last line (a validation right after one)
+            done, per_step = step - self._steps_before, (now - self._started) / max(1, step - self._steps_before)
+        self._last_line, self._last_step = now, step
+        if not self._enabled:
+            return
+        total, elapsed = self.total_train_batches, now - self._started
         parts = [f"step {step:,}/{total:,} ({step / total:.0%})" if math.isfinite(total) else f"step {step:,}"]
         metrics = self.get_metrics(trainer, pl_module)
         parts += [f"{k} {float(metrics[k]):.3f}" for k in ("train/loss", "val/loss", "val/accuracy")
                   if _is_number(metrics.get(k))]
         if done > 0:
-            left = (total - step) * elapsed / done if math.isfinite(total) else None
-            parts.append(f"{elapsed / done * 1e3:.1f} ms/step")
+            left = (total - step) * per_step if math.isfinite(total) else None
+            parts.append(f"{per_step * 1e3:.1f} ms/step")
             parts.append(f"{timedelta(seconds=int(elapsed))} elapsed" +
                          ("" if left is None else f", {timedelta(seconds=int(left))} left"))
         print(" | ".join(parts), flush=True)
