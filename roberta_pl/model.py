@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from data_pipelines.contract import IGNORE_INDEX
 from roberta_pl.attention import attend, document_positions, prepare
 from roberta_pl.flops import mlm_flops_per_token, mlm_head_flops  # noqa: F401 - the model's FLOPs, asked for here
+from roberta_pl.mlm_head import mlm_loss
 
 # transformers model types with exactly this post-LN architecture (their heads differ only in class name).
 POST_LN_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert")
@@ -365,10 +366,11 @@ class RobertaLMHead(nn.Module):
         self.register_buffer("pad_mask", pad_mask if config.padded_vocab_size > config.vocab_size else None,
                              persistent=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits; with ``targets`` (``h`` the predicted positions only), ``(loss, logits)`` by :func:`mlm_loss`."""
         bias = self.bias if self.pad_mask is None else self.bias + self.pad_mask
-        # The bias rides in the GEMM (addmm) instead of a separate pass over the [N, vocab] logits.
-        return F.linear(self.layer_norm(F.gelu(self.dense(h))), self.decoder.weight, bias)
+        x = self.layer_norm(F.gelu(self.dense(h)))  # the bias rides in the GEMM (addmm), not a pass over the logits
+        return F.linear(x, self.decoder.weight, bias) if targets is None else mlm_loss(x, self.decoder.weight, bias, targets)
 
 
 class RobertaForMaskedLM(nn.Module):
@@ -405,9 +407,8 @@ class RobertaForMaskedLM(nn.Module):
         # Sparse: only the masked positions reach the vocab projection. One nonzero (one host sync on GPU)
         # serves both gathers; row-major order, as boolean indexing would give.
         where = labels.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
-        logits = self.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, where))
         targets = labels.reshape(-1).index_select(0, where)
-        loss = F.cross_entropy(logits.float(), targets)
+        loss, logits = self.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, where), targets)
         return MaskedLMOutput(loss, logits[:, :V], targets)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data_pipelines.contract import IGNORE_INDEX
 from roberta_pl.attention import attend, document_positions, prepare
+from roberta_pl.mlm_head import mlm_loss
 from roberta_pl.model import MaskedLMOutput, RobertaConfig
 
 
@@ -230,9 +231,11 @@ class ModernBertForMaskedLM(nn.Module):
         init_modernbert(self, config)
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits; with ``targets`` (``h`` the predicted positions only), ``(loss, logits)`` by :func:`mlm_loss`."""
         bias = self.decoder.bias if self.pad_mask is None else self.decoder.bias + self.pad_mask
-        return F.linear(self.head(h), self.decoder.weight, bias)
+        x = self.head(h)
+        return F.linear(x, self.decoder.weight, bias) if targets is None else mlm_loss(x, self.decoder.weight, bias, targets)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> MaskedLMOutput:
@@ -242,9 +245,8 @@ class ModernBertForMaskedLM(nn.Module):
         if labels is None:
             return MaskedLMOutput(None, self._logits(h)[..., :V])
         where = labels.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
-        logits = self._logits(h.reshape(-1, h.shape[-1]).index_select(0, where))
         targets = labels.reshape(-1).index_select(0, where)
-        loss = F.cross_entropy(logits.float(), targets)
+        loss, logits = self._logits(h.reshape(-1, h.shape[-1]).index_select(0, where), targets)
         return MaskedLMOutput(loss, logits[:, :V], targets)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
