@@ -205,8 +205,15 @@ def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], config: RobertaConf
 
     Raises:
         KeyError: naming the missing or unexpected keys, so a wrong architecture never loads silently.
+        ValueError: the state dict's decoder is not its token embeddings (an untied model: ours ties them).
     """
     table = _key_table(config)
+    decoder = tied_decoder_key(config)  # HF's name too; ignored below only when it is the embeddings' copy
+    embedding = next(hf for hf, ours in table.items()
+                     if ours in ("roberta.embeddings.word_embeddings.weight", "model.embeddings.tok_embeddings.weight"))
+    if decoder in hf_state and embedding in hf_state and not torch.equal(hf_state[decoder], hf_state[embedding]):
+        raise ValueError(f"{decoder} is not the token embeddings ({embedding}): an untied masked LM "
+                         f"(tie_word_embeddings=false); roberta-pl's decoder is tied, so it would lose that matrix")
     unexpected = sorted(k for k in hf_state if k not in table and not _IGNORED_HF_KEYS.match(k))
     missing = sorted(k for k in table if k not in hf_state)
     if missing or unexpected:
@@ -429,7 +436,10 @@ def load_hf(path: str | Path, **config_overrides) -> RobertaForMaskedLM:
     path = Path(path)
     config = read_hf_config(path, **config_overrides)
     model = masked_lm(config)
-    state = convert_hf_state_dict(load_hf_state_dict(path), config)
+    try:
+        state = convert_hf_state_dict(load_hf_state_dict(path), config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert unexpected == [] and missing == [tied_decoder_key(config)], (missing, unexpected)
     return model.eval()

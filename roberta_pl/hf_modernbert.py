@@ -103,7 +103,14 @@ def config_from_hf(hf: dict) -> RobertaConfig:
         if hf.get(key, value) != value:
             raise ValueError(f"config.json has {key}={hf[key]!r}; roberta-pl's ModernBERT supports only {value!r}")
     n = _global_every(hf)
+    scaling = hf.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ValueError(f"config.json: rope_scaling={scaling}; roberta-pl's ModernBERT has plain RoPE only (null or "
+                         f"rope_type 'default')")
     rope = hf.get("rope_parameters") or {}
+    if set(rope) - {"full_attention", "sliding_attention"}:
+        raise ValueError(f"config.json: rope_parameters={rope}; ModernBERT's are per attention kind "
+                         f"({{'full_attention': {{...}}, 'sliding_attention': {{...}}}})")
     theta = {}
     for kind, old_key, default in (("full_attention", "global_rope_theta", 160_000.0),
                                    ("sliding_attention", "local_rope_theta", 10_000.0)):
@@ -141,6 +148,9 @@ def _global_every(hf: dict) -> int:
     kinds = hf.get("layer_types")
     if kinds is None:
         return n
+    if len(kinds) != hf["num_hidden_layers"]:
+        raise ValueError(f"config.json: layer_types has {len(kinds)} entries but num_hidden_layers="
+                         f"{hf['num_hidden_layers']}; one per layer")
     globals_ = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
     n = globals_[1] if len(globals_) > 1 else len(kinds) + 1 if globals_ == [0] else 0
     expected = ["full_attention" if n and i % n == 0 else "sliding_attention" for i in range(len(kinds))]

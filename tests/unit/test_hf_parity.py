@@ -211,6 +211,29 @@ def test_load_hf_rejects_wrong_architecture(tmp_path):
 
 
 @pytest.mark.parametrize("pre_layernorm", [False, True])
+def test_an_untied_decoder_is_refused_and_a_stored_copy_of_the_embeddings_loads(tmp_path, pre_layernorm):
+    # transformers (5.x) uses a decoder.weight stored in the file, tie_word_embeddings or not: ours ties the decoder
+    # to the embeddings, so a different matrix would be dropped without a word (max |diff| of the logits ~6).
+    config = _random_config(7, pre_layernorm)
+    fields = {k: v for k, v in config_to_hf(config).items() if k != "architectures"} | {"tie_word_embeddings": False}
+    hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(7)
+    hf = transformers.AutoModelForMaskedLM.from_config(hf_config)
+    hf.save_pretrained(tmp_path / "untied")
+    with pytest.raises(ValueError, match=r"untied.*lm_head\.decoder\.weight is not the token embeddings") as e:
+        load_hf(tmp_path / "untied")
+    assert "\n" not in str(e.value)
+    with torch.no_grad():  # the same matrix stored twice is the tied model: it loads, with transformers' logits
+        hf.lm_head.decoder.weight.copy_(hf.base_model.embeddings.word_embeddings.weight)
+    hf.save_pretrained(tmp_path / "copy")
+    ours = load_hf(tmp_path / "copy")
+    ids, mask = _padded_batch(config, 7)
+    with torch.no_grad():
+        expected, got = hf.eval()(input_ids=ids, attention_mask=mask).logits, ours(ids, mask).logits
+    assert (got[mask.bool()] - expected[mask.bool()]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("pre_layernorm", [False, True])
 def test_export_fills_masks_in_transformers_pipeline_and_gives_automodel_its_encoder(tmp_path, tokenizer_dir,
                                                                                        pre_layernorm):
     """The export with its tokenizer, as a user meets it: ``pipeline("fill-mask")`` ranks tokens by our model's

@@ -87,6 +87,51 @@ def test_hf_to_ours_logits_match(tmp_path, attn):
     torch.testing.assert_close(hidden[real], hf_hidden[real], atol=1e-4, rtol=0)
 
 
+def _hf_dir(path, **fields):
+    config = transformers.ModernBertConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+        max_position_embeddings=64, local_attention=16, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        cls_token_id=0, sep_token_id=2, **fields)
+    torch.manual_seed(0)
+    _nudged(transformers.ModernBertForMaskedLM(config)).save_pretrained(path)
+    return path
+
+
+def test_an_untied_decoder_is_refused_in_one_line(tmp_path):
+    # transformers uses the stored decoder.weight; ours is the embeddings, so loading it would change every logit.
+    with pytest.raises(ValueError, match=r"decoder\.weight is not the token embeddings .*untied") as e:
+        load_hf(_hf_dir(tmp_path, tie_word_embeddings=False))
+    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("edit,refusal", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, r"rope_scaling=.*linear.*plain RoPE only"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, r"rope_scaling=.*dynamic"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}, r"rope_parameters=.*per attention kind"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, r"layer_types has 2 entries but num_hidden_layers=3"),
+    ({"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]},
+     r"layer_types has 4 entries"),
+])
+def test_a_config_json_our_model_would_read_otherwise_than_transformers_is_refused(tmp_path, edit, refusal):
+    import json
+
+    path = _hf_dir(tmp_path)
+    config = json.loads((path / "config.json").read_text()) | edit
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=refusal) as e:
+        load_hf(path)
+    assert "\n" not in str(e.value)
+
+
+def test_plain_rope_scaling_loads(tmp_path):
+    import json
+
+    path = _hf_dir(tmp_path)
+    config = json.loads((path / "config.json").read_text()) | {"rope_scaling": {"rope_type": "default"}}
+    (path / "config.json").write_text(json.dumps(config))
+    assert load_hf(path).config.num_layers == 3
+
+
 @pytest.mark.parametrize("token", [False, True])
 def test_classifier_export_matches_transformers_auto_class(tmp_path, token):
     config = _config()
