@@ -54,8 +54,25 @@ def read_source(cfg: DictConfig) -> PretrainedInfo | None:
         source = read_pretrained(path, cfg.data.tokenizer, flag="data.tokenizer=DIR")
     except (FileNotFoundError, ValueError, KeyError, DataError) as e:  # KeyError: a state dict of another shape
         raise ConfigError(f"pretrained={cfg.pretrained}: {e.args[0] if e.args else e}") from None
+    check_model_group(cfg, source.config.architecture)
     check_model_keys(cfg, settable_keys(source.config))
     return source
+
+
+def check_model_group(cfg: DictConfig, architecture: str) -> None:
+    """Refuse a chosen ``model=`` group of another architecture than PATH's (``architecture``): its fields equal its
+    own preset's, so :func:`chosen_model_keys` sees none of them, and the run would quietly continue PATH's model.
+    The group is chosen when named on the command line or when it is not pretrain.yaml's default (an ``experiment=``)."""
+    from roberta_pl.config import CONF_DIR
+    from roberta_pl.safety import command_line_overrides
+
+    group = str(cfg.model.get("architecture", "roberta"))
+    default = next(d["model"] for d in OmegaConf.load(CONF_DIR / "pretrain.yaml").defaults
+                   if isinstance(d, DictConfig) and "model" in d)
+    named = any(arg.partition("=")[0].lstrip("+~") == "model" for arg in command_line_overrides())
+    if group != architecture and (named or cfg.model.name != default):
+        raise ConfigError(f"model={cfg.model.name} is a {group} model but pretrained={cfg.pretrained} is a "
+                          f"{architecture} one, and PATH fixes the architecture; drop model= (PATH's config is used)")
 
 
 def chosen_model_keys(cfg: DictConfig) -> list[str]:
@@ -135,7 +152,10 @@ def initialise(model, source: PretrainedInfo | None, resuming: bool) -> None:
     from roberta_pl.checkpoints import load_pretrained
     from roberta_pl.hf import convert_hf_state_dict, tied_decoder_key, to_hf_state_dict
 
-    loaded, _ = load_pretrained(source.path, source.tokenizer)  # the tokenizer was checked already
+    try:  # a directory whose weights cannot be ours (an untied decoder) is refused in one line, before training
+        loaded, _ = load_pretrained(source.path, source.tokenizer)  # the tokenizer was checked already
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"pretrained={source.path}: {e.args[0] if e.args else e}") from None
     state = convert_hf_state_dict(to_hf_state_dict(loaded), model.config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing != [tied_decoder_key(model.config)] or unexpected:  # the decoder is tied to the word embeddings

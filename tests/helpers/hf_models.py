@@ -21,7 +21,7 @@ MASKED_LM_CLASS = {"roberta": "RobertaForMaskedLM", "xlm-roberta": "XLMRobertaFo
 
 def hf_masked_lm_dir(out: Path, tokenizer_dir: Path, model_type: str = "roberta", *, hidden_size: int = 64,
                      num_layers: int = 2, num_heads: int = 2, intermediate_size: int = 128, max_seq_len: int = 128,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, tie_word_embeddings: bool = True) -> Path:
     """A ``transformers`` masked LM of ``model_type`` saved to ``out`` with ``tokenizer_dir``'s files beside it.
 
     Its vocabulary is the tokenizer's (``len(AutoTokenizer)``) and its special ids the tokenizer's; the rest of the
@@ -32,6 +32,7 @@ def hf_masked_lm_dir(out: Path, tokenizer_dir: Path, model_type: str = "roberta"
         tokenizer_dir: a HF tokenizer directory (its files are copied as they are).
         model_type: ``roberta``, ``xlm-roberta`` or ``roberta-prelayernorm``.
         seed: of the random weights.
+        tie_word_embeddings: False stores a decoder of its own (another matrix than the embeddings).
 
     Returns:
         ``out``.
@@ -44,7 +45,8 @@ def hf_masked_lm_dir(out: Path, tokenizer_dir: Path, model_type: str = "roberta"
         model_type, vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, intermediate_size=intermediate_size,
         max_position_embeddings=max_seq_len + tok.pad_token_id + 1, type_vocab_size=1, layer_norm_eps=1e-5,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     model = transformers.AutoModelForMaskedLM.from_config(config)
     assert type(model).__name__ == MASKED_LM_CLASS[model_type], type(model).__name__

@@ -6,6 +6,7 @@ back out as it came in: its model type and tokenizer files, with the trained wei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -16,8 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from hf_models import check_exported_as_it_came_in, hf_masked_lm_dir
-from hf_tokenizers import byte_bpe_tokenizer_dir, local_texts, xlmr_tokenizer_dir
+from hf_models import check_exported_as_it_came_in, hf_masked_lm_dir, hf_modernbert_dir
+from hf_tokenizers import (
+    byte_bpe_tokenizer_dir,
+    local_texts,
+    modernbert_tokenizer_dir,
+    xlmr_tokenizer_dir,
+)
 from hydra import compose, initialize_config_dir
 
 from roberta_pl.checkpoints import export, load_encoder, load_pretrained
@@ -212,3 +218,66 @@ def test_another_tokenizer_is_refused_and_the_default_corpus_uses_the_models(tmp
     manifest = json.loads((Path(data.train_shards) / "manifest.json").read_text())
     assert manifest["tokenizer_hash"] == expected
     assert not (Path(data.train_shards).parent / "tokenizer").exists()  # none trained
+
+
+@contextlib.contextmanager
+def command_line(overrides):
+    """Hydra's record of the run's command line, as ``@hydra.main`` leaves it (what ``command_line_overrides`` reads)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        HydraConfig.instance().set_config(compose("pretrain", list(overrides), return_hydra_config=True))
+    try:
+        yield
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """Untrained HF directories to read (no run): a RoBERTa, a ModernBERT, and a RoBERTa with an untied decoder."""
+    base, texts = tmp_path_factory.mktemp("sources"), local_texts(400)
+    bpe = byte_bpe_tokenizer_dir(base / "bpe", texts, vocab_size=400)
+    return {"roberta": hf_masked_lm_dir(base / "roberta", bpe, hidden_size=32),
+            "modernbert": hf_modernbert_dir(base / "modernbert", modernbert_tokenizer_dir(base / "mb", texts, 400),
+                                            hidden_size=32),
+            "untied": hf_masked_lm_dir(base / "untied", bpe, hidden_size=32, tie_word_embeddings=False)}
+
+
+@pytest.mark.parametrize("source,group", [("roberta", "modernbert_tiny"), ("modernbert", "base"),
+                                          ("modernbert", "tiny")])
+def test_a_model_group_of_another_architecture_is_refused_in_one_line(sources, source, group):
+    # The group's fields are its own preset's, so no model.* key looks chosen: the run continued PATH's model quietly.
+    from roberta_pl.errors import ConfigError
+    from roberta_pl.pretraining import init
+
+    overrides = [*SMALL, f"pretrained={sources[source]}", f"model={group}"]
+    with command_line(overrides), pytest.raises(ConfigError) as e:
+        init.read_source(compose_cfg(overrides))
+    message, other = str(e.value), "roberta" if source == "modernbert" else "modernbert"
+    assert f"model={group} is a {other} model but pretrained={sources[source]} is a {source} one" in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("source,group", [("roberta", "small"), ("modernbert", None), ("roberta", None)])
+def test_a_model_group_of_the_same_architecture_or_none_leaves_the_source_s(sources, source, group):
+    from roberta_pl.pretraining import init
+
+    overrides = [*SMALL, f"pretrained={sources[source]}", *([f"model={group}"] if group else [])]
+    with command_line(overrides):
+        config = init.read_source(compose_cfg(overrides)).config
+    assert (config.architecture, config.hidden_size) == (source, 32)
+
+
+def test_an_untied_decoder_is_refused_in_one_line_before_training(sources):
+    from roberta_pl.errors import ConfigError
+    from roberta_pl.model import RobertaConfig
+    from roberta_pl.models import masked_lm
+    from roberta_pl.pretraining import init
+
+    cfg = compose_cfg([*SMALL, f"pretrained={sources['untied']}"])
+    source = init.read_source(cfg)
+    model = masked_lm(RobertaConfig(**init.model_settings(cfg, source.config.vocab_size, source)))
+    with pytest.raises(ConfigError, match=r"^pretrained=.*untied: lm_head\.decoder\.weight is not the token "
+                                          r"embeddings .*tie_word_embeddings=false[^\n]*$"):
+        init.initialise(model, source, resuming=False)
