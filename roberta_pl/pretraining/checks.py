@@ -124,6 +124,9 @@ def check_budget(cfg: DictConfig) -> float | None:
 # Fields that fix parameter shapes or token meaning: a checkpoint must agree on all of them to resume.
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len",
                  "pad_vocab_multiple", "pad_token_id", "bos_token_id", "eos_token_id", "pre_layernorm", "architecture")
+# ModernBERT's attention pattern and RoPE bases change what its weights compute, so a resume keeps them too; a longer
+# context with raised bases is a new run continued with pretrained=CKPT (init.CONTEXT_KEYS), not a resume.
+_MODERNBERT_FIELDS = ("local_attention", "global_attn_every_n_layers", "global_rope_theta", "local_rope_theta")
 
 
 
@@ -165,7 +168,8 @@ def check_resume_checkpoint(ckpt: Path, saved: dict, model: dict, tokenizer_hash
         raise ConfigError(f"resume checkpoint {ckpt} is {kind} but trainer.strategy={strategy}; {fix}")
     hp = dict(saved.get("hyper_parameters") or {})
     saved = hp.get("model") or {}
-    diffs = [f"model.{k}={saved[k]} in the checkpoint but {model[k]} here" for k in _SHAPE_FIELDS
+    fields = _SHAPE_FIELDS + (_MODERNBERT_FIELDS if model.get("architecture") == "modernbert" else ())
+    diffs = [f"model.{k}={saved[k]} in the checkpoint but {model[k]} here" for k in fields
              if k in saved and k in model and saved[k] != model[k]]
     saved_hash = hp.get("tokenizer_hash")
     if saved_hash is not None and saved_hash != tokenizer_hash:

@@ -221,3 +221,21 @@ def test_layer_wise_lr_decay_knows_modernbert_layers():
     assert lr_of[f"model.layers.{n - 1}.mlp.Wo.weight"] == 0.5
     assert lr_of["model.layers.0.mlp.Wo.weight"] == 0.5 ** n
     assert {lr for name, lr in lr_of.items() if not name.startswith("model.")} == {1.0}
+
+
+@pytest.mark.parametrize("field,value", [("local_attention", 64), ("global_attn_every_n_layers", 2),
+                                         ("global_rope_theta", 320000.0), ("local_rope_theta", 20000.0)])
+def test_a_resume_refuses_changed_attention_settings_naming_the_field(tmp_path, field, value):
+    # They change what the weights compute; a RoBERTa's copy of them means nothing and is left alone.
+    from roberta_pl.errors import ConfigError
+    from roberta_pl.pretraining.checks import check_resume_checkpoint
+
+    for name, refused in (("modernbert_tiny", True), ("tiny", False)):
+        saved = RobertaConfig.from_name(name, vocab_size=300).to_dict()
+        model = saved | {field: value}
+        check_resume_checkpoint(tmp_path / "last.ckpt", {"hyper_parameters": {"model": saved}}, saved, "h")
+        if not refused:
+            check_resume_checkpoint(tmp_path / "last.ckpt", {"hyper_parameters": {"model": saved}}, model, "h")
+            continue
+        with pytest.raises(ConfigError, match=f"model.{field}={saved[field]} in the checkpoint but {value} here"):
+            check_resume_checkpoint(tmp_path / "last.ckpt", {"hyper_parameters": {"model": saved}}, model, "h")
