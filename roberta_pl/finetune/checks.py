@@ -77,6 +77,10 @@ def prepare_task(r) -> None:
         if tok_dir is None:
             raise ConfigError(f"pretrained={cfg.pretrained} records no tokenizer; pass tokenizer=DIR")
         p.tokenizer = load_text_tokenizer(tok_dir)
+        vocab, tokens = p.encoder.config.vocab_size, getattr(p.tokenizer, "tok", p.tokenizer).vocab_size  # .tok: spm's
+        if tokens > vocab:  # its ids past the embedding table would fail mid-training
+            raise ConfigError(f"pretrained={cfg.pretrained}: the model's vocab_size={vocab} is smaller than the "
+                              f"tokenizer's {tokens} tokens ({tok_dir}); pass the model's own tokenizer=DIR")
         p.data = load_task_data(cfg.task, p.tokenizer, min(cfg.task.max_seq_len, p.encoder.config.max_seq_len))
     except (ConfigError, BatchPlanError, DataError):
         raise  # one line from the harness (they are ValueErrors too: not the model's fault below)

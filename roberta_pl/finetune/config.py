@@ -154,9 +154,14 @@ def regularisation(cfg, model_cfg: dict) -> tuple[dict, str]:
     for key, value in chosen.items():
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value}: a dropout probability is in [0, 1)")
-    origin = f"the {row.preset}-size default" if cfg.dropout is None else "as set"
-    line = (f"regularisation: dropout {chosen['dropout']:g}, attention_dropout {chosen['attention_dropout']:g} "
-            f"({origin}; the pretrained model had {model_cfg['dropout']:g} / {model_cfg['attention_dropout']:g}), "
+    default = f"the {row.preset}-size default"
+    origin = {"dropout": default if cfg.dropout is None else "as set",  # attention_dropout unset follows dropout
+              "attention_dropout": default if cfg.dropout is None and cfg.attention_dropout is None else "as set"}
+    values = (f"dropout {chosen['dropout']:g}, attention_dropout {chosen['attention_dropout']:g} ({origin['dropout']}"
+              if origin["dropout"] == origin["attention_dropout"] else
+              f"dropout {chosen['dropout']:g} ({origin['dropout']}), attention_dropout {chosen['attention_dropout']:g} "
+              f"({origin['attention_dropout']}")
+    line = (f"regularisation: {values}; the pretrained model had {model_cfg['dropout']:g} / {model_cfg['attention_dropout']:g}), "
             f"optim.weight_decay {cfg.optim.weight_decay:g}; set dropout=, attention_dropout=, optim.weight_decay= "
             f"to change")
     return model_cfg | chosen, line

@@ -134,10 +134,11 @@ def texts(tmp_path_factory) -> list[str]:
         return [row["text"].replace("\t", " ") for row in [*csv.DictReader(f), *csv.DictReader(g)]]
 
 
-def test_glue_layout_rte_starts_from_the_same_seeds_mnli_model(tmp_path, model, texts, capsys):
+def test_glue_layout_rte_starts_from_the_same_seeds_mnli_model(tmp_path, model, texts, capsys, monkeypatch):
     glue = tiny_glue(tmp_path / "glue", texts)
+    monkeypatch.chdir(tmp_path)  # a relative out_dir: the results name absolute paths all the same
     out = tmp_path / "eval"
-    summary = evaluate(eval_cfg(model, out, "suite=glue", f"data_dir={glue}", "tasks=[mnli,rte]", "seeds=1"))
+    summary = evaluate(eval_cfg(model, Path("eval"), "suite=glue", f"data_dir={glue}", "tasks=[mnli,rte]", "seeds=1"))
     assert list(summary["tasks"]) == ["mnli", "rte"]
     assert "qqp/seed-1234" in summary["missing"]  # the tasks not asked for are listed, not run
 
@@ -151,7 +152,7 @@ def test_glue_layout_rte_starts_from_the_same_seeds_mnli_model(tmp_path, model, 
     # RTE started from MNLI's best model of seed 1234: its export holds MNLI's best checkpoint's encoder, which
     # fine-tuning moved away from MODEL's.
     rte = json.loads(result_file(out, "rte", 1234).read_text())
-    assert rte["started_from"] == mnli["hf_dir"]
+    assert rte["started_from"] == mnli["hf_dir"] and Path(mnli["hf_dir"]).is_absolute()
     rte_summary = json.loads((result_file(out, "rte", 1234).parent / "summary.json").read_text())
     assert rte_summary["pretrained"] == mnli["hf_dir"]
     started = load_encoder(mnli["hf_dir"])[0].state_dict()
@@ -214,3 +215,119 @@ def test_command_line_takes_model_first_and_fails_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"roberta-pl-eval: error: MODEL={tmp_path / 'nope'}: no such file or directory"
+
+
+def one_task_suite(tmp_path: Path, report: str = "[accuracy]", extra: str = "") -> Path:
+    """A user's suite of one small task (64 training examples): one short fine-tuning a run."""
+    files = two_source_task(tmp_path / "data", n_train=64, n_valid=40)
+    suite = tmp_path / "one.yaml"
+    suite.write_text(f"- name: one\n  train_file: {files['train']}\n  valid_file: {files['valid']}\n"
+                     f"  label_column: source\n  report: {report}\n  finetune: [batch_size=16]\n{extra}")
+    return suite
+
+
+def refused(cfg) -> str:
+    with pytest.raises(SystemExit) as e:
+        evaluate(cfg)
+    message = str(e.value)
+    assert message.startswith("roberta-pl-eval: error: ") and "\n" not in message, message
+    return message
+
+
+def test_an_out_dir_holds_one_models_results(tmp_path, model, tokenizer_dir, capsys):
+    """A second model, init, fine-tuning override or task in the same out_dir is refused before any training,
+    instead of reporting the first one's scores "(done earlier)" under its name; only a changed `report:` is scored
+    again from the finished fine-tuning, with no training."""
+    suite, out = one_task_suite(tmp_path), tmp_path / "eval"
+    first = evaluate(eval_cfg(model, out, f"suite={suite}", "seeds=1"))
+    recorded = json.loads((out / "eval.json").read_text())
+    assert recorded["model"] == str(model.resolve()) and recorded["init"] == "pretrained"
+    assert json.loads(result_file(out, "one", 1234).read_text())["fingerprint"]["model"] == str(model.resolve())
+    best = result_file(out, "one", 1234).parent / "checkpoints" / "best.ckpt"
+    stamp = best.stat().st_mtime_ns
+
+    other = hf_masked_lm_dir(tmp_path / "other", tokenizer_dir, seed=1)
+    assert f"out_dir={out.resolve()} holds results of MODEL={model.resolve()}" in refused(
+        eval_cfg(other, out, f"suite={suite}", "seeds=1"))
+    assert "holds results run with init=pretrained" in refused(eval_cfg(model, out, f"suite={suite}", "seeds=1",
+                                                                       "init=random"))
+    assert "holds results run with finetune=" in refused(eval_cfg(model, out, f"suite={suite}", "seeds=1",
+                                                                  finetune=["optim.lr=1e-4"]))
+    (tmp_path / "eval.json.bak").write_text((out / "eval.json").read_text())
+    (out / "eval.json").unlink()  # the per-run records refuse it too
+    assert "holds results of MODEL=" in refused(eval_cfg(other, out, f"suite={suite}", "seeds=1"))
+    (out / "eval.json").write_text((tmp_path / "eval.json.bak").read_text())
+    suite.write_text(suite.read_text().replace("batch_size=16", "batch_size=8"))
+    assert "holds a run of task one with another finetune" in refused(eval_cfg(model, out, f"suite={suite}", "seeds=1"))
+    assert best.stat().st_mtime_ns == stamp and not (out / "tasks" / "one" / "seed-1235").exists()
+
+    # Another report: scored from the finished fine-tuning's summary, not trained again.
+    suite.write_text(suite.read_text().replace("batch_size=8", "batch_size=16").replace("[accuracy]", "[accuracy, f1]"))
+    capsys.readouterr()
+    again = evaluate(eval_cfg(model, out, f"suite={suite}", "seeds=1"))
+    assert "one seed 1234: scoring the finished fine-tuning" in capsys.readouterr().out
+    assert best.stat().st_mtime_ns == stamp
+    metrics = json.loads((best.parent.parent / "summary.json").read_text())["metrics"]
+    assert again["tasks"]["one"]["metric"] == "accuracy/f1" and first["tasks"]["one"]["metric"] == "accuracy"
+    assert again["tasks"]["one"]["mean"] == pytest.approx((metrics["val/accuracy"] + metrics["val/f1"]) / 2)
+
+
+def test_default_out_dir_names_the_model(tmp_path, model):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"pretrained={tmp_path / 'base' / 'checkpoints' / 'last.ckpt'}",
+                                                     "init=random"])
+    assert cfg.out_dir == "runs/eval-base-last-random"
+
+
+@pytest.mark.parametrize("extra,finetune,message", [
+    ("  extra_valid: {a: x.csv, b: y.csv}\n", [], "task one: extra_valid names 2 files; a task scores one"),
+    ("", ["seed=3"], "finetune: seed=3: roberta-pl-eval sets seed for each run; use seed= and seeds="),
+    ("", ["+init=random"], "finetune: +init=random: roberta-pl-eval sets init"),
+    ("", ["run_dir=/tmp/x"], "finetune: run_dir=/tmp/x: roberta-pl-eval sets run_dir for each run; use out_dir="),
+    ("", ["task=sst2"], "finetune: task=sst2: roberta-pl-eval sets task"),
+    ("", ["overwrite=false"], "finetune: overwrite=false: roberta-pl-eval sets overwrite"),
+    ("  finetune: [pretrained=/x]\n", [], "task one, finetune: pretrained=/x: roberta-pl-eval sets pretrained"),
+])
+def test_suite_and_override_mistakes_are_refused_before_training(tmp_path, model, extra, finetune, message):
+    suite = one_task_suite(tmp_path, extra=extra)
+    if "finetune:" in extra:  # the task's own overrides: a second `finetune:` key replaces the first
+        suite.write_text(suite.read_text().replace("  finetune: [batch_size=16]\n", ""))
+    out = tmp_path / "eval"
+    assert message in refused(eval_cfg(model, out, f"suite={suite}", "seeds=1", finetune=finetune))
+    assert not (out / "tasks").exists()
+
+
+def test_a_report_metric_the_task_has_not_is_refused_before_training(tmp_path, model):
+    out = tmp_path / "eval"
+    message = refused(eval_cfg(model, out, f"suite={one_task_suite(tmp_path, report='[accuracy, pearson]')}"))
+    assert "task one: report: pearson is not a metric of this task (accuracy, f1, mcc, loss)" in message
+    assert not (out / "tasks").exists()
+
+
+def test_model_path_with_an_equals_sign(tmp_path, model):
+    import shutil
+
+    from roberta_pl.finetune.evaluation.app import model_argument
+
+    ckpt = tmp_path / "epoch=0-step=100"
+    shutil.copytree(model, ckpt)
+    argv = model_argument([str(ckpt), "suite=local", "seeds=2"])
+    assert argv[1:] == ["suite=local", "seeds=2"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        assert compose(config_name="eval", overrides=argv).pretrained == str(ckpt)
+    assert model_argument(["seeds=2", "out_dir=x"]) == ["seeds=2", "out_dir=x"]  # not on disk: an override
+
+
+def test_random_init_chains_load_the_earlier_tasks_model(tmp_path, model, texts):
+    """init=random: MNLI from scratch, then RTE from that fine-tuned MNLI model (the same chain as the pretrained
+    run's), not RTE from scratch as well."""
+    from roberta_pl.finetune.evaluation.runner import finetune_config
+    from roberta_pl.finetune.evaluation.suites import load_suite
+
+    glue = tiny_glue(tmp_path / "glue", texts)
+    cfg = eval_cfg(model, tmp_path / "eval", "suite=glue", f"data_dir={glue}", "init=random")
+    tasks = {t.name: t for t in load_suite("glue", str(glue), tmp_path / "eval")}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        mnli, _ = finetune_config(cfg, tasks["mnli"], 1234, tmp_path / "eval", str(model), export=True)
+        rte, _ = finetune_config(cfg, tasks["rte"], 1234, tmp_path / "eval", str(tmp_path / "mnli-hf"), export=False)
+    assert (mnli.init, rte.init) == ("random", "pretrained")

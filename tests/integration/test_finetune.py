@@ -667,3 +667,36 @@ def test_finetuning_uses_its_own_dropout_not_the_pretraining_recipes(tmp_path, s
     cfg = compose_cfg("finetune", [])
     fields, line = regularisation(cfg, {"hidden_size": 512, "dropout": 0.0, "attention_dropout": 0.0})
     assert (fields["dropout"], fields["attention_dropout"]) == (0.1, 0.1) and "(the small-size default; the pretrained model had 0 / 0)" in line
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["attention_dropout=0.3"], "dropout 0 (the tiny-size default), attention_dropout 0.3 (as set; "),
+    (["dropout=0.2"], "dropout 0.2, attention_dropout 0.2 (as set; "),
+    ([], "dropout 0, attention_dropout 0 (the tiny-size default; "),
+])
+def test_regularisation_line_says_where_each_dropout_comes_from(overrides, expected):
+    from roberta_pl.finetune.config import regularisation
+
+    fields, line = regularisation(compose_cfg("finetune", overrides), {"hidden_size": 64, "dropout": 0.1,
+                                                                      "attention_dropout": 0.1})
+    assert line.startswith(f"regularisation: {expected}the pretrained model had 0.1 / 0.1)"), line
+
+
+def test_a_model_with_fewer_embedding_rows_than_its_tokenizer_is_refused(tmp_path, tokenizer_dir, source_task):
+    """An HF directory whose vocab_size is below the tokenizer's: one line naming both sizes and the directory, not
+    an IndexError mid-training."""
+    from hf_models import hf_masked_lm_dir
+
+    model_dir = hf_masked_lm_dir(tmp_path / "hf", tokenizer_dir)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(model_dir)
+    tokens = hf.config.vocab_size
+    hf.resize_token_embeddings(tokens - 8)
+    hf.save_pretrained(model_dir)
+    with pytest.raises(SystemExit) as e:
+        finetune(tmp_path / "ft", [f"pretrained={model_dir}", f"task.train_file={source_task['train']}",
+                                   f"task.valid_file={source_task['valid']}", "task.label_column=source",
+                                   "trainer.max_epochs=1", "export_hf=false"])
+    assert str(e.value) == (f"roberta-pl-finetune: error: pretrained={model_dir}: the model's vocab_size={tokens - 8} "
+                            f"is smaller than the tokenizer's {tokens} tokens ({model_dir}); pass the model's own "
+                            f"tokenizer=DIR")
+    assert not (tmp_path / "ft" / "checkpoints").exists()

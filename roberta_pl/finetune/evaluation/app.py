@@ -23,10 +23,17 @@ VALUE_OPTIONS = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-
 
 
 def model_argument(argv: list[str]) -> list[str]:
-    """The first positional argument, MODEL, as the override ``pretrained=MODEL`` (as fine-tuning names it) (Hydra takes only overrides)."""
+    """The first positional argument, MODEL, as the override ``pretrained=MODEL`` (as fine-tuning names it) (Hydra
+    takes only overrides). A path on disk with an ``=`` in it (``epoch=0-step=100.ckpt``) is MODEL too, quoted."""
+    from pathlib import Path
+
     for i, arg in enumerate(argv):
-        if "=" not in arg and not arg.startswith("-") and (i == 0 or argv[i - 1] not in VALUE_OPTIONS):
+        if arg.startswith("-") or (i > 0 and argv[i - 1] in VALUE_OPTIONS):
+            continue
+        if "=" not in arg:
             return [*argv[:i], f"pretrained={arg}", *argv[i + 1:]]
+        if Path(arg).exists() and "'" not in arg:
+            return [*argv[:i], f"pretrained='{arg}'", *argv[i + 1:]]
     return argv
 
 

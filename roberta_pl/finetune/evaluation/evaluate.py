@@ -7,9 +7,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from roberta_pl.errors import ConfigError
+from roberta_pl.finetune.evaluation.fingerprint import claim_out_dir, eval_fingerprint
 from roberta_pl.finetune.evaluation.results import aggregate, markdown, write_results
 from roberta_pl.finetune.evaluation.runner import PROG, run_suite, seed_list
-from roberta_pl.finetune.evaluation.suites import load_suite
+from roberta_pl.finetune.evaluation.suites import check_finetune_overrides, load_suite
 
 
 def check_model(model: str | None, tokenizer: str | None) -> None:
@@ -36,14 +37,17 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     ``results.json``."""
     from roberta_pl.harness import run_scope
 
-    out_dir = Path(out_dir if out_dir is not None else cfg.out_dir)
+    out_dir = Path(out_dir if out_dir is not None else cfg.out_dir).resolve()  # results name absolute paths
     with run_scope(PROG):
         tasks = load_suite(cfg.suite, cfg.data_dir, out_dir)
         seeds = seed_list(cfg)
+        check_finetune_overrides(cfg.finetune, "finetune")
         check_model(cfg.pretrained, cfg.tokenizer)
+        fingerprint = eval_fingerprint(cfg, out_dir)
+        claim_out_dir(out_dir, fingerprint)  # an out_dir holds one model's results (eval.json)
         print(f"{PROG}: suite {cfg.suite}: {', '.join(t.name for t in tasks)}; seeds {', '.join(map(str, seeds))}; "
               f"{cfg.init} init from {cfg.pretrained}; results in {out_dir}", flush=True)
-        results = run_suite(cfg, tasks, out_dir)
+        results = run_suite(cfg, tasks, out_dir, fingerprint)
         meta = {"suite": str(cfg.suite), "model": str(cfg.pretrained), "init": str(cfg.init)}
         summary = aggregate(tasks, results, [cfg.seed + s for s in range(cfg.seeds)], meta)
         written = write_results(out_dir, summary)

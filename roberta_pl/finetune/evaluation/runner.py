@@ -13,9 +13,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from roberta_pl.errors import ConfigError
+from roberta_pl.finetune.evaluation.fingerprint import (
+    check_fingerprint,
+    task_fingerprint,
+)
 from roberta_pl.finetune.evaluation.suites import SuiteTask, builders
 
 PROG = "roberta-pl-eval"
+TRAINED_FILE = "finetuned.json"  # in a task-seed's directory: the fingerprint of the fine-tuning that finished there
 
 
 def seed_list(cfg: DictConfig) -> list[int]:
@@ -32,13 +37,32 @@ def run_dir(out_dir: Path, task: str, seed: int) -> Path:
     return out_dir / "tasks" / task / f"seed-{seed}"
 
 
-def read_result(out_dir: Path, task: str, seed: int) -> dict | None:
-    """A task-seed's recorded result, or None if it has not finished (no file, or one that does not parse)."""
+def read_result(out_dir: Path, task: str, seed: int, fingerprint: dict) -> dict | None:
+    """A task-seed's recorded result, or None if it has not finished (no file, or one that does not parse).
+
+    Raises:
+        ConfigError: the result was computed from something else than ``fingerprint`` (another model, init,
+            fine-tuning overrides or task).
+    """
+    path = run_dir(out_dir, task, seed) / "result.json"
     try:
-        result = json.loads((run_dir(out_dir, task, seed) / "result.json").read_text())
+        result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return result if isinstance(result, dict) and "score" in result else None
+    if not isinstance(result, dict) or "score" not in result:
+        return None
+    recorded = result.get("fingerprint")
+    if recorded != fingerprint and without_report(recorded) == without_report(fingerprint):
+        return None  # only `report:` changed: scored again from the finished fine-tuning (run_task_seed)
+    check_fingerprint(recorded, fingerprint, path, out_dir)
+    return result
+
+
+def without_report(fingerprint) -> dict | None:
+    """A task-seed's fingerprint less the metrics reported from the run: what its fine-tuning depends on."""
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("task"), dict):
+        return None
+    return {**fingerprint, "task": {k: v for k, v in fingerprint["task"].items() if k != "report"}}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -76,14 +100,17 @@ def finetune_config(cfg: DictConfig, task: SuiteTask, seed: int, out_dir: Path, 
     export, which the tasks starting from this one load)."""
     from hydra import compose
 
-    overrides = [f"task={task.preset}", f"init={cfg.init}", f"seed={seed}", "overwrite=true", *cfg.finetune,
+    # A task that starts from another's model loads it whatever init= says: with init=random that model is the
+    # earlier task fine-tuned from scratch, the same chain as the pretrained run's (the fair baseline).
+    init = "pretrained" if task.start_from is not None else cfg.init
+    overrides = [f"task={task.preset}", f"init={init}", f"seed={seed}", "overwrite=true", *cfg.finetune,
                  *task.finetune, *(["export_hf=true"] if export else [])]  # a task others start from: its HF export
     with finetune_compose():
         ft = compose(config_name="finetune", overrides=overrides)
     fields = dict(task.fields)
     if task.build is not None:
         fields |= build_local_task(task, out_dir / "data" / task.name)
-    if task.extra_valid:
+    if task.extra_valid:  # one file at most (suite_task): fine-tuning predicts one test file
         fields["test_file"] = next(iter(task.extra_valid.values()))
     ft.task = OmegaConf.merge(ft.task, fields)
     # Set after composing: paths need no quoting for Hydra's override grammar.
@@ -124,50 +151,78 @@ def score_run(task: SuiteTask, ft: DictConfig, summary: dict) -> dict[str, float
         raise ConfigError(f"suite task {task.name}: report: {missing[0]} is not a metric of this task "
                           f"({', '.join(sorted(k.removeprefix('val/') for k in metrics))})")
     values = {m: float(metrics[f"val/{m}"]) for m in report}
-    for name in task.extra_valid:
+    for name in task.extra_valid:  # one at most: the run's test file
         rows = [json.loads(line) for line in Path(summary["predictions"]["test"]).read_text().splitlines()]
         values[name] = statistics.fmean(r["prediction"] == r["label"] for r in rows if "label" in r)
     return values
 
 
-def run_task_seed(cfg: DictConfig, task: SuiteTask, seed: int, out_dir: Path, parents: set[str]) -> dict:
+def finished_finetuning(where: Path, trained: dict) -> dict | None:
+    """The summary of a fine-tuning that finished in ``where`` with the same fingerprint (``trained``) but was not
+    scored (a bad ``report:`` name, a killed evaluation), so that a rerun scores it instead of training again."""
+    try:
+        recorded = json.loads((where / TRAINED_FILE).read_text())
+        summary = json.loads((where / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if recorded == trained and isinstance(summary, dict) and "metrics" in summary else None
+
+
+def run_task_seed(cfg: DictConfig, task: SuiteTask, seed: int, out_dir: Path, parents: set[str],
+                  fingerprints: dict[str, dict]) -> dict:
     """Fine-tune one task with one seed (from its ``start_from`` task's model of the same seed, if any) and record
-    its result."""
+    its result (``fingerprints``: each task's, by name)."""
     from roberta_pl.finetune.job import run
 
     start = cfg.pretrained
     if task.start_from is not None:
-        parent = read_result(out_dir, task.start_from, seed)
+        parent = read_result(out_dir, task.start_from, seed, fingerprints[task.start_from])
         if parent is None:
             raise ConfigError(f"task {task.name} starts from {task.start_from}'s model of seed {seed}, which has not "
                               f"finished; run {task.start_from} first (tasks=[{task.start_from}])")
         start = parent["hf_dir"]
     ft, overrides = finetune_config(cfg, task, seed, out_dir, start, export=task.name in parents)
-    summary = run(ft, Path(ft.run_dir), overrides)
+    where = Path(ft.run_dir)
+    fingerprint = fingerprints[task.name]
+    # What the training depends on: all but the metrics reported from it.
+    trained = {**without_report(fingerprint), "start": start}
+    summary = finished_finetuning(where, trained)
+    if summary is None:
+        (where / TRAINED_FILE).unlink(missing_ok=True)  # a run killed from here on must not pass as finished
+        summary = run(ft, where, overrides)
+        write_atomic(where / TRAINED_FILE, json.dumps(trained, indent=2) + "\n")
+    else:
+        print(f"{PROG}: {task.name} seed {seed}: scoring the finished fine-tuning in {where}", flush=True)
     components = score_run(task, ft, summary)
+    hf_dir = summary.get("hf_dir")
     result = {"task": task.name, "seed": seed, "metric": task.metric, "score": statistics.fmean(components.values()),
-              "components": components, "started_from": start, "hf_dir": summary.get("hf_dir"),
-              "global_step": summary["global_step"]}
-    write_atomic(run_dir(out_dir, task.name, seed) / "result.json", json.dumps(result, indent=2) + "\n")
+              "components": components, "started_from": start, "hf_dir": hf_dir and str(Path(hf_dir).resolve()),
+              "global_step": summary["global_step"], "fingerprint": fingerprint}
+    write_atomic(where / "result.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
-def run_suite(cfg: DictConfig, tasks: list[SuiteTask], out_dir: Path) -> dict[str, dict[int, dict]]:
-    """Every selected task-seed, in suite order (a ``start_from`` task first), skipping finished ones. Prints a
-    line per task-seed. Returns the results on record for every task and seed of the suite."""
+def run_suite(cfg: DictConfig, tasks: list[SuiteTask], out_dir: Path, fingerprint: dict) -> dict[str, dict[int, dict]]:
+    """Every selected task-seed, in suite order (a ``start_from`` task first), skipping finished ones (whose result
+    must have this evaluation's ``fingerprint``). Prints a line per task-seed. Returns the results on record for
+    every task and seed of the suite."""
     selected = list(cfg.tasks) or [t.name for t in tasks]
     unknown = [name for name in selected if name not in {t.name for t in tasks}]
     if unknown:
         raise ConfigError(f"tasks={unknown[0]}: no such task in suite={cfg.suite} ({', '.join(t.name for t in tasks)})")
     seeds = seed_list(cfg)
     parents = {t.start_from for t in tasks if t.start_from}
+    fingerprints = {t.name: {**fingerprint, "task": task_fingerprint(t)} for t in tasks}
     todo = [(t, s) for t in tasks if t.name in selected for s in seeds]
+    for task, seed in todo:  # refuse a mixed out_dir before any training
+        read_result(out_dir, task.name, seed, fingerprints[task.name])
     for i, (task, seed) in enumerate(todo, 1):
-        result = read_result(out_dir, task.name, seed)
+        result = read_result(out_dir, task.name, seed, fingerprints[task.name])
         done = "done earlier" if result is not None else None
         if result is None:
-            result = run_task_seed(cfg, task, seed, out_dir, parents)
+            result = run_task_seed(cfg, task, seed, out_dir, parents, fingerprints)
         print(f"{PROG}: [{i}/{len(todo)}] {task.name} seed {seed}: {task.metric} {result['score']:.4f}"
               + (f" ({done})" if done else ""), flush=True)
     all_seeds = [cfg.seed + s for s in range(cfg.seeds)]
-    return {t.name: {s: r for s in all_seeds if (r := read_result(out_dir, t.name, s)) is not None} for t in tasks}
+    return {t.name: {s: r for s in all_seeds if (r := read_result(out_dir, t.name, s, fingerprints[t.name])) is not None}
+            for t in tasks}

@@ -24,6 +24,32 @@ from roberta_pl.finetune.config import TaskConf
 SUITE_DIR = CONF_DIR / "suites"  # not conf/suite: a config group of that name would take the `suite=` key
 TASK_FIELDS = {f.name for f in dataclasses.fields(TaskConf)}
 EVAL_FIELDS = {"preset", "report", "extra_valid", "start_from", "finetune", "build"}
+# Fine-tuning settings that roberta-pl-eval sets itself for each run: a `finetune:` override of one would make every
+# seed the same run, or write outside out_dir. What to use instead:
+EVAL_OWNED = {"seed": "seed= and seeds= of roberta-pl-eval", "init": "init= of roberta-pl-eval",
+              "pretrained": "roberta-pl-eval's MODEL", "tokenizer": "tokenizer= of roberta-pl-eval",
+              "run_dir": "out_dir= of roberta-pl-eval", "run_name": "out_dir= of roberta-pl-eval",
+              "task": "a suite task (preset:, or task fields like task.max_seq_len=)",
+              "overwrite": "nothing: a finished task-seed is kept, an unfinished one run again"}
+
+
+def check_finetune_overrides(overrides, where: str) -> None:
+    """Refuse a fine-tuning override of a setting roberta-pl-eval owns (:data:`EVAL_OWNED`), in one line."""
+    for override in overrides:
+        key = str(override).lstrip("+~").split("=", 1)[0].strip()
+        if key in EVAL_OWNED:
+            raise ConfigError(f"{where}: {override}: roberta-pl-eval sets {key} for each run; use "
+                              f"{EVAL_OWNED[key]} instead")
+
+
+def preset_fields(preset: str) -> dict:
+    """A conf/task/ preset's own fields over those of the presets it lists in its defaults."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "task" / f"{preset}.yaml"))
+    fields = {}
+    for base in raw.pop("defaults", []):
+        if isinstance(base, str) and base != "_self_":
+            fields |= preset_fields(base)
+    return fields | raw
 
 
 def builders() -> dict:
@@ -93,6 +119,16 @@ def load_suite(suite: str, data_dir: str | None, out_dir: Path) -> list[SuiteTas
     return tasks
 
 
+def check_report(report, task: dict, where: str) -> None:
+    """Refuse a ``report:`` metric the task's kind does not compute, before any training."""
+    from roberta_pl.finetune.module import available_metrics
+
+    metrics = available_metrics(str(task.get("kind", "sequence_classification")), bool(task.get("regression")))
+    for name in report:
+        if name not in metrics:
+            raise ConfigError(f"{where}: report: {name} is not a metric of this task ({', '.join(metrics)})")
+
+
 def suite_task(entry, path: Path, index: int, earlier: list[str]) -> SuiteTask:
     """One checked entry of a suite file; ``earlier``: the names of the tasks before it."""
     where = f"{path}, task {index + 1}"
@@ -117,6 +153,11 @@ def suite_task(entry, path: Path, index: int, earlier: list[str]) -> SuiteTask:
                           f"({', '.join(earlier) or 'none'})")
     if entry.get("build") is not None and entry["build"] not in builders():
         raise ConfigError(f"{where}: build={entry['build']} is not a local task ({', '.join(builders())})")
+    if len(entry.get("extra_valid") or {}) > 1:
+        raise ConfigError(f"{where}: extra_valid names {len(entry['extra_valid'])} files; a task scores one "
+                          f"(give each other file a task of its own)")
+    check_finetune_overrides(entry.get("finetune") or [], f"{where}, finetune")
+    check_report(entry.get("report") or [], preset_fields(preset) | fields, where)
     return SuiteTask(name=name, preset=preset, fields=fields | {"name": name}, report=list(entry.get("report") or []),
                      extra_valid=dict(entry.get("extra_valid") or {}), start_from=entry.get("start_from"),
                      finetune=[str(o) for o in entry.get("finetune") or []], build=entry.get("build"))
