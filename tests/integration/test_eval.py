@@ -256,6 +256,7 @@ def test_an_out_dir_holds_one_models_results(tmp_path, model, tokenizer_dir, cap
     (tmp_path / "eval.json.bak").write_text((out / "eval.json").read_text())
     (out / "eval.json").unlink()  # the per-run records refuse it too
     assert "holds results of MODEL=" in refused(eval_cfg(other, out, f"suite={suite}", "seeds=1"))
+    assert not (out / "eval.json").exists()  # a refused run claims nothing
     (out / "eval.json").write_text((tmp_path / "eval.json.bak").read_text())
     suite.write_text(suite.read_text().replace("batch_size=16", "batch_size=8"))
     assert "holds a run of task one with another finetune" in refused(eval_cfg(model, out, f"suite={suite}", "seeds=1"))

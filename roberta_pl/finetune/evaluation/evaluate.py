@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from roberta_pl.errors import ConfigError
-from roberta_pl.finetune.evaluation.fingerprint import claim_out_dir, eval_fingerprint
+from roberta_pl.finetune.evaluation.fingerprint import check_out_dir, eval_fingerprint
 from roberta_pl.finetune.evaluation.results import aggregate, markdown, write_results
 from roberta_pl.finetune.evaluation.runner import PROG, run_suite, seed_list
 from roberta_pl.finetune.evaluation.suites import check_finetune_overrides, load_suite
@@ -44,7 +44,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         check_finetune_overrides(cfg.finetune, "finetune")
         check_model(cfg.pretrained, cfg.tokenizer)
         fingerprint = eval_fingerprint(cfg, out_dir)
-        claim_out_dir(out_dir, fingerprint)  # an out_dir holds one model's results (eval.json)
+        check_out_dir(out_dir, fingerprint)  # an out_dir holds one model's results (eval.json)
         print(f"{PROG}: suite {cfg.suite}: {', '.join(t.name for t in tasks)}; seeds {', '.join(map(str, seeds))}; "
               f"{cfg.init} init from {cfg.pretrained}; results in {out_dir}", flush=True)
         results = run_suite(cfg, tasks, out_dir, fingerprint)

@@ -78,16 +78,21 @@ def check_fingerprint(recorded, current: dict, where: Path, out_dir: Path) -> No
     raise ConfigError(f"out_dir={out_dir} {what_differs(recorded, current)} ({where}); use another out_dir")
 
 
-def claim_out_dir(out_dir: Path, fingerprint: dict) -> None:
-    """Check ``<out_dir>/eval.json`` against ``fingerprint``, or write it on the first run."""
-    from roberta_pl.finetune.evaluation.runner import write_atomic
-
+def check_out_dir(out_dir: Path, fingerprint: dict) -> None:
+    """Refuse an out_dir whose ``eval.json`` records another fingerprint (none yet: nothing to refuse)."""
     path = out_dir / EVAL_FILE
     try:
         recorded = json.loads(path.read_text())
     except FileNotFoundError:
-        write_atomic(path, json.dumps(fingerprint, indent=2) + "\n")
         return
     except (OSError, ValueError):
         raise ConfigError(f"out_dir={out_dir}: {path} is not readable JSON; use another out_dir") from None
     check_fingerprint(recorded, fingerprint, path, out_dir)
+
+
+def record_out_dir(out_dir: Path, fingerprint: dict) -> None:
+    """Write ``<out_dir>/eval.json`` on the first run (once its results, if any, were checked against it)."""
+    from roberta_pl.finetune.evaluation.runner import write_atomic
+
+    if not (out_dir / EVAL_FILE).exists():
+        write_atomic(out_dir / EVAL_FILE, json.dumps(fingerprint, indent=2) + "\n")

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from roberta_pl.errors import ConfigError
 from roberta_pl.finetune.evaluation.fingerprint import (
     check_fingerprint,
+    record_out_dir,
     task_fingerprint,
 )
 from roberta_pl.finetune.evaluation.suites import SuiteTask, builders
@@ -216,6 +217,7 @@ def run_suite(cfg: DictConfig, tasks: list[SuiteTask], out_dir: Path, fingerprin
     todo = [(t, s) for t in tasks if t.name in selected for s in seeds]
     for task, seed in todo:  # refuse a mixed out_dir before any training
         read_result(out_dir, task.name, seed, fingerprints[task.name])
+    record_out_dir(out_dir, fingerprint)
     for i, (task, seed) in enumerate(todo, 1):
         result = read_result(out_dir, task.name, seed, fingerprints[task.name])
         done = "done earlier" if result is not None else None
