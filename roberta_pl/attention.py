@@ -14,7 +14,8 @@ Two backends, picked once per forward by :func:`prepare`:
   bench/README.md, "Packing modes"): ``flex_attention`` needs ``torch.compile`` there, and nested tensors have no
   fused CPU kernel for a mask-free jagged batch with dropout.
 
-Imports torch and nothing else of the project (the model may import it: tests/unit/test_import_rules.py).
+Imports torch and roberta_pl.dropout, nothing else of the project (the model may import it:
+tests/unit/test_import_rules.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from roberta_pl.dropout import dropout
 
 
 def document_positions(document_ids: Tensor) -> Tensor:
@@ -190,6 +193,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, document_ids: Tensor | None = Non
         layout = prepare(document_ids, attention_mask, window, (q.shape[0], q.shape[2]), device=q.device, dtype=q.dtype)
     if isinstance(layout, VarlenLayout):
         return _attend_varlen(q, k, v, layout, dropout_p)
+    if dropout_p > 0.0 and layout is None and q.device.type == "cpu":
+        # SDPA has no CPU kernel with dropout and falls back to this math (with a NaN-safe softmax, needless without
+        # a mask, and torch's dearer dropout mask: roberta_pl/dropout.py).
+        return dropout(torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)).softmax(-1), dropout_p) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout, dropout_p=dropout_p)
 
 

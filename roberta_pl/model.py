@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data_pipelines.contract import IGNORE_INDEX
 from roberta_pl.attention import attend, document_positions, prepare
+from roberta_pl.dropout import Dropout
 from roberta_pl.flops import mlm_flops_per_token, mlm_head_flops  # noqa: F401 - the model's FLOPs, asked for here
 from roberta_pl.mlm_head import mlm_loss
 
@@ -205,7 +206,7 @@ class RobertaEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_positions, config.hidden_size, padding_idx=config.pad_token_id)
         self.token_type_embeddings = nn.Embedding(1, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # fairseq's make_positions: real tokens count up from pad_id + 1 (in each document), padding stays at pad_id.
@@ -248,7 +249,7 @@ class RobertaSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = None if config.pre_layernorm else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self.dense(h)) + residual
@@ -404,8 +405,7 @@ class RobertaForMaskedLM(nn.Module):
         h = self.roberta(input_ids, attention_mask, document_ids)
         if labels is None:
             return MaskedLMOutput(None, self.lm_head(h)[..., :V])
-        # Sparse: only the masked positions reach the vocab projection. One nonzero (one host sync on GPU)
-        # serves both gathers; row-major order, as boolean indexing would give.
+        # Sparse: one nonzero (one GPU host sync) serves both gathers, row-major as boolean indexing would give.
         where = labels.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
         targets = labels.reshape(-1).index_select(0, where)
         loss, logits = self.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, where), targets)
@@ -426,7 +426,7 @@ class RobertaClassificationHead(nn.Module):
     def __init__(self, config: RobertaConfig, num_labels: int):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.out_proj = nn.Linear(config.hidden_size, num_labels)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -462,7 +462,7 @@ class RobertaForTokenClassification(nn.Module):
         super().__init__()
         self.config, self.num_labels = config, num_labels
         self.roberta = RobertaModel(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.apply(lambda m: init_weights(m, config.initializer_range))
 

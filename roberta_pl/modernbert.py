@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data_pipelines.contract import IGNORE_INDEX
 from roberta_pl.attention import attend, document_positions, prepare
+from roberta_pl.dropout import Dropout
 from roberta_pl.mlm_head import mlm_loss
 from roberta_pl.model import MaskedLMOutput, RobertaConfig
 
@@ -70,7 +71,7 @@ class ModernBertEmbeddings(nn.Module):
         self.tok_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size,
                                            padding_idx=config.pad_token_id)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=False)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.drop(self.norm(self.tok_embeddings(input_ids)))
@@ -82,7 +83,7 @@ class ModernBertMLP(nn.Module):
     def __init__(self, config: RobertaConfig):
         super().__init__()
         self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ class ModernBertAttention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.dropout_p = config.attention_dropout
-        self.out_drop = nn.Dropout(config.attention_dropout)
+        self.out_drop = Dropout(config.attention_dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout) -> torch.Tensor:
         B, T, C = x.shape
@@ -266,7 +267,7 @@ class ModernBertForSequenceClassification(nn.Module):
         self.config, self.num_labels = config, num_labels
         self.model = ModernBertModel(config)
         self.head = ModernBertPredictionHead(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_modernbert(self, config)
 
@@ -284,7 +285,7 @@ class ModernBertForTokenClassification(nn.Module):
         self.config, self.num_labels = config, num_labels
         self.model = ModernBertModel(config)
         self.head = ModernBertPredictionHead(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_modernbert(self, config)
 
