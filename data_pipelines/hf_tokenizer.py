@@ -9,6 +9,7 @@ the semantics of :meth:`~data_pipelines.tokenizer.SpmTokenizer.word_start_table`
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import re
@@ -86,6 +87,7 @@ class HFTokenizer:
         added_special = {i for i, t in self._added.items() if t.get("special")}
         self._special_ids = tuple(sorted({*ids.values(), *added_special, *holes}))
         self._byte_fallback = bool(spec["model"].get("byte_fallback"))
+        self._spec = spec
         self.hash = _content_hash(spec)
         self.files = tuple(name for name in HF_TOKENIZER_FILES if (self.path / name).is_file())
 
@@ -113,6 +115,25 @@ class HFTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of many texts (``tokenizers`` runs them in native threads)."""
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_corpus(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of corpus documents, every character of them text: a literal ``<s>``, ``</s>``, ``<pad>``,
+        ``<unk>`` or ``<mask>`` (HTML strikethrough, code) is spelled in ordinary pieces, never a special's id, so
+        shards hold no control id but the ones packing adds (``encode`` keeps ``transformers``' ids, for fill-mask
+        and fine-tuning text, where a typed ``<mask>`` is the mask)."""
+        return [e.ids for e in self._corpus_tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    @functools.cached_property
+    def _corpus_tok(self):
+        """The tokenizer ``encode_corpus`` runs: this one with every special kept as text (``encode_special_tokens``)
+        and no piece of the model itself that could spell one from text (see :func:`_spell_specials`)."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(json.dumps(_spell_specials(self._spec, set(self._special_ids))))
+        tok.no_padding()
+        tok.no_truncation()
+        tok.encode_special_tokens = True
+        return tok
 
     def encode_words(self, words: Sequence[str]) -> list[list[int]]:
         """Each word's token ids, as in the running text ``" ".join(words)`` (for token classification)."""
@@ -230,6 +251,30 @@ def _word_mark(spec: dict) -> str | None:
 
     found = types(spec.get("pre_tokenizer")) + types(spec.get("decoder"))
     return "Ġ" if "ByteLevel" in found else METASPACE if "Metaspace" in found else None
+
+
+def _spell_specials(spec: dict, special_ids: set[int]) -> dict:
+    """A copy of ``spec`` that never turns text into one of ``special_ids``: each is a special added token (so
+    ``encode_special_tokens`` leaves its text to the model), no BPE merge builds one, and a unigram model's piece
+    of one scores below any other path (a piece in XLM-R's vocabulary, which the lattice matches otherwise). The
+    unigram's lowest score also sets its ``<unk>`` penalty; that moves only a tie between paths with different
+    numbers of unknown characters, which the unigrams SentencePiece trains do not have (every character of a
+    piece is a piece). Every other text encodes as ``spec`` does."""
+    spec = json.loads(json.dumps(spec))
+    for token in spec.get("added_tokens", []):
+        token["special"] = token.get("special") or token["id"] in special_ids
+    model = spec["model"]
+    if model.get("type") == "Unigram":
+        floor = min((score for _, score in model["vocab"]), default=0.0) - 1e6
+        for i in special_ids:
+            if i < len(model["vocab"]):
+                model["vocab"][i][1] = floor
+    elif model.get("type") == "BPE":
+        vocab = model.get("vocab") or {}
+        specials = {piece for piece, i in vocab.items() if i in special_ids}
+        joined = ["".join(m.split(" ") if isinstance(m, str) else m) for m in model.get("merges") or []]
+        model["merges"] = [m for m, piece in zip(model.get("merges") or [], joined) if piece not in specials]
+    return spec
 
 
 def _content_hash(spec: dict) -> str:

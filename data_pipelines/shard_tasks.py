@@ -172,7 +172,8 @@ def _encode_chunk(docs: list[str], valid: list[bool], deal: dict[str, int], coun
     """
     tok = _WORKER_TOKENIZER if _WORKER_TOKENIZER is not None else load_tokenizer(tokenizer_dir)
     dtype = token_dtype(tok.vocab_size)
-    encoded = [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(docs)]
+    # Corpus text is text only: a literal <s> or <mask> in it is never a control id (packed_docs counts <s>).
+    encoded = [np.asarray(ids, dtype=dtype) for ids in tok.encode_corpus(docs)]
     is_valid = np.asarray(valid, dtype=bool)
     out: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
     for split in SPLITS:

@@ -309,6 +309,26 @@ class SpmTokenizer:
         """Token ids of many texts (SentencePiece runs them in native threads)."""
         return [self._mask_takes_space(ids) for ids in self.sp.encode(list(texts), out_type=int)]
 
+    def encode_corpus(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of corpus documents, every character of them text: a literal ``<mask>`` is spelled in ordinary
+        pieces, not the user-defined symbol (``<s>``, ``</s>``, ``<pad>``, ``<unk>`` are control pieces, which
+        SentencePiece never reads from text), so shards hold no control id but the ones packing adds (``encode``
+        keeps the mask, for fill-mask and fine-tuning text)."""
+        return self._corpus_sp.encode(list(texts), out_type=int)
+
+    @functools.cached_property
+    def _corpus_sp(self) -> spm.SentencePieceProcessor:
+        # The same model with <mask> a control piece: not matched in text, never built by a merge; every other
+        # piece, score and id as in spm.model.
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        proto.ParseFromString((self.path / MODEL_FILE).read_bytes())
+        for i in self.special_ids:
+            if proto.pieces[i].type == pb.ModelProto.SentencePiece.USER_DEFINED:
+                proto.pieces[i].type = pb.ModelProto.SentencePiece.CONTROL
+        return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
     def _mask_takes_space(self, ids: list[int]) -> list[int]:
         # All the whitespace before it, as the lstrip of <mask> in our tokenizer.json (and roberta-base's) takes it:
         # "a  <mask>" and "a\t<mask>" are "▁a <mask>" too.

@@ -26,10 +26,13 @@ from data_pipelines.errors import DataError, SkipReport
 from data_pipelines.hf_tokenizer import HFTokenizer
 from data_pipelines.manifest import load_manifest
 from data_pipelines.masking import Masker, MaskingConfig
+from data_pipelines.packing import document_ids, pack_packed_docs
 from data_pipelines.shard_format import iter_shard
 from data_pipelines.shards import write_shards
 from data_pipelines.task_data import load_text_tokenizer
 from data_pipelines.tokenizer import ENDS_WORD, STARTS_WORD, SpmTokenizer, load_tokenizer
+from roberta_pl.inference import fill_mask
+from roberta_pl.model import RobertaConfig, RobertaForMaskedLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +40,8 @@ KINDS = ("byte_bpe", "xlmr")
 BUILDERS = {"byte_bpe": byte_bpe_tokenizer_dir, "xlmr": xlmr_tokenizer_dir}
 MARKS = {"byte_bpe": "Ġ", "xlmr": "\u2581"}
 # Literal <mask>s where a space before it, none, or other text sits next to it.
+# Specials typed in a corpus (HTML strikethrough, code, a tokenizer's docs): text, never control ids in shards.
+SPECIALS_TEXT = "Was <s>strike</s> now, a <pad> here, <mask> there and </s><unk> <s>."
 MASK_LINES = ["The <mask> sat.", "<mask> at the start", "at the end <mask>", "glued<mask>text", "two  spaces  <mask>  x",
               "tab\t<mask>\nnewline <mask>", "<mask><mask> twice", "Ünïcödé façade — “quotes” 日本語 <mask> ✓"]
 
@@ -268,6 +273,10 @@ def test_a_vocabulary_over_65536_ids_writes_int32_shards(hf_dirs, texts, tmp_pat
     mask = vocab.pop("<mask>")
     vocab.update({f"<extra_{i}>": len(vocab) + i for i in range(70_000)})
     vocab["<mask>"] = len(vocab)
+    docs = texts[:200]
+    common = Counter(i for ids in load_tokenizer(hf_dirs["byte_bpe"]).encode_batch(docs) for i in ids).most_common(1)
+    piece = next(p for p, i in vocab.items() if i == common[0][0])
+    vocab[piece], vocab["<extra_69999>"] = vocab["<extra_69999>"], vocab[piece]  # an ordinary piece: 70998
     for t in spec["added_tokens"]:
         t["id"] = vocab["<mask>"] if t["id"] == mask else t["id"]
     big = tmp_path / "big"
@@ -275,14 +284,13 @@ def test_a_vocabulary_over_65536_ids_writes_int32_shards(hf_dirs, texts, tmp_pat
     (big / "tokenizer.json").write_text(json.dumps(spec))
     tok = load_tokenizer(big)
     assert tok.vocab_size == 71_000 and tok.mask_id == 70_999
-    docs = [f"{t} <mask>" for t in texts[:200]]
     manifest = write_shards(None, big, tmp_path / "s", documents=docs, num_shards=1, valid_fraction=0.0,
                             num_workers=0, progress=False)
     assert manifest["dtype"] == "int32"
     read = list(iter_shard(str(tmp_path / "s" / manifest["splits"]["train"]["shards"][0]["name"]), expected_hash=tok.hash,
                            vocab_size=tok.vocab_size, on_error="raise", report=SkipReport()))
     assert Counter(tuple(d.tolist()) for d in read) == Counter(tuple(tok.encode(d)) for d in docs)
-    assert all(d.dtype == np.int32 and d.max() == 70_999 for d in read)
+    assert all(d.dtype == np.int32 for d in read) and max(d.max() for d in read) == vocab[piece] > 65_535
 
 
 def test_our_tokenizer_json_read_as_hf_agrees_with_sentencepiece(tokenizer_dir, tmp_path, texts):
@@ -296,10 +304,59 @@ def test_our_tokenizer_json_read_as_hf_agrees_with_sentencepiece(tokenizer_dir, 
     # with a space, tokenizers' Metaspace does not (the file's own disagreement, not this reader's).
     lines = MASK_LINES + [t.lstrip() for t in texts[:500]]
     assert hf.encode_batch(lines) == ours.encode_batch(lines)
+    assert hf.encode_corpus([SPECIALS_TEXT, *lines]) == ours.encode_corpus([SPECIALS_TEXT, *lines])
     assert (hf.word_start_table() == ours.word_start_table()).all()
     assert (hf.whitespace_table() == ours.whitespace_table()).all()
     assert [hf.token_text(i) for i in range(ours.vocab_size)] == [ours.token_text(i) for i in range(ours.vocab_size)]
     assert hf.space_id == ours.space_id
+
+
+@pytest.mark.parametrize("which", ["spm", *KINDS])
+def test_specials_typed_in_a_corpus_are_text_in_its_shards(which, hf_dirs, tokenizer_dir, texts, tmp_path):
+    """A corpus's literal <s>, </s>, <pad>, <mask> are ordinary pieces in its shards: no control id but the ones packing
+    adds, so packed_docs finds exactly its documents; fill-mask and fine-tuning text still read a typed <mask>."""
+    path = tokenizer_dir if which == "spm" else hf_dirs[which]
+    tok = load_tokenizer(path)
+    controls = [tok.bos_id, tok.pad_id, tok.eos_id, tok.mask_id]
+    docs = ["\n".join(texts[i:i + 3]).strip() + (f" {SPECIALS_TEXT} {texts[i + 3].strip()}" if i % 8 else "")
+            for i in range(0, 600, 4)]
+    manifest = write_shards(None, path, tmp_path / "s", documents=docs, num_shards=2, valid_fraction=0.0,
+                            num_workers=0, progress=False)
+    read = [d for s in manifest["splits"]["train"]["shards"]
+            for d in iter_shard(str(tmp_path / "s" / s["name"]), expected_hash=tok.hash, vocab_size=tok.vocab_size,
+                                on_error="raise", report=SkipReport())]
+    assert len(read) == len(docs) and not any(np.isin(d, controls).any() for d in read)
+    spelled = tok.encode_corpus([SPECIALS_TEXT])[0]
+    assert not set(spelled) & set(tok.special_ids) and len(spelled) > 20
+    if which != "xlmr":  # XLM-R's normaliser changes the text; the others decode it back exactly
+        assert Counter(tok.decode(d.tolist()) for d in read) == Counter(docs)
+    assert Counter(tuple(d.tolist()) for d in read if SPECIALS_TEXT not in tok.decode(d.tolist())) == Counter(
+        tuple(ids) for d, ids in zip(docs, tok.encode_batch(docs)) if SPECIALS_TEXT not in d)  # other text: the same ids
+    # packed_docs: the <s> count gives one document id per framed document, exactly where its frame starts.
+    seq_len = 64
+    blocks = np.stack(list(pack_packed_docs(read, seq_len, bos=tok.bos_id, eos=tok.eos_id)))
+    starts = np.zeros(sum(len(d) + 2 for d in read), dtype=bool)
+    starts[np.cumsum([0, *(len(d) + 2 for d in read[:-1])])] = True
+    expected = np.cumsum(starts[: blocks.size].reshape(blocks.shape), axis=1)
+    assert np.array_equal(document_ids(blocks, tok.bos_id), expected)
+    # User text: fill-mask and fine-tuning still turn a typed <mask> into the mask id.
+    model = RobertaForMaskedLM(RobertaConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+                                             intermediate_size=32, max_seq_len=32))
+    assert [len(p) for p in fill_mask(model, tok, "The <mask> sat on the <mask>.", top_k=3)] == [3, 3]
+    assert [ids.count(tok.mask_id) for ids in load_text_tokenizer(path).encode_batch(MASK_LINES)] == [
+        line.count("<mask>") for line in MASK_LINES]
+
+
+def test_a_merge_that_builds_a_special_does_not_in_corpus_text(tokenizer_dir, tmp_path):
+    """Our tokenizer.json with merges that build "<s>" from text: corpus text still spells it in ordinary pieces."""
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["<s"] = len(vocab)
+    spec["model"]["merges"][:0] = [["<", "s"], ["<s", ">"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode_corpus(["a <s>b"])[0]
+    assert tok.bos_id not in ids and tok.decode(ids) == "a <s>b" and tok.piece_to_id("<s") in ids
 
 
 def test_fine_tuning_reads_the_same_class(hf_dir, kind):

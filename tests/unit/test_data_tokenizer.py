@@ -29,6 +29,16 @@ def test_literal_mask_is_one_id(tok):
     assert tok.encode("<mask> is here")[0] == tok.mask_id
 
 
+def test_corpus_text_never_becomes_a_control_id(tok, corpus_docs):
+    """Shards encode corpus text with <mask> a control piece: a literal one is plain pieces, as <s>, </s>, <pad> and
+    <unk> are (SentencePiece reads no control piece from text); every other text keeps its ids."""
+    text = "Old <s>price</s>, <pad> and <mask> <unk> x<mask>y"
+    spelled = tok.encode_corpus([text])[0]
+    assert not set(spelled) & set(tok.special_ids) and tok.decode(spelled) == text
+    assert tok.encode(text).count(tok.mask_id) == 2  # user text (fill-mask, fine-tuning) still has its masks
+    assert tok.encode_corpus(corpus_docs[:200]) == tok.encode_batch(corpus_docs[:200])
+
+
 def test_byte_fallback_round_trips_any_text(tok):
     text = "naïve café — 日本語 🙂 tabs\tand\nnewlines"
     ids = tok.encode(text)
