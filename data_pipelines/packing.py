@@ -104,7 +104,8 @@ def document_ids(blocks: np.ndarray, bos: int = 0) -> np.ndarray:
     """Which document of its row each token of ``packed_docs`` blocks belongs to: the count of ``<s>`` up to it.
 
     A row's first tokens before its first ``<s>`` (the rest of a document cut by the previous block) are
-    document 0; every ``<s>`` starts the next. Documents hold no specials, so ``<s>`` marks exactly the starts.
+    document 0; every ``<s>`` starts the next. Documents hold no specials (shards encode a corpus with
+    ``encode_corpus``, which spells a literal ``<s>`` in ordinary pieces), so ``<s>`` marks exactly the starts.
 
     Args:
         blocks: ``[B, T]`` unmasked token ids (masking never touches ``<s>``, but take them before it).
