@@ -24,9 +24,10 @@ def mlm_flops_per_token(config: RobertaConfig, seq_len: int, mask_prob: float = 
     H, F_, L = config.hidden_size, config.intermediate_size, config.num_layers
     if config.architecture == "modernbert":
         # GeGLU: Wi is [H, 2F], Wo [F, H] (3*H*F MACs, not 2*H*F); no position table. A local layer's query sees
-        # local_attention + 1 keys, counted as computed (FlashAttention's window skips the rest; an SDPA mask does not).
+        # 2 * (local_attention // 2) + 1 keys, counted as computed (FlashAttention's window skips the rest; an SDPA
+        # mask does not).
         n_global = len(range(0, L, config.global_attn_every_n_layers))
-        keys = n_global * seq_len + (L - n_global) * min(seq_len, config.local_attention + 1)
+        keys = n_global * seq_len + (L - n_global) * min(seq_len, 2 * (config.local_attention // 2) + 1)
         encoder = 3.0 * (L * 2 * (4 * H * H + 3 * H * F_) + 4 * keys * H)
         return encoder + (mask_prob if sparse else 1.0) * mlm_head_flops(config)
     per_layer = 2 * (4 * H * H + 2 * H * F_) + 4 * seq_len * H

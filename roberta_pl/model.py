@@ -129,8 +129,8 @@ def _check_modernbert(config: RobertaConfig) -> None:  # one line naming the fie
     if config.pre_layernorm or config.hf_model_type not in (None, "modernbert"):
         raise ValueError("architecture=modernbert is pre-norm by construction; leave pre_layernorm=false and "
                          f"hf_model_type unset (got {config.pre_layernorm}, {config.hf_model_type!r})")
-    if config.local_attention < 2 or config.local_attention % 2:
-        raise ValueError(f"local_attention={config.local_attention}: an even window of at least 2 tokens")
+    if config.local_attention < 2:
+        raise ValueError(f"local_attention={config.local_attention}: a window of at least 2 tokens (// 2 each side)")
     if config.global_attn_every_n_layers < 1:
         raise ValueError(f"global_attn_every_n_layers={config.global_attn_every_n_layers}: at least 1")
     for name in ("global_rope_theta", "local_rope_theta"):

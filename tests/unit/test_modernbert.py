@@ -43,9 +43,9 @@ def _padded_batch(config: RobertaConfig, T: int = 48, seed: int = 0):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("pad_vocab_multiple", [1, 64])
-def test_ours_to_hf_logits_match(tmp_path, attn, pad_vocab_multiple):
-    config = _config(pad_vocab_multiple=pad_vocab_multiple)
+@pytest.mark.parametrize("pad_vocab_multiple,window", [(1, 16), (64, 16), (1, 15)])  # odd: 7 tokens each side, as HF
+def test_ours_to_hf_logits_match(tmp_path, attn, pad_vocab_multiple, window):
+    config = _config(pad_vocab_multiple=pad_vocab_multiple, local_attention=window)
     ours = _nudged(masked_lm(config))
     save_hf(ours, tmp_path)
     hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, attn_implementation=attn).eval()
@@ -201,7 +201,7 @@ def test_flops_count_local_attention_over_the_window():
     assert mlm_flops_per_token(every_layer_global, 8192) - long == pytest.approx(saved)
 
 
-@pytest.mark.parametrize("field,value", [("architecture", "bert"), ("local_attention", 15),
+@pytest.mark.parametrize("field,value", [("architecture", "bert"), ("local_attention", 1),
                                          ("global_attn_every_n_layers", 0), ("global_rope_theta", 0.0)])
 def test_config_refuses_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
