@@ -257,8 +257,9 @@ class StepHorizon:
     trainer (batches are masked in advance), so it follows only the first figure, fixed inside the warm-up: a
     batch's masks never depend on how far the data loading had run when a re-plan came.
 
-    ``history`` holds ``(from_step, max_steps)``: the first figure from step 0, then each re-plan from the first
-    LR-schedule step it shapes. :meth:`progress` reads it.
+    ``history`` holds ``(from_step, max_steps)``: the first figure from step 0, then each re-plan from the
+    LR-schedule step whose progress it continues from (the budget's: the step the last trained step's LR was
+    computed for; it shapes the steps after it). :meth:`progress` reads it.
     """
 
     def __init__(self, max_steps: int, plan: BatchPlan | None = None, fixed: bool = True) -> None:
@@ -283,10 +284,12 @@ class StepHorizon:
             follower(self.max_steps)
 
     def replan(self, from_step: int, max_steps: int) -> None:
-        """Move the fixed figure to ``max_steps`` for LR-schedule steps ``from_step`` on (a time budget's re-plan,
-        or its replay on resume); the decay continues from where it is (:meth:`progress`)."""
+        """Move the fixed figure to ``max_steps`` for the LR-schedule steps after ``from_step`` (a time budget's
+        re-plan, or its replay on resume); the decay continues from where it is at ``from_step`` (:meth:`progress`)."""
         if not self.fixed:
             raise ValueError("re-planning a horizon that was never fixed")
+        if int(max_steps) == self.max_steps:  # the same figure: the decay as it was, not re-based (float rounding)
+            return
         self.max_steps = int(max_steps)
         self.history.append((int(from_step), self.max_steps))
         for follower, replans in self._followers:

@@ -130,6 +130,15 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], war
     return {"scheduler": schedule, "interval": "step"}
 
 
+def refresh_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Recompute the LRs ``scheduler`` set at its last step (the next optimizer step's), from its lambdas as they read
+    now: the horizon they read was re-planned after the scheduler stepped. What ``scheduler.step()`` would have set."""
+    values = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, values):
+        group["lr"] = lr
+    scheduler._last_lr = values
+
+
 def build_adamw(model: nn.Module, lr: float, betas: Sequence[float], eps: float, weight_decay: float,
                 fused: bool | None = None, cpu_adam: bool = False, groups: list[dict] | None = None
                 ) -> torch.optim.Optimizer:

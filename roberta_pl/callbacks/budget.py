@@ -8,10 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from roberta_pl.batch_plan import StepHorizon, budget_max_steps, robust_seconds
 from roberta_pl.callbacks.steps import StepBoundary
 from roberta_pl.lightning_compat import micro_batches_started
+from roberta_pl.optim import refresh_lrs
 
 # Re-plans at these fractions of the currently planned steps: the error a change of load can leave shrinks with the
 # steps left after the last one (a 3x slowdown after the last re-plan overruns by 2 x 6.25% = 12.5% at most).
@@ -74,7 +76,9 @@ class BudgetPlanner(StepBoundary):
         self._last: tuple[float, int, float] | None = None  # (time, micro-batch, validation s) at the last step
         self._window_start = 0.0  # when this job's timed steps began
         self._job_start: int | None = None  # the step this job began training at
-        self._next_replan: int | None = None
+        self._next_replan: int | None = None  # the step of the next re-plan (None: no more; in the checkpoint)
+        self._next_saved = False  # _next_replan came from the checkpoint
+        self._replans = True  # False for a checkpoint from before re-planning: its spent time is not known
         self._val_seconds = 0.0
         self._val_batches = 0
         self._val_start: float | None = None
@@ -117,7 +121,8 @@ class BudgetPlanner(StepBoundary):
             self.horizon.set(self.decisions[0]["max_steps"])
             for decision in self.decisions[1:]:
                 self.horizon.replan(decision["from_step"], decision["max_steps"])
-            self._next_replan = self._replan_step(self.decisions[-1]["at_step"])
+            if self._next_replan is None and self._replans and not self._next_saved:  # a checkpoint without it
+                self._next_replan = self._replan_step(self.decisions[-1]["at_step"])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -125,14 +130,16 @@ class BudgetPlanner(StepBoundary):
         if not self.at_boundary:
             return
         step, now, micro = trainer.global_step, self.clock(), micro_batches_started(trainer)
+        timed = True
         if self._last is not None:
             t, m, val = self._last
             self._times.append(max(now - t - (self._val_seconds - val), 0.0) / max(1, micro - m))
         elif step - (self._job_start or 0) < self.measure_from:
-            return  # the first steps of a job pay for allocation and compilation: not timed
+            timed = False  # the first steps of a job pay for allocation and compilation: not timed
         else:
             self._window_start = now
-        self._last = (now, micro, self._val_seconds)
+        if timed:
+            self._last = (now, micro, self._val_seconds)
         if not self.decisions:
             if not self._times:
                 return
@@ -148,15 +155,17 @@ class BudgetPlanner(StepBoundary):
                 if not early:
                     return
             self._decide(trainer, pl_module, step, first=True)
-        elif step == self._next_replan:  # a step number every rank shares: the figure is broadcast, the same
-            if len(self._times) >= 3:
-                self._decide(trainer, pl_module, step, first=False)
-            else:  # a job resumed just before it: too few steps timed to plan from; plan at the next point
-                self._next_replan = self._replan_step(step)
+        # A step number every rank shares (the figure is broadcast, the same). Reached or passed: a job resumed just
+        # before the point, at it or after it has too few steps timed to plan from, and plans once it has 3 (every
+        # rank times the same steps).
+        elif self._next_replan is not None and step >= self._next_replan and len(self._times) >= 3:
+            self._decide(trainer, pl_module, step, first=False)
 
     def _replan_step(self, step: int) -> int | None:
         """The next re-plan after a decision at ``step``: the first :data:`REPLAN_AT` point of the figure a few steps
         past ``step`` (the rate needs some steps), before the last step. One inside the warm-up changes no LR yet."""
+        if not self._replans:
+            return None
         earliest = step + 2 * self.measure_from + 3
         return next((s for s in (math.ceil(f * self.max_steps) for f in REPLAN_AT) if earliest <= s < self.max_steps),
                     None)
@@ -181,14 +190,20 @@ class BudgetPlanner(StepBoundary):
             max_steps = int(trainer.strategy.broadcast(max_steps, src=0))
         before = self.max_steps
         step0 = step - len(self._times)
-        self.decisions.append({"at_step": step, "from_step": step + 1, "max_steps": max_steps,
+        # A re-plan continues the decay from the LR the last step trained with (LR-schedule step `step - 1`), so the
+        # steps still to train (from `step`) all take their share of it, and rewrites the LR the scheduler already
+        # set for step `step` with the old figure: a late cut to a few steps still decays them towards the end LR.
+        self.decisions.append({"at_step": step, "from_step": step + 1 if first else step - 1, "max_steps": max_steps,
                                "seconds_per_micro_batch": per_micro, "seconds_per_validation": per_validation,
                                "measured_from_step": step0, "seconds_left": left,
                                "cost_after_warmup": 1.0 if ratio is None else ratio})
         if first:
             self.horizon.set(max_steps)
-        else:  # the scheduler computed step + 1's LR with the figure before: the new one shapes the LRs after it
-            self.horizon.replan(step + 1, max_steps)
+        else:
+            self.horizon.replan(step - 1, max_steps)
+            for config in trainer.lr_scheduler_configs:
+                if isinstance(config.scheduler, torch.optim.lr_scheduler.LambdaLR):
+                    refresh_lrs(config.scheduler)
         self._times.clear()
         self._next_replan = self._replan_step(step)
         if not trainer.is_global_zero:
@@ -206,16 +221,24 @@ class BudgetPlanner(StepBoundary):
 
     def state_dict(self) -> dict[str, Any]:
         return {"max_steps": self.max_steps, "seconds": self.seconds, "spent": self.elapsed(),
-                "measured": self.measured, "decisions": [dict(d) for d in self.decisions]}
+                "measured": self.measured, "decisions": [dict(d) for d in self.decisions],
+                "next_replan": self._next_replan, "replans": self._replans}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.spent = float(state_dict.get("spent", 0.0))
         self.decisions = [dict(d) for d in state_dict.get("decisions") or []]
+        self._replans = bool(state_dict.get("replans", True))
+        self._next_saved = "next_replan" in state_dict
+        self._next_replan = state_dict.get("next_replan")
         saved = state_dict.get("max_steps")
-        if not self.decisions and saved is not None:  # a checkpoint from before re-planning: its one figure
+        if not self.decisions and saved is not None:
+            # A checkpoint from before re-planning: its one figure, kept to the end. Its `spent` stopped counting
+            # when the figure was fixed, so the time left is not known: no re-plan (it would plan for nearly the
+            # whole budget again).
             measured = dict(state_dict.get("measured") or {})
             at = int(measured.get("fixed_at_step", 0))
             self.decisions = [{**measured, "at_step": at, "from_step": at + 1, "max_steps": int(saved)}]
+            self._replans, self._next_replan, self._next_saved = False, None, True
 
 
 def falling_mask_cost(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -117,24 +118,35 @@ class StepProgressBar(RunProgressBar):
 class ProgressLog(ProgressBar):
     """Pretraining's progress where stdout is not a terminal (a pipe, a batch job's log file), where a Rich bar
     draws nothing until the end: one line every ``every_seconds`` of training and after each validation, with the
-    step out of the run's total (a time budget's figure once fixed), the loss, the time a step took since the last
-    line (validation included), this process's training time and the time left at that recent rate (a machine's
-    speed changes; the average since the start would lag it)::
+    step out of the run's total (a time budget's figure once fixed), the loss, the time a training step took since
+    the last line (validation timed apart), this process's time and the time left: the steps left at that recent
+    rate (a machine's speed changes; the average since the start would lag it) and the validations still due
+    (``val_every_n_steps``) at the last one's time::
 
         step 1,250/3,104 (40%) | train/loss 5.812 | val/loss 5.790 | 95.3 ms/step | 0:02:01 elapsed, 0:02:57 left
 
     A progress bar to Lightning (it replaces the Rich one; rank 0 alone prints). ``horizon``: the run's step horizon;
-    until a time budget fixes it the lines show no total (the configured ``trainer.max_steps`` is only a cap)."""
+    until a time budget fixes it the lines show no total (the configured ``trainer.max_steps`` is only a cap).
+    ``validate_last``: the last step validates too (a time budget's). ``clock``: what times it (seconds)."""
 
-    def __init__(self, every_seconds: float = 30.0, horizon: StepHorizon | None = None) -> None:
+    def __init__(self, every_seconds: float = 30.0, horizon: StepHorizon | None = None,
+                 val_every_n_steps: int | None = None, validate_last: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
+        self.clock = clock  # tests drive it by the step
         self.every_seconds = every_seconds
         self.horizon = horizon
+        self.val_every_n_steps = val_every_n_steps
+        self.validate_last = validate_last
+        self._val_started: float | None = None
+        self._val_seconds = 0.0  # validation time since the last line
+        self._last_validation = 0.0  # how long the last validation took
         self._enabled = True
         self._started: float | None = None
         self._steps_before = 0
         self._last_line = 0.0
         self._last_step = 0
+        self._per_step = 0.0  # seconds a training step took, at the last line
 
     @property
     def is_enabled(self) -> bool:
@@ -153,27 +165,44 @@ class ProgressLog(ProgressBar):
         return self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started = self._last_line = time.monotonic()
+        self._started = self._last_line = self.clock()
         self._steps_before = self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if time.monotonic() - self._last_line >= self.every_seconds:
+        if self.clock() - self._last_line >= self.every_seconds:
             self.log_line(trainer, pl_module)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_started = self.clock()
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._val_started is not None:
+            self._last_validation = self.clock() - self._val_started
+            self._val_seconds += self._last_validation
+            self._val_started = None
         if not trainer.sanity_checking and self._started is not None:
             self.log_line(trainer, pl_module)
+
+    def validations_left(self, step: int, total: int) -> int:
+        """Validations still due after step ``step`` of ``total`` (0 without an interval)."""
+        every = self.val_every_n_steps
+        if not every:
+            return 0
+        last = self.validate_last and total % every != 0
+        return max(0, total // every - step // every) + (last and step < total)
 
     def log_line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Print the progress line now (rank 0)."""
         if self._started is None:
             return
-        now, since, step = time.monotonic(), self._last_line, trainer.global_step
-        done, per_step = step - self._last_step, (now - since) / max(1, step - self._last_step)
-        if done <= 0:  # nothing new since the last line (a validation right after one)
-            done, per_step = step - self._steps_before, (now - self._started) / max(1, step - self._steps_before)
-        self._last_line, self._last_step = now, step
+        now, since, step = self.clock(), self._last_line, trainer.global_step
+        training = now - since - self._val_seconds  # the training steps' time since the last line
+        done, per_step = step - self._last_step, training / max(1, step - self._last_step)
+        if done <= 0:  # nothing new since the last line (a validation right after one): the rate of the last line
+            done, per_step = step - self._steps_before, self._per_step
+        self._last_line, self._last_step, self._val_seconds = now, step, 0.0
+        self._per_step = per_step
         if not self._enabled:
             return
         total, elapsed = self.total_train_batches, now - self._started
@@ -182,7 +211,8 @@ class ProgressLog(ProgressBar):
         parts += [f"{k} {float(metrics[k]):.3f}" for k in ("train/loss", "val/loss", "val/accuracy")
                   if _is_number(metrics.get(k))]
         if done > 0:
-            left = (total - step) * per_step if math.isfinite(total) else None
+            left = (total - step) * per_step + self.validations_left(step, total) * self._last_validation \
+                if math.isfinite(total) else None
             parts.append(f"{per_step * 1e3:.1f} ms/step")
             parts.append(f"{timedelta(seconds=int(elapsed))} elapsed" +
                          ("" if left is None else f", {timedelta(seconds=int(left))} left"))

@@ -117,6 +117,10 @@ def check_budget(cfg: DictConfig) -> float | None:
     if cfg.optim.warmup_steps < 4:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps}: trainer.max_time measures the step rate inside "
                           f"the LR warm-up, which needs at least 4 steps")
+    if cfg.optim.decay == "wsd" and cfg.optim.get("decay_steps") is not None:
+        # A re-plan moves the last step, and a decay over the last N steps would then restart from the peak or jump.
+        raise ConfigError(f"optim.decay_steps={cfg.optim.decay_steps}: trainer.max_time re-plans the last step during "
+                          f"the run; give wsd's decay as a share of the steps (optim.decay_fraction) instead")
     return seconds
 
 

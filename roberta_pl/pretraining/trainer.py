@@ -48,20 +48,23 @@ def pretraining_trainer(cfg: DictConfig, out_dir: Path, horizon: StepHorizon, re
         # would write last-v1.ckpt beside a last.ckpt it did not write itself, as in a run dir moved or copied.
         enable_version_counter=False,
     )
-    callbacks = [checkpoints, RequeueOnSignal(out_dir / "checkpoints" / "last.ckpt"), LossCurve(out_dir),
-                 ThroughputLogger(), DataSkipMonitor(), WorldSizeResume()]
+    callbacks = [checkpoints, LossCurve(out_dir), ThroughputLogger(), DataSkipMonitor(), WorldSizeResume()]
     later: list[pl.Callback] = []
     if t.enable_progress_bar:  # a bar on a terminal; progress lines in a pipe or a log file, where a bar is silent
-        later.append(StepProgressBar() if sys.stdout.isatty() else ProgressLog(horizon=horizon))
+        later.append(StepProgressBar() if sys.stdout.isatty() else ProgressLog(
+            horizon=horizon, val_every_n_steps=t.val_every_n_steps, validate_last=t.max_time is not None))
     if t.stop_at_step is not None:
         later.append(StopAtStep(t.stop_at_step))
     if len(plan.phases) > 1:
         later.append(BatchRamp(plan))
     later.append(ValidationSchedule(t.val_every_n_steps, horizon, validate_last=t.max_time is not None))
-    if cfg.probe.every_n_steps:  # live downstream probes
-        later.append(LiveProbe(cfg.probe))
     if t.max_time is not None:  # a wall-clock budget: max_steps fixed in the warm-up, re-planned later
         later.append(BudgetPlanner(parse_duration(t.max_time), horizon, cfg.optim.warmup_steps, t.val_every_n_steps))
+    # The signal's checkpoint comes after every step's bookkeeping (the budget's decision at this step, the LR it
+    # rewrites), as the step checkpoints, which Lightning runs after every other callback.
+    later.append(RequeueOnSignal(out_dir / "checkpoints" / "last.ckpt"))
+    if cfg.probe.every_n_steps:  # live downstream probes (after the signal's checkpoint, which a probe would delay)
+        later.append(LiveProbe(cfg.probe))
     trainer = build_trainer(
         cfg, out_dir, resolved_config, callbacks, later, strategy=build_strategy(cfg, plan),
         max_steps=horizon.max_steps, accumulate_grad_batches=plan.phases[0].accumulation,

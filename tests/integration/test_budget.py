@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -60,8 +61,23 @@ class StepClock(pl.Callback):
         self.start = trainer.global_step
 
 
-def clock(**kwargs) -> str:
-    return "trainer.callbacks=[{_target_:test_budget.StepClock," + ",".join(f"{k}:{v}" for k, v in kwargs.items()) + "}]"
+class SignalAt(pl.Callback):
+    """Sends this process SIGUSR1 in the batch that completes optimizer step ``step`` (as Slurm's warning would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def clock(signal_at: int | None = None, **kwargs) -> str:
+    """The trainer.callbacks override: a :class:`StepClock` of ``kwargs`` (and a :class:`SignalAt`)."""
+    callbacks = ["{_target_:test_budget.StepClock," + ",".join(f"{k}:{v}" for k, v in kwargs.items()) + "}"]
+    if signal_at is not None:
+        callbacks.append(f"{{_target_:test_budget.SignalAt,step:{signal_at}}}")
+    return f"trainer.callbacks=[{','.join(callbacks)}]"
 
 
 def train(overrides, run_dir) -> dict:
@@ -165,6 +181,20 @@ def test_a_run_that_slows_down_3x_after_the_plan_replans_to_a_figure_that_fits_t
     step, spent = _spent(tmp_path, slow)
     assert step == last and 90 <= spent <= 110, (made, spent)  # within 10% of the budget
     assert "re-planned at step" in capsys.readouterr().out
+    decays_the_steps_left(made, _lrs(tmp_path))
+
+
+def decays_the_steps_left(made: list[dict], lrs: dict[int, float], warmup: int = 20) -> None:
+    """After a re-plan at step r to M steps, the steps still to train (0-based r .. M - 1) share the rest of the
+    linear decay: from the LR the last step trained with down to 0 at M, the next step included (its LR was set
+    before the re-plan: a late cut to a few steps would leave them far above the end LR)."""
+    for decision, after in zip(made[1:], [*made[2:], None]):
+        r, m = decision["at_step"], decision["max_steps"]
+        if r - 1 < warmup:
+            continue
+        last = lrs[r]  # the row of step s holds the LR 0-based step s - 1 trained with
+        for s in range(r, m if after is None else min(m, after["at_step"])):
+            assert lrs[s + 1] == pytest.approx(last * (m - s) / (m - r + 1), rel=1e-6), (s, decision)
 
 
 def test_a_transient_slowdown_while_measuring_is_corrected_by_a_later_replan(tmp_path, data):
@@ -200,6 +230,67 @@ def test_a_run_stopped_right_after_a_replan_and_right_after_a_resume_is_the_unin
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k  # same LR, masks and data at every step
     assert _lrs(straight) == _lrs(stopped)
+
+
+def test_resumes_just_before_a_replan_point_and_after_a_deferred_replan_keep_replanning(tmp_path, data):
+    # 1 s a step, 3x slower from step 30, a 100-s budget. A job resumed one step before a re-plan point has too few
+    # steps timed there, so it defers the re-plan; the job after it resumes past the deferred point. Re-planning
+    # stopped for the rest of the run in both cases (239 s of a 100-s budget).
+    slow = {"seconds": 1.0, "factor": 3.0, "slow_from": 30}
+    budget = [*LOAD, *data, "trainer.max_time=100", "checkpoint.every_n_steps=1", clock(**slow)]
+    straight = tmp_path / "straight"
+    train(budget, straight)
+    replan = decisions(straight)[2]["at_step"]  # the re-plan that first sees the slowdown
+    stopped = tmp_path / "stopped"
+    train([*budget, f"trainer.stop_at_step={replan - 1}"], stopped)
+    train([*budget, f"trainer.stop_at_step={replan + 1}"], stopped)  # resumed at replan - 1: deferred
+    assert [d["at_step"] for d in decisions(stopped)] == [d["at_step"] for d in decisions(straight)[:2]]
+    train(budget, stopped)
+    made = decisions(stopped)
+    assert made[-1]["at_step"] > replan + 1 and made[-1]["max_steps"] < made[1]["max_steps"], made
+    step, spent = _spent(stopped, slow)
+    # the resumed job plans once it has timed 3 steps, 5 slow steps after the point (15 s): the uninterrupted run
+    # spent 98 s (its re-plan came when 92 s were gone)
+    assert step == made[-1]["max_steps"] and 90 <= spent <= 115, (made, spent)
+
+
+def test_a_signal_on_a_replan_step_saves_its_decision_and_resumes_as_the_uninterrupted_run(tmp_path, data):
+    slow = {"seconds": 1.0, "factor": 3.0, "slow_from": 30}
+    budget = [*LOAD, *data, "trainer.max_time=100", "checkpoint.every_n_steps=7"]
+    straight = tmp_path / "straight"
+    train([*budget, clock(**slow)], straight)
+    made = decisions(straight)
+    replan = made[2]["at_step"]
+    signalled = tmp_path / "signalled"
+    train([*budget, clock(signal_at=replan, **slow)], signalled)  # SIGUSR1: last.ckpt at the re-plan step
+    ckpt = torch.load(signalled / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == replan and decisions(signalled) == made[:3]  # the step's decision saved with it
+    train([*budget, clock(**slow)], signalled)
+    key = ("at_step", "from_step", "max_steps", "seconds_per_micro_batch", "seconds_left")
+    assert [[d[k] for k in key] for d in decisions(signalled)] == [[d[k] for k in key] for d in made]
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(signalled / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == made[-1]["max_steps"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert _lrs(straight) == _lrs(signalled)
+
+
+def test_a_checkpoint_from_before_replanning_keeps_its_one_figure(tmp_path, data):
+    # Such a checkpoint saved the budget time spent before the figure was fixed (next to nothing), not by the
+    # checkpoint: re-planning from it would plan for nearly the whole budget again.
+    budget = [*LOAD, *data, "trainer.max_time=100", clock(seconds=1.0)]
+    train([*budget, "trainer.stop_at_step=15"], tmp_path)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    first = ckpt["callbacks"][BudgetPlanner.__qualname__]["decisions"][0]
+    ckpt["callbacks"][BudgetPlanner.__qualname__] = {  # the state_dict of then
+        "max_steps": first["max_steps"], "seconds": 100.0, "spent": 0.5,
+        "measured": {"fixed_at_step": first["at_step"], "seconds_per_micro_batch": first["seconds_per_micro_batch"]}}
+    torch.save(ckpt, path)
+    train(budget, tmp_path)
+    end = torch.load(path, weights_only=True)
+    assert end["global_step"] == first["max_steps"] and len(decisions(tmp_path)) == 1
 
 
 def progress_lines(stdout: str) -> list[tuple[int, int]]:

@@ -231,3 +231,77 @@ def test_the_step_bar_shows_the_figure_a_budget_fixed_and_replanned_not_the_cap(
     horizon.follow(lambda steps: set_max_steps(trainer, steps), replans=True)
     trainer.fit(Tiny())
     assert totals == {1: 1_000_000, 2: 9, 3: 9, 4: 7, 5: 7, 6: 7, 7: 7} and trainer.global_step == 7
+
+
+@pytest.mark.parametrize("replan", [(951, 2000), (951, 990), (700, 2000)])  # in the decay, cut, in the stable phase
+def test_wsd_with_a_decay_fraction_continues_without_a_jump_across_a_replan(replan):
+    warmup, settings = 100, {"decay": "wsd", "decay_fraction": 0.2}
+    horizon = StepHorizon(1000)
+    horizon.replan(*replan)
+
+    def lr(step):
+        return lr_lambda(step, warmup_steps=warmup, total_steps=horizon.max_steps,
+                         progress=horizon.progress(step, warmup), **settings)
+
+    lrs = [lr(s) for s in range(0, horizon.max_steps + 1)]
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # never back up to the peak
+    r = replan[0]  # the step down after the re-plan is no larger than the one before it or after it: no jump
+    assert lrs[r] - lrs[r + 1] <= 1.01 * max(lrs[r - 1] - lrs[r], lrs[r + 1] - lrs[r + 2]) + 1e-12
+    assert lrs[-1] == 0.0
+
+
+def test_preflight_refuses_wsd_decay_steps_under_a_time_budget_in_one_line():
+    # A decay over the last N steps of a figure that a re-plan moves: the LR went back to the peak (0.5 -> 1.0).
+    from hydra import compose, initialize_config_dir
+
+    from roberta_pl.config import CONF_DIR
+    from roberta_pl.errors import ConfigError
+    from roberta_pl.pretraining.checks import check_budget
+    from roberta_pl.pretraining.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        steps = compose(config_name="pretrain", overrides=["experiment=budget_cpu", "optim.decay=wsd",
+                                                           "optim.decay_steps=100"])
+        fraction = compose(config_name="pretrain", overrides=["experiment=budget_cpu", "optim.decay=wsd",
+                                                              "optim.decay_fraction=0.1"])
+    with pytest.raises(ConfigError, match=r"^optim.decay_steps=100: trainer.max_time re-plans .*optim.decay_fraction"):
+        check_budget(steps)
+    assert check_budget(fraction) == 600
+
+
+def test_progress_lines_time_training_steps_apart_from_validation(tmp_path, capsys):
+    # Each training step takes 1 s by the test clock and each validation 10 s: the line after a validation shows
+    # 1 s a step, and the time left is the steps left at that rate plus the validations still due at 10 s.
+    import lightning.pytorch as pl
+    from test_lightning_compat import Tiny
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from roberta_pl.callbacks.progress import ProgressLog
+
+    class Validated(Tiny):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.layer(batch[0]).pow(2).mean())
+
+        def val_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)  # 2 batches
+
+    now = [0.0]
+
+    class Clock(pl.Callback):
+        def on_train_batch_end(self, *args):
+            now[0] += 1.0
+
+        def on_validation_batch_end(self, *args):
+            now[0] += 5.0
+
+    log = ProgressLog(every_seconds=1e9, val_every_n_steps=4, clock=lambda: now[0])
+    trainer = pl.Trainer(accelerator="cpu", max_steps=12, val_check_interval=4, check_val_every_n_epoch=None,
+                         callbacks=[Clock(), log], logger=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(Validated())
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
+    assert [re.sub(r"train/loss [\d.]+ \| val/loss [\d.]+ \| ", "", x) for x in lines] == [
+        "step 4/12 (33%) | 1000.0 ms/step | 0:00:14 elapsed, 0:00:28 left",  # 8 steps + 2 validations
+        "step 8/12 (67%) | 1000.0 ms/step | 0:00:28 elapsed, 0:00:14 left",
+        "step 12/12 (100%) | 1000.0 ms/step | 0:00:42 elapsed, 0:00:00 left"]
