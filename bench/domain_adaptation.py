@@ -119,7 +119,7 @@ def prepare_domain(work: Path, source: Path, max_bytes: int, tokenizer_dir: Path
                         str(tokenizer_dir), "--out", str(data / "shards"), "--valid-fraction", "0.02"], check=True,
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         # The held-out split as training sees text (the same tokenizer, packer and masker), masked once.
-        docs = [tok.encode(d) for d in (corpus / "heldout.txt").read_text().split("\n\n") if d.strip()]
+        docs = tok.encode_corpus([d for d in (corpus / "heldout.txt").read_text().split("\n\n") if d.strip()])
         blocks = torch.from_numpy(np.stack(list(pack_full_sentences((np.asarray(d) for d in docs), SEQ_LEN,
                                                                     bos=tok.bos_id, eos=tok.eos_id))).astype(np.int64))
         masker = Masker(tok.vocab_size, tok.special_ids, tok.mask_id, MaskingConfig(0.15))

@@ -64,8 +64,8 @@ def corpora(long_files: int) -> tuple[dict[str, list[np.ndarray]], object]:
     from roberta_pl.pretraining.data import _default_dataset
 
     tok = _default_dataset(cache_dir(), 8192).tokenizer
-    short = tok.encode_batch(list(iter_documents(default_corpus())))
-    long = tok.encode_batch([p.read_text(errors="replace") for p in stdlib_files(long_files)])
+    short = tok.encode_corpus(list(iter_documents(default_corpus())))
+    long = tok.encode_corpus([p.read_text(errors="replace") for p in stdlib_files(long_files)])
     rng = np.random.default_rng(0)
 
     def shuffled(docs):
