@@ -35,13 +35,18 @@ class BudgetPlanner(StepBoundary):
     **Re-plans.** At the steps :data:`REPLAN_AT` of the figure then planned, it plans again: the
     budget left by the clock, at the rate of the steps since the last decision (:func:`robust_seconds`: the median
     of 5 windows, so a transient slowdown does not decide the run; a lasting one does). The LR decay continues from
-    its current value to the new last step (:meth:`StepHorizon.progress`); the mask-rate schedule keeps the first
-    figure (its batches are masked ahead of the trainer).
+    the LR the last step trained with to the new last step (:meth:`StepHorizon.progress`), the next step included:
+    the LR the scheduler had already set for it is rewritten (:func:`~roberta_pl.optim.refresh_lrs`), so a late
+    cut to a few steps still decays them to near the end LR. The mask-rate schedule keeps the first figure (its
+    batches are masked ahead of the trainer).
 
-    **Resume.** Every decision is saved in the checkpoint (``state_dict``: step, figure, measured rate, time left)
-    and replayed when a run resumes, so the steps already trained were shaped by the same horizon as in the
-    uninterrupted run; the decisions still to come are made with the resumed job's clock, from the budget time
-    the run had spent by its checkpoint. A run stopped before the first figure was fixed measures afresh.
+    **Resume.** Every decision is saved in the checkpoint (``state_dict``: step, figure, measured rate, time left),
+    with the step of the next re-plan, and replayed when a run resumes, so the steps already trained were shaped by
+    the same horizon as in the uninterrupted run (the optimizer's LRs, rewritten or not, are in the checkpoint too);
+    the decisions still to come are made with the resumed job's clock, from the budget time the run had spent by
+    its checkpoint. A job that resumes just before a re-plan step, at it or past it (its first steps are not timed)
+    re-plans as soon as it has timed 3 steps. A run stopped before the first figure was fixed measures afresh; a
+    checkpoint from before re-planning keeps its one figure (the time it had spent was not saved).
 
     The clock starts when the planner is built (with the Trainer: after data preparation, before the model is
     built and any checkpoint is loaded); the export after fit is not inside the budget.
