@@ -193,9 +193,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, document_ids: Tensor | None = Non
         layout = prepare(document_ids, attention_mask, window, (q.shape[0], q.shape[2]), device=q.device, dtype=q.dtype)
     if isinstance(layout, VarlenLayout):
         return _attend_varlen(q, k, v, layout, dropout_p)
-    if dropout_p > 0.0 and layout is None and q.device.type == "cpu":
+    if (dropout_p > 0.0 and layout is None and q.device.type == "cpu" and q.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")):
         # SDPA has no CPU kernel with dropout and falls back to this math (with a NaN-safe softmax, needless without
-        # a mask, and torch's dearer dropout mask: roberta_pl/dropout.py).
+        # a mask, and torch's dearer dropout mask: roberta_pl/dropout.py). fp32 only: SDPA's fallback upcasts bf16.
         return dropout(torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)).softmax(-1), dropout_p) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout, dropout_p=dropout_p)
 

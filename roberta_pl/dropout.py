@@ -17,10 +17,12 @@ from torch import nn
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout(x, p, training)``; on CPU in training with ``0 < p < 1``, the cheaper mask above."""
+    """``F.dropout(x, p, training)``; on CPU in training with ``0 < p < 1``, the cheaper mask above. The uniforms
+    are drawn in fp32 whatever ``x``'s dtype (bf16 uniforms are multiples of 1/256: p=0.1 would keep 230/256)."""
     if not training or not 0.0 < p < 1.0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
-    return x * torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
+    keep = torch.rand(x.shape, dtype=torch.float32).ge_(p)
+    return x * (keep.mul_(1.0 / (1.0 - p)) if x.dtype == torch.float32 else keep.to(x.dtype).mul_(1.0 / (1.0 - p)))
 
 
 class Dropout(nn.Dropout):

@@ -41,3 +41,22 @@ def test_cpu_attention_dropout_is_the_math_with_the_same_draw():
     probs = (q @ k.transpose(-2, -1) / 8 ** 0.5).softmax(-1)
     torch.testing.assert_close(out, (probs * keep) @ v)
     torch.testing.assert_close(attend(q, k, v, dropout_p=0.0, layout=None), probs @ v)
+
+
+def test_bf16_masks_keep_one_minus_p_not_a_multiple_of_1_256():
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, dtype=torch.bfloat16)
+    y = dropout(x, 0.1)
+    assert y.dtype == torch.bfloat16
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.9) < 1e-3, kept  # bf16 uniforms would keep 230/256 = 0.8984
+
+
+def test_cpu_attention_under_bf16_autocast_is_sdpa_s():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    torch.manual_seed(1)
+    ours = attend(q, k, v, dropout_p=0.2)
+    torch.manual_seed(1)
+    sdpa = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+    torch.testing.assert_close(ours, sdpa, atol=0, rtol=0)
