@@ -77,7 +77,10 @@ def prepare_task(r) -> None:
         if tok_dir is None:
             raise ConfigError(f"pretrained={cfg.pretrained} records no tokenizer; pass tokenizer=DIR")
         p.tokenizer = load_text_tokenizer(tok_dir)
-        vocab, tokens = p.encoder.config.vocab_size, getattr(p.tokenizer, "tok", p.tokenizer).vocab_size  # .tok: spm's
+        # An HF tokenizer has its vocab_size; SentencePieceWords wraps ours as .tok (an HFTokenizer's .tok is the raw
+        # tokenizers.Tokenizer, which has none).
+        tokens = getattr(p.tokenizer, "vocab_size", None) or p.tokenizer.tok.vocab_size
+        vocab = p.encoder.config.vocab_size
         if tokens > vocab:  # its ids past the embedding table would fail mid-training
             raise ConfigError(f"pretrained={cfg.pretrained}: the model's vocab_size={vocab} is smaller than the "
                               f"tokenizer's {tokens} tokens ({tok_dir}); pass the model's own tokenizer=DIR")

@@ -336,14 +336,15 @@ def test_console_scripts_print_help():
 
 
 def test_progress_bar_counts_optimizer_steps_across_a_resume(tmp_path, data_overrides, capsys):
-    """The bar reads `Steps k/max_steps` (a stream has no fixed epoch), and continues from the resumed step."""
+    """Progress counts optimizer steps out of max_steps (a stream has no fixed epoch) and continues from the resumed
+    step. Not on a terminal (pytest's capture), the lines replace the Rich bar: `step k/max_steps`."""
     bar = [o for o in TINY if "progress_bar" not in o] + ["trainer.enable_progress_bar=true"]
     run(compose_cfg([*bar, *data_overrides, "trainer.stop_at_step=4"]), tmp_path)
     first = capsys.readouterr().out
     run(compose_cfg([*bar, *data_overrides]), tmp_path)
     second = capsys.readouterr().out
-    assert "Steps" in first and "4/6" in first and "Epoch" not in first
-    assert "6/6" in second and "Epoch" not in second
+    assert "step 4/6 (67%)" in first and "Epoch" not in first
+    assert "step 6/6 (100%)" in second and "step 4/6" not in second and "Epoch" not in second
 
 
 def test_a_resume_within_the_same_second_gets_its_own_wandb_folder(tmp_path):
