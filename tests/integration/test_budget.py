@@ -315,6 +315,7 @@ PIPED = [*TINY, *BUDGET, "trainer.max_time=4", "trainer.max_steps=100000", "trai
          "trainer.enable_progress_bar=true", "export_hf=false"]
 
 
+@pytest.mark.slow  # ~5-15 s: the full suite runs it, make test-fast does not
 def test_a_budget_run_without_a_terminal_logs_progress_lines_with_the_fixed_total(tmp_path, data, capsys):
     train([*PIPED, *data], tmp_path)  # pytest's captured stdout is not a terminal, as a pipe
     shown = progress_lines(capsys.readouterr().out)

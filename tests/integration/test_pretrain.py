@@ -307,6 +307,7 @@ def test_cli_bad_config_is_one_line_error(tmp_path, override, message, shard_dir
         assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # ~5-15 s: the full suite runs it, make test-fast does not
 def test_cli_prints_no_notices_that_do_not_apply(tmp_path, data_overrides):
     # What a user sees before the first step: our model line, not Lightning's srun hint (Slurm is installed
     # on this machine), its LitLogger advert or a model summary claiming 0 FLOPs, nor wandb's "anonymous" warning;

@@ -6,6 +6,7 @@ on the wrong steps, checkpointing twice or requeueing mid-step."""
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -263,6 +264,7 @@ def test_fine_tuning_bar_counts_epochs_from_one_and_shows_the_monitored_metric_w
     assert seen["metrics"] == {"val/mcc": 0.25}, seen["metrics"]
 
 
+@pytest.mark.slow  # ~5-15 s: the full suite runs it, make test-fast does not
 def test_quiet_notices_drops_lightnings_start_up_lines_and_keeps_warnings():
     # Checked on Lightning's own wording (a changed message shows up here): the device inventory, "Seed set to"
     # and the limit_val_batches/val_check_interval notices are dropped; a real warning still gets through.

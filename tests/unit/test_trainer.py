@@ -1,6 +1,7 @@
 """roberta_pl/trainer.py: what the Trainer builder decides on its own."""
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from data_pipelines.shards import available_cpus
@@ -84,6 +85,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
 
+@pytest.mark.slow  # ~5-15 s: the full suite runs it, make test-fast does not
 def test_a_cpu_run_reuses_the_memory_it_freed_unless_the_user_set_the_allocator(tmp_path):
     # In a fresh process each (the setting is process-wide): a freed 16 MiB tensor comes back without page faults.
     import os
