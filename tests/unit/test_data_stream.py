@@ -310,8 +310,10 @@ def _epoch_rows(tok, shards, world, workers, multiple, epoch, start=0, carry=Non
 @pytest.mark.parametrize("plans, pack_mode", [([(2, 1, 1), (1, 1, 2)], "full_sentences"),
                                               ([(1, 1, 2), (2, 1, 1)], "full_sentences"),
                                               ([(2, 2, 1), (1, 3, 2), (2, 2, 1)], "full_sentences"),
-                                              ([(2, 1, 1), (1, 1, 2)], "packed_docs")],
-                         ids=["2to1", "1to2", "2x2workers-to-1x3-to-2x2", "2to1-packed_docs"])
+                                              ([(2, 1, 1), (1, 1, 2)], "packed_docs"),
+                                              ([(2, 2, 1), (1, 3, 2), (2, 2, 1)], "packed_docs")],
+                         ids=["2to1", "1to2", "2x2workers-to-1x3-to-2x2", "2to1-packed_docs",
+                              "2x2workers-to-1x3-to-2x2-packed_docs"])
 def test_a_new_world_size_finishes_the_epoch_with_exactly_the_blocks_not_yet_trained_on(shard_dir, tok, plans, pack_mode):
     """Resume mid-epoch under another (world_size, num_workers, batch_multiple): the blocks trained on before and
     after each change, within the epoch, are the epoch's blocks under the first plan, each once, but for less than
