@@ -275,19 +275,8 @@ class ModernBertForSequenceClassification(nn.Module):
         return self.classifier(self.drop(self.head(self.model(input_ids, attention_mask)[:, 0])))
 
 
-class ModernBertForTokenClassification(nn.Module):
-    """Encoder + head + dropout + per-token classifier: ``[B, T]`` ids → ``[B, T, num_labels]`` logits."""
-
-    base_model_prefix = "model"
-
-    def __init__(self, config: RobertaConfig, num_labels: int):
-        super().__init__()
-        self.config, self.num_labels = config, num_labels
-        self.model = ModernBertModel(config)
-        self.head = ModernBertPredictionHead(config)
-        self.drop = Dropout(config.dropout)
-        self.classifier = nn.Linear(config.hidden_size, num_labels)
-        init_modernbert(self, config)
+class ModernBertForTokenClassification(ModernBertForSequenceClassification):
+    """The same modules (and state dict) on every token: ``[B, T]`` ids → ``[B, T, num_labels]`` logits."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.classifier(self.drop(self.head(self.model(input_ids, attention_mask))))
