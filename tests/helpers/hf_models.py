@@ -50,14 +50,7 @@ def hf_masked_lm_dir(out: Path, tokenizer_dir: Path, model_type: str = "roberta"
     torch.manual_seed(seed)
     model = transformers.AutoModelForMaskedLM.from_config(config)
     assert type(model).__name__ == MASKED_LM_CLASS[model_type], type(model).__name__
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(out)
-    for f in Path(tokenizer_dir).iterdir():
-        if f.is_file():
-            shutil.copyfile(f, out / f.name)
-    return out
+    return _save_nudged(model, out, tokenizer_dir)
 
 
 class FirstBatchLoss(pl.Callback):
@@ -132,6 +125,11 @@ def hf_modernbert_dir(out: Path, tokenizer_dir: Path, *, hidden_size: int = 64, 
         cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id)
     torch.manual_seed(seed)
     model = transformers.ModernBertForMaskedLM(config)
+    return _save_nudged(model, out, tokenizer_dir)
+
+
+def _save_nudged(model, out: Path, tokenizer_dir: Path) -> Path:
+    """Nudge every weight off its init (so a wrongly mapped key shows), save the model and copy the tokenizer beside it."""
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
